@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make demo` (whole pipeline locally) and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+SAM_VENV := .tools/sam
+STAMP := $(VENV)/.installed
+SAM_STAMP := $(SAM_VENV)/.installed
+
+.PHONY: venv test test-fast lint typecheck local demo bench validate sam-build clean
+
+$(STAMP): requirements/*.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -r requirements/dev.txt
+	touch $@
+
+$(SAM_STAMP): requirements/sam.txt
+	test -x $(SAM_VENV)/bin/python || $(PY) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install -q -r requirements/sam.txt
+	touch $@
+
+venv: $(STAMP) $(SAM_STAMP)
+
+# The whole suite: lint, types, template checks, unit, model and local-stack tests.
+test: venv lint typecheck
+	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/pytest
+
+test-fast: venv
+	$(BIN)/pytest -m "not slow and not stack"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy shared/vap_shared functions/ingest/ingest.py functions/webhook/webhook.py gpu local_stack
+
+validate: venv
+	$(BIN)/cfn-lint template.yaml
+	$(SAM_VENV)/bin/sam validate --lint -t template.yaml --region us-east-1
+
+# Runs the local stack until interrupted; writes .local/stack.json when ready.
+local: $(STAMP)
+	$(BIN)/python -m local_stack
+
+# Sets up, starts the local stack, runs one sample job, prints the notification and the MP4 path.
+demo: $(STAMP)
+	$(BIN)/python -m local_stack.demo
+
+clean:
+	rm -rf .local .aws-sam .pytest_cache .mypy_cache .ruff_cache
