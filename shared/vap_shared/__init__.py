@@ -1,0 +1,1 @@
+"""Shared code of the VAP service: the Lambda layer, also imported by the GPU side."""
