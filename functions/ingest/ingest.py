@@ -1,0 +1,51 @@
+"""SQS → ingest Lambda: S3 sidecar events in, dispatched (or cleanly failed) jobs out.
+
+Thin adapter: partial batch responses via Powertools; the logic lives in `vap_shared.ingest_logic`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from vap_shared.config import Settings
+from vap_shared.ingest_logic import Ingestor
+from vap_shared.runtime import Runtime
+
+logger = Logger()
+# Always answer with batchItemFailures (even when every record failed) so the event source
+# mapping retries exactly the failed messages.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+
+_ingestor: Ingestor | None = None
+
+
+def get_ingestor() -> Ingestor:
+    """Clients are built once per execution environment, on the first invocation."""
+    global _ingestor
+    if _ingestor is None:
+        _ingestor = Ingestor(Runtime.build(Settings.from_env()))
+    return _ingestor
+
+
+def reset() -> None:
+    """For tests: forget the cached clients and settings."""
+    global _ingestor
+    _ingestor = None
+
+
+def record_handler(record: SQSRecord) -> None:
+    receive_count = int(record.attributes.approximate_receive_count or 1)
+    get_ingestor().handle_message(record.body, receive_count)
+
+
+@logger.inject_lambda_context(clear_state=True)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return dict(
+        process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+    )

@@ -1,0 +1,88 @@
+"""Webhook Lambda (Function URL, payload 2.0): signed GPU callbacks and fal webhooks.
+
+Thin adapter: routing and HTTP checks here, verification and job logic in
+`vap_shared.webhook_logic`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from vap_shared.config import Settings
+from vap_shared.runtime import Runtime
+from vap_shared.webhook_logic import Reply, handle_fal_webhook, handle_gpu_callback
+
+logger = Logger()
+app = LambdaFunctionUrlResolver()
+
+# Callbacks are small JSON documents; anything bigger is not from our GPU app or fal.
+MAX_BODY_BYTES = 256 * 1024
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """Clients are built once per execution environment, on the first invocation."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime.build(Settings.from_env())
+    return _runtime
+
+
+def reset() -> None:
+    global _runtime
+    _runtime = None
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(status_code=status, content_type="application/json", body=json.dumps(body))
+
+
+def _raw_body(event: dict[str, Any]) -> bytes:
+    body = event.get("body") or ""
+    if event.get("isBase64Encoded"):
+        return base64.b64decode(body, validate=True)
+    return body.encode("utf-8")
+
+
+def _handle(job_id: str, logic: Callable[[Runtime, str, dict[str, str], bytes], Reply]) -> Response:
+    event = app.current_event.raw_event
+    headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return _json(413, {"error": "body too large"})
+    try:
+        body = _raw_body(event)
+    except (binascii.Error, ValueError):
+        return _json(400, {"error": "body is not valid base64"})
+    if len(body) > MAX_BODY_BYTES:
+        return _json(413, {"error": "body too large"})
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return _json(415, {"error": "content type must be application/json"})
+    if not job_id or len(job_id) > 128:
+        return _json(404, {"error": "unknown job"})
+    reply = logic(get_runtime(), job_id, headers, body)
+    return _json(reply.status, reply.body)
+
+
+@app.post("/callbacks/gpu/<job_id>")
+def gpu_callback(job_id: str) -> Response:
+    return _handle(job_id, handle_gpu_callback)
+
+
+@app.post("/callbacks/fal/<job_id>")
+def fal_webhook(job_id: str) -> Response:
+    return _handle(job_id, handle_fal_webhook)
+
+
+@logger.inject_lambda_context(clear_state=True)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

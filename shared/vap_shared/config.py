@@ -1,0 +1,106 @@
+"""Typed settings read once from the Lambda environment (names in docs/contracts.md)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, cast
+
+BackendChoice = Literal["auto", "modal", "fal"]
+_BACKENDS = ("auto", "modal", "fal")
+
+
+class ConfigError(ValueError):
+    """An environment variable is missing or malformed."""
+
+
+def _hosts(raw: str) -> tuple[str, ...]:
+    return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _prefix(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    return value if value.endswith("/") else value + "/"
+
+
+@dataclass(frozen=True)
+class Settings:
+    bucket_name: str
+    jobs_table: str
+    topic_arn: str
+    inbox_prefix: str = "inbox/"
+    outputs_prefix: str = "outputs/"
+    work_prefix: str = "work/"
+    default_backend: BackendChoice = "auto"
+    modal_endpoint_url: str = ""
+    fal_endpoint_id: str = "fal-ai/video-as-prompt"
+    fal_queue_url: str = "https://queue.fal.run"
+    fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+    fal_media_hosts: tuple[str, ...] = ("*.fal.media", "fal.media")
+    allowed_media_hosts: tuple[str, ...] = ()
+    webhook_base_url: str = ""
+    signing_secret_arn: str = ""
+    fal_key_secret_arn: str = ""
+    modal_token_secret_arn: str = ""
+    max_sidecar_bytes: int = 65_536
+    max_data_uri_bytes: int = 5 * 1024 * 1024
+    max_output_bytes: int = 512 * 1024 * 1024
+    max_input_bytes: int = 1024 * 1024 * 1024
+    presign_ttl_seconds: int = 3600
+    job_ttl_days: int = 30
+    # How many SQS receives a job may wait for missing media / a transiently down backend.
+    ingest_max_attempts: int = 4
+    allow_http_loopback: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        missing = [n for n in ("BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN") if not env.get(n)]
+        if missing:
+            raise ConfigError(f"missing environment variables: {', '.join(missing)}")
+        backend = env.get("DEFAULT_BACKEND", "auto").strip().lower() or "auto"
+        if backend not in _BACKENDS:
+            raise ConfigError(f"DEFAULT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
+        defaults = cls(bucket_name="", jobs_table="", topic_arn="")
+        fal_hosts = env.get("FAL_MEDIA_HOSTS")
+        return cls(
+            bucket_name=env["BUCKET_NAME"],
+            jobs_table=env["JOBS_TABLE"],
+            topic_arn=env["TOPIC_ARN"],
+            inbox_prefix=_prefix(env, "INBOX_PREFIX", "inbox/"),
+            outputs_prefix=_prefix(env, "OUTPUTS_PREFIX", "outputs/"),
+            work_prefix=_prefix(env, "WORK_PREFIX", "work/"),
+            default_backend=cast(BackendChoice, backend),
+            modal_endpoint_url=env.get("MODAL_ENDPOINT_URL", "").strip().rstrip("/"),
+            fal_endpoint_id=env.get("FAL_ENDPOINT_ID", "").strip().strip("/") or defaults.fal_endpoint_id,
+            fal_queue_url=(env.get("FAL_QUEUE_URL", "").strip() or defaults.fal_queue_url).rstrip("/"),
+            fal_jwks_url=env.get("FAL_JWKS_URL", "").strip() or defaults.fal_jwks_url,
+            fal_media_hosts=_hosts(fal_hosts) if fal_hosts is not None else defaults.fal_media_hosts,
+            allowed_media_hosts=_hosts(env.get("ALLOWED_MEDIA_HOSTS", "")),
+            webhook_base_url=env.get("WEBHOOK_BASE_URL", "").strip().rstrip("/"),
+            signing_secret_arn=env.get("SIGNING_SECRET_ARN", "").strip(),
+            fal_key_secret_arn=env.get("FAL_KEY_SECRET_ARN", "").strip(),
+            modal_token_secret_arn=env.get("MODAL_TOKEN_SECRET_ARN", "").strip(),
+            max_sidecar_bytes=_int(env, "MAX_SIDECAR_BYTES", defaults.max_sidecar_bytes),
+            max_data_uri_bytes=_int(env, "MAX_DATA_URI_BYTES", defaults.max_data_uri_bytes),
+            max_output_bytes=_int(env, "MAX_OUTPUT_BYTES", defaults.max_output_bytes),
+            max_input_bytes=_int(env, "MAX_INPUT_BYTES", defaults.max_input_bytes),
+            presign_ttl_seconds=_int(env, "PRESIGN_TTL_SECONDS", defaults.presign_ttl_seconds),
+            job_ttl_days=_int(env, "JOB_TTL_DAYS", defaults.job_ttl_days),
+            ingest_max_attempts=_int(env, "INGEST_MAX_ATTEMPTS", defaults.ingest_max_attempts),
+            allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
+        )

@@ -1,0 +1,33 @@
+"""Plain-words problems reported to users (error.json, notifications, job record)."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class FieldError(TypedDict):
+    field: str | None
+    message: str
+
+
+def field_error(field: str | None, message: str) -> FieldError:
+    return {"field": field, "message": message}
+
+
+class PermanentJobError(Exception):
+    """The job cannot succeed as submitted; retrying will not help."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("; ".join(e["message"] for e in errors))
+        self.errors = errors
+
+
+class TransientJobError(Exception):
+    """Something the job needs is not available yet; the SQS message should be retried.
+
+    `errors` describe the problem in case retries run out.
+    """
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("; ".join(e["message"] for e in errors))
+        self.errors = errors

@@ -1,0 +1,141 @@
+"""fal.ai webhook verification: Ed25519 over `request_id\\nuser_id\\ntimestamp\\nsha256_hex(body)`.
+
+Public keys come from fal's JWKS (`FAL_JWKS_URL`), cached in-process for at most 24 h and
+refetched once when no cached key verifies (key rotation), at most once a minute.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .signing import SignatureError
+
+REQUEST_ID_HEADER = "x-fal-webhook-request-id"
+USER_ID_HEADER = "x-fal-webhook-user-id"
+TIMESTAMP_HEADER = "x-fal-webhook-timestamp"
+SIGNATURE_HEADER = "x-fal-webhook-signature"
+WINDOW_SECONDS = 300
+JWKS_MAX_AGE = 24 * 3600
+REFETCH_MIN_INTERVAL = 60
+
+
+def _b64url(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def parse_jwks(document: Any) -> list[Ed25519PublicKey]:
+    keys: list[Ed25519PublicKey] = []
+    entries = document.get("keys", []) if isinstance(document, dict) else []
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+            continue
+        try:
+            raw = _b64url(str(entry["x"]))
+            keys.append(Ed25519PublicKey.from_public_bytes(raw))
+        except (KeyError, ValueError):
+            continue
+    return keys
+
+
+def signed_message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes:
+    return "\n".join([request_id, user_id, timestamp, hashlib.sha256(body).hexdigest()]).encode("utf-8")
+
+
+class JwksCache:
+    def __init__(
+        self,
+        fetch: Callable[[], Any],
+        clock: Callable[[], float] = time.monotonic,
+        max_age: float = JWKS_MAX_AGE,
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._max_age = max_age
+        self._keys: list[Ed25519PublicKey] = []
+        self._fetched_at: float | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, http: httpx.Client, url: str) -> JwksCache:
+        def fetch() -> Any:
+            response = http.get(url, timeout=httpx.Timeout(5.0, connect=3.0))
+            response.raise_for_status()
+            return response.json()
+
+        return cls(fetch)
+
+    def _refresh(self) -> None:
+        keys = parse_jwks(self._fetch())
+        if not keys:
+            raise SignatureError("the JWKS holds no Ed25519 keys")
+        self._keys = keys
+        self._fetched_at = self._clock()
+
+    def keys(self, force: bool = False) -> list[Ed25519PublicKey]:
+        with self._lock:
+            now = self._clock()
+            stale = self._fetched_at is None or now - self._fetched_at > self._max_age
+            recently = self._fetched_at is not None and now - self._fetched_at < REFETCH_MIN_INTERVAL
+            if stale or (force and not recently):
+                try:
+                    self._refresh()
+                except (httpx.HTTPError, ValueError) as exc:
+                    if not self._keys:
+                        raise SignatureError(f"could not fetch fal's JWKS ({type(exc).__name__})") from None
+            return list(self._keys)
+
+
+def _any_verifies(keys: list[Ed25519PublicKey], signature: bytes, message: bytes) -> bool:
+    for key in keys:
+        try:
+            key.verify(signature, message)
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def verify_fal_webhook(
+    headers: Mapping[str, str],
+    body: bytes,
+    jwks: JwksCache,
+    now: float | None = None,
+    window_seconds: int = WINDOW_SECONDS,
+) -> str:
+    """Raise `SignatureError` unless a JWKS key signed this delivery; returns the request id.
+
+    `headers` must have lower-case names (Function URL events do).
+    """
+    request_id = headers.get(REQUEST_ID_HEADER, "")
+    user_id = headers.get(USER_ID_HEADER, "")
+    timestamp = headers.get(TIMESTAMP_HEADER, "")
+    signature_hex = headers.get(SIGNATURE_HEADER, "")
+    if not (request_id and user_id and timestamp and signature_hex):
+        raise SignatureError("missing fal webhook signature headers")
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        raise SignatureError("malformed timestamp")
+    current = time.time() if now is None else now
+    if abs(current - int(timestamp)) > window_seconds:
+        raise SignatureError("timestamp outside the allowed window")
+    try:
+        signature = bytes.fromhex(signature_hex)
+    except ValueError:
+        raise SignatureError("signature is not hex") from None
+    if len(signature) != 64:
+        raise SignatureError("signature has the wrong length")
+    message = signed_message(request_id, user_id, timestamp, body)
+    if _any_verifies(jwks.keys(), signature, message):
+        return request_id
+    # Unknown key: fal may have rotated; refetch once (rate-limited) before refusing.
+    if _any_verifies(jwks.keys(force=True), signature, message):
+        return request_id
+    raise SignatureError("signature mismatch")

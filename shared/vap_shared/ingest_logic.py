@@ -1,0 +1,329 @@
+"""Ingest: one S3 "sidecar created" event → validated, dispatched job (or a clear failure).
+
+Raises `TransientJobError` when the SQS message should be retried (media not uploaded yet, both
+backends down); permanent problems end the job as failed and return normally, so SQS drops the
+message instead of retrying it into the DLQ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import unquote_plus
+
+from aws_lambda_powertools import Logger
+
+from .backends.base import DispatchRequest
+from .backends.dispatch import DispatchFailed, dispatch
+from .errors import FieldError, PermanentJobError, TransientJobError, field_error
+from .jobs import Job, iso, utcnow
+from .lifecycle import fail_job, finalize_terminal
+from .media import MediaRef, data_extension, resolve_reference
+from .naming import job_id as make_job_id
+from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
+from .runtime import Runtime
+from .s3io import head, read_limited
+from .sidecar import Sidecar, SidecarInvalid, decode_json_object, validate_object
+
+logger = Logger(child=True)
+
+# Longer than a dispatch can take (two backend submits with tight timeouts), shorter than the
+# queue's visibility timeout, so a crashed attempt's redelivery can take over.
+DISPATCH_LEASE_SECONDS = 120
+MEDIA_FIELDS = ("video_url", "image_url")
+
+
+@dataclass(frozen=True)
+class S3ObjectEvent:
+    bucket: str
+    key: str
+    etag: str
+    sequencer: str | None
+    event_time: datetime
+    event_name: str
+    size: int | None
+
+
+def parse_sqs_body(body: str) -> list[S3ObjectEvent]:
+    """S3 notification records in an SQS message body (real S3 or moto shape). Test events and
+    non-S3 messages give an empty list."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        logger.warning("skipping an SQS message that is not JSON")
+        return []
+    if not isinstance(message, dict):
+        return []
+    if message.get("Event") == "s3:TestEvent":
+        logger.info("skipping s3:TestEvent")
+        return []
+    # An SNS envelope (if someone routes S3 → SNS → SQS without raw delivery).
+    if message.get("Type") == "Notification" and isinstance(message.get("Message"), str):
+        return parse_sqs_body(message["Message"])
+    events: list[S3ObjectEvent] = []
+    for record in message.get("Records") or []:
+        if not isinstance(record, dict) or record.get("eventSource") != "aws:s3":
+            continue
+        name = str(record.get("eventName", ""))
+        if not name.startswith("ObjectCreated"):
+            continue
+        s3 = record.get("s3") or {}
+        obj = s3.get("object") or {}
+        bucket = (s3.get("bucket") or {}).get("name")
+        key = obj.get("key")
+        if not bucket or not key:
+            continue
+        size = obj.get("size")
+        events.append(
+            S3ObjectEvent(
+                bucket=str(bucket),
+                # Keys are URL-encoded ('+' for space; moto also encodes '/').
+                key=unquote_plus(str(key)),
+                etag=str(obj.get("eTag") or obj.get("etag") or "").strip('"'),
+                sequencer=obj.get("sequencer"),
+                event_time=parse_event_time(record.get("eventTime")),
+                event_name=name,
+                size=int(size) if isinstance(size, int) else None,
+            )
+        )
+    return events
+
+
+class Ingestor:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+
+    def handle_message(self, body: str, receive_count: int = 1) -> list[str]:
+        """Process every S3 record in one SQS message; returns the job ids touched."""
+        return [jid for event in parse_sqs_body(body) if (jid := self.handle_event(event, receive_count))]
+
+    def handle_event(self, event: S3ObjectEvent, receive_count: int = 1) -> str | None:
+        s = self.settings
+        if event.bucket != s.bucket_name:
+            logger.warning("skipping an event for another bucket", extra={"bucket": event.bucket})
+            return None
+        if not event.key.startswith(s.inbox_prefix) or not event.key.endswith(".json"):
+            logger.info("skipping a key outside inbox/*.json", extra={"key": event.key})
+            return None
+        jid = make_job_id(event.event_time, event.bucket, event.key, event.etag, event.sequencer)
+        job = self._get_or_create(jid, event)
+        if job.terminal:
+            finalize_terminal(self.rt, job)  # a crash may have skipped the report/notification
+            return jid
+        if job.state != "received":
+            logger.info("duplicate event for a dispatched job", extra={"job_id": jid, "state": job.state})
+            return jid
+        if not self.rt.store.acquire_dispatch_lease(jid, int(time.time()), DISPATCH_LEASE_SECONDS):
+            logger.info("another invocation is dispatching this job", extra={"job_id": jid})
+            return jid
+        try:
+            self._process(job, event, receive_count)
+        except PermanentJobError as exc:
+            fail_job(self.rt, jid, exc.errors)
+        except TransientJobError as exc:
+            if receive_count >= s.ingest_max_attempts:
+                gave_up = field_error(None, f"Gave up after {receive_count} attempts.")
+                fail_job(self.rt, jid, [*exc.errors, gave_up])
+                return jid
+            self.rt.store.release_dispatch_lease(jid)
+            raise
+        except Exception:
+            self.rt.store.release_dispatch_lease(jid)
+            raise
+        return jid
+
+    def _get_or_create(self, jid: str, event: S3ObjectEvent) -> Job:
+        existing = self.rt.store.get(jid)
+        if existing is not None:
+            return existing
+        s = self.settings
+        name = sidecar_name(event.key, s.inbox_prefix)
+        now = utcnow()
+        job = Job(
+            job_id=jid,
+            state="received",
+            sidecar_bucket=event.bucket,
+            sidecar_key=event.key,
+            sidecar_etag=event.etag,
+            name=name,
+            output_prefix=output_prefix(s.outputs_prefix, name, jid),
+            received_at=iso(now),
+            updated_at=iso(now),
+            expires_at=int((now + timedelta(days=s.job_ttl_days)).timestamp()),
+        )
+        if self.rt.store.create(job):
+            logger.info("job received", extra={"job_id": jid, "key": event.key})
+            return job
+        again = self.rt.store.get(jid)
+        return again if again is not None else job
+
+    def _read_sidecar(self, event: S3ObjectEvent) -> bytes:
+        s = self.settings
+        if event.size is not None and event.size > s.max_sidecar_bytes:
+            raise PermanentJobError(
+                [
+                    field_error(
+                        None,
+                        f"The sidecar is {event.size:,} bytes; "
+                        f"at most {s.max_sidecar_bytes:,} bytes are allowed.",
+                    )
+                ]
+            )
+        raw = read_limited(self.rt.s3, event.bucket, event.key, s.max_sidecar_bytes, event.etag or None)
+        if raw is None:
+            raise PermanentJobError(
+                [field_error(None, "The sidecar was deleted or replaced before it could be read.")]
+            )
+        return raw
+
+    def _validate(self, raw: bytes, event: S3ObjectEvent) -> tuple[Sidecar, dict[str, MediaRef]]:
+        """Every problem at once: sidecar fields and media references."""
+        s = self.settings
+        try:
+            data = decode_json_object(raw, s.max_sidecar_bytes)
+        except SidecarInvalid as exc:
+            raise PermanentJobError(exc.errors) from None
+        errors: list[FieldError] = []
+        sidecar: Sidecar | None = None
+        try:
+            sidecar = validate_object(data)
+        except SidecarInvalid as exc:
+            errors.extend(exc.errors)
+        bad_fields = {e["field"] for e in errors}
+        refs: dict[str, MediaRef] = {}
+        for field in MEDIA_FIELDS:
+            value = data.get(field)
+            if field in bad_fields or not isinstance(value, str):
+                continue
+            resolved = resolve_reference(
+                field,
+                value.strip(),
+                sidecar_key=event.key,
+                bucket=s.bucket_name,
+                allowed_hosts=s.allowed_media_hosts,
+                max_data_bytes=s.max_data_uri_bytes,
+            )
+            if isinstance(resolved, MediaRef):
+                refs[field] = resolved
+            else:
+                errors.append(resolved)
+        if errors or sidecar is None:
+            raise PermanentJobError(errors)
+        return sidecar, refs
+
+    def _check_media(self, refs: dict[str, MediaRef]) -> None:
+        s = self.settings
+        permanent: list[FieldError] = []
+        missing: list[FieldError] = []
+        for field, ref in refs.items():
+            if ref.kind != "s3" or not ref.bucket or not ref.key:
+                continue
+            meta = head(self.rt.s3, ref.bucket, ref.key)
+            if meta is None:
+                missing.append(
+                    field_error(
+                        field,
+                        f"`{field}`: the object s3://{ref.bucket}/{ref.key} does not exist; upload the media "
+                        "before the sidecar (or check the name).",
+                    )
+                )
+                continue
+            size = int(meta.get("ContentLength", 0))
+            if size == 0:
+                permanent.append(field_error(field, f"`{field}`: the object {ref.key} is empty (0 bytes)."))
+            elif size > s.max_input_bytes:
+                permanent.append(
+                    field_error(
+                        field,
+                        f"`{field}`: the object {ref.key} is {size:,} bytes; at most {s.max_input_bytes:,} "
+                        "bytes are allowed.",
+                    )
+                )
+        if permanent:
+            raise PermanentJobError(permanent + missing)
+        if missing:
+            raise TransientJobError(missing)
+
+    def _store_data_media(self, jid: str, refs: dict[str, MediaRef]) -> dict[str, MediaRef]:
+        s = self.settings
+        stored = dict(refs)
+        for field, ref in refs.items():
+            if ref.kind != "data" or ref.data is None:
+                continue
+            key = work_input_key(s.work_prefix, jid, field, data_extension(ref.content_type))
+            self.rt.s3.put_object(
+                Bucket=s.bucket_name,
+                Key=key,
+                Body=ref.data,
+                ContentType=ref.content_type or "application/octet-stream",
+            )
+            stored[field] = ref.with_location(s.bucket_name, key)
+        return stored
+
+    def _process(self, job: Job, event: S3ObjectEvent, receive_count: int) -> None:
+        s = self.settings
+        raw = self._read_sidecar(event)
+        sidecar, refs = self._validate(raw, event)
+        self._check_media(refs)
+        refs = self._store_data_media(job.job_id, refs)
+        choice = sidecar.backend or s.default_backend
+        settings = sidecar.settings()
+        inputs: dict[str, dict[str, Any]] = {f: r.to_record() for f, r in refs.items()}
+        # Recorded before dispatch: the webhook needs them if the callback overtakes our write.
+        self.rt.store.update_fields(
+            job.job_id,
+            {
+                "requested_backend": choice,
+                "settings": settings.model_dump(),
+                "inputs": inputs,
+                "webhook_base_url": s.webhook_base_url,
+                "seed": settings.seed,
+            },
+            iso(utcnow()),
+            only_if_absent="backend_call_id",
+        )
+        request = DispatchRequest(
+            job_id=job.job_id,
+            settings=settings,
+            video=refs["video_url"],
+            image=refs["image_url"],
+            webhook_base_url=s.webhook_base_url,
+        )
+        if not s.webhook_base_url:
+            raise TransientJobError([field_error(None, "The service has no WEBHOOK_BASE_URL configured.")])
+        try:
+            outcome = dispatch(request, choice, self.rt.backends)
+        except DispatchFailed as exc:
+            if exc.retryable:
+                raise TransientJobError(exc.errors) from None
+            raise PermanentJobError(exc.errors) from None
+        d = outcome.dispatch
+        fields = {
+            "backend": d.backend,
+            "backend_call_id": d.call_id,
+            "fal_urls": d.urls or None,
+            "fallback_from": outcome.fallback_from,
+            "fallback_reason": outcome.fallback_reason,
+            "dispatched_at": iso(utcnow()),
+            "dispatch_lease_until": None,
+        }
+        updated = self.rt.store.transition(
+            job.job_id, "dispatched", fields, iso(utcnow()), sources=("received",)
+        )
+        if updated is None:
+            # A callback already moved the job on (running/terminal): keep its state, add our fields.
+            self.rt.store.update_fields(job.job_id, fields, iso(utcnow()), only_if_absent="backend_call_id")
+        logger.info(
+            "job dispatched",
+            extra={
+                "job_id": job.job_id,
+                "backend": d.backend,
+                "call_id": d.call_id,
+                "fallback_from": outcome.fallback_from,
+                "receive_count": receive_count,
+            },
+        )

@@ -1,0 +1,100 @@
+"""The job model and its state machine (docs/contracts.md: job record)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import FieldError
+
+State = Literal["received", "dispatched", "running", "succeeded", "failed"]
+BackendName = Literal["modal", "fal"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed"})
+
+# Where each state may be entered from. Callbacks can overtake ingest's own "dispatched" write
+# (the GPU may report progress before ingest records the dispatch), so `received` may jump ahead;
+# `dispatched` is re-entered when a failed run falls back to the other backend.
+ALLOWED_FROM: dict[str, tuple[str, ...]] = {
+    "dispatched": ("received", "dispatched", "running"),
+    "running": ("received", "dispatched", "running"),
+    "succeeded": ("received", "dispatched", "running"),
+    "failed": ("received", "dispatched", "running"),
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    state: State = "received"
+    sidecar_bucket: str = ""
+    sidecar_key: str = ""
+    sidecar_etag: str = ""
+    name: str = ""
+    output_prefix: str = ""
+    requested_backend: Literal["auto", "modal", "fal"] | None = None
+    backend: BackendName | None = None
+    backend_call_id: str | None = None
+    fal_urls: dict[str, str] | None = None
+    fallback_from: BackendName | None = None
+    fallback_reason: str | None = None
+    settings: dict[str, Any] | None = None
+    inputs: dict[str, dict[str, Any]] | None = None
+    webhook_base_url: str | None = None
+    seed: int | None = None
+    progress: dict[str, int] | None = None
+    output_key: str | None = None
+    metadata_key: str | None = None
+    error_report_key: str | None = None
+    errors: list[FieldError] | None = None
+    notified_at: str | None = None
+    received_at: str | None = None
+    dispatched_at: str | None = None
+    completed_at: str | None = None
+    updated_at: str | None = None
+    expires_at: int | None = None
+    dispatch_lease_until: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def timings(self) -> dict[str, Any]:
+        received = parse_iso(self.received_at)
+        dispatched = parse_iso(self.dispatched_at)
+        completed = parse_iso(self.completed_at)
+
+        def span(a: datetime | None, b: datetime | None) -> float | None:
+            return round((b - a).total_seconds(), 3) if a and b else None
+
+        return {
+            "received_at": self.received_at,
+            "dispatched_at": self.dispatched_at,
+            "completed_at": self.completed_at,
+            "queue_s": span(received, dispatched),
+            "generation_s": span(dispatched, completed),
+            "total_s": span(received, completed),
+        }
+
+
+def can_transition(current: str, target: str) -> bool:
+    return current in ALLOWED_FROM.get(target, ())

@@ -1,0 +1,61 @@
+"""Job ids and S3 keys (docs/contracts.md: S3 layout, job id)."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+
+def parse_event_time(value: str | None) -> datetime:
+    """S3's `eventTime` (`2026-11-25T18:23:01.123Z`) as aware UTC; now if absent/unparseable."""
+    if value:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        except ValueError:
+            pass
+    return datetime.now(UTC)
+
+
+def job_id(event_time: datetime, bucket: str, key: str, etag: str, sequencer: str | None) -> str:
+    """`<yyyymmddTHHMMSSZ>-<10 hex>`: deterministic for duplicates of one S3 event.
+
+    The hash input is bucket, key, eTag (quotes stripped) and sequencer ('' when absent)
+    joined by newlines.
+    """
+    material = "\n".join([bucket, key, etag.strip('"'), sequencer or ""]).encode("utf-8")
+    digest = hashlib.sha256(material).hexdigest()[:10]
+    return f"{event_time.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}-{digest}"
+
+
+def sidecar_name(key: str, inbox_prefix: str) -> str:
+    """`inbox/<dir>/<name>.json` → `<dir>/<name>`."""
+    name = key[len(inbox_prefix) :] if key.startswith(inbox_prefix) else key
+    return name[: -len(".json")] if name.endswith(".json") else name
+
+
+def output_prefix(outputs_prefix: str, name: str, job_id: str) -> str:
+    return f"{outputs_prefix}{name}/{job_id}/"
+
+
+def output_keys(prefix: str) -> dict[str, str]:
+    return {
+        "video": prefix + "video.mp4",
+        "metadata": prefix + "metadata.json",
+        "error": prefix + "error.json",
+    }
+
+
+def work_prefix(work_prefix: str, job_id: str) -> str:
+    return f"{work_prefix}{job_id}/"
+
+
+def work_video_key(work: str, job_id: str) -> str:
+    """Where the GPU PUTs its result before the webhook moves it."""
+    return f"{work}{job_id}/video.mp4"
+
+
+def work_input_key(work: str, job_id: str, field: str, ext: str) -> str:
+    """Decoded `data:` media; `input-` keeps them apart from the GPU's `video.mp4`."""
+    stem = field.removesuffix("_url")
+    return f"{work}{job_id}/input-{stem}{ext}"

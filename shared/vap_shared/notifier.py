@@ -1,0 +1,57 @@
+"""SNS notifications (docs/contracts.md: notification format, version "1")."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from .jobs import Job, iso, utcnow
+from .s3io import presign_get
+
+OUTPUT_URL_TTL = 3600  # the contract promises a 1 h output_url
+
+
+def build_notification(job: Job, s3: Any, bucket: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "version": "1",
+        "job_id": job.job_id,
+        "status": job.state,
+        "sidecar_bucket": job.sidecar_bucket,
+        "sidecar_key": job.sidecar_key,
+        "backend": job.backend,
+        "fallback_from": job.fallback_from,
+        "seed": job.seed,
+        "timings": job.timings(),
+    }
+    if job.state == "succeeded" and job.output_key:
+        body["output_key"] = job.output_key
+        body["metadata_key"] = job.metadata_key
+        body["output_url"] = presign_get(s3, bucket, job.output_key, OUTPUT_URL_TTL)
+        body["output_url_expires_at"] = iso(utcnow() + timedelta(seconds=OUTPUT_URL_TTL))
+    else:
+        body["errors"] = job.errors or [{"field": None, "message": "The job failed for an unknown reason."}]
+        body["error_report_key"] = job.error_report_key
+    return body
+
+
+class Notifier:
+    def __init__(self, sns: Any, topic_arn: str, s3: Any, bucket: str) -> None:
+        self._sns = sns
+        self._topic_arn = topic_arn
+        self._s3 = s3
+        self._bucket = bucket
+
+    def publish(self, job: Job) -> dict[str, Any]:
+        body = build_notification(job, self._s3, self._bucket)
+        self._sns.publish(
+            TopicArn=self._topic_arn,
+            Subject=f"VAP job {job.job_id} {job.state}"[:100],
+            Message=json.dumps(body, separators=(",", ":")),
+            MessageAttributes={
+                "status": {"DataType": "String", "StringValue": job.state},
+                # SNS rejects empty string attributes; "none" marks a job never dispatched.
+                "backend": {"DataType": "String", "StringValue": job.backend or "none"},
+            },
+        )
+        return body
