@@ -1,0 +1,125 @@
+"""Load the released VAP checkpoint (diffusers layout) into `VAPPipeline`, strictly.
+
+The released `model_index.json` names the reference fork's classes (`WanImageToVideoMOTPipeline`,
+`WanTransformer3DMOTModel`), which stock diffusers cannot resolve, so each component is loaded
+from its subfolder here. The transformer must match key for key: any missing, unexpected or
+mis-shaped tensor is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.models import AutoencoderKLWan
+from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from gpu.vap.pipeline import VAPPipeline
+from gpu.vap.transformer import WanTransformer3DMOTModel
+
+VAP_REPO_ID = "ByteDance/Video-As-Prompt-Wan2.1-14B"
+# Pinned revision of VAP_REPO_ID. The full 40-hex commit could not be looked up offline (a
+# third-party record names the 65.87 GB snapshot `f0d6ab47…`); until the weight-download step
+# resolves and records the full hash, this pins the branch. Replace with the commit hash.
+VAP_REVISION = "main"
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint's transformer tensors do not match this implementation's names/shapes."""
+
+
+def pick_attention_backend(device: torch.device) -> str:
+    """diffusers attention backend for `device` (override with VAP_ATTENTION_BACKEND).
+
+    Hopper: FlashAttention-3 when installed, else cuDNN SDPA (FA3-class on H100); other CUDA:
+    flash-attn 2 when installed, else cuDNN; CPU: torch SDPA."""
+    forced = os.environ.get("VAP_ATTENTION_BACKEND")
+    if forced:
+        return forced
+    if device.type != "cuda":
+        return "native"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
+        return "_flash_3"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash"
+    return "_native_cudnn"
+
+
+def load_transformer(
+    path_or_repo: str, dtype: torch.dtype, revision: str = VAP_REVISION
+) -> WanTransformer3DMOTModel:
+    """Transformer with strict key matching (fp32 kept where the reference keeps it)."""
+    model, info = WanTransformer3DMOTModel.from_pretrained(
+        path_or_repo,
+        subfolder="transformer",
+        revision=revision,
+        torch_dtype=dtype,
+        low_cpu_mem_usage=True,
+        output_loading_info=True,
+    )
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        raise CheckpointMismatch(f"transformer checkpoint does not match strictly: {problems}")
+    return model.eval()
+
+
+def _scheduler(path_or_repo: str, revision: str) -> Any:
+    # The scheduler class comes from the checkpoint (expected: UniPCMultistepScheduler, flow).
+    config = diffusers.UniPCMultistepScheduler.load_config(
+        path_or_repo, subfolder="scheduler", revision=revision
+    )
+    cls = getattr(diffusers, str(config["_class_name"]))
+    return cls.from_config(config)
+
+
+def load_pipeline(
+    path_or_repo: str = VAP_REPO_ID,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    revision: str = VAP_REVISION,
+    vae_dtype: torch.dtype | None = None,
+    attention_backend: str | None = None,
+) -> VAPPipeline:
+    """The released checkpoint (local folder or hub repo at `revision`) on `device`.
+
+    `dtype` is for the text encoder and transformer; the CLIP image encoder stays float32 (as in
+    the reference script; it is small). `vae_dtype` defaults to bfloat16 on CUDA and float32
+    elsewhere (see docs/model.md). Hub loaders ignore `revision` for local folders."""
+    device = torch.device(device)
+    if vae_dtype is None:
+        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path_or_repo, subfolder="tokenizer", revision=revision)
+    text_encoder = UMT5EncoderModel.from_pretrained(
+        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype
+    ).eval()
+    image_encoder = CLIPVisionModel.from_pretrained(
+        path_or_repo, subfolder="image_encoder", revision=revision, dtype=torch.float32
+    ).eval()
+    # PIL backend: the torchvision one's pixels differ from the reference's by up to 1.5e-2.
+    image_processor = CLIPImageProcessorPil.from_pretrained(
+        path_or_repo, subfolder="image_processor", revision=revision
+    )
+    vae = AutoencoderKLWan.from_pretrained(
+        path_or_repo, subfolder="vae", revision=revision, torch_dtype=vae_dtype
+    ).eval()
+    transformer = load_transformer(path_or_repo, dtype, revision)
+    pipe = VAPPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        image_encoder=image_encoder,
+        image_processor=image_processor,
+        transformer=transformer,
+        vae=vae,
+        scheduler=_scheduler(path_or_repo, revision),
+    )
+    pipe.to(device)
+    backend = attention_backend or pick_attention_backend(device)
+    if backend != "native":
+        pipe.transformer.set_attention_backend(backend)
+    return pipe

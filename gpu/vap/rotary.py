@@ -1,0 +1,78 @@
+"""3-D rotary position tables for the Wan/VAP transformer (both token streams).
+
+Angles are computed in float64 on the CPU once per (grid, temporal offset) and cached as float32
+cos/sin on the target device, so the GPU hot path never touches float64. The layout is the one
+diffusers' `WanAttnProcessor` consumes: `(cos, sin)`, each `[1, S, 1, head_dim]` with every value
+repeated for the (real, imaginary) pair.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_THETA = 10000.0
+
+
+def axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels given to the (time, height, width) axes: Wan splits 2·(d//6) to each spatial axis."""
+    spatial = 2 * (head_dim // 6)
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def _axis_angles(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    # Same frequencies as diffusers.get_1d_rotary_pos_embed: theta^(-2i/dim), i < dim/2.
+    inv = 1.0 / (_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+    return torch.outer(positions.to(torch.float64), inv)
+
+
+def rotary_tables(
+    head_dim: int, grid: tuple[int, int, int], t_start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (float32, CPU) for a `frames×height×width` token grid, frames numbered from `t_start`.
+
+    The reference stream uses `t_start = -frames` (temporally biased RoPE): its frames sit just
+    before the target video's in time while sharing its spatial positions.
+    """
+    f, h, w = grid
+    t_dim, h_dim, w_dim = axis_dims(head_dim)
+    ang_t = _axis_angles(t_dim, torch.arange(t_start, t_start + f))
+    ang_h = _axis_angles(h_dim, torch.arange(h))
+    ang_w = _axis_angles(w_dim, torch.arange(w))
+    angles = torch.cat(
+        [
+            ang_t[:, None, None, :].expand(f, h, w, -1),
+            ang_h[None, :, None, :].expand(f, h, w, -1),
+            ang_w[None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(1, f * h * w, 1, head_dim // 2)
+    angles = angles.repeat_interleave(2, dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+class RotaryCache:
+    """Per-(grid, offset, device) cache of rotary tables; not a module, so `.to(dtype)` can't degrade it."""
+
+    def __init__(self, head_dim: int) -> None:
+        self.head_dim = head_dim
+        self._cache: dict[tuple[int, int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(
+        self, grid: tuple[int, int, int], t_start: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (*grid, t_start, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            cos, sin = rotary_tables(self.head_dim, grid, t_start)
+            hit = (cos.to(device), sin.to(device))
+            self._cache[key] = hit
+        return hit
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `[B, S, H, D]` pairs (x[2i], x[2i+1]) by the table angles; math in float32."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c = cos[..., 0::2]
+    s = sin[..., 1::2]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
