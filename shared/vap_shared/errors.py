@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+# pydantic needs typing_extensions.TypedDict on Python < 3.12 (a pydantic dependency anyway).
+from typing_extensions import TypedDict
 
 
 class FieldError(TypedDict):

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
+from botocore.exceptions import ClientError
 
 from .backends.base import DispatchRequest
 from .backends.dispatch import DispatchFailed, dispatch
@@ -206,6 +207,7 @@ class Ingestor:
                 bucket=s.bucket_name,
                 allowed_hosts=s.allowed_media_hosts,
                 max_data_bytes=s.max_data_uri_bytes,
+                inbox_prefix=s.inbox_prefix,
             )
             if isinstance(resolved, MediaRef):
                 refs[field] = resolved
@@ -222,7 +224,14 @@ class Ingestor:
         for field, ref in refs.items():
             if ref.kind != "s3" or not ref.bucket or not ref.key:
                 continue
-            meta = head(self.rt.s3, ref.bucket, ref.key)
+            try:
+                meta = head(self.rt.s3, ref.bucket, ref.key)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code not in ("403", "AccessDenied", "Forbidden"):
+                    raise
+                permanent.append(field_error(field, f"`{field}`: the object {ref.key} cannot be read."))
+                continue
             if meta is None:
                 missing.append(
                     field_error(

@@ -78,6 +78,7 @@ def resolve_reference(
     bucket: str,
     allowed_hosts: tuple[str, ...],
     max_data_bytes: int,
+    inbox_prefix: str = "inbox/",
 ) -> MediaRef | FieldError:
     """Classify one reference without network calls; a `FieldError` when it is not acceptable."""
     match = _SCHEME.match(value)
@@ -94,7 +95,12 @@ def resolve_reference(
         if not key or parts.query or parts.fragment:
             return _bad(field, f"is not a complete s3://{bucket}/<key> URI")
         problem = _check_key(field, key)
-        return problem or MediaRef(field, "s3", value, bucket=bucket, key=key)
+        if problem:
+            return problem
+        # Only the upload area: the functions may not read other prefixes (least privilege).
+        if not key.startswith(inbox_prefix):
+            return _bad(field, f"names the key {key!r} outside {inbox_prefix}")
+        return MediaRef(field, "s3", value, bucket=bucket, key=key)
     if scheme == "https":
         try:
             parts = urlsplit(value)
@@ -133,7 +139,8 @@ def _data_uri(field: str, value: str, max_bytes: int) -> MediaRef | FieldError:
     if len(value) > max_bytes * 4 // 3 + 256:
         return field_error(
             field,
-            f"`{field}` is a data: URI larger than the allowed {max_bytes:,} bytes; upload the file instead.",
+            f"`{field}` is a data: URI of more than {max_bytes:,} bytes; at most {max_bytes:,} bytes "
+            "are allowed. Upload the file instead.",
         )
     match = _DATA.match(value)
     if not match:

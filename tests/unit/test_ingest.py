@@ -1,0 +1,306 @@
+import base64
+import json
+
+import httpx
+import ingest
+import pytest
+from vap_testkit import (
+    BUCKET,
+    FAL_EXAMPLE,
+    MODAL_URL,
+    WEBHOOK_BASE,
+    FakeServices,
+    call,
+    s3_event,
+    sqs_event,
+    stack,
+)
+
+from vap_shared.ingest_logic import Ingestor, parse_sqs_body
+from vap_shared.signing import derive_callback_key
+
+
+@pytest.fixture
+def st(monkeypatch):
+    with stack(monkeypatch) as s:
+        ingest._ingestor = Ingestor(s.runtime)
+        yield s
+    ingest.reset()
+
+
+def upload_job(st, name="inbox/set/job.json", sidecar=None, media=True):
+    if media:
+        st.put("inbox/set/clip.mp4", b"video-bytes")
+        st.put("inbox/set/face.png", b"image-bytes")
+    body = (
+        sidecar
+        if sidecar is not None
+        else {
+            "prompt": "a horse floats away",
+            "video_description": "a shoe inflates",
+            "video_url": "clip.mp4",
+            "image_url": "face.png",
+            "seed": 42,
+        }
+    )
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    etag = st.put(name, raw, "application/json")
+    return s3_event(name, etag, size=len(raw))
+
+
+def only_job(st):
+    items = st.runtime.store._table.scan()["Items"]
+    assert len(items) == 1
+    return st.store.get(items[0]["job_id"])
+
+
+def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st):
+    result = call(ingest.handler, sqs_event(upload_job(st)))
+    assert result == {"batchItemFailures": []}
+    job = only_job(st)
+    assert job.state == "dispatched" and job.backend == "modal" and job.backend_call_id == "fc-1"
+    assert job.name == "set/job" and job.output_prefix == f"outputs/set/job/{job.job_id}/"
+    assert job.job_id.startswith("20261125T182301Z-") and len(job.job_id) == 27
+    assert job.settings["seed"] == 42 and job.requested_backend == "auto"
+    (request,) = st.services.calls("modal.test")
+    assert str(request.url) == f"{MODAL_URL}/submit"
+    body = json.loads(request.content)
+    assert body["job_id"] == job.job_id
+    assert body["callback_url"] == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}"
+    assert bytes.fromhex(body["callback_key"]) == derive_callback_key(
+        b"test-stack-secret-0123456789abcdef", job.job_id
+    )
+    assert "inbox/set/clip.mp4" in body["video_url"] and "X-Amz-Signature" in body["video_url"]
+    assert f"work/{job.job_id}/video.mp4" in body["output_put_url"]
+    assert "X-Amz-Expires=900" in body["output_put_url"]
+    assert body["settings"]["prompt"] == "a horse floats away"
+    # The secrets never travel in the request.
+    assert "test-stack-secret" not in request.content.decode()
+    assert st.notifications() == []
+
+
+def test_moto_shaped_event_and_test_event(st):
+    raw = json.dumps({**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png"}).encode()
+    st.put("inbox/set/clip.mp4", b"v")
+    st.put("inbox/set/face.png", b"i")
+    etag = st.put("inbox/set/my job.json", raw)
+    moto_event = s3_event("inbox/set/my job.json", etag, moto_shape=True)
+    assert "%2F" in moto_event["Records"][0]["s3"]["object"]["key"]
+    test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "x", "Bucket": BUCKET}
+    result = call(ingest.handler, sqs_event(test_event, moto_event))
+    assert result == {"batchItemFailures": []}
+    job = only_job(st)
+    assert job.sidecar_key == "inbox/set/my job.json" and job.state == "dispatched"
+
+
+def test_skips_keys_outside_the_inbox_filter():
+    assert parse_sqs_body("not json") == []
+    body = json.dumps(s3_event("outputs/x/job.json", "e"))
+    assert parse_sqs_body(body)[0].key == "outputs/x/job.json"
+
+
+def test_fal_example_dispatched_to_fal_with_urls_unchanged(st):
+    event = upload_job(st, sidecar={**FAL_EXAMPLE, "backend": "fal"}, media=False)
+    assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": []}
+    job = only_job(st)
+    assert job.backend == "fal" and job.backend_call_id == "req-1"
+    assert job.fal_urls["status_url"].endswith("/requests/req-1/status")
+    (request,) = st.services.calls("queue.fal.test")
+    assert request.url.path == "/fal-ai/video-as-prompt"
+    assert request.url.params["fal_webhook"] == f"{WEBHOOK_BASE}/callbacks/fal/{job.job_id}"
+    body = json.loads(request.content)
+    assert body["video_url"] == FAL_EXAMPLE["video_url"] and body["image_url"] == FAL_EXAMPLE["image_url"]
+    assert set(body) == set(FAL_EXAMPLE)  # no `backend`, nothing extra
+
+
+def test_duplicate_events_dispatch_once(st):
+    event = upload_job(st)
+    call(ingest.handler, sqs_event(event, event))
+    call(ingest.handler, sqs_event(event))
+    assert len(st.services.calls("modal.test")) == 1
+    assert only_job(st).state == "dispatched"
+
+
+def test_reupload_gets_a_new_job(st):
+    first = upload_job(st)
+    call(ingest.handler, sqs_event(first))
+    second = upload_job(st, sidecar={**FAL_EXAMPLE})
+    second["Records"][0]["s3"]["object"]["sequencer"] = "0065A1B2C3D4E5F699"
+    call(ingest.handler, sqs_event(second))
+    assert len(st.runtime.store._table.scan()["Items"]) == 2
+
+
+def test_bad_sidecar_fails_cleanly_without_retry(st):
+    event = upload_job(st, sidecar={"prompt": "", "num_frames": True, "video_url": "../x.mp4", "colour": 1})
+    assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": []}
+    job = only_job(st)
+    assert job.state == "failed" and job.backend is None
+    fields = {e["field"] for e in job.errors}
+    assert fields == {"prompt", "num_frames", "video_url", "colour", "video_description", "image_url"}
+    report = st.get_json(f"outputs/set/job/{job.job_id}/error.json")
+    assert report["errors"] == job.errors and report["status"] == "failed"
+    (note,) = st.notifications()
+    assert note["status"] == "failed" and note["errors"] == job.errors
+    assert note["error_report_key"] == f"outputs/set/job/{job.job_id}/error.json"
+    assert note["_subject"] == f"VAP job {job.job_id} failed"
+    assert note["_attributes"] == {"status": "failed", "backend": "none"}
+    assert st.services.requests == []
+    # A redelivery changes nothing and does not notify again.
+    call(ingest.handler, sqs_event(event))
+    assert st.notifications() == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b"{nope", "not valid JSON"),
+        (b"\xff\xfe", "not valid UTF-8"),
+        (b"[]", "must be a JSON object"),
+        (b"", "empty"),
+    ],
+)
+def test_malformed_sidecars(st, raw, needle):
+    call(ingest.handler, sqs_event(upload_job(st, sidecar=raw)))
+    job = only_job(st)
+    assert job.state == "failed" and needle in job.errors[0]["message"]
+
+
+def test_oversized_sidecar(st):
+    raw = json.dumps({**FAL_EXAMPLE, "prompt": "x" * 70000}).encode()
+    call(ingest.handler, sqs_event(upload_job(st, sidecar=raw)))
+    assert "at most 65,536 bytes" in only_job(st).errors[0]["message"]
+
+
+def test_disallowed_schemes_and_hosts(st):
+    sidecar = {**FAL_EXAMPLE, "video_url": "file:///etc/passwd", "image_url": "https://evil.test/a.png"}
+    call(ingest.handler, sqs_event(upload_job(st, sidecar=sidecar)))
+    messages = {e["field"]: e["message"] for e in only_job(st).errors}
+    assert "file: scheme" in messages["video_url"] and "evil.test" in messages["image_url"]
+
+
+def test_missing_media_is_retried_then_fails_clearly(st):
+    event = upload_job(st, media=False)
+    for attempt in (1, 2, 3):
+        result = call(ingest.handler, sqs_event(event, receive_count=attempt))
+        assert result == {"batchItemFailures": [{"itemIdentifier": "m-0"}]}
+        assert only_job(st).state == "received"
+    assert st.notifications() == []
+    call(ingest.handler, sqs_event(event, receive_count=4))
+    job = only_job(st)
+    assert job.state == "failed"
+    assert (
+        "does not exist" in job.errors[0]["message"]
+        and "Gave up after 4 attempts" in job.errors[-1]["message"]
+    )
+    assert len(st.notifications()) == 1
+
+
+def test_media_arriving_late_is_picked_up_on_retry(st):
+    event = upload_job(st, media=False)
+    assert call(ingest.handler, sqs_event(event))["batchItemFailures"]
+    st.put("inbox/set/clip.mp4", b"v")
+    st.put("inbox/set/face.png", b"i")
+    assert call(ingest.handler, sqs_event(event, receive_count=2)) == {"batchItemFailures": []}
+    assert only_job(st).state == "dispatched"
+
+
+def test_empty_media_is_permanent(st):
+    st.put("inbox/set/clip.mp4", b"")
+    st.put("inbox/set/face.png", b"i")
+    call(ingest.handler, sqs_event(upload_job(st, media=False)))
+    job = only_job(st)
+    assert job.state == "failed" and "is empty" in job.errors[0]["message"]
+
+
+def test_data_uri_media_is_stored_in_work(st):
+    video = base64.b64encode(b"\x00\x00\x00\x18ftypmp42").decode()
+    image = base64.b64encode(b"\x89PNG\r\n").decode()
+    sidecar = {
+        **FAL_EXAMPLE,
+        "video_url": f"data:video/mp4;base64,{video}",
+        "image_url": f"data:image/png;base64,{image}",
+    }
+    call(ingest.handler, sqs_event(upload_job(st, sidecar=sidecar, media=False)))
+    job = only_job(st)
+    assert job.state == "dispatched"
+    assert job.inputs["video_url"]["key"] == f"work/{job.job_id}/input-video.mp4"
+    assert (
+        st.s3.get_object(Bucket=BUCKET, Key=f"work/{job.job_id}/input-image.png")["Body"].read()
+        == b"\x89PNG\r\n"
+    )
+    body = json.loads(st.services.calls("modal.test")[0].content)
+    assert f"work/{job.job_id}/input-video.mp4" in body["video_url"]
+
+
+def test_oversize_data_uri(st):
+    big = base64.b64encode(b"x" * 5000).decode()
+    call(
+        ingest.handler,
+        sqs_event(upload_job(st, sidecar={**FAL_EXAMPLE, "video_url": f"data:video/mp4;base64,{big}"})),
+    )
+    assert "at most 4,096 bytes" in only_job(st).errors[0]["message"]
+
+
+@pytest.mark.parametrize("failure", ["503", "401", "timeout", "connect"])
+def test_auto_falls_back_to_fal_when_modal_cannot_take_the_job(monkeypatch, failure):
+    services = FakeServices()
+    if failure == "timeout":
+        services.modal_error = httpx.ReadTimeout
+    elif failure == "connect":
+        services.modal_error = httpx.ConnectError
+    else:
+        services.modal_status = int(failure)
+    with stack(monkeypatch, services) as st:
+        ingest._ingestor = Ingestor(st.runtime)
+        call(ingest.handler, sqs_event(upload_job(st)))
+        job = only_job(st)
+        assert job.state == "dispatched" and job.backend == "fal" and job.fallback_from == "modal"
+        assert job.fallback_reason
+        body = json.loads(st.services.calls("queue.fal.test")[0].content)
+        assert "X-Amz-Signature" in body["video_url"]  # S3 media as presigned GETs
+    ingest.reset()
+
+
+def test_modal_only_does_not_fall_back_and_retries_transient(monkeypatch):
+    services = FakeServices(modal_status=503)
+    with stack(monkeypatch, services) as st:
+        ingest._ingestor = Ingestor(st.runtime)
+        sidecar = {**FAL_EXAMPLE, "backend": "modal"}
+        event = upload_job(st, sidecar=sidecar, media=False)
+        assert call(ingest.handler, sqs_event(event))["batchItemFailures"]
+        assert st.services.calls("queue.fal.test") == []
+        assert only_job(st).state == "received"
+        # Out of attempts: failed, with the reason.
+        call(ingest.handler, sqs_event(event, receive_count=4))
+        job = only_job(st)
+        assert job.state == "failed" and "HTTP 503" in job.errors[0]["message"]
+    ingest.reset()
+
+
+def test_both_backends_down_reports_both_reasons(monkeypatch):
+    services = FakeServices(modal_status=500, fal_status=503)
+    with stack(monkeypatch, services) as st:
+        ingest._ingestor = Ingestor(st.runtime)
+        event = upload_job(st)
+        assert call(ingest.handler, sqs_event(event))["batchItemFailures"]
+        call(ingest.handler, sqs_event(event, receive_count=4))
+        job = only_job(st)
+        text = " ".join(e["message"] for e in job.errors)
+        assert job.state == "failed" and "Modal" in text and "fal.ai" in text
+    ingest.reset()
+
+
+def test_fal_422_maps_to_field_errors(monkeypatch):
+    detail = [{"loc": ["body", "num_frames"], "msg": "must be at most 100", "type": "value_error"}]
+    services = FakeServices(fal_status=422, fal_body={"detail": detail})
+    with stack(monkeypatch, services) as st:
+        ingest._ingestor = Ingestor(st.runtime)
+        call(
+            ingest.handler, sqs_event(upload_job(st, sidecar={**FAL_EXAMPLE, "backend": "fal"}, media=False))
+        )
+        job = only_job(st)
+        assert job.state == "failed"
+        assert job.errors == [
+            {"field": "num_frames", "message": "fal.ai rejected `num_frames`: must be at most 100."}
+        ]
+    ingest.reset()

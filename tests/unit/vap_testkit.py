@@ -1,0 +1,355 @@
+"""Shared helpers for the Lambda-layer unit tests: moto resources, fake Modal/fal over
+httpx.MockTransport, keys generated per test, event builders."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from moto import mock_aws
+
+from vap_shared.config import Settings
+from vap_shared.runtime import Runtime
+from vap_shared.signing import derive_callback_key, signed_headers
+
+REGION = "us-east-1"
+BUCKET = "vap-test-bucket"
+TABLE = "vap-jobs"
+SIGNING_SECRET = "test-stack-secret-0123456789abcdef"
+FAL_KEY = "fal-test-key-abc"
+MODAL_KEY, MODAL_SECRET = "wk-test", "ws-test"
+MODAL_URL = "https://modal.test"
+FAL_QUEUE = "https://queue.fal.test"
+JWKS_URL = "https://jwks.test/.well-known/jwks.json"
+WEBHOOK_BASE = "https://hooks.test"
+MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + b"\x00" * 2000
+
+FAL_EXAMPLE: dict[str, Any] = {
+    "prompt": "A chestnut-colored horse stands on a grassy hill against a backdrop of distant, snow-dusted "
+    "mountains. The horse begins to inflate, its defined, muscular body swelling and rounding into a smooth, "
+    "balloon-like form while retaining its rich, brown hide color.",
+    "video_url": "https://storage.googleapis.com/falserverless/bytedance-vid2pro/object-725.mp4",
+    "image_url": "https://storage.googleapis.com/falserverless/bytedance-vid2pro/animal-2.jpg",
+    "num_frames": 49,
+    "fps": 16,
+    "video_description": "A hand holds up a single beige sneaker decorated with gold calligraphy and floral "
+    "illustrations, with small green plants tucked inside.",
+    "enable_safety_checker": True,
+    "aspect_ratio": "9:16",
+    "resolution": "480p",
+    "guidance_scale": 5,
+}
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclass
+class FalKeys:
+    private: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+
+    def jwks(self) -> dict[str, Any]:
+        raw = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}]}
+
+    def headers(
+        self, request_id: str, body: bytes, now: float | None = None, user: str = "user-1"
+    ) -> dict[str, str]:
+        ts = str(int(time.time() if now is None else now))
+        message = "\n".join([request_id, user, ts, hashlib.sha256(body).hexdigest()]).encode()
+        return {
+            "content-type": "application/json",
+            "x-fal-webhook-request-id": request_id,
+            "x-fal-webhook-user-id": user,
+            "x-fal-webhook-timestamp": ts,
+            "x-fal-webhook-signature": self.private.sign(message).hex(),
+        }
+
+
+@dataclass
+class FakeServices:
+    """Modal, fal queue, fal CDN and JWKS behind one MockTransport; tweak the attributes per test."""
+
+    fal_keys: FalKeys = field(default_factory=FalKeys)
+    modal_status: int = 202
+    modal_error: type[Exception] | None = None
+    fal_status: int = 200
+    fal_body: dict[str, Any] | None = None
+    cdn_body: bytes = MP4
+    cdn_status: int = 200
+    requests: list[httpx.Request] = field(default_factory=list)
+    counter: int = 0
+
+    def calls(self, host: str) -> list[httpx.Request]:
+        return [r for r in self.requests if r.url.host == host]
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        host = request.url.host
+        if host == "modal.test":
+            if self.modal_error:
+                raise self.modal_error("boom", request=request)
+            if (
+                request.headers.get("modal-key") != MODAL_KEY
+                or request.headers.get("modal-secret") != MODAL_SECRET
+            ):
+                return httpx.Response(401)
+            self.counter += 1
+            return httpx.Response(self.modal_status, json={"call_id": f"fc-{self.counter}"})
+        if host == "queue.fal.test":
+            if request.headers.get("authorization") != f"Key {FAL_KEY}":
+                return httpx.Response(401)
+            self.counter += 1
+            rid = f"req-{self.counter}"
+            body = self.fal_body or {
+                "request_id": rid,
+                "status": "IN_QUEUE",
+                "status_url": f"{FAL_QUEUE}/fal-ai/video-as-prompt/requests/{rid}/status",
+                "response_url": f"{FAL_QUEUE}/fal-ai/video-as-prompt/requests/{rid}",
+                "cancel_url": f"{FAL_QUEUE}/fal-ai/video-as-prompt/requests/{rid}/cancel",
+            }
+            return httpx.Response(self.fal_status, json=body)
+        if host == "jwks.test":
+            return httpx.Response(200, json=self.fal_keys.jwks())
+        if host.endswith("fal.media"):
+            return httpx.Response(self.cdn_status, content=self.cdn_body)
+        return httpx.Response(404)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.MockTransport(self.handler))
+
+
+def env(**overrides: str) -> dict[str, str]:
+    values = {
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "BUCKET_NAME": BUCKET,
+        "INBOX_PREFIX": "inbox/",
+        "OUTPUTS_PREFIX": "outputs/",
+        "WORK_PREFIX": "work/",
+        "JOBS_TABLE": TABLE,
+        "TOPIC_ARN": "",
+        "DEFAULT_BACKEND": "auto",
+        "MODAL_ENDPOINT_URL": MODAL_URL,
+        "FAL_ENDPOINT_ID": "fal-ai/video-as-prompt",
+        "FAL_QUEUE_URL": FAL_QUEUE,
+        "FAL_JWKS_URL": JWKS_URL,
+        "FAL_MEDIA_HOSTS": "*.fal.media",
+        "ALLOWED_MEDIA_HOSTS": "storage.googleapis.com,*.example.org",
+        "WEBHOOK_BASE_URL": WEBHOOK_BASE,
+        "MAX_SIDECAR_BYTES": "65536",
+        "MAX_DATA_URI_BYTES": "4096",
+        "MAX_OUTPUT_BYTES": str(50 * 1024 * 1024),
+        "PRESIGN_TTL_SECONDS": "900",
+        "JOB_TTL_DAYS": "30",
+        "POWERTOOLS_SERVICE_NAME": "vap-test",
+    }
+    values.update(overrides)
+    return values
+
+
+@dataclass
+class Stack:
+    runtime: Runtime
+    services: FakeServices
+    s3: Any
+    sqs: Any
+    notify_queue_url: str
+    topic_arn: str
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.runtime.store
+
+    def put(self, key: str, body: bytes | str, content_type: str = "application/octet-stream") -> str:
+        data = body.encode() if isinstance(body, str) else body
+        return str(self.s3.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType=content_type)["ETag"])
+
+    def notifications(self) -> list[dict[str, Any]]:
+        out = []
+        while True:
+            got = self.sqs.receive_message(
+                QueueUrl=self.notify_queue_url, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
+            ).get("Messages", [])
+            if not got:
+                return out
+            for m in got:
+                envelope = json.loads(m["Body"])
+                body = json.loads(envelope["Message"])
+                body["_subject"] = envelope.get("Subject")
+                body["_attributes"] = {
+                    k: v["Value"] for k, v in envelope.get("MessageAttributes", {}).items()
+                }
+                out.append(body)
+                self.sqs.delete_message(QueueUrl=self.notify_queue_url, ReceiptHandle=m["ReceiptHandle"])
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return [o["Key"] for o in self.s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+    def gpu_key(self, job_id: str) -> bytes:
+        return derive_callback_key(SIGNING_SECRET.encode(), job_id)
+
+
+@contextmanager
+def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: str) -> Iterator[Stack]:
+    for k, v in env(**overrides).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("VAP_ALLOW_HTTP_LOOPBACK", raising=False)
+    services = services or FakeServices()
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET)
+        ddb = boto3.client("dynamodb", region_name=REGION)
+        ddb.create_table(
+            TableName=TABLE,
+            KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        sns = boto3.client("sns", region_name=REGION)
+        topic = sns.create_topic(Name="vap-notify")["TopicArn"]
+        sqs = boto3.client("sqs", region_name=REGION)
+        queue_url = sqs.create_queue(QueueName="notify-sub")["QueueUrl"]
+        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
+        sm = boto3.client("secretsmanager", region_name=REGION)
+        arns = {
+            "SIGNING_SECRET_ARN": sm.create_secret(Name="signing", SecretString=SIGNING_SECRET)["ARN"],
+            "FAL_KEY_SECRET_ARN": sm.create_secret(Name="fal", SecretString=FAL_KEY)["ARN"],
+            "MODAL_TOKEN_SECRET_ARN": sm.create_secret(
+                Name="modal", SecretString=json.dumps({"key": MODAL_KEY, "secret": MODAL_SECRET})
+            )["ARN"],
+        }
+        for k, v in {**arns, "TOPIC_ARN": topic}.items():
+            monkeypatch.setenv(k, v)
+        runtime = Runtime.build(Settings.from_env(), http=services.client())
+        yield Stack(runtime, services, s3, sqs, queue_url, topic)
+
+
+def s3_event(
+    key: str,
+    etag: str,
+    *,
+    moto_shape: bool = False,
+    sequencer: str = "0065A1B2C3D4E5F601",
+    event_time: str = "2026-11-25T18:23:01.123Z",
+    size: int = 100,
+    bucket: str = BUCKET,
+) -> dict[str, Any]:
+    from urllib.parse import quote, quote_plus
+
+    obj: dict[str, Any] = {"size": size, "eTag": etag.strip('"')}
+    record: dict[str, Any] = {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": REGION,
+        "eventTime": event_time,
+        "eventName": "ObjectCreated:Put",
+        "s3": {"s3SchemaVersion": "1.0", "configurationId": "c", "bucket": {"name": bucket}, "object": obj},
+    }
+    if moto_shape:
+        obj["key"] = quote_plus(key)  # moto encodes '/' as %2F too
+    else:
+        obj["key"] = quote(key, safe="/").replace("%20", "+")
+        obj["sequencer"] = sequencer
+        obj["versionId"] = "null"
+        record["userIdentity"] = {"principalId": "AWS:EXAMPLE"}
+        record["requestParameters"] = {"sourceIPAddress": "127.0.0.1"}
+        record["responseElements"] = {"x-amz-request-id": "R", "x-amz-id-2": "I"}
+        record["s3"]["bucket"].update(
+            {"ownerIdentity": {"principalId": "A"}, "arn": f"arn:aws:s3:::{bucket}"}
+        )
+    return {"Records": [record]}
+
+
+def sqs_event(*bodies: dict[str, Any] | str, receive_count: int = 1) -> dict[str, Any]:
+    records = []
+    for i, body in enumerate(bodies):
+        records.append(
+            {
+                "messageId": f"m-{i}",
+                "receiptHandle": f"rh-{i}",
+                "body": body if isinstance(body, str) else json.dumps(body),
+                "attributes": {
+                    "ApproximateReceiveCount": str(receive_count),
+                    "SentTimestamp": "1700000000000",
+                    "SenderId": "S3",
+                    "ApproximateFirstReceiveTimestamp": "1700000000000",
+                },
+                "messageAttributes": {},
+                "md5OfBody": "x",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": f"arn:aws:sqs:{REGION}:123456789012:ingest",
+                "awsRegion": REGION,
+            }
+        )
+    return {"Records": records}
+
+
+def url_event(path: str, body: bytes, headers: dict[str, str], base64_body: bool = False) -> dict[str, Any]:
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"host": "hooks.test", **headers},
+        "requestContext": {
+            "accountId": "anonymous",
+            "apiId": "abc",
+            "domainName": "hooks.test",
+            "domainPrefix": "abc",
+            "http": {
+                "method": "POST",
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "1.2.3.4",
+                "userAgent": "t",
+            },
+            "requestId": "r",
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "25/Nov/2026:18:23:01 +0000",
+            "timeEpoch": 1700000000000,
+        },
+        "body": base64.b64encode(body).decode() if base64_body else body.decode(),
+        "isBase64Encoded": base64_body,
+    }
+
+
+def gpu_callback_event(st: Stack, job_id: str, payload: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    body = json.dumps(payload).encode()
+    headers = {k.lower(): v for k, v in signed_headers(st.gpu_key(job_id), body).items()}
+    return url_event(f"/callbacks/gpu/{job_id}", body, headers, **kw)
+
+
+class Context:
+    function_name = "test"
+    memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test"
+    aws_request_id = "req-1"
+
+    @staticmethod
+    def get_remaining_time_in_millis() -> int:
+        return 60_000
+
+
+def call(fn: Callable[[dict[str, Any], Any], Any], event: dict[str, Any]) -> Any:
+    return fn(event, Context())
