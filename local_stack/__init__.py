@@ -1,0 +1,5 @@
+"""The pipeline on this machine: moto + the stack from template.yaml + pollers + local GPU/fal servers."""
+
+from local_stack.stack import LocalStack, LocalStackConfig, Notification
+
+__all__ = ["LocalStack", "LocalStackConfig", "Notification"]

@@ -1,0 +1,427 @@
+"""The whole local stack as one object: `with LocalStack() as stack: ...` (tests use it as a fixture).
+
+Pieces: moto in server mode with the stack from `template.yaml`; the ingest handler fed by an
+SQS poller; the webhook handler behind a loopback Function URL; the local GPU server (the same
+HTTP API as the Modal app); a local fal-protocol server; an SQS queue subscribed to the topic
+so notifications can be read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+from local_stack.emulator import Deployer, Deployment, layer_dirs
+from local_stack.fal_server import FalServer
+from local_stack.function_url import FunctionUrlServer
+from local_stack.lambda_runtime import LambdaFunction
+from local_stack.net import LOOPBACK, free_port
+from local_stack.sqs_poller import SqsPoller
+
+log = logging.getLogger("local_stack")
+
+ROOT = Path(__file__).resolve().parent.parent
+INGEST = "IngestFunction"
+WEBHOOK = "WebhookFunction"
+
+
+@dataclass
+class LocalStackConfig:
+    root: Path = ROOT
+    template: Path = ROOT / "template.yaml"
+    region: str = "us-east-1"
+    stack_name: str = "vap-local"
+    # Template parameter overrides, e.g. {"DefaultBackend": "fal", "MaxSidecarBytes": "65536"}.
+    parameters: dict[str, str] = field(default_factory=dict)
+    # Local-only: a shorter ingest-queue visibility timeout so redeliveries happen in seconds.
+    visibility_timeout_s: int | None = None
+    gpu_engine: str = "tiny"  # "tiny" (real code path, random weights), "fake", or "none"
+    gpu_steps: int | None = None
+    state_file: Path | None = None
+
+
+@dataclass
+class Notification:
+    subject: str
+    attributes: dict[str, str]
+    body: dict[str, Any]
+    raw: dict[str, Any]
+
+
+class NotificationReader:
+    """Drains the SQS queue subscribed to the topic into a list, on a background thread."""
+
+    def __init__(self, sqs: Any, queue_url: str) -> None:
+        self._sqs = sqs
+        self.queue_url = queue_url
+        self.received: list[Notification] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notifications", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                response = self._sqs.receive_message(
+                    QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                )
+            except Exception:
+                if not self._stop.wait(0.5):
+                    log.exception("reading notifications failed")
+                continue
+            for message in response.get("Messages", []):
+                envelope = json.loads(message["Body"])
+                attributes = {k: v.get("Value", "") for k, v in envelope.get("MessageAttributes", {}).items()}
+                try:
+                    body = json.loads(envelope.get("Message", "null"))
+                except ValueError:
+                    body = {"unparsed": envelope.get("Message")}
+                with self._lock:
+                    self.received.append(
+                        Notification(envelope.get("Subject", ""), attributes, body, envelope)
+                    )
+                self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    def matching(self, predicate: Callable[[Notification], bool]) -> list[Notification]:
+        with self._lock:
+            return [n for n in self.received if predicate(n)]
+
+    def wait_for(
+        self, predicate: Callable[[Notification], bool], count: int = 1, timeout_s: float = 120.0
+    ) -> list[Notification]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = self.matching(predicate)
+            if len(found) >= count:
+                return found
+            time.sleep(0.2)
+        raise TimeoutError(f"{len(self.matching(predicate))} of {count} notifications after {timeout_s}s")
+
+
+@contextmanager
+def _env(values: Mapping[str, str]) -> Iterator[None]:
+    """Temporarily set environment variables (handler modules read some at import time)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class LocalStack:
+    def __init__(self, config: LocalStackConfig | None = None) -> None:
+        self.config = config or LocalStackConfig()
+        self.region = self.config.region
+        self.deployment: Deployment | None = None
+        self.functions: dict[str, LambdaFunction] = {}
+        self.pollers: list[SqsPoller] = []
+        self.fal: FalServer | None = None
+        self.gpu: Any = None
+        self.webhook_server: FunctionUrlServer | None = None
+        self.notifications: NotificationReader | None = None
+        self.modal_token = (f"local-key-{secrets.token_hex(8)}", f"local-secret-{secrets.token_hex(16)}")
+        self.fal_key = f"local-fal-{secrets.token_hex(16)}"
+        self.endpoint_url = ""
+        self._moto: ThreadedMotoServer | None = None
+        self._saved_environ: dict[str, str] = {}
+        self._saved_path: list[str] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        cfg = self.config
+        self._saved_environ = dict(os.environ)
+        self._saved_path = list(sys.path)
+        port = free_port()
+        self._moto = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
+        self._moto.start()
+        self.endpoint_url = f"http://{LOOPBACK}:{port}"
+        os.environ.update(
+            {
+                # Dummy credentials: nothing here may ever reach real AWS.
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_SESSION_TOKEN": "testing",
+                "AWS_DEFAULT_REGION": self.region,
+                "AWS_REGION": self.region,
+                "AWS_ENDPOINT_URL": self.endpoint_url,
+            }
+        )
+        self.fal = FalServer(self.fal_key)
+        self.fal.start()
+        self._start_gpu()
+
+        webhook_port = free_port()
+        deployer = Deployer(cfg.root, self.endpoint_url, self.region, cfg.stack_name)
+        self.deployment = deployer.deploy(
+            cfg.template,
+            cfg.parameters,
+            function_urls={"WebhookFunctionUrl": f"http://{LOOPBACK}:{webhook_port}/"},
+            secret_values={
+                "FalKeySecret": self.fal_key,
+                "ModalTokenSecret": json.dumps({"key": self.modal_token[0], "secret": self.modal_token[1]}),
+            },
+        )
+        self._load_functions(webhook_port)
+        if cfg.visibility_timeout_s is not None:
+            self.sqs.set_queue_attributes(
+                QueueUrl=self.ingest_queue_url,
+                Attributes={"VisibilityTimeout": str(cfg.visibility_timeout_s)},
+            )
+        self._subscribe_notifications()
+        self.webhook_server = FunctionUrlServer(self.functions[WEBHOOK], webhook_port)
+        self.webhook_server.start()
+        self._start_pollers()
+        if cfg.state_file is not None:
+            cfg.state_file.parent.mkdir(parents=True, exist_ok=True)
+            cfg.state_file.write_text(json.dumps(self.describe(), indent=2) + "\n", encoding="utf-8")
+
+    def stop(self) -> None:
+        for poller in self.pollers:
+            poller.stop()
+        self.pollers.clear()
+        for server in (self.webhook_server, self.notifications, self.fal):
+            if server is not None:
+                server.stop()
+        if self.gpu is not None:
+            self.gpu.stop()
+            self.gpu = None
+        if self._moto is not None:
+            self._moto.stop()
+            self._moto = None
+        if self._saved_environ:
+            os.environ.clear()
+            os.environ.update(self._saved_environ)
+            self._saved_environ = {}
+        if self._saved_path:
+            sys.path[:] = self._saved_path
+        if self.config.state_file is not None and self.config.state_file.exists():
+            self.config.state_file.unlink()
+
+    # ------------------------------------------------------------------ pieces
+    def _start_gpu(self) -> None:
+        if self.config.gpu_engine == "none":
+            return
+        from gpu.local_server import start_local_gpu_server
+
+        self.gpu = start_local_gpu_server(
+            0,
+            self.modal_token[0],
+            self.modal_token[1],
+            self.config.gpu_engine,  # type: ignore[arg-type]
+            steps=self.config.gpu_steps,
+        )
+
+    def local_environment(self, function_env: Mapping[str, str], webhook_port: int) -> dict[str, str]:
+        """The function's template environment with the local endpoints swapped in."""
+        assert self.fal is not None
+        env = dict(function_env)
+        local = {
+            "MODAL_ENDPOINT_URL": self.gpu.url.rstrip("/") if self.gpu is not None else "",
+            "FAL_QUEUE_URL": self.fal.url,
+            "FAL_JWKS_URL": self.fal.jwks_url,
+            "FAL_MEDIA_HOSTS": self.fal.media_host,
+        }
+        for key, value in local.items():
+            if key in env:  # only what the template gives this function
+                env[key] = value
+        if "WEBHOOK_BASE_URL" in env:
+            # No TLS locally: the Function URL is plain http on the loopback.
+            env["WEBHOOK_BASE_URL"] = env["WEBHOOK_BASE_URL"].replace("https://", "http://", 1)
+            assert env["WEBHOOK_BASE_URL"] == f"http://{LOOPBACK}:{webhook_port}", env["WEBHOOK_BASE_URL"]
+        env["VAP_ALLOW_HTTP_LOOPBACK"] = "1"
+        return env
+
+    def _load_functions(self, webhook_port: int) -> None:
+        assert self.deployment is not None
+        for layer in reversed(layer_dirs(self.config.root, self.config.template)):
+            if str(layer) not in sys.path:
+                sys.path.insert(0, str(layer))
+        for logical_id, spec in self.deployment.functions.items():
+            env = self.local_environment(spec.environment, webhook_port)
+            function = LambdaFunction(
+                logical_id=logical_id,
+                name=spec.name,
+                arn=spec.arn,
+                code_dir=spec.code_dir,
+                handler=spec.handler,
+                timeout_s=spec.timeout_s,
+                memory_mb=spec.memory_mb,
+                log_group=spec.log_group,
+                reserved_concurrency=spec.reserved_concurrency,
+            )
+            # Import under the function's own environment; afterwards the process keeps the union
+            # (both functions share this process; only POWERTOOLS_SERVICE_NAME differs).
+            with _env({**env, "AWS_LAMBDA_FUNCTION_NAME": spec.name}):
+                function.load()
+            self.functions[logical_id] = function
+            os.environ.update(env)
+
+    def _subscribe_notifications(self) -> None:
+        url = self.sqs.create_queue(QueueName=f"{self.config.stack_name}-notifications")["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        self.client("sns").subscribe(TopicArn=self.topic_arn, Protocol="sqs", Endpoint=arn)
+        self.notifications = NotificationReader(self.client("sqs"), url)
+        self.notifications.start()
+
+    def _start_pollers(self) -> None:
+        assert self.deployment is not None
+        for source in self.deployment.event_sources:
+            queue_url = self.sqs.get_queue_url(QueueName=source.queue_arn.rsplit(":", 1)[1])["QueueUrl"]
+            poller = SqsPoller(
+                self.client("sqs"),
+                queue_url,
+                source.queue_arn,
+                self.region,
+                self.functions[source.function_logical_id],
+                batch_size=source.batch_size,
+                max_concurrency=source.max_concurrency,
+                report_batch_item_failures=source.report_batch_item_failures,
+            )
+            poller.start()
+            self.pollers.append(poller)
+
+    # ------------------------------------------------------------------ accessors
+    def client(self, service: str) -> Any:
+        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region)  # type: ignore[call-overload]
+
+    @property
+    def sqs(self) -> Any:
+        return self.client("sqs")
+
+    @property
+    def s3(self) -> Any:
+        return self.client("s3")
+
+    def _output(self, key: str) -> str:
+        assert self.deployment is not None
+        return self.deployment.outputs[key]
+
+    @property
+    def bucket(self) -> str:
+        return self._output("BucketName")
+
+    @property
+    def topic_arn(self) -> str:
+        return self._output("TopicArn")
+
+    @property
+    def jobs_table(self) -> str:
+        return self._output("JobsTable")
+
+    @property
+    def webhook_url(self) -> str:
+        return self._output("WebhookUrl")
+
+    def _queue_url(self, output_key: str) -> str:
+        # moto's stack outputs show AWS-shaped queue URLs; ask for the emulator's own form.
+        name = self._output(output_key).rsplit("/", 1)[1]
+        return str(self.sqs.get_queue_url(QueueName=name)["QueueUrl"])
+
+    @property
+    def ingest_queue_url(self) -> str:
+        return self._queue_url("IngestQueueUrl")
+
+    @property
+    def dlq_url(self) -> str:
+        return self._queue_url("IngestDeadLetterQueueUrl")
+
+    @property
+    def ingest_poller(self) -> SqsPoller:
+        return next(p for p in self.pollers if p.function.logical_id == INGEST)
+
+    def describe(self) -> dict[str, Any]:
+        """What `.local/stack.json` holds."""
+        assert self.deployment is not None and self.fal is not None and self.notifications is not None
+        return {
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "stack_name": self.config.stack_name,
+            "bucket": self.bucket,
+            "inbox_prefix": "inbox/",
+            "outputs_prefix": "outputs/",
+            "topic_arn": self.topic_arn,
+            "webhook_url": self.webhook_url,
+            "jobs_table": self.jobs_table,
+            "ingest_queue_url": self.ingest_queue_url,
+            "dead_letter_queue_url": self.dlq_url,
+            "notifications_queue_url": self.notifications.queue_url,
+            "gpu_url": self.gpu.url if self.gpu is not None else None,
+            "fal_url": self.fal.url,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
+
+    # ------------------------------------------------------------------ helpers for tests and the demo
+    def put_job(
+        self, sidecar_key: str, sidecar: dict[str, Any] | bytes, media: Mapping[str, bytes] | None = None
+    ) -> str:
+        """Upload `media` (key → bytes) first, then the sidecar (which triggers ingest); its ETag."""
+        s3 = self.s3
+        for key, data in (media or {}).items():
+            content_type = (
+                "video/mp4" if key.endswith(".mp4") else "image/png" if key.endswith(".png") else "image/jpeg"
+            )
+            s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        body = sidecar if isinstance(sidecar, bytes) else json.dumps(sidecar).encode("utf-8")
+        return str(
+            s3.put_object(Bucket=self.bucket, Key=sidecar_key, Body=body, ContentType="application/json")[
+                "ETag"
+            ]
+        )
+
+    def queue_depth(self, queue_url: str) -> int:
+        attrs = self.sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+    def wait_for_notification(
+        self, sidecar_key: str, count: int = 1, timeout_s: float = 180.0
+    ) -> list[Notification]:
+        assert self.notifications is not None
+        return self.notifications.wait_for(
+            lambda n: n.body.get("sidecar_key") == sidecar_key, count, timeout_s
+        )
+
+    def notifications_for(self, sidecar_key: str) -> list[Notification]:
+        assert self.notifications is not None
+        return self.notifications.matching(lambda n: n.body.get("sidecar_key") == sidecar_key)
