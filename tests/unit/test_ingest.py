@@ -4,6 +4,8 @@ import json
 import httpx
 import ingest
 import pytest
+from vap_shared.ingest_logic import Ingestor, parse_sqs_body
+from vap_shared.signing import derive_callback_key
 from vap_testkit import (
     BUCKET,
     FAL_EXAMPLE,
@@ -15,9 +17,6 @@ from vap_testkit import (
     sqs_event,
     stack,
 )
-
-from vap_shared.ingest_logic import Ingestor, parse_sqs_body
-from vap_shared.signing import derive_callback_key
 
 
 @pytest.fixture

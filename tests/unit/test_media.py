@@ -1,7 +1,6 @@
 import base64
 
 import pytest
-
 from vap_shared.media import MediaRef, resolve_reference
 
 BUCKET = "b"

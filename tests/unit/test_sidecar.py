@@ -3,9 +3,8 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vap_testkit import FAL_EXAMPLE
-
 from vap_shared.sidecar import Sidecar, SidecarInvalid, fal_input, parse_sidecar
+from vap_testkit import FAL_EXAMPLE
 
 MAX = 65536
 

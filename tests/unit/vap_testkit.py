@@ -17,7 +17,6 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from moto import mock_aws
-
 from vap_shared.config import Settings
 from vap_shared.runtime import Runtime
 from vap_shared.signing import derive_callback_key, signed_headers

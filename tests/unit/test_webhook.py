@@ -1,0 +1,352 @@
+import json
+import time
+
+import ingest
+import pytest
+import webhook
+from vap_shared.ingest_logic import Ingestor
+from vap_shared.signing import signed_headers
+from vap_testkit import (
+    BUCKET,
+    FAL_EXAMPLE,
+    MP4,
+    FakeServices,
+    call,
+    gpu_callback_event,
+    s3_event,
+    sqs_event,
+    stack,
+    url_event,
+)
+
+
+@pytest.fixture
+def services():
+    return FakeServices()
+
+
+@pytest.fixture
+def st(monkeypatch, services):
+    with stack(monkeypatch, services) as s:
+        ingest._ingestor = Ingestor(s.runtime)
+        webhook._runtime = s.runtime
+        yield s
+    ingest.reset()
+    webhook.reset()
+
+
+def dispatch(st, backend="modal", name="inbox/set/job.json"):
+    st.put("inbox/set/clip.mp4", b"v")
+    st.put("inbox/set/face.png", b"i")
+    sidecar = {**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend}
+    raw = json.dumps(sidecar).encode()
+    etag = st.put(name, raw)
+    call(ingest.handler, sqs_event(s3_event(name, etag, size=len(raw))))
+    (item,) = st.runtime.store._table.scan()["Items"]
+    return st.store.get(item["job_id"])
+
+
+def callback(job, event, **extra):
+    return {
+        "job_id": job.job_id,
+        "call_id": job.backend_call_id,
+        "event": event,
+        "sent_at": int(time.time()),
+        **extra,
+    }
+
+
+RESULT = {
+    "seed": 1234,
+    "width": 480,
+    "height": 832,
+    "num_frames": 49,
+    "fps": 16,
+    "bytes": len(MP4),
+    "steps": 4,
+    "gpu": "cpu",
+    "timings": {"download_s": 0.1, "generate_s": 2.0, "encode_s": 0.2, "upload_s": 0.1, "total_s": 2.4},
+}
+
+
+def post(event):
+    response = call(webhook.handler, event)
+    return response["statusCode"], json.loads(response["body"] or "{}")
+
+
+def test_gpu_progress_then_success_stores_once_and_notifies_once(st):
+    job = dispatch(st)
+    status, _ = post(
+        gpu_callback_event(st, job.job_id, callback(job, "progress", progress={"step": 2, "total": 4}))
+    )
+    assert status == 200
+    running = st.store.get(job.job_id)
+    assert running.state == "running" and running.progress == {"step": 2, "total": 4}
+
+    st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
+    event = gpu_callback_event(st, job.job_id, callback(job, "succeeded", result=RESULT))
+    for _ in range(3):  # repeated deliveries
+        assert post(event)[0] == 200
+    done = st.store.get(job.job_id)
+    assert done.state == "succeeded" and done.seed == 1234
+    prefix = f"outputs/set/job/{job.job_id}/"
+    assert done.output_key == prefix + "video.mp4"
+    assert st.s3.get_object(Bucket=BUCKET, Key=prefix + "video.mp4")["Body"].read() == MP4
+    meta = st.get_json(prefix + "metadata.json")
+    assert (
+        meta["seed"] == 1234 and meta["backend"] == "modal" and meta["inputs"]["settings"]["num_frames"] == 49
+    )
+    assert meta["result"]["timings"]["generate_s"] == 2.0
+    (note,) = st.notifications()
+    assert note["status"] == "succeeded" and note["version"] == "1"
+    assert note["output_key"] == prefix + "video.mp4" and note["metadata_key"] == prefix + "metadata.json"
+    assert "X-Amz-Signature" in note["output_url"] and note["output_url_expires_at"]
+    assert note["backend"] == "modal" and note["fallback_from"] is None and note["seed"] == 1234
+    assert set(note["timings"]) == {
+        "received_at",
+        "dispatched_at",
+        "completed_at",
+        "queue_s",
+        "generation_s",
+        "total_s",
+    }
+    assert note["_attributes"] == {"status": "succeeded", "backend": "modal"}
+    assert note["_subject"] == f"VAP job {job.job_id} succeeded"
+    # Nothing written matches the ingest filter.
+    assert not [
+        k for k in st.keys() if k.startswith("inbox/") and k.endswith(".json") and k != "inbox/set/job.json"
+    ]
+    # A late progress callback does not leave the terminal state.
+    post(gpu_callback_event(st, job.job_id, callback(job, "progress", progress={"step": 3, "total": 4})))
+    assert st.store.get(job.job_id).state == "succeeded"
+
+
+def test_gpu_success_base64_body(st):
+    job = dispatch(st)
+    st.put(f"work/{job.job_id}/video.mp4", MP4)
+    assert (
+        post(gpu_callback_event(st, job.job_id, callback(job, "succeeded", result=RESULT), base64_body=True))[
+            0
+        ]
+        == 200
+    )
+    assert st.store.get(job.job_id).state == "succeeded"
+
+
+def test_gpu_success_with_a_bad_upload_falls_back_to_fal(st):
+    job = dispatch(st, backend="auto")
+    st.put(f"work/{job.job_id}/video.mp4", b"<html>not a video</html>")
+    post(gpu_callback_event(st, job.job_id, callback(job, "succeeded", result=RESULT)))
+    after = st.store.get(job.job_id)
+    assert after.state == "dispatched" and after.backend == "fal" and after.fallback_from == "modal"
+    assert "not an MP4" in after.fallback_reason
+
+
+def test_gpu_failure_falls_back_to_fal_once(st):
+    job = dispatch(st, backend="auto")
+    error = {"code": "internal", "message": "CUDA out of memory", "retryable": True}
+    event = gpu_callback_event(st, job.job_id, callback(job, "failed", error=error))
+    for _ in range(2):
+        assert post(event)[0] == 200
+    after = st.store.get(job.job_id)
+    assert after.state == "dispatched" and after.backend == "fal" and after.fallback_from == "modal"
+    assert "CUDA out of memory" in after.fallback_reason
+    assert len(st.services.calls("queue.fal.test")) == 1
+    assert st.notifications() == []
+
+
+def test_gpu_failure_without_fallback_fails_with_report(st):
+    job = dispatch(st, backend="modal")
+    error = {"code": "safety", "message": "the image was flagged", "retryable": False}
+    post(gpu_callback_event(st, job.job_id, callback(job, "failed", error=error)))
+    after = st.store.get(job.job_id)
+    assert after.state == "failed" and "the image was flagged" in after.errors[0]["message"]
+    assert st.get_json(after.error_report_key)["errors"] == after.errors
+    (note,) = st.notifications()
+    assert note["status"] == "failed" and note["backend"] == "modal"
+
+
+def test_gpu_input_error_in_auto_mode_does_not_fall_back(st):
+    job = dispatch(st, backend="auto")
+    error = {"code": "input", "message": "the reference video has no frames", "retryable": False}
+    post(gpu_callback_event(st, job.job_id, callback(job, "failed", error=error)))
+    assert st.store.get(job.job_id).state == "failed"
+    assert st.services.calls("queue.fal.test") == []
+
+
+def _unsigned(st, job, body: bytes, headers):
+    return url_event(f"/callbacks/gpu/{job.job_id}", body, headers)
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "garbled", "wrong_key", "stale", "future", "tampered", "other_job"]
+)
+def test_gpu_signature_problems_are_401_and_change_nothing(st, case):
+    job = dispatch(st)
+    body = json.dumps(callback(job, "progress", progress={"step": 1, "total": 4})).encode()
+    key = st.gpu_key(job.job_id)
+    headers = {k.lower(): v for k, v in signed_headers(key, body).items()}
+    if case == "missing":
+        headers.pop("x-vap-signature")
+    elif case == "garbled":
+        headers["x-vap-signature"] = "v1=zz"
+    elif case == "wrong_key":
+        headers = {k.lower(): v for k, v in signed_headers(b"x" * 32, body).items()}
+    elif case == "stale":
+        headers = {k.lower(): v for k, v in signed_headers(key, body, now=time.time() - 301).items()}
+    elif case == "future":
+        headers = {k.lower(): v for k, v in signed_headers(key, body, now=time.time() + 301).items()}
+    elif case == "tampered":
+        body = body.replace(b'"step": 1', b'"step": 3')
+    elif case == "other_job":
+        # Signed correctly for another job id: the key is derived per job.
+        headers = {
+            k.lower(): v for k, v in signed_headers(st.gpu_key("20991231T000000Z-0000000000"), body).items()
+        }
+    status, _ = post(_unsigned(st, job, body, headers))
+    assert status == 401
+    assert st.store.get(job.job_id).state == "dispatched"
+    assert st.notifications() == []
+
+
+def test_gpu_body_for_another_job_is_rejected(st):
+    job = dispatch(st)
+    payload = {**callback(job, "progress", progress={"step": 1, "total": 4}), "job_id": "someone-else"}
+    assert post(gpu_callback_event(st, job.job_id, payload))[0] == 401
+
+
+def test_unknown_job_404_size_413_content_type_415(st):
+    payload = {"job_id": "20991231T000000Z-0000000000", "call_id": "x", "event": "progress", "sent_at": 1}
+    assert post(gpu_callback_event(st, "20991231T000000Z-0000000000", payload))[0] == 404
+    big = url_event("/callbacks/gpu/j", b"{" + b" " * 300_000 + b"}", {"content-type": "application/json"})
+    assert post(big)[0] == 413
+    assert (
+        post(url_event("/callbacks/gpu/j", b"a=b", {"content-type": "application/x-www-form-urlencoded"}))[0]
+        == 415
+    )
+    assert post(url_event("/nope", b"{}", {"content-type": "application/json"}))[0] == 404
+
+
+def test_terminal_job_is_a_no_op(st):
+    job = dispatch(st, backend="modal")
+    error = {"code": "internal", "message": "x", "retryable": False}
+    post(gpu_callback_event(st, job.job_id, callback(job, "failed", error=error)))
+    st.notifications()
+    st.put(f"work/{job.job_id}/video.mp4", MP4)
+    status, body = post(gpu_callback_event(st, job.job_id, callback(job, "succeeded", result=RESULT)))
+    assert status == 200 and body["state"] == "failed"
+    assert st.notifications() == [] and not st.keys(f"outputs/set/job/{job.job_id}/video.mp4")
+
+
+# ------------------------------------------------------------------------------------------- fal
+
+
+def fal_event(st, job, delivery, **kw):
+    body = json.dumps(delivery).encode()
+    headers = st.services.fal_keys.headers(delivery.get("request_id", job.backend_call_id), body, **kw)
+    return url_event(f"/callbacks/fal/{job.job_id}", body, headers)
+
+
+def ok_delivery(job, url="https://v3.fal.media/files/abc/out.mp4"):
+    return {
+        "request_id": job.backend_call_id,
+        "gateway_request_id": job.backend_call_id,
+        "status": "OK",
+        "payload": {
+            "video": {"url": url, "content_type": "video/mp4", "file_name": "out.mp4", "file_size": len(MP4)}
+        },
+    }
+
+
+def test_fal_success_streams_the_video_and_notifies_once(st):
+    job = dispatch(st, backend="fal")
+    event = fal_event(st, job, ok_delivery(job))
+    for _ in range(3):
+        assert post(event)[0] == 200
+    done = st.store.get(job.job_id)
+    assert done.state == "succeeded" and done.backend == "fal"
+    assert st.s3.get_object(Bucket=BUCKET, Key=done.output_key)["Body"].read() == MP4
+    meta = st.get_json(done.metadata_key)
+    assert meta["backend"] == "fal" and meta["backend_call_id"] == job.backend_call_id
+    assert "url" not in meta["result"]["video"]
+    assert len(st.services.calls("v3.fal.media")) == 1
+    (note,) = st.notifications()
+    assert note["status"] == "succeeded" and note["_attributes"]["backend"] == "fal"
+
+
+def test_fal_error_with_422_detail_fails_with_field_errors(st):
+    job = dispatch(st, backend="fal")
+    delivery = {
+        "request_id": job.backend_call_id,
+        "status": "ERROR",
+        "error": "Invalid status code: 422",
+        "payload": {
+            "detail": [{"loc": ["body", "image_url"], "msg": "Could not download the file", "type": "x"}]
+        },
+    }
+    assert post(fal_event(st, job, delivery))[0] == 200
+    after = st.store.get(job.job_id)
+    assert after.state == "failed"
+    assert after.errors == [
+        {"field": "image_url", "message": "fal.ai rejected `image_url`: Could not download the file."}
+    ]
+    (note,) = st.notifications()
+    assert note["errors"] == after.errors
+
+
+def test_fal_payload_error(st):
+    job = dispatch(st, backend="fal")
+    delivery = {
+        "request_id": job.backend_call_id,
+        "status": "OK",
+        "payload": None,
+        "payload_error": "too large",
+    }
+    post(fal_event(st, job, delivery))
+    after = st.store.get(job.job_id)
+    assert after.state == "failed" and "too large" in after.errors[0]["message"]
+
+
+def test_fal_result_from_a_disallowed_host_is_not_fetched(st):
+    job = dispatch(st, backend="fal")
+    post(fal_event(st, job, ok_delivery(job, url="https://evil.test/x.mp4")))
+    after = st.store.get(job.job_id)
+    assert after.state == "failed" and "not on the allow-list" in after.errors[0]["message"]
+    assert st.services.calls("evil.test") == []
+
+
+def test_fal_cdn_outage_asks_for_redelivery(st, services):
+    job = dispatch(st, backend="fal")
+    services.cdn_status = 502
+    assert post(fal_event(st, job, ok_delivery(job)))[0] == 503
+    assert st.store.get(job.job_id).state == "dispatched" and not st.keys("outputs/")
+    services.cdn_status = 200
+    assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
+    assert st.store.get(job.job_id).state == "succeeded"
+
+
+@pytest.mark.parametrize("case", ["stale", "wrong_key", "tampered", "missing"])
+def test_fal_signature_problems_are_401(st, case):
+    job = dispatch(st, backend="fal")
+    delivery = ok_delivery(job)
+    body = json.dumps(delivery).encode()
+    if case == "stale":
+        headers = st.services.fal_keys.headers(job.backend_call_id, body, now=time.time() - 400)
+    elif case == "wrong_key":
+        from vap_testkit import FalKeys
+
+        headers = FalKeys().headers(job.backend_call_id, body)
+    elif case == "tampered":
+        headers = st.services.fal_keys.headers(job.backend_call_id, body)
+        body = body.replace(b"out.mp4", b"evil.mp4")
+    else:
+        headers = {"content-type": "application/json"}
+    assert post(url_event(f"/callbacks/fal/{job.job_id}", body, headers))[0] == 401
+    assert st.store.get(job.job_id).state == "dispatched" and st.notifications() == []
+
+
+def test_fal_delivery_for_a_superseded_request_is_ignored(st):
+    job = dispatch(st, backend="fal")
+    delivery = {**ok_delivery(job), "request_id": "req-other"}
+    assert post(fal_event(st, job, delivery))[0] == 200
+    assert st.store.get(job.job_id).state == "dispatched"
