@@ -1,0 +1,424 @@
+"""One generation job end to end: download → check → generate → check → encode → upload → callback.
+
+The Modal class and the local GPU server both call `run_job`. Everything the job touches over the
+network comes from the request (presigned URLs, the callback URL and its per-job key), so URLs are
+checked before use: https only, public addresses only (the GPU container must not become a way to
+reach internal services or cloud metadata).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image
+from vap_shared.gpu_contract import (
+    ErrorCode,
+    GpuCallback,
+    GpuError,
+    GpuJobRequest,
+    GpuProgress,
+    GpuResult,
+)
+from vap_shared.signing import signed_headers
+
+from gpu.engine import Engine
+from gpu.generation import DEFAULT_STEPS, GenerationSpec, build_spec
+from gpu.media import MediaError, decode_sampled_frames, encode_mp4, fit_image, load_image
+from gpu.safety import SafetyClassifier, SafetyViolation, check_image, check_output
+
+log = logging.getLogger(__name__)
+
+ALLOW_LOOPBACK_ENV = "VAP_ALLOW_HTTP_LOOPBACK"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+MiB = 1024 * 1024
+
+Resolver = Callable[[str, int], list[str]]
+ProgressHook = Callable[[int, int], None]
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """All addresses `host` resolves to (every one must be public, not just the first)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _loopback_allowed_from_env() -> bool:
+    return os.environ.get(ALLOW_LOOPBACK_ENV, "") == "1"
+
+
+@dataclass
+class RunnerConfig:
+    max_video_bytes: int = 256 * MiB
+    max_image_bytes: int = 32 * MiB
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    default_steps: int = DEFAULT_STEPS
+    # Progress callbacks: every N steps, and never closer together than the interval.
+    progress_every_steps: int = 5
+    progress_min_interval_s: float = 2.0
+    progress_timeout_s: float = 5.0
+    callback_attempts: int = 5
+    upload_attempts: int = 3
+    backoff_s: float = 0.5  # doubled after each failed attempt
+    # Fail with code "timeout" once the job has run this long (set below the platform's hard
+    # timeout so the failure callback still goes out).
+    job_timeout_s: float | None = None
+    allow_http_loopback: bool = field(default_factory=_loopback_allowed_from_env)
+    resolver: Resolver = resolve_host
+    sleep: Callable[[float], None] = time.sleep
+
+
+class JobFailed(Exception):
+    """The job failed; `error` is what the failure callback and the status endpoint report."""
+
+    def __init__(self, error: GpuError) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+
+def _fail(code: ErrorCode, message: str, retryable: bool = False) -> JobFailed:
+    return JobFailed(GpuError(code=code, message=message, retryable=retryable))
+
+
+class JobCancelled(Exception):
+    """Raised from the step hook when the job's cancel event is set."""
+
+
+class UnsafeUrl(ValueError):
+    """A URL the GPU side must not fetch from or send to."""
+
+
+def check_url(url: str, config: RunnerConfig) -> None:
+    """Raise `UnsafeUrl` unless `url` is https to public addresses (or allowed local http)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise UnsafeUrl("URL has no host")
+    if parts.username or parts.password:
+        raise UnsafeUrl("URL must not carry credentials")
+    if config.allow_http_loopback and host in LOOPBACK_HOSTS and parts.scheme in ("http", "https"):
+        return  # the local stack: moto and the local webhook on 127.0.0.1
+    if parts.scheme != "https":
+        raise UnsafeUrl(f"only https URLs are allowed, got {parts.scheme or 'none'}://")
+    try:
+        port = parts.port or 443
+    except ValueError as exc:
+        raise UnsafeUrl("invalid port") from exc
+    try:
+        addresses = [host] if _is_ip(host) else config.resolver(host, port)
+    except OSError as exc:
+        raise UnsafeUrl(f"cannot resolve {host}") from exc
+    if not addresses:
+        raise UnsafeUrl(f"{host} has no addresses")
+    for address in addresses:
+        if not _is_public(address):
+            raise UnsafeUrl(f"{host} resolves to a non-public address")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    # is_global excludes private, loopback, link-local (cloud metadata), CGNAT, reserved, ...
+    return ip.is_global and not ip.is_multicast
+
+
+def _host(url: str) -> str:
+    """For logs: presigned URLs carry credentials in the query, so only the host is logged."""
+    return urlsplit(url).hostname or "?"
+
+
+def _timeout(config: RunnerConfig, read: float | None = None) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=config.connect_timeout_s,
+        read=read or config.read_timeout_s,
+        write=config.read_timeout_s,
+        pool=config.connect_timeout_s,
+    )
+
+
+def download(http: httpx.Client, url: str, what: str, max_bytes: int, config: RunnerConfig) -> bytes:
+    """GET `url` streaming, refusing bodies over `max_bytes`; no redirects (they'd skip the URL check)."""
+    try:
+        with http.stream("GET", url, timeout=_timeout(config), follow_redirects=False) as response:
+            if response.status_code != 200:
+                retryable = response.status_code >= 500 or response.status_code == 429
+                code: ErrorCode = "internal" if retryable else "input"
+                raise _fail(code, f"cannot download the {what}: HTTP {response.status_code}", retryable)
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise _fail("input", f"the {what} is larger than {max_bytes} bytes")
+            chunks: list[bytes] = []
+            total = 0
+            for chunk in response.iter_bytes(1 * MiB):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _fail("input", f"the {what} is larger than {max_bytes} bytes")
+                chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise _fail("internal", f"cannot download the {what}: {type(exc).__name__}", True) from exc
+    if total == 0:
+        raise _fail("input", f"the {what} is empty")
+    return b"".join(chunks)
+
+
+def _retrying(attempts: int, config: RunnerConfig, send: Callable[[], httpx.Response]) -> httpx.Response:
+    """Call `send` until it answers below 500 (and not 429), backing off on errors and 5xx."""
+    delay = config.backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            response = send()
+            if response.status_code < 500 and response.status_code != 429:
+                return response
+            if attempt == attempts:
+                return response
+        except httpx.TransportError:
+            if attempt == attempts:
+                raise
+        config.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+def upload(http: httpx.Client, url: str, data: bytes, config: RunnerConfig) -> None:
+    def send() -> httpx.Response:
+        return http.put(url, content=data, headers={"Content-Type": "video/mp4"}, timeout=_timeout(config))
+
+    try:
+        response = _retrying(config.upload_attempts, config, send)
+    except httpx.HTTPError as exc:
+        raise _fail("internal", f"cannot upload the video: {type(exc).__name__}", True) from exc
+    if not 200 <= response.status_code < 300:
+        retryable = response.status_code >= 500
+        raise _fail("internal", f"cannot upload the video: HTTP {response.status_code}", retryable)
+
+
+def send_callback(
+    http: httpx.Client,
+    request: GpuJobRequest,
+    call_id: str,
+    event: Literal["progress", "succeeded", "failed"],
+    config: RunnerConfig,
+    *,
+    progress: GpuProgress | None = None,
+    result: GpuResult | None = None,
+    error: GpuError | None = None,
+) -> bool:
+    """POST one signed callback; terminal events retry with backoff, progress is best-effort."""
+    callback = GpuCallback(
+        job_id=request.job_id,
+        call_id=call_id,
+        event=event,
+        sent_at=int(time.time()),
+        progress=progress,
+        result=result,
+        error=error,
+    )
+    body = callback.model_dump_json().encode("utf-8")
+    key = bytes.fromhex(request.callback_key)
+    terminal = event != "progress"
+    timeout = _timeout(config, None if terminal else config.progress_timeout_s)
+
+    def send() -> httpx.Response:
+        # Signed per attempt so a late retry still carries a fresh timestamp.
+        return http.post(
+            request.callback_url, content=body, headers=signed_headers(key, body), timeout=timeout
+        )
+
+    try:
+        response = _retrying(config.callback_attempts if terminal else 1, config, send)
+    except httpx.HTTPError as exc:
+        log.warning("callback %s to %s failed: %s", event, _host(request.callback_url), type(exc).__name__)
+        return False
+    if not 200 <= response.status_code < 300:
+        log.warning("callback %s to %s: HTTP %s", event, _host(request.callback_url), response.status_code)
+        return False
+    return True
+
+
+class _Progress:
+    """The per-step hook: cancellation, deadline, local progress and throttled progress callbacks."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        request: GpuJobRequest,
+        call_id: str,
+        config: RunnerConfig,
+        cancel: threading.Event | None,
+        on_progress: ProgressHook | None,
+        started: float,
+    ) -> None:
+        self.http, self.request, self.call_id, self.config = http, request, call_id, config
+        self.cancel, self.on_progress, self.started = cancel, on_progress, started
+        self.last_sent = float("-inf")
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise JobCancelled
+        limit = self.config.job_timeout_s
+        if limit is not None and time.monotonic() - self.started > limit:
+            raise _fail("timeout", f"the job ran longer than {limit:.0f} s", True)
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(step, total)
+        now = time.monotonic()
+        due = step % max(1, self.config.progress_every_steps) == 0 and step < total
+        if due and now - self.last_sent >= self.config.progress_min_interval_s:
+            self.last_sent = now
+            progress = GpuProgress(step=step, total=total)
+            send_callback(self.http, self.request, self.call_id, "progress", self.config, progress=progress)
+        self.check()
+
+
+def _prepare(
+    http: httpx.Client, request: GpuJobRequest, spec: GenerationSpec, config: RunnerConfig
+) -> tuple[Image.Image, list[Image.Image], float, float]:
+    """Download and decode the inputs, fitted to the spec (center crop, then resize)."""
+    started = time.monotonic()
+    image_bytes = download(http, request.image_url, "image", config.max_image_bytes, config)
+    video_bytes = download(http, request.video_url, "reference video", config.max_video_bytes, config)
+    downloaded = time.monotonic()
+    try:
+        image = fit_image(load_image(image_bytes), spec.width, spec.height)
+        ref_frames = decode_sampled_frames(video_bytes, spec.num_frames, spec.width, spec.height)
+    except MediaError as exc:
+        raise _fail("input", str(exc)) from exc
+    return image, ref_frames, downloaded - started, time.monotonic() - downloaded
+
+
+def run_job(
+    request: GpuJobRequest,
+    engine: Engine,
+    http: httpx.Client,
+    *,
+    call_id: str = "local",
+    config: RunnerConfig | None = None,
+    safety: SafetyClassifier | None = None,
+    cancel: threading.Event | None = None,
+    on_progress: ProgressHook | None = None,
+) -> GpuResult:
+    """Run one job and POST its signed callbacks. Returns the result or raises `JobFailed`.
+
+    The failure callback is sent before `JobFailed` propagates; on a safety failure nothing is
+    uploaded.
+    """
+    config = config or RunnerConfig()
+    started = time.monotonic()
+    try:
+        check_url(request.callback_url, config)
+    except UnsafeUrl as exc:
+        # Nowhere safe to report to: fail without a callback.
+        raise _fail("input", f"callback_url refused: {exc}") from exc
+    try:
+        result = _run(request, engine, http, call_id, config, safety, cancel, on_progress, started)
+    except JobFailed as exc:
+        failure = exc
+    except JobCancelled:
+        failure = _fail("cancelled", "the job was cancelled")
+    except SafetyViolation as exc:
+        failure = _fail("safety", str(exc))
+    except Exception as exc:  # anything else is our bug or the GPU's: report it, don't hang the job
+        log.exception("job %s failed", request.job_id)
+        failure = _fail("internal", f"internal error: {type(exc).__name__}: {str(exc)[:300]}", True)
+    else:
+        send_callback(http, request, call_id, "succeeded", config, result=result)
+        return result
+    send_callback(http, request, call_id, "failed", config, error=failure.error)
+    raise failure
+
+
+def _run(
+    request: GpuJobRequest,
+    engine: Engine,
+    http: httpx.Client,
+    call_id: str,
+    config: RunnerConfig,
+    safety: SafetyClassifier | None,
+    cancel: threading.Event | None,
+    on_progress: ProgressHook | None,
+    started: float,
+) -> GpuResult:
+    for name, url in (
+        ("video_url", request.video_url),
+        ("image_url", request.image_url),
+        ("output_put_url", request.output_put_url),
+    ):
+        try:
+            check_url(url, config)
+        except UnsafeUrl as exc:
+            raise _fail("input", f"{name} refused: {exc}") from exc
+    try:
+        spec = build_spec(request.settings, request.num_inference_steps, config.default_steps)
+    except ValueError as exc:
+        raise _fail("input", str(exc)) from exc
+    if spec.safety and safety is None:
+        raise _fail("internal", "the safety checker is enabled but not loaded on this server")
+    hook = _Progress(http, request, call_id, config, cancel, on_progress, started)
+    hook.check()
+
+    image, ref_frames, download_s, decode_s = _prepare(http, request, spec, config)
+    timings = {"download_s": download_s, "decode_s": decode_s}
+
+    mark = time.monotonic()
+    if spec.safety and safety is not None:
+        check_image(safety, image)
+    safety_s = time.monotonic() - mark
+    hook.check()
+
+    mark = time.monotonic()
+    frames = engine.generate(spec, image, ref_frames, hook)
+    timings["generate_s"] = time.monotonic() - mark
+    _check_frames(frames, spec)
+
+    mark = time.monotonic()
+    if spec.safety and safety is not None:
+        check_output(safety, frames)
+    timings["safety_s"] = safety_s + time.monotonic() - mark
+    hook.check()
+
+    mark = time.monotonic()
+    video = encode_mp4(frames, spec.fps)
+    timings["encode_s"] = time.monotonic() - mark
+
+    mark = time.monotonic()
+    upload(http, request.output_put_url, video, config)
+    timings["upload_s"] = time.monotonic() - mark
+    timings["total_s"] = time.monotonic() - started
+    return GpuResult(
+        seed=spec.seed,
+        width=spec.width,
+        height=spec.height,
+        num_frames=spec.num_frames,
+        fps=spec.fps,
+        bytes=len(video),
+        steps=spec.steps,
+        gpu=engine.device_name,
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+def _check_frames(frames: np.ndarray, spec: GenerationSpec) -> None:
+    expected = (spec.num_frames, spec.height, spec.width, 3)
+    if frames.dtype != np.uint8 or frames.shape != expected:
+        raise RuntimeError(f"engine returned {frames.dtype} {frames.shape}, expected uint8 {expected}")
