@@ -114,7 +114,9 @@ def test_gpu_progress_then_success_stores_once_and_notifies_once(st):
     assert note["_subject"] == f"VAP job {job.job_id} succeeded"
     # Nothing written matches the ingest filter.
     assert not [
-        k for k in st.keys() if k.startswith("inbox/") and k.endswith(".json") and k != "inbox/set/job.json"
+        k
+        for k in st.object_keys()
+        if k.startswith("inbox/") and k.endswith(".json") and k != "inbox/set/job.json"
     ]
     # A late progress callback does not leave the terminal state.
     post(gpu_callback_event(st, job.job_id, callback(job, "progress", progress={"step": 3, "total": 4})))
@@ -235,7 +237,7 @@ def test_terminal_job_is_a_no_op(st):
     st.put(f"work/{job.job_id}/video.mp4", MP4)
     status, body = post(gpu_callback_event(st, job.job_id, callback(job, "succeeded", result=RESULT)))
     assert status == 200 and body["state"] == "failed"
-    assert st.notifications() == [] and not st.keys(f"outputs/set/job/{job.job_id}/video.mp4")
+    assert st.notifications() == [] and not st.object_keys(f"outputs/set/job/{job.job_id}/video.mp4")
 
 
 # ------------------------------------------------------------------------------------------- fal
@@ -319,7 +321,7 @@ def test_fal_cdn_outage_asks_for_redelivery(st, services):
     job = dispatch(st, backend="fal")
     services.cdn_status = 502
     assert post(fal_event(st, job, ok_delivery(job)))[0] == 503
-    assert st.store.get(job.job_id).state == "dispatched" and not st.keys("outputs/")
+    assert st.store.get(job.job_id).state == "dispatched" and not st.object_keys("outputs/")
     services.cdn_status = 200
     assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
     assert st.store.get(job.job_id).state == "succeeded"
