@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     with LocalStack(config) as stack:
         print(json.dumps(stack.describe(), indent=2))
         print(
-            f"ready: drop media + a sidecar under s3://{stack.bucket}/inbox/ (state in {args.state_file}); Ctrl-C stops"
+            f"ready: drop media + a sidecar under s3://{stack.bucket}/inbox/ "
+            f"(state in {args.state_file}); Ctrl-C stops"
         )
         while not stop.wait(1.0):
             pass

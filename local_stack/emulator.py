@@ -95,6 +95,17 @@ def _generate_secret(spec: Mapping[str, Any]) -> str:
     return value
 
 
+def _without_tls_statements(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """The policy minus statements keyed on aws:SecureTransport.
+
+    moto evaluates bucket policies, and locally every request is plain http on the loopback, so
+    the template's TLS-only deny would refuse everything here (in AWS every call is TLS).
+    """
+    statements = policy.get("Statement", [])
+    kept = [st for st in statements if "aws:SecureTransport" not in json.dumps(st.get("Condition", {}))]
+    return {**policy, "Statement": kept}
+
+
 class Deployer:
     def __init__(self, root: Path, endpoint_url: str, region: str, stack_name: str) -> None:
         self.root = root
@@ -311,7 +322,9 @@ class Deployer:
                         QueueUrl=queue_url, Attributes={"Policy": json.dumps(props["PolicyDocument"])}
                     )
             elif kind == "AWS::S3::BucketPolicy":
-                s3.put_bucket_policy(Bucket=props["Bucket"], Policy=json.dumps(props["PolicyDocument"]))
+                policy = _without_tls_statements(props["PolicyDocument"])
+                if policy["Statement"]:
+                    s3.put_bucket_policy(Bucket=props["Bucket"], Policy=json.dumps(policy))
             elif kind == "AWS::S3::Bucket":
                 self._apply_bucket(s3, resolver.resolve({"Ref": logical_id}), props)
             elif kind == "AWS::DynamoDB::Table" and "TimeToLiveSpecification" in props:

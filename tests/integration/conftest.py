@@ -1,0 +1,41 @@
+"""The local stack as a session fixture: one moto server + stack + servers for all stack tests."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from local_stack import LocalStack, LocalStackConfig
+from local_stack.media import synth_image, synth_mp4
+
+# Small limits so the oversize cases stay small; a short visibility timeout so redeliveries
+# (missing media) take seconds, not the template's 6 minutes.
+STACK_PARAMETERS = {"MaxSidecarBytes": "65536", "MaxDataUriBytes": "65536"}
+VISIBILITY_TIMEOUT_S = 5
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    for noisy in ("botocore", "urllib3", "werkzeug", "moto"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = LocalStackConfig(parameters=dict(STACK_PARAMETERS), visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+    with LocalStack(config) as local:
+        yield local
+
+
+@pytest.fixture(scope="session")
+def sample_media() -> dict[str, bytes]:
+    """A tiny reference clip and target image, made with ffmpeg (nothing downloaded)."""
+    return {
+        "clip.mp4": synth_mp4(width=160, height=288, frames=17),
+        "image.png": synth_image(width=160, height=288),
+    }
+
+
+@pytest.fixture
+def folder() -> str:
+    """A fresh inbox folder per test, so tests sharing the stack never see each other's jobs."""
+    return f"inbox/t-{uuid.uuid4().hex[:10]}"
