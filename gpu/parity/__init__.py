@@ -1,0 +1,1 @@
+"""Parity checks against the reference implementation (run by hand; see docs/parity.md)."""
