@@ -9,10 +9,9 @@ from pathlib import Path
 import httpx
 import imageio_ffmpeg
 import pytest
+from stack_helpers import dlq_depth, get_json, jobs_for, sidecar
 
 from local_stack import LocalStack
-
-from stack_helpers import dlq_depth, get_json, jobs_for, sidecar
 
 pytestmark = pytest.mark.stack
 
