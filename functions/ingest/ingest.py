@@ -12,6 +12,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from vap_shared.config import Settings
+from vap_shared.errors import TransientJobError
 from vap_shared.ingest_logic import Ingestor
 from vap_shared.runtime import Runtime
 
@@ -39,7 +40,15 @@ def reset() -> None:
 
 def record_handler(record: SQSRecord) -> None:
     receive_count = int(record.attributes.approximate_receive_count or 1)
-    get_ingestor().handle_message(record.body, receive_count)
+    try:
+        get_ingestor().handle_message(record.body, receive_count)
+    except TransientJobError as exc:
+        # Reported as a batch item failure: SQS redelivers after the visibility timeout.
+        logger.warning(
+            "will retry",
+            extra={"message_id": record.message_id, "receive_count": receive_count, "reason": str(exc)},
+        )
+        raise
 
 
 @logger.inject_lambda_context(clear_state=True)

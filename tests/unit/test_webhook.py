@@ -352,3 +352,49 @@ def test_fal_delivery_for_a_superseded_request_is_ignored(st):
     delivery = {**ok_delivery(job), "request_id": "req-other"}
     assert post(fal_event(st, job, delivery))[0] == 200
     assert st.store.get(job.job_id).state == "dispatched"
+
+
+def test_callback_overtaking_the_dispatch_write_keeps_both(st, services):
+    # The GPU reports progress before ingest has recorded the dispatch.
+    def on_submit(request):
+        cb = {
+            "job_id": request["job_id"],
+            "call_id": request["call_id"],
+            "event": "progress",
+            "sent_at": int(time.time()),
+            "progress": {"step": 1, "total": 4},
+        }
+        assert post(gpu_callback_event(st, request["job_id"], cb))[0] == 200
+
+    services.on_modal_submit = on_submit
+    job = dispatch(st)
+    assert job.state == "running" and job.backend == "modal" and job.backend_call_id == "fc-1"
+    assert job.dispatched_at and job.progress == {"step": 1, "total": 4}
+
+
+def test_secrets_never_reach_the_logs(st):
+    import io
+    import logging
+
+    from vap_testkit import FAL_KEY, MODAL_SECRET, SIGNING_SECRET
+
+    # Powertools binds its handlers' streams at import time: point them at a buffer.
+    sink = io.StringIO()
+    swapped = []
+    for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler):
+                swapped.append((handler, handler.setStream(sink)))
+
+    job = dispatch(st, backend="auto")
+    error = {"code": "internal", "message": "boom", "retryable": True}
+    post(gpu_callback_event(st, job.job_id, callback(job, "failed", error=error)))
+    fal_job = st.store.get(job.job_id)
+    post(fal_event(st, fal_job, ok_delivery(fal_job)))
+    assert st.store.get(job.job_id).state == "succeeded"
+    for handler, stream in swapped:
+        handler.setStream(stream)
+    logs = sink.getvalue()
+    assert "job dispatched" in logs
+    for secret in (FAL_KEY, MODAL_SECRET, SIGNING_SECRET, st.gpu_key(job.job_id).hex()):
+        assert secret not in logs

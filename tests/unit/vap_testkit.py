@@ -89,6 +89,7 @@ class FakeServices:
     cdn_status: int = 200
     requests: list[httpx.Request] = field(default_factory=list)
     counter: int = 0
+    on_modal_submit: Callable[[dict[str, Any]], None] | None = None
 
     def calls(self, host: str) -> list[httpx.Request]:
         return [r for r in self.requests if r.url.host == host]
@@ -105,6 +106,8 @@ class FakeServices:
             ):
                 return httpx.Response(401)
             self.counter += 1
+            if self.on_modal_submit and self.modal_status < 300:
+                self.on_modal_submit({**json.loads(request.content), "call_id": f"fc-{self.counter}"})
             return httpx.Response(self.modal_status, json={"call_id": f"fc-{self.counter}"})
         if host == "queue.fal.test":
             if request.headers.get("authorization") != f"Key {FAL_KEY}":
