@@ -11,7 +11,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from vap_shared.config import Settings
+from vap_shared.config import ConfigError, Settings
 from vap_shared.errors import TransientJobError
 from vap_shared.ingest_logic import Ingestor
 from vap_shared.runtime import Runtime
@@ -21,6 +21,16 @@ logger = Logger()
 # mapping retries exactly the failed messages.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
+
+def _settings_at_import() -> Settings | None:
+    """Read the environment once, at cold start; None where it is absent (tests import first)."""
+    try:
+        return Settings.from_env()
+    except ConfigError:
+        return None
+
+
+_settings = _settings_at_import()
 _ingestor: Ingestor | None = None
 
 
@@ -28,14 +38,15 @@ def get_ingestor() -> Ingestor:
     """Clients are built once per execution environment, on the first invocation."""
     global _ingestor
     if _ingestor is None:
-        _ingestor = Ingestor(Runtime.build(Settings.from_env()))
+        _ingestor = Ingestor(Runtime.build(_settings or Settings.from_env()))
     return _ingestor
 
 
 def reset() -> None:
     """For tests: forget the cached clients and settings."""
-    global _ingestor
+    global _ingestor, _settings
     _ingestor = None
+    _settings = None
 
 
 def record_handler(record: SQSRecord) -> None:

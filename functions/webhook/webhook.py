@@ -15,7 +15,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from vap_shared.config import Settings
+from vap_shared.config import ConfigError, Settings
 from vap_shared.runtime import Runtime
 from vap_shared.webhook_logic import Reply, handle_fal_webhook, handle_gpu_callback
 
@@ -25,6 +25,16 @@ app = LambdaFunctionUrlResolver()
 # Callbacks are small JSON documents; anything bigger is not from our GPU app or fal.
 MAX_BODY_BYTES = 256 * 1024
 
+
+def _settings_at_import() -> Settings | None:
+    """Read the environment once, at cold start; None where it is absent (tests import first)."""
+    try:
+        return Settings.from_env()
+    except ConfigError:
+        return None
+
+
+_settings = _settings_at_import()
 _runtime: Runtime | None = None
 
 
@@ -32,13 +42,14 @@ def get_runtime() -> Runtime:
     """Clients are built once per execution environment, on the first invocation."""
     global _runtime
     if _runtime is None:
-        _runtime = Runtime.build(Settings.from_env())
+        _runtime = Runtime.build(_settings or Settings.from_env())
     return _runtime
 
 
 def reset() -> None:
-    global _runtime
+    global _runtime, _settings
     _runtime = None
+    _settings = None
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
