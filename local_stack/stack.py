@@ -167,6 +167,8 @@ class LocalStack:
         cfg = self.config
         self._saved_environ = dict(os.environ)
         self._saved_path = list(sys.path)
+        # moto's server logs every request at INFO through werkzeug.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         port = free_port()
         self._moto = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
         self._moto.start()
