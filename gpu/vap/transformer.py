@@ -119,7 +119,7 @@ class VAPExpertBlock(WanTransformerBlock):
         self.norm3_mot_ref = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table_mot_ref = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward_joint(
+    def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
@@ -133,7 +133,7 @@ class VAPExpertBlock(WanTransformerBlock):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Both streams; with `ref_output_needed=False` (last expert block) the reference stream
         only contributes keys/values: its queries, output projection, cross-attention and FFN would
-        never reach the model output."""
+        never reach the model output. (`forward`, so that regional `torch.compile` covers it.)"""
         mod = _modulation(self.scale_shift_table, temb)
         rmod = _modulation(self.scale_shift_table_mot_ref, ref_temb)
         shift, scale, gate = mod[:3]
@@ -336,7 +336,7 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         for i, block in enumerate(self.blocks):
             if isinstance(block, VAPExpertBlock):
                 assert ref is not None
-                x, ref = block.forward_joint(
+                x, ref = block(
                     x,
                     context,
                     timestep_proj,
