@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,8 @@ class SqsPoller:
         self.report_batch_item_failures = report_batch_item_failures
         self.wait_seconds = wait_seconds
         self.stats = PollerStats()
+        # Bodies of every message received (tests re-send them to simulate duplicate deliveries).
+        self.received_bodies: deque[str] = deque(maxlen=10_000)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -124,7 +127,9 @@ class SqsPoller:
             AttributeNames=["All"],
             MessageAttributeNames=["All"],
         )
-        return list(response.get("Messages", []))
+        messages = list(response.get("Messages", []))
+        self.received_bodies.extend(m.get("Body", "") for m in messages)
+        return messages
 
     def _run_batch(self, messages: list[dict[str, Any]]) -> None:
         stats = self.stats
