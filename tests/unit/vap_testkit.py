@@ -207,6 +207,17 @@ class Stack:
         return derive_callback_key(SIGNING_SECRET.encode(), job_id)
 
 
+_session: boto3.session.Session | None = None
+
+
+def session() -> boto3.session.Session:
+    """One session for all tests: botocore then loads its service models once (fast setup)."""
+    global _session
+    if _session is None:
+        _session = boto3.session.Session(region_name=REGION)
+    return _session
+
+
 @contextmanager
 def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: str) -> Iterator[Stack]:
     for k, v in env(**overrides).items():
@@ -215,24 +226,24 @@ def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: s
     monkeypatch.delenv("VAP_ALLOW_HTTP_LOOPBACK", raising=False)
     services = services or FakeServices()
     with mock_aws():
-        s3 = boto3.client("s3", region_name=REGION)
+        s3 = session().client("s3")
         s3.create_bucket(Bucket=BUCKET)
-        ddb = boto3.client("dynamodb", region_name=REGION)
+        ddb = session().client("dynamodb")
         ddb.create_table(
             TableName=TABLE,
             KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}],
             BillingMode="PAY_PER_REQUEST",
         )
-        sns = boto3.client("sns", region_name=REGION)
+        sns = session().client("sns")
         topic = sns.create_topic(Name="vap-notify")["TopicArn"]
-        sqs = boto3.client("sqs", region_name=REGION)
+        sqs = session().client("sqs")
         queue_url = sqs.create_queue(QueueName="notify-sub")["QueueUrl"]
         queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
             "QueueArn"
         ]
         sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
-        sm = boto3.client("secretsmanager", region_name=REGION)
+        sm = session().client("secretsmanager")
         arns = {
             "SIGNING_SECRET_ARN": sm.create_secret(Name="signing", SecretString=SIGNING_SECRET)["ARN"],
             "FAL_KEY_SECRET_ARN": sm.create_secret(Name="fal", SecretString=FAL_KEY)["ARN"],
@@ -242,7 +253,7 @@ def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: s
         }
         for k, v in {**arns, "TOPIC_ARN": topic}.items():
             monkeypatch.setenv(k, v)
-        runtime = Runtime.build(Settings.from_env(), http=services.client())
+        runtime = Runtime.build(Settings.from_env(), session=session(), http=services.client())
         yield Stack(runtime, services, s3, sqs, queue_url, topic)
 
 
