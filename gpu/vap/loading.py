@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
 from diffusers.models import AutoencoderKLWan
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -50,16 +53,58 @@ def pick_attention_backend(device: torch.device) -> str:
     return "_native_cudnn"
 
 
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers of a diffusers model folder (no data read)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointMismatch(f"no .safetensors files in {folder}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def verify_transformer_checkpoint(folder: Path) -> None:
+    """Strict names + shapes against this implementation built on the meta device from the
+    checkpoint's own config: raises CheckpointMismatch listing every difference."""
+    config = WanTransformer3DMOTModel.load_config(str(folder))
+    with torch.device("meta"):
+        model = WanTransformer3DMOTModel.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = checkpoint_shapes(folder)
+    problems = {
+        "missing_keys": sorted(expected.keys() - found.keys()),
+        "unexpected_keys": sorted(found.keys() - expected.keys()),
+        "mismatched_shapes": sorted(
+            f"{k}: checkpoint {found[k]} vs model {v}"
+            for k, v in expected.items()
+            if k in found and found[k] != v
+        ),
+    }
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        raise CheckpointMismatch(f"transformer checkpoint does not match strictly: {problems}")
+
+
 def load_transformer(
-    path_or_repo: str, dtype: torch.dtype, revision: str = VAP_REVISION
+    path_or_repo: str,
+    dtype: torch.dtype,
+    revision: str = VAP_REVISION,
+    device: str | torch.device = "cpu",
 ) -> WanTransformer3DMOTModel:
-    """Transformer with strict key matching (fp32 kept where the reference keeps it)."""
+    """Transformer with strict key matching (fp32 kept where the reference keeps it), loaded
+    straight onto `device` (no 42 GB detour through host memory). `path_or_repo` is a local
+    pipeline folder (`load_pipeline` downloads a hub repo first)."""
+    verify_transformer_checkpoint(Path(path_or_repo) / "transformer")
     model, info = WanTransformer3DMOTModel.from_pretrained(
         path_or_repo,
         subfolder="transformer",
         revision=revision,
         torch_dtype=dtype,
         low_cpu_mem_usage=True,
+        device_map={"": torch.device(device)},
         output_loading_info=True,
     )
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
@@ -88,15 +133,17 @@ def load_pipeline(
 ) -> VAPPipeline:
     """The released checkpoint (local folder or hub repo at `revision`) on `device`.
 
-    `dtype` is for the text encoder and transformer; the CLIP image encoder stays float32 (as in
-    the reference script; it is small). `vae_dtype` defaults to bfloat16 on CUDA and float32
-    elsewhere (see docs/model.md). Hub loaders ignore `revision` for local folders."""
+    `dtype` is for the text encoder and transformer; the CLIP image encoder and the VAE stay
+    float32 by default, as in the reference (they cost a few seconds per video; docs/model.md says
+    why bf16 is not the default for the VAE). Hub loaders ignore `revision` for local folders."""
     device = torch.device(device)
-    if vae_dtype is None:
-        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae_dtype = vae_dtype or torch.float32
+    if not os.path.isdir(path_or_repo):
+        # Resolve the pinned snapshot once; every component then loads from local files.
+        path_or_repo = snapshot_download(path_or_repo, revision=revision)
     tokenizer = AutoTokenizer.from_pretrained(path_or_repo, subfolder="tokenizer", revision=revision)
     text_encoder = UMT5EncoderModel.from_pretrained(
-        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype
+        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype, device_map={"": device}
     ).eval()
     image_encoder = CLIPVisionModel.from_pretrained(
         path_or_repo, subfolder="image_encoder", revision=revision, dtype=torch.float32
@@ -108,7 +155,7 @@ def load_pipeline(
     vae = AutoencoderKLWan.from_pretrained(
         path_or_repo, subfolder="vae", revision=revision, torch_dtype=vae_dtype
     ).eval()
-    transformer = load_transformer(path_or_repo, dtype, revision)
+    transformer = load_transformer(path_or_repo, dtype, revision, device)
     pipe = VAPPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,

@@ -80,5 +80,20 @@ def test_wrong_shape_fails(tmp_path):
     def reshape(sd):
         sd["blocks.0.ffn_mot_ref.net.2.bias"] = torch.zeros(25)
 
-    with pytest.raises((CheckpointMismatch, ValueError)):
+    with pytest.raises(CheckpointMismatch, match="mismatched_shapes"):
         load_transformer(_corrupt(tmp_path, reshape), torch.float32)
+
+
+def test_hub_repo_is_fetched_at_the_pinned_revision(saved, monkeypatch):
+    import gpu.vap.loading as loading
+
+    path, _ = saved
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision):
+        calls.append((repo_id, revision))
+        return str(path)
+
+    monkeypatch.setattr(loading, "snapshot_download", fake_snapshot_download)
+    load_pipeline(loading.VAP_REPO_ID, device="cpu", dtype=torch.float32)
+    assert calls == [("ByteDance/Video-As-Prompt-Wan2.1-14B", VAP_REVISION)]
