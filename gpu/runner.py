@@ -283,7 +283,9 @@ class _Progress:
         if self.on_progress is not None:
             self.on_progress(step, total)
         now = time.monotonic()
-        due = step % max(1, self.config.progress_every_steps) == 0 and step < total
+        # Every N steps, but at least a few times in short runs (2 local steps → "step 1/2").
+        every = max(1, min(self.config.progress_every_steps, total // 4))
+        due = step % every == 0 and step < total
         if due and now - self.last_sent >= self.config.progress_min_interval_s:
             self.last_sent = now
             progress = GpuProgress(step=step, total=total)
