@@ -130,6 +130,7 @@ def load_pipeline(
     revision: str = VAP_REVISION,
     vae_dtype: torch.dtype | None = None,
     attention_backend: str | None = None,
+    compile_blocks: bool = False,
 ) -> VAPPipeline:
     """The released checkpoint (local folder or hub repo at `revision`) on `device`.
 
@@ -169,4 +170,7 @@ def load_pipeline(
     backend = attention_backend or pick_attention_backend(device)
     if backend != "native":
         pipe.transformer.set_attention_backend(backend)
+    if compile_blocks:
+        # Regional compile (one graph per block type): fuses the norm/modulation/rotary glue.
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return pipe
