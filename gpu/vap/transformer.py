@@ -58,12 +58,17 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, 
 def _qkv(
     attn: WanAttention, x: torch.Tensor, rotary: Rotary, need_query: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Self-attention Q/K/V as `[B, S, H, Dh]` with QK-norm and rotary applied (diffusers' layout)."""
-    key = apply_rotary(attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1)), *rotary)
-    value = attn.to_v(x).unflatten(2, (attn.heads, -1))
-    query = None
-    if need_query:
-        query = apply_rotary(attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1)), *rotary)
+    """Self-attention Q/K/V as `[B, S, H, Dh]` with QK-norm and rotary applied (diffusers' layout).
+
+    Uses the fused QKV projection when `fuse_qkv_projections()` was called (one GEMM)."""
+    if need_query and getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        q = attn.to_q(x) if need_query else None
+        k, v = attn.to_k(x), attn.to_v(x)
+    key = apply_rotary(attn.norm_k(k).unflatten(2, (attn.heads, -1)), *rotary)
+    value = v.unflatten(2, (attn.heads, -1))
+    query = None if q is None else apply_rotary(attn.norm_q(q).unflatten(2, (attn.heads, -1)), *rotary)
     return query, key, value
 
 

@@ -167,6 +167,37 @@ def test_skipping_dead_reference_work_changes_nothing():
     torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-7)
 
 
+def test_fused_qkv_projections_change_nothing():
+    model = build_tiny_transformer(0).eval()
+    inputs = _inputs(2, seed=5)
+    plain = _run(model, inputs)
+    model.fuse_qkv_projections()
+    torch.testing.assert_close(_run(model, inputs), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_interrupt_stops_the_loop(pipe):
+    seen: list[int] = []
+
+    def stop_after_first(p, i, t, kwargs):
+        seen.append(i)
+        p._interrupt = True
+        return {}
+
+    out = pipe(
+        image=_frames(1, 1)[0],
+        ref_video=_frames(2, 5),
+        prompt="a dog runs",
+        prompt_mot_ref="a cat walks",
+        height=H,
+        width=W,
+        num_frames=5,
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=stop_after_first,
+    )
+    assert seen == [0] and out.frames.shape[0] == 1
+
+
 def test_precomputed_reference_equals_raw_inputs():
     model = build_tiny_transformer(0).eval()
     inputs = _inputs(2, seed=3)
