@@ -17,9 +17,6 @@ from vap_shared.ingest_logic import Ingestor
 from vap_shared.runtime import Runtime
 
 logger = Logger()
-# Always answer with batchItemFailures (even when every record failed) so the event source
-# mapping retries exactly the failed messages.
-processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 def _settings_at_import() -> Settings | None:
@@ -64,6 +61,10 @@ def record_handler(record: SQSRecord) -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    # A processor per invocation: it holds per-batch state, and the local stack runs concurrent
+    # invocations as threads of one process. Always answer with batchItemFailures (even when every
+    # record failed) so the event source mapping retries exactly the failed messages.
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
     return dict(
         process_partial_response(
             event=event, record_handler=record_handler, processor=processor, context=context

@@ -20,7 +20,6 @@ from vap_shared.runtime import Runtime
 from vap_shared.webhook_logic import Reply, handle_fal_webhook, handle_gpu_callback
 
 logger = Logger()
-app = LambdaFunctionUrlResolver()
 
 # Callbacks are small JSON documents; anything bigger is not from our GPU app or fal.
 MAX_BODY_BYTES = 256 * 1024
@@ -63,8 +62,9 @@ def _raw_body(event: dict[str, Any]) -> bytes:
     return body.encode("utf-8")
 
 
-def _handle(job_id: str, logic: Callable[[Runtime, str, dict[str, str], bytes], Reply]) -> Response:
-    event = app.current_event.raw_event
+def _handle(
+    event: dict[str, Any], job_id: str, logic: Callable[[Runtime, str, dict[str, str], bytes], Reply]
+) -> Response:
     headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -84,16 +84,22 @@ def _handle(job_id: str, logic: Callable[[Runtime, str, dict[str, str], bytes], 
     return _json(reply.status, reply.body)
 
 
-@app.post("/callbacks/gpu/<job_id>")
-def gpu_callback(job_id: str) -> Response:
-    return _handle(job_id, handle_gpu_callback)
+def build_app() -> LambdaFunctionUrlResolver:
+    """A resolver per invocation: it keeps the current event on itself, and the local stack runs
+    concurrent invocations as threads of one process (cheap: two routes)."""
+    app = LambdaFunctionUrlResolver()
 
+    @app.post("/callbacks/gpu/<job_id>")
+    def gpu_callback(job_id: str) -> Response:
+        return _handle(app.current_event.raw_event, job_id, handle_gpu_callback)
 
-@app.post("/callbacks/fal/<job_id>")
-def fal_webhook(job_id: str) -> Response:
-    return _handle(job_id, handle_fal_webhook)
+    @app.post("/callbacks/fal/<job_id>")
+    def fal_webhook(job_id: str) -> Response:
+        return _handle(app.current_event.raw_event, job_id, handle_fal_webhook)
+
+    return app
 
 
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return app.resolve(event, context)
+    return build_app().resolve(event, context)

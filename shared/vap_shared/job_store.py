@@ -6,6 +6,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from .jobs import ALLOWED_FROM, Job
@@ -13,6 +14,18 @@ from .jobs import ALLOWED_FROM, Job
 # Nested values are stored as JSON strings: no float→Decimal conversions, and the record
 # stays readable in the console.
 _JSON_FIELDS = ("settings", "inputs", "fal_urls", "progress", "errors")
+
+
+_SERIALIZER = TypeSerializer()
+_DESERIALIZER = TypeDeserializer()
+
+
+def _wire(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _SERIALIZER.serialize(v) for k, v in values.items()}
+
+
+def _unwire(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: _DESERIALIZER.deserialize(v) for k, v in item.items()}
 
 
 def _to_item(values: dict[str, Any]) -> dict[str, Any]:
@@ -46,19 +59,25 @@ def _conditional_failed(exc: ClientError) -> bool:
 
 
 class JobStore:
-    def __init__(self, table: Any) -> None:
-        # `table` is a boto3 DynamoDB Table resource.
-        self._table = table
+    def __init__(self, client: Any, table_name: str) -> None:
+        # The low-level client, not a Table resource: clients are thread-safe, resources are not
+        # (the local stack runs concurrent invocations in threads of one process).
+        self._client = client
+        self._table = table_name
 
     def get(self, job_id: str) -> Job | None:
-        item = self._table.get_item(Key={"job_id": job_id}, ConsistentRead=True).get("Item")
-        return _from_item(item) if item else None
+        item = self._client.get_item(
+            TableName=self._table, Key=_wire({"job_id": job_id}), ConsistentRead=True
+        ).get("Item")
+        return _from_item(_unwire(item)) if item else None
 
     def create(self, job: Job) -> bool:
         """Create the record unless one exists already (duplicate S3 event). True if created."""
         try:
-            self._table.put_item(
-                Item=_to_item(job.model_dump()), ConditionExpression="attribute_not_exists(job_id)"
+            self._client.put_item(
+                TableName=self._table,
+                Item=_wire(_to_item(job.model_dump())),
+                ConditionExpression="attribute_not_exists(job_id)",
             )
         except ClientError as exc:
             if _conditional_failed(exc):
@@ -92,21 +111,22 @@ class JobStore:
         if removes:
             expression += " REMOVE " + ", ".join(removes)
         kwargs: dict[str, Any] = {
-            "Key": {"job_id": job_id},
+            "TableName": self._table,
+            "Key": _wire({"job_id": job_id}),
             "UpdateExpression": expression.strip(),
             "ConditionExpression": condition,
             "ExpressionAttributeNames": names,
             "ReturnValues": "ALL_NEW",
         }
         if values:
-            kwargs["ExpressionAttributeValues"] = values
+            kwargs["ExpressionAttributeValues"] = _wire(values)
         try:
-            response = self._table.update_item(**kwargs)
+            response = self._client.update_item(**kwargs)
         except ClientError as exc:
             if _conditional_failed(exc):
                 return None
             raise
-        return _from_item(response["Attributes"])
+        return _from_item(_unwire(response["Attributes"]))
 
     def transition(
         self,

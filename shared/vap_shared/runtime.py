@@ -67,14 +67,14 @@ class Runtime:
             # Emulators are reached by IP/port: virtual-hosted bucket names would not resolve.
             s3_options["s3"] = {"addressing_style": "path"}
         s3 = session.client("s3", config=Config(**s3_options))
-        table = session.resource("dynamodb").Table(settings.jobs_table)
+        dynamodb = session.client("dynamodb")
         sns = session.client("sns")
         http = http or httpx.Client(timeout=HTTP_TIMEOUT, follow_redirects=False)
         secrets = secrets or Secrets.from_client(session.client("secretsmanager"))
         runtime = cls(
             settings=settings,
             s3=s3,
-            store=JobStore(table),
+            store=JobStore(dynamodb, settings.jobs_table),
             notifier=Notifier(sns, settings.topic_arn, s3, settings.bucket_name),
             http=http,
             secrets=secrets,

@@ -48,9 +48,8 @@ def upload_job(st, name="inbox/set/job.json", sidecar=None, media=True):
 
 
 def only_job(st):
-    items = st.runtime.store._table.scan()["Items"]
-    assert len(items) == 1
-    return st.store.get(items[0]["job_id"])
+    (job_id,) = st.job_ids()
+    return st.store.get(job_id)
 
 
 def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st):
@@ -126,7 +125,7 @@ def test_reupload_gets_a_new_job(st):
     second = upload_job(st, sidecar={**FAL_EXAMPLE})
     second["Records"][0]["s3"]["object"]["sequencer"] = "0065A1B2C3D4E5F699"
     call(ingest.handler, sqs_event(second))
-    assert len(st.runtime.store._table.scan()["Items"]) == 2
+    assert len(st.job_ids()) == 2
 
 
 def test_bad_sidecar_fails_cleanly_without_retry(st):
@@ -303,3 +302,15 @@ def test_fal_422_maps_to_field_errors(monkeypatch):
             {"field": "num_frames", "message": "fal.ai rejected `num_frames`: must be at most 100."}
         ]
     ingest.reset()
+
+
+def test_concurrent_duplicates_dispatch_once(st):
+    from concurrent.futures import ThreadPoolExecutor
+
+    st.serialize_moto()
+    event = upload_job(st)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda _: call(ingest.handler, sqs_event(event)), range(6)))
+    assert all(r == {"batchItemFailures": []} for r in results)
+    assert len(st.services.calls("modal.test")) == 1
+    assert only_job(st).state == "dispatched"

@@ -16,14 +16,14 @@ def store(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "t")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "t")
     with mock_aws():
-        ddb = boto3.resource("dynamodb", region_name="us-east-1")
-        table = ddb.create_table(
+        ddb = boto3.client("dynamodb", region_name="us-east-1")
+        ddb.create_table(
             TableName="jobs",
             KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}],
             BillingMode="PAY_PER_REQUEST",
         )
-        yield JobStore(table)
+        yield JobStore(ddb, "jobs")
 
 
 def test_create_is_conditional(store):

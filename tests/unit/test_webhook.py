@@ -42,8 +42,8 @@ def dispatch(st, backend="modal", name="inbox/set/job.json"):
     raw = json.dumps(sidecar).encode()
     etag = st.put(name, raw)
     call(ingest.handler, sqs_event(s3_event(name, etag, size=len(raw))))
-    (item,) = st.runtime.store._table.scan()["Items"]
-    return st.store.get(item["job_id"])
+    (job_id,) = st.job_ids()
+    return st.store.get(job_id)
 
 
 def callback(job, event, **extra):
@@ -398,3 +398,17 @@ def test_secrets_never_reach_the_logs(st):
     assert "job dispatched" in logs
     for secret in (FAL_KEY, MODAL_SECRET, SIGNING_SECRET, st.gpu_key(job.job_id).hex()):
         assert secret not in logs
+
+
+def test_concurrent_success_deliveries_notify_once(st):
+    from concurrent.futures import ThreadPoolExecutor
+
+    st.serialize_moto()
+    job = dispatch(st)
+    st.put(f"work/{job.job_id}/video.mp4", MP4)
+    event = gpu_callback_event(st, job.job_id, callback(job, "succeeded", result=RESULT))
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = [r[0] for r in pool.map(lambda _: post(event), range(6))]
+    assert statuses == [200] * 6
+    assert st.store.get(job.job_id).state == "succeeded"
+    assert len(st.notifications()) == 1

@@ -197,6 +197,31 @@ class Stack:
                 out.append(body)
                 self.sqs.delete_message(QueueUrl=self.notify_queue_url, ReceiptHandle=m["ReceiptHandle"])
 
+    def serialize_moto(self) -> None:
+        """DynamoDB applies each conditional write atomically and S3 objects are safe to copy
+        concurrently; moto's in-process backends lock neither, so concurrent tests serialise
+        their calls to get the real semantics."""
+        import threading
+
+        lock = threading.RLock()
+        targets = {
+            self.runtime.store._client: ("get_item", "put_item", "update_item"),
+            self.runtime.s3: ("get_object", "put_object", "head_object", "copy_object"),
+        }
+        for client, names in targets.items():
+            for name in names:
+                original = getattr(client, name)
+
+                def locked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                    with lock:
+                        return _original(*args, **kwargs)
+
+                setattr(client, name, locked)
+
+    def job_ids(self) -> list[str]:
+        items = self.runtime.store._client.scan(TableName=TABLE)["Items"]
+        return [item["job_id"]["S"] for item in items]
+
     def get_json(self, key: str) -> Any:
         return json.loads(self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
