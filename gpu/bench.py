@@ -195,6 +195,45 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_vae(tiny: bool, device: torch.device) -> list[dict[str, Any]]:
+    """VAE decode of one video's latents in fp32 vs bf16: time, peak memory, and how far the bf16
+    frames are from the fp32 ones (random weights: the time is meaningful, the PSNR only a hint)."""
+    from diffusers.models import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    if tiny:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+        latents = torch.randn(1, 16, 3, 4, 4)
+    else:
+        vae = AutoencoderKLWan()  # the Wan2.1 VAE layout (as in the checkpoint's vae/config.json)
+        latents = torch.randn(1, 16, 13, 60, 104)
+    vae = vae.to(device).eval()
+    latents = latents.to(device)
+    rows: list[dict[str, Any]] = []
+    reference: torch.Tensor | None = None
+    for dtype in (torch.float32, torch.bfloat16):
+        vae.to(dtype)
+        z = latents.to(dtype)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def decode(z: torch.Tensor = z) -> torch.Tensor:
+            return vae.decode(z, return_dict=False)[0]
+
+        with torch.no_grad():
+            sec = time_step(decode, device, warmup=1, iters=1)
+            video = decode().float().clamp(-1, 1)
+        row: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "s": sec}
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        if reference is None:
+            reference = video
+        else:
+            mse = float(((video - reference) / 2).pow(2).mean())  # frames in [0, 1]
+            row["psnr_vs_fp32"] = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-20))).item()
+        rows.append(row)
+    return rows
+
+
 def print_table(rows: list[dict[str, Any]], device_name: str, flops: float) -> None:
     print(
         f"device: {device_name}   FLOP/step: {flops:.3g}   target: >= {H100_TARGET_TFLOPS:.0f} TFLOP/s (H100)"
@@ -222,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
+    parser.add_argument("--vae", action="store_true", help="also time the VAE decode in fp32 vs bf16")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: use --tiny for the CPU smoke run")
@@ -233,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         name, flops = torch.cuda.get_device_name(), NOMINAL_STEP_FLOPS
         print(f"computed here (dead reference work skipped): {step_flops(FULL_CONFIG, shape):.3g} FLOP/step")
     print_table(rows, name, flops)
+    if args.vae:
+        device = torch.device("cpu" if args.tiny else args.device)
+        print(f"\nVAE decode of one video's latents ({'tiny' if args.tiny else '13x60x104 -> 49x480x832'})")
+        print(f"{'dtype':<10} {'s':>8} {'peak GiB':>9} {'PSNR vs fp32 (random weights)':>30}")
+        for r in bench_vae(bool(args.tiny), device):
+            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+            psnr = f"{r['psnr_vs_fp32']:.1f} dB" if "psnr_vs_fp32" in r else "-"
+            print(f"{r['dtype']:<10} {r['s']:>8.3f} {peak:>9} {psnr:>30}")
     return 0 if any("error" not in r for r in rows) else 1
 
 

@@ -10,9 +10,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_tiny_runs(capsys):
-    assert main(["--tiny", "--iters", "1", "--warmup", "0"]) == 0
+    assert main(["--tiny", "--iters", "1", "--warmup", "0", "--vae"]) == 0
     out = capsys.readouterr().out
     assert "backend" in out and "native" in out and "error" not in out
+    assert "bfloat16" in out and "dB" in out
 
 
 def test_flop_count_matches_nominal_480p():
