@@ -57,6 +57,7 @@ class LambdaFunction:
     invocations: int = 0
     errors: int = 0
     _fn: Callable[[Any, Any], Any] | None = field(default=None, repr=False)
+    _module: Any = field(default=None, repr=False)
     _slots: threading.BoundedSemaphore | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -67,9 +68,16 @@ class LambdaFunction:
         if code not in sys.path:
             sys.path.insert(0, code)
         module = importlib.import_module(module_name)
+        self._module = module
         self._fn = getattr(module, func_name)
         if self.reserved_concurrency:
             self._slots = threading.BoundedSemaphore(self.reserved_concurrency)
+
+    def reset(self) -> None:
+        """A fresh execution environment: drop what the handler cached at its cold start."""
+        reset = getattr(self._module, "reset", None)
+        if callable(reset):
+            reset()
 
     def invoke(self, event: Any) -> Any:
         """Call the handler; exceptions propagate, as they mark the invocation failed."""

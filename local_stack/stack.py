@@ -201,10 +201,7 @@ class LocalStack:
         )
         self._load_functions(webhook_port)
         if cfg.visibility_timeout_s is not None:
-            self.sqs.set_queue_attributes(
-                QueueUrl=self.ingest_queue_url,
-                Attributes={"VisibilityTimeout": str(cfg.visibility_timeout_s)},
-            )
+            self._set_visibility_timeout(cfg.visibility_timeout_s)
         self._subscribe_notifications()
         self.webhook_server = FunctionUrlServer(self.functions[WEBHOOK], webhook_port)
         self.webhook_server.start()
@@ -293,6 +290,17 @@ class LocalStack:
                 function.load()
             self.functions[logical_id] = function
             os.environ.update(env)
+
+    def _set_visibility_timeout(self, seconds: int) -> None:
+        url = self.ingest_queue_url
+        policy = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])["Attributes"].get(
+            "Policy"
+        )
+        attributes = {"VisibilityTimeout": str(seconds)}
+        if policy:
+            # moto drops the queue policy on any set_queue_attributes call that omits it.
+            attributes["Policy"] = policy
+        self.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
 
     def _subscribe_notifications(self) -> None:
         url = self.sqs.create_queue(QueueName=f"{self.config.stack_name}-notifications")["QueueUrl"]
@@ -392,6 +400,21 @@ class LocalStack:
         }
 
     # ------------------------------------------------------------------ helpers for tests and the demo
+    @contextmanager
+    def environment(self, **values: str) -> Iterator[None]:
+        """Run with some function environment variables changed (e.g. a dead MODAL_ENDPOINT_URL
+        for fault tests): the handlers start a fresh execution environment on entry and exit."""
+        try:
+            with _env(values):
+                self._reset_functions()
+                yield
+        finally:
+            self._reset_functions()
+
+    def _reset_functions(self) -> None:
+        for function in self.functions.values():
+            function.reset()
+
     def put_job(
         self, sidecar_key: str, sidecar: dict[str, Any] | bytes, media: Mapping[str, bytes] | None = None
     ) -> str:
