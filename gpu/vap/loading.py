@@ -9,6 +9,7 @@ mis-shaped tensor is an error, not a warning.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ VAP_REPO_ID = "ByteDance/Video-As-Prompt-Wan2.1-14B"
 VAP_REVISION = "main"
 
 
+logger = logging.getLogger(__name__)
+
+
 class CheckpointMismatch(RuntimeError):
     """The checkpoint's transformer tensors do not match this implementation's names/shapes."""
 
@@ -51,6 +55,21 @@ def pick_attention_backend(device: torch.device) -> str:
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash"
     return "_native_cudnn"
+
+
+def backend_works(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Probe an attention backend on a small input against the math kernel: a backend that is
+    missing, unsupported or numerically wrong on this device must not serve requests."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 256, 4, 128, generator=gen, device=device, dtype=dtype) for _ in range(3))
+        want = dispatch_attention_fn(q, k, v, backend=AttentionBackendName("_native_math"))
+        got = dispatch_attention_fn(q, k, v, backend=AttentionBackendName(backend))
+        return bool((got.float() - want.float()).abs().max() < 2e-2)
+    except Exception:  # ImportError, unsupported device/dtype/shape: all mean "don't use it"
+        return False
 
 
 def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -168,6 +187,9 @@ def load_pipeline(
     )
     pipe.to(device)
     backend = attention_backend or pick_attention_backend(device)
+    if backend != "native" and not backend_works(backend, device, dtype):
+        logger.warning("attention backend %s failed its probe on %s; using torch SDPA", backend, device)
+        backend = "native"
     if backend != "native":
         pipe.transformer.set_attention_backend(backend)
     if compile_blocks:

@@ -97,3 +97,20 @@ def test_hub_repo_is_fetched_at_the_pinned_revision(saved, monkeypatch):
     monkeypatch.setattr(loading, "snapshot_download", fake_snapshot_download)
     load_pipeline(loading.VAP_REPO_ID, device="cpu", dtype=torch.float32)
     assert calls == [("ByteDance/Video-As-Prompt-Wan2.1-14B", VAP_REVISION)]
+
+
+def test_attention_backend_probe():
+    from gpu.vap.loading import backend_works
+
+    cpu = torch.device("cpu")
+    assert backend_works("native", cpu, torch.float32)
+    assert not backend_works("flash", cpu)  # flash-attn is not installed / not a CPU kernel
+    assert not backend_works("no-such-backend", cpu)
+
+
+def test_unusable_backend_falls_back_to_sdpa(saved):
+    path, _ = saved
+    pipe = load_pipeline(str(path), device="cpu", dtype=torch.float32, attention_backend="flash")
+    processors = pipe.transformer.attn_processors.values()
+    backends = {getattr(p, "_attention_backend", None) for p in processors}
+    assert backends == {None}
