@@ -22,7 +22,7 @@ from .backends.dispatch import DispatchFailed, dispatch
 from .errors import FieldError, PermanentJobError, TransientJobError, field_error
 from .jobs import Job, iso, utcnow
 from .lifecycle import fail_job, finalize_terminal
-from .media import MediaRef, data_extension, resolve_reference
+from .media import MediaRef, data_extension, resolve_reference, sniff
 from .naming import job_id as make_job_id
 from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
 from .runtime import Runtime
@@ -242,7 +242,10 @@ class Ingestor:
                 )
                 continue
             size = int(meta.get("ContentLength", 0))
-            if size == 0:
+            problem = sniff(field, self._first_bytes(ref.bucket, ref.key)) if size else None
+            if problem:
+                permanent.append(field_error(field, problem.replace("the file", f"the object {ref.key}")))
+            elif size == 0:
                 permanent.append(field_error(field, f"`{field}`: the object {ref.key} is empty (0 bytes)."))
             elif size > s.max_input_bytes:
                 permanent.append(
@@ -256,6 +259,10 @@ class Ingestor:
             raise PermanentJobError(permanent + missing)
         if missing:
             raise TransientJobError(missing)
+
+    def _first_bytes(self, bucket: str, key: str) -> bytes:
+        response = self.rt.s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-63")
+        return bytes(response["Body"].read())
 
     def _store_data_media(self, jid: str, refs: dict[str, MediaRef]) -> dict[str, MediaRef]:
         s = self.settings

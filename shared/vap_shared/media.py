@@ -167,8 +167,46 @@ def _data_uri(field: str, value: str, max_bytes: int) -> MediaRef | FieldError:
             f"`{field}` is a data: URI of {len(data):,} bytes; at most {max_bytes:,} bytes are allowed. "
             "Upload the file instead.",
         )
+    problem = sniff(field, data[:64])
+    if problem:
+        return field_error(field, problem.replace("the file", "the data: URI's content"))
     return MediaRef(field, "data", value[:64], data=data, content_type=mime)
 
 
 def data_extension(content_type: str | None) -> str:
     return _EXT.get(content_type or "", ".bin")
+
+
+_VIDEO_KINDS = "MP4/MOV, WebM/MKV, AVI, MPEG-TS/PS, FLV or GIF"
+_IMAGE_KINDS = "PNG, JPEG, WebP, GIF, BMP, TIFF or AVIF/HEIF"
+
+
+def sniff(field: str, head: bytes) -> str | None:
+    """A coarse container check of the first bytes; the message when they are clearly not media
+    of the right kind (an HTML error page, a text file, a video given as the image...)."""
+    box = head[4:8]
+    iso_bmff = box in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
+    if field == "video_url":
+        ok = (
+            iso_bmff
+            or head.startswith(b"\x1a\x45\xdf\xa3")  # EBML: WebM / Matroska
+            or (head.startswith(b"RIFF") and head[8:12] == b"AVI ")
+            or head.startswith(b"\x47")  # MPEG-TS sync byte
+            or head.startswith(b"\x00\x00\x01\xba")  # MPEG-PS
+            or head.startswith(b"FLV")
+            or head.startswith((b"GIF87a", b"GIF89a"))
+        )
+        kinds = _VIDEO_KINDS
+    else:
+        ok = (
+            head.startswith(b"\x89PNG\r\n\x1a\n")
+            or head.startswith(b"\xff\xd8\xff")
+            or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+            or head.startswith((b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*"))
+            or (box == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"))
+        )
+        kinds = _IMAGE_KINDS
+    if ok:
+        return None
+    what = "a video" if field == "video_url" else "an image"
+    return f"`{field}`: the file does not look like {what} (expected {kinds})."

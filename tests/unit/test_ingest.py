@@ -10,6 +10,8 @@ from vap_testkit import (
     BUCKET,
     FAL_EXAMPLE,
     MODAL_URL,
+    MP4,
+    PNG,
     WEBHOOK_BASE,
     FakeServices,
     call,
@@ -29,8 +31,8 @@ def st(monkeypatch):
 
 def upload_job(st, name="inbox/set/job.json", sidecar=None, media=True):
     if media:
-        st.put("inbox/set/clip.mp4", b"video-bytes")
-        st.put("inbox/set/face.png", b"image-bytes")
+        st.put("inbox/set/clip.mp4", MP4)
+        st.put("inbox/set/face.png", PNG)
     body = (
         sidecar
         if sidecar is not None
@@ -79,8 +81,8 @@ def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st)
 
 def test_moto_shaped_event_and_test_event(st):
     raw = json.dumps({**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png"}).encode()
-    st.put("inbox/set/clip.mp4", b"v")
-    st.put("inbox/set/face.png", b"i")
+    st.put("inbox/set/clip.mp4", MP4)
+    st.put("inbox/set/face.png", PNG)
     etag = st.put("inbox/set/my job.json", raw)
     moto_event = s3_event("inbox/set/my job.json", etag, moto_shape=True)
     assert "%2F" in moto_event["Records"][0]["s3"]["object"]["key"]
@@ -196,15 +198,15 @@ def test_missing_media_is_retried_then_fails_clearly(st):
 def test_media_arriving_late_is_picked_up_on_retry(st):
     event = upload_job(st, media=False)
     assert call(ingest.handler, sqs_event(event))["batchItemFailures"]
-    st.put("inbox/set/clip.mp4", b"v")
-    st.put("inbox/set/face.png", b"i")
+    st.put("inbox/set/clip.mp4", MP4)
+    st.put("inbox/set/face.png", PNG)
     assert call(ingest.handler, sqs_event(event, receive_count=2)) == {"batchItemFailures": []}
     assert only_job(st).state == "dispatched"
 
 
 def test_empty_media_is_permanent(st):
     st.put("inbox/set/clip.mp4", b"")
-    st.put("inbox/set/face.png", b"i")
+    st.put("inbox/set/face.png", PNG)
     call(ingest.handler, sqs_event(upload_job(st, media=False)))
     job = only_job(st)
     assert job.state == "failed" and "is empty" in job.errors[0]["message"]
@@ -212,7 +214,7 @@ def test_empty_media_is_permanent(st):
 
 def test_data_uri_media_is_stored_in_work(st):
     video = base64.b64encode(b"\x00\x00\x00\x18ftypmp42").decode()
-    image = base64.b64encode(b"\x89PNG\r\n").decode()
+    image = base64.b64encode(PNG).decode()
     sidecar = {
         **FAL_EXAMPLE,
         "video_url": f"data:video/mp4;base64,{video}",
@@ -222,10 +224,7 @@ def test_data_uri_media_is_stored_in_work(st):
     job = only_job(st)
     assert job.state == "dispatched"
     assert job.inputs["video_url"]["key"] == f"work/{job.job_id}/input-video.mp4"
-    assert (
-        st.s3.get_object(Bucket=BUCKET, Key=f"work/{job.job_id}/input-image.png")["Body"].read()
-        == b"\x89PNG\r\n"
-    )
+    assert st.s3.get_object(Bucket=BUCKET, Key=f"work/{job.job_id}/input-image.png")["Body"].read() == PNG
     body = json.loads(st.services.calls("modal.test")[0].content)
     assert f"work/{job.job_id}/input-video.mp4" in body["video_url"]
 
@@ -314,3 +313,21 @@ def test_concurrent_duplicates_dispatch_once(st):
     assert all(r == {"batchItemFailures": []} for r in results)
     assert len(st.services.calls("modal.test")) == 1
     assert only_job(st).state == "dispatched"
+
+
+@pytest.mark.parametrize(
+    ("video", "image", "field", "needle"),
+    [
+        (b"<html><body>403 Forbidden</body></html>", None, "video_url", "does not look like a video"),
+        (None, b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 40, "image_url", "does not look like an image"),
+        (None, b"just some text, not a picture", "image_url", "does not look like an image"),
+    ],
+)
+def test_media_that_is_not_a_video_or_image(st, video, image, field, needle):
+    st.put("inbox/set/clip.mp4", video or MP4)
+    st.put("inbox/set/face.png", image or PNG)
+    call(ingest.handler, sqs_event(upload_job(st, media=False)))
+    job = only_job(st)
+    assert job.state == "failed" and [e["field"] for e in job.errors] == [field]
+    assert needle in job.errors[0]["message"] and "inbox/set/" in job.errors[0]["message"]
+    assert st.services.requests == []

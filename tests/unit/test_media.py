@@ -65,9 +65,10 @@ def test_s3_same_bucket():
 
 
 def test_data_uris():
-    payload = base64.b64encode(b"\x89PNG....").decode()
+    png = b"\x89PNG\r\n\x1a\n...."
+    payload = base64.b64encode(png).decode()
     ref = resolve(f"data:image/png;base64,{payload}", field="image_url")
-    assert isinstance(ref, MediaRef) and ref.kind == "data" and ref.data == b"\x89PNG...."
+    assert isinstance(ref, MediaRef) and ref.kind == "data" and ref.data == png
     assert ref.to_record()["kind"] == "s3"
 
     too_big = base64.b64encode(b"x" * 1001).decode()
@@ -77,3 +78,31 @@ def test_data_uris():
     assert "must be a image/*" in resolve(f"data:video/mp4;base64,{payload}", field="image_url")["message"]  # type: ignore[index]
     assert "not valid" in resolve("data:video/mp4;base64,@@@")["message"]  # type: ignore[index]
     assert "malformed" in resolve("data:nonsense")["message"]  # type: ignore[index]
+
+    text = base64.b64encode(b"hello world, not a picture").decode()
+    assert (
+        "does not look like an image"
+        in resolve(f"data:image/png;base64,{text}", field="image_url")["message"]
+    )  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("field", "head", "ok"),
+    [
+        ("video_url", b"\x00\x00\x00\x20ftypisom", True),
+        ("video_url", b"\x1a\x45\xdf\xa3\x00", True),
+        ("video_url", b"RIFF\x00\x00\x00\x00AVI LIST", True),
+        ("video_url", b"GIF89a....", True),
+        ("video_url", b"\x89PNG\r\n\x1a\n", False),
+        ("video_url", b"<!DOCTYPE html>", False),
+        ("image_url", b"\xff\xd8\xff\xe0JFIF", True),
+        ("image_url", b"RIFF\x00\x00\x00\x00WEBPVP8 ", True),
+        ("image_url", b"\x00\x00\x00\x1cftypavif", True),
+        ("image_url", b"\x00\x00\x00\x1cftypisom", False),
+        ("image_url", b"", False),
+    ],
+)
+def test_sniffing(field, head, ok):
+    from vap_shared.media import sniff
+
+    assert (sniff(field, head) is None) == ok

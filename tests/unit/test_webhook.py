@@ -10,6 +10,7 @@ from vap_testkit import (
     BUCKET,
     FAL_EXAMPLE,
     MP4,
+    PNG,
     FakeServices,
     call,
     gpu_callback_event,
@@ -36,8 +37,8 @@ def st(monkeypatch, services):
 
 
 def dispatch(st, backend="modal", name="inbox/set/job.json"):
-    st.put("inbox/set/clip.mp4", b"v")
-    st.put("inbox/set/face.png", b"i")
+    st.put("inbox/set/clip.mp4", MP4)
+    st.put("inbox/set/face.png", PNG)
     sidecar = {**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend}
     raw = json.dumps(sidecar).encode()
     etag = st.put(name, raw)

@@ -31,6 +31,7 @@ MODAL_URL = "https://modal.test"
 FAL_QUEUE = "https://queue.fal.test"
 JWKS_URL = "https://jwks.test/.well-known/jwks.json"
 WEBHOOK_BASE = "https://hooks.test"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
 MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + b"\x00" * 2000
 
 FAL_EXAMPLE: dict[str, Any] = {
