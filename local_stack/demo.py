@@ -31,7 +31,8 @@ SIDECAR = {
 
 def run(out_dir: Path, engine: str, timeout_s: float) -> int:
     started = time.monotonic()
-    config = LocalStackConfig(gpu_engine=engine, state_file=ROOT / ".local" / "stack.json")
+    # No state file: a `make local` running beside the demo keeps its own .local/stack.json.
+    config = LocalStackConfig(gpu_engine=engine)
     with LocalStack(config) as stack:
         up = time.monotonic() - started
         print(f"local stack up in {up:.1f}s: s3://{stack.bucket}, webhook {stack.webhook_url}")

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from local_stack import LocalStack, LocalStackConfig
+from local_stack.fal_server import FalBehaviour, FalServer
 from local_stack.media import synth_image, synth_mp4
 
 # Small limits so the oversize cases stay small; a short visibility timeout so redeliveries
 # (missing media) take seconds, not the template's 6 minutes.
 STACK_PARAMETERS = {"MaxSidecarBytes": "65536", "MaxDataUriBytes": "65536"}
 VISIBILITY_TIMEOUT_S = 5
+# "tiny" runs the real VAP code path with random weights; "fake" skips the model (load tests).
+GPU_ENGINE = os.environ.get("VAP_LOCAL_GPU_ENGINE", "tiny")
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
     for noisy in ("botocore", "urllib3", "werkzeug", "moto"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    config = LocalStackConfig(parameters=dict(STACK_PARAMETERS), visibility_timeout_s=VISIBILITY_TIMEOUT_S)
+    config = LocalStackConfig(
+        parameters=dict(STACK_PARAMETERS), visibility_timeout_s=VISIBILITY_TIMEOUT_S, gpu_engine=GPU_ENGINE
+    )
     with LocalStack(config) as local:
         yield local
 
@@ -39,3 +45,11 @@ def sample_media() -> dict[str, bytes]:
 def folder() -> str:
     """A fresh inbox folder per test, so tests sharing the stack never see each other's jobs."""
     return f"inbox/t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def fal(stack: LocalStack) -> Iterator[FalServer]:
+    """The local fal server; a test may change `fal.behaviour` (faults), restored afterwards."""
+    assert stack.fal is not None
+    yield stack.fal
+    stack.fal.behaviour = FalBehaviour()
