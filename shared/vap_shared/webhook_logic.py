@@ -155,8 +155,15 @@ def handle_fal_webhook(rt: Runtime, job_id: str, headers: dict[str, str], body: 
     if job.terminal:
         finalize_terminal(rt, job)
         return _ok(state=job.state, note="already finished")
-    if job.backend != "fal" or (job.backend_call_id and job.backend_call_id != request_id):
+    # backend None: fal answered before ingest recorded the dispatch; the signed delivery to this
+    # job's own webhook URL is then the record.
+    if job.backend not in (None, "fal") or (job.backend_call_id and job.backend_call_id != request_id):
         return _ok(state=job.state, note="stale delivery ignored")
+    if job.backend is None:
+        recorded = rt.store.update_fields(
+            job_id, {"backend": "fal", "backend_call_id": request_id}, iso(utcnow()), "backend_call_id"
+        )
+        job = recorded or rt.store.get(job_id) or job
     payload = delivery.get("payload")
     status = delivery.get("status")
     video = payload.get("video") if isinstance(payload, dict) else None
@@ -210,7 +217,12 @@ def _fal_succeeded(rt: Runtime, job: Job, request_id: str, payload: dict[str, An
     put_json(
         rt.s3, s.bucket_name, keys["metadata"], metadata(job, result=result, size=size, call_id=request_id)
     )
-    fields: dict[str, Any] = {"output_key": keys["video"], "metadata_key": keys["metadata"]}
+    fields: dict[str, Any] = {
+        "output_key": keys["video"],
+        "metadata_key": keys["metadata"],
+        "backend": "fal",
+        "backend_call_id": request_id,
+    }
     if isinstance(payload.get("seed"), int):
         fields["seed"] = payload["seed"]
     updated = succeed_job(rt, job.job_id, fields)

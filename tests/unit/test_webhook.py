@@ -413,3 +413,40 @@ def test_concurrent_success_deliveries_notify_once(st):
     assert statuses == [200] * 6
     assert st.store.get(job.job_id).state == "succeeded"
     assert len(st.notifications()) == 1
+
+
+def test_fal_delivery_overtaking_the_dispatch_write(st):
+    job = dispatch(st, backend="fal")
+    # As if ingest had not yet recorded the dispatch.
+    st.store._client.update_item(
+        TableName="vap-jobs",
+        Key={"job_id": {"S": job.job_id}},
+        UpdateExpression="SET #s = :r REMOVE backend, backend_call_id",
+        ExpressionAttributeNames={"#s": "state"},
+        ExpressionAttributeValues={":r": {"S": "received"}},
+    )
+    assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
+    done = st.store.get(job.job_id)
+    assert done.state == "succeeded" and done.backend == "fal" and done.backend_call_id == job.backend_call_id
+    (note,) = st.notifications()
+    assert note["backend"] == "fal"
+
+
+def test_fal_error_overtaking_the_dispatch_write_reports_fal(st):
+    job = dispatch(st, backend="fal")
+    st.store._client.update_item(
+        TableName="vap-jobs",
+        Key={"job_id": {"S": job.job_id}},
+        UpdateExpression="SET #s = :r REMOVE backend, backend_call_id",
+        ExpressionAttributeNames={"#s": "state"},
+        ExpressionAttributeValues={":r": {"S": "received"}},
+    )
+    delivery = {
+        "request_id": job.backend_call_id,
+        "status": "ERROR",
+        "error": "runner crashed",
+        "payload": None,
+    }
+    assert post(fal_event(st, job, delivery))[0] == 200
+    (note,) = st.notifications()
+    assert note["status"] == "failed" and note["backend"] == "fal"
