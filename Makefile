@@ -37,7 +37,7 @@ typecheck: $(STAMP)
 
 validate: venv
 	$(BIN)/cfn-lint template.yaml
-	$(SAM_VENV)/bin/sam validate --lint -t template.yaml --region us-east-1
+	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint -t template.yaml --region us-east-1
 
 # Runs the local stack until interrupted; writes .local/stack.json when ready.
 local: $(STAMP)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import httpx
 from moto.server import ThreadedMotoServer
 
 from local_stack.emulator import Deployer, Deployment, layer_dirs
@@ -173,6 +174,8 @@ class LocalStack:
         self._moto = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
         self._moto.start()
         self.endpoint_url = f"http://{LOOPBACK}:{port}"
+        # moto's backends are process-global: start from nothing even after an earlier stack.
+        self._reset_moto()
         os.environ.update(
             {
                 # Dummy credentials: nothing here may ever reach real AWS.
@@ -221,6 +224,7 @@ class LocalStack:
             self.gpu.stop()
             self.gpu = None
         if self._moto is not None:
+            self._reset_moto()
             self._moto.stop()
             self._moto = None
         if self._saved_environ:
@@ -233,6 +237,12 @@ class LocalStack:
             self.config.state_file.unlink()
 
     # ------------------------------------------------------------------ pieces
+    def _reset_moto(self) -> None:
+        try:
+            httpx.post(f"{self.endpoint_url}/moto-api/reset", timeout=30)
+        except httpx.HTTPError:
+            log.warning("could not reset moto's state")
+
     def _start_gpu(self) -> None:
         if self.config.gpu_engine == "none":
             return
@@ -288,6 +298,8 @@ class LocalStack:
             # (both functions share this process; only POWERTOOLS_SERVICE_NAME differs).
             with _env({**env, "AWS_LAMBDA_FUNCTION_NAME": spec.name}):
                 function.load()
+                # The module may still be imported from an earlier stack in this process.
+                function.reset()
             self.functions[logical_id] = function
             os.environ.update(env)
 
