@@ -331,3 +331,25 @@ def test_media_that_is_not_a_video_or_image(st, video, image, field, needle):
     assert job.state == "failed" and [e["field"] for e in job.errors] == [field]
     assert needle in job.errors[0]["message"] and "inbox/set/" in job.errors[0]["message"]
     assert st.services.requests == []
+
+
+def test_huge_media_is_refused(monkeypatch):
+    with stack(monkeypatch, MAX_INPUT_BYTES="1000") as st:
+        ingest._ingestor = Ingestor(st.runtime)
+        st.put("inbox/set/clip.mp4", MP4 + b"\x00" * 1000)
+        st.put("inbox/set/face.png", PNG)
+        call(ingest.handler, sqs_event(upload_job(st, media=False)))
+        job = only_job(st)
+        assert job.state == "failed" and "at most 1,000 bytes" in job.errors[0]["message"]
+    ingest.reset()
+
+
+def test_s3_uri_in_another_bucket_and_absolute_key(st):
+    sidecar = {
+        **FAL_EXAMPLE,
+        "video_url": "s3://someone-elses-bucket/inbox/clip.mp4",
+        "image_url": "/inbox/a.png",
+    }
+    call(ingest.handler, sqs_event(upload_job(st, sidecar=sidecar, media=False)))
+    messages = {e["field"]: e["message"] for e in only_job(st).errors}
+    assert "someone-elses-bucket" in messages["video_url"] and "absolute path" in messages["image_url"]

@@ -40,6 +40,10 @@ def test_relative_key_resolves_against_the_sidecar_folder():
         ("gs://bucket/x.mp4", "gs: scheme"),
         ("https://evil.test/x.mp4", "host evil.test, which is not allowed"),
         ("https://169.254.169.254/latest/meta-data", "not allowed"),
+        ("https://127.0.0.1/x.mp4", "not allowed"),
+        ("https://[::1]/x.mp4", "not allowed"),
+        ("https://10.0.0.7/x.mp4", "not allowed"),
+        ("https://localhost/x.mp4", "not allowed"),
         ("https://user:pw@storage.googleapis.com/x.mp4", "credentials"),
         ("https://storage.googleapis.com:8443/x.mp4", "default port"),
         ("https://example.org/x.mp4", "not allowed"),  # the wildcard does not cover the apex
