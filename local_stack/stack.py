@@ -13,9 +13,7 @@ import logging
 import os
 import secrets
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from local_stack.fal_server import FalServer
 from local_stack.function_url import FunctionUrlServer
 from local_stack.lambda_runtime import LambdaFunction
 from local_stack.net import LOOPBACK, free_port
+from local_stack.notifications import Notification, NotificationReader
 from local_stack.sqs_poller import SqsPoller
 
 log = logging.getLogger("local_stack")
@@ -52,71 +51,6 @@ class LocalStackConfig:
     gpu_engine: str = "tiny"  # "tiny" (real code path, random weights), "fake", or "none"
     gpu_steps: int | None = None
     state_file: Path | None = None
-
-
-@dataclass
-class Notification:
-    subject: str
-    attributes: dict[str, str]
-    body: dict[str, Any]
-    raw: dict[str, Any]
-
-
-class NotificationReader:
-    """Drains the SQS queue subscribed to the topic into a list, on a background thread."""
-
-    def __init__(self, sqs: Any, queue_url: str) -> None:
-        self._sqs = sqs
-        self.queue_url = queue_url
-        self.received: list[Notification] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notifications", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                response = self._sqs.receive_message(
-                    QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
-                )
-            except Exception:
-                if not self._stop.wait(0.5):
-                    log.exception("reading notifications failed")
-                continue
-            for message in response.get("Messages", []):
-                envelope = json.loads(message["Body"])
-                attributes = {k: v.get("Value", "") for k, v in envelope.get("MessageAttributes", {}).items()}
-                try:
-                    body = json.loads(envelope.get("Message", "null"))
-                except ValueError:
-                    body = {"unparsed": envelope.get("Message")}
-                with self._lock:
-                    self.received.append(
-                        Notification(envelope.get("Subject", ""), attributes, body, envelope)
-                    )
-                self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
-
-    def matching(self, predicate: Callable[[Notification], bool]) -> list[Notification]:
-        with self._lock:
-            return [n for n in self.received if predicate(n)]
-
-    def wait_for(
-        self, predicate: Callable[[Notification], bool], count: int = 1, timeout_s: float = 120.0
-    ) -> list[Notification]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = self.matching(predicate)
-            if len(found) >= count:
-                return found
-            time.sleep(0.2)
-        raise TimeoutError(f"{len(self.matching(predicate))} of {count} notifications after {timeout_s}s")
 
 
 @contextmanager
