@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from stack_helpers import jobs_for
 
 from local_stack import LocalStack
 
@@ -95,3 +96,25 @@ def test_forged_or_stale_fal_webhook_is_rejected(stack: LocalStack, fal_job: dic
         reply = httpx.post(request.webhook_url, content=payload, headers=headers)
         assert reply.status_code == 401, reply.text
     assert len(stack.notifications_for(fal_job["key"])) == 1
+
+
+def test_fal_example_as_is_is_accepted_and_dispatched(stack: LocalStack) -> None:
+    """Without a `backend` field it goes to the stack default (Modal first), URLs untouched."""
+    key = f"inbox/fal-asis-{time.time_ns()}/horse.json"
+    stack.put_job(key, FAL_EXAMPLE)
+    deadline = time.monotonic() + 60
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        items = jobs_for(stack, key)
+        if items and "backend_call_id" in items[0]:
+            job = items[0]
+            break
+        time.sleep(0.2)
+    assert job, "the job was never dispatched"
+    assert job["backend"]["S"] in ("modal", "fal")
+    inputs = json.loads(job["inputs"]["S"])
+    assert inputs["video_url"] == {"kind": "https", "url": FAL_EXAMPLE["video_url"]}
+    assert inputs["image_url"] == {"kind": "https", "url": FAL_EXAMPLE["image_url"]}
+    # Offline, the GPU cannot fetch storage.googleapis.com: the job ends (once) either way.
+    (note,) = stack.wait_for_notification(key, timeout_s=180)
+    assert note.body["status"] in ("succeeded", "failed")
