@@ -154,6 +154,7 @@ class LocalStack:
         for server in (self.webhook_server, self.notifications, self.fal):
             if server is not None:
                 server.stop()
+        self.webhook_server = self.notifications = self.fal = None
         if self.gpu is not None:
             self.gpu.stop()
             self.gpu = None

@@ -6,6 +6,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,26 @@ def stack() -> Iterator[LocalStack]:
     config = LocalStackConfig(
         parameters=dict(STACK_PARAMETERS), visibility_timeout_s=VISIBILITY_TIMEOUT_S, gpu_engine=GPU_ENGINE
     )
-    with LocalStack(config) as local:
-        yield local
+    local = LocalStack(config)
+    _OPEN.append(local)
+    local.__enter__()
+    yield local
+    _close_stacks()
+
+
+# The stack sets process-wide environment (AWS_ENDPOINT_URL, BUCKET_NAME, ...) for the handlers:
+# stop it right after the last test here, so tests collected after this folder see a clean env.
+_OPEN: list[LocalStack] = []
+
+
+def _close_stacks() -> None:
+    while _OPEN:
+        _OPEN.pop().stop()
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is None or Path(nextitem.path).parent != Path(__file__).parent:
+        _close_stacks()
 
 
 @pytest.fixture(scope="session")
