@@ -180,6 +180,7 @@ class Deployer:
     def _create_secrets(self, translated: Template, values: Mapping[str, str]) -> dict[str, str]:
         sm = self.client("secretsmanager")
         arns: dict[str, str] = {}
+        pseudo = Resolver(translated, {"AWS::StackName": self.stack_name, "AWS::Region": self.region}, {})
         for logical_id, resource in translated["Resources"].items():
             if resource["Type"] != "AWS::SecretsManager::Secret":
                 continue
@@ -188,7 +189,9 @@ class Deployer:
                 value = _generate_secret(props["GenerateSecretString"])
             else:
                 value = str(props.get("SecretString", ""))
-            name = f"{self.stack_name}-{logical_id}"
+            name = (
+                str(pseudo.resolve(props["Name"])) if "Name" in props else f"{self.stack_name}-{logical_id}"
+            )
             arn = sm.create_secret(Name=name, SecretString=value, Description=props.get("Description", ""))[
                 "ARN"
             ]
