@@ -106,6 +106,13 @@ def _without_tls_statements(policy: Mapping[str, Any]) -> dict[str, Any]:
     return {**policy, "Statement": kept}
 
 
+def _is_function_url_permission(resource: Mapping[str, Any]) -> bool:
+    props = resource.get("Properties", {})
+    return resource["Type"] == "AWS::Lambda::Permission" and bool(
+        "FunctionUrlAuthType" in props or props.get("InvokedViaFunctionUrl")
+    )
+
+
 class Deployer:
     def __init__(self, root: Path, endpoint_url: str, region: str, stack_name: str) -> None:
         self.root = root
@@ -211,15 +218,8 @@ class Deployer:
         body = copy.deepcopy(translated)
         resources = body["Resources"]
         skipped = {k for k, r in resources.items() if r["Type"] in SKIPPED_TYPES}
-        skipped |= {  # the Function URL's permissions are meaningless without it
-            k
-            for k, r in resources.items()
-            if (r["Type"] == "AWS::Lambda::Permission" and "FunctionUrlAuthType" in r.get("Properties", {}))
-            or (
-                r["Type"] == "AWS::Lambda::Permission"
-                and r.get("Properties", {}).get("InvokedViaFunctionUrl")
-            )
-        }
+        # The Function URL's permissions are meaningless without it.
+        skipped |= {k for k, r in resources.items() if _is_function_url_permission(r)}
         for logical_id in skipped:
             del resources[logical_id]
         for resource in resources.values():
