@@ -46,6 +46,7 @@ def _close_stacks() -> None:
         _OPEN.pop().stop()
 
 
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     if nextitem is None or Path(nextitem.path).parent != Path(__file__).parent:
         _close_stacks()
@@ -69,6 +70,7 @@ def folder() -> str:
 @pytest.fixture
 def fal(stack: LocalStack) -> Iterator[FalServer]:
     """The local fal server; a test may change `fal.behaviour` (faults), restored afterwards."""
-    assert stack.fal is not None
-    yield stack.fal
-    stack.fal.behaviour = FalBehaviour()
+    server = stack.fal
+    assert server is not None
+    yield server
+    server.behaviour = FalBehaviour()
