@@ -87,18 +87,44 @@ web_image = (
 app = modal.App(APP_NAME)
 
 
-@app.function(image=gpu_image, volumes={MODELS_DIR: weights}, secrets=SECRETS, timeout=4 * 3600)
+# The VAP commit actually downloaded is recorded here, and serving loads exactly that commit: even
+# while `VAP_REVISION` names a branch, every container of a deployment runs the same weights.
+REVISION_RECORD = f"{MODELS_DIR}/vap-revision.json"
+# Read at deploy time and handed to the containers (their environment is not the deployer's).
+REVISION_ENV: dict[str, str | None] = {"VAP_REVISION": os.environ.get("VAP_REVISION", "")}
+
+
+@app.function(
+    image=gpu_image, volumes={MODELS_DIR: weights}, secrets=SECRETS, env=REVISION_ENV, timeout=4 * 3600
+)
 def download_weights() -> None:
     """Fill the volume with the pinned VAP checkpoint and safety checker (run once per revision)."""
-    from huggingface_hub import snapshot_download
+    import json
+
+    from huggingface_hub import HfApi, snapshot_download
 
     from gpu.safety import SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION
 
-    for repo, revision in ((VAP_REPO_ID, VAP_REVISION), (SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION)):
+    requested = os.environ.get("VAP_REVISION") or VAP_REVISION
+    commit = HfApi().model_info(VAP_REPO_ID, revision=requested).sha or requested
+    for repo, revision in ((VAP_REPO_ID, commit), (SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION)):
         path = snapshot_download(repo, revision=revision, cache_dir=HF_CACHE_DIR)
         print(f"{repo}@{revision} -> {path}")
+    record = {"repo": VAP_REPO_ID, "requested": requested, "commit": commit}
+    Path(REVISION_RECORD).write_text(json.dumps(record))
+    print(f"recorded {VAP_REPO_ID}@{commit} in {REVISION_RECORD}; pin it with VAP_REVISION={commit}")
     weights.commit()
+
+
+def recorded_revision(default: str) -> str:
+    """The commit `download_weights` fetched (the volume is the source of truth when serving)."""
+    import json
+
+    try:
+        return str(json.loads(Path(REVISION_RECORD).read_text())["commit"])
+    except (OSError, ValueError, KeyError):
+        return default
 
 
 @app.cls(
@@ -107,7 +133,7 @@ def download_weights() -> None:
     volumes={MODELS_DIR: weights},
     secrets=SECRETS,
     # Serving reads only the volume: no hub access (a missing file is a deploy error, not a download).
-    env={"HF_HUB_OFFLINE": "1", "VAP_DEFAULT_STEPS": str(DEFAULT_STEPS)},
+    env={"HF_HUB_OFFLINE": "1", "VAP_DEFAULT_STEPS": str(DEFAULT_STEPS), **REVISION_ENV},
     timeout=TIMEOUT_S,
     startup_timeout=STARTUP_TIMEOUT_S,
     scaledown_window=SCALEDOWN_S,
@@ -128,9 +154,8 @@ class VapGenerator:
         from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipeline = load_pipeline(
-            VAP_REPO_ID, device=device, revision=VAP_REVISION, compile_blocks=COMPILE_BLOCKS
-        )
+        revision = recorded_revision(os.environ.get("VAP_REVISION") or VAP_REVISION)
+        pipeline = load_pipeline(VAP_REPO_ID, device=device, revision=revision, compile_blocks=COMPILE_BLOCKS)
         self.engine = VideoEngine(pipeline, device)
         self.safety = DiffusersSafetyClassifier.from_pretrained(device=device, dtype=torch.float16)
         # Stop a minute before Modal's hard timeout so the "timeout" failure callback still goes out.

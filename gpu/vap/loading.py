@@ -26,9 +26,10 @@ from gpu.vap.pipeline import VAPPipeline
 from gpu.vap.transformer import WanTransformer3DMOTModel
 
 VAP_REPO_ID = "ByteDance/Video-As-Prompt-Wan2.1-14B"
-# Pinned revision of VAP_REPO_ID. The full 40-hex commit could not be looked up offline (a
-# third-party record names the 65.87 GB snapshot `f0d6ab47…`); until the weight-download step
-# resolves and records the full hash, this pins the branch. Replace with the commit hash.
+# Revision of VAP_REPO_ID. The full 40-hex commit could not be looked up offline (a third-party
+# record names the 65.87 GB snapshot `f0d6ab47…`). The Modal download step resolves this to a
+# commit, records it in the weights volume and serving loads exactly that commit; set the
+# `VAP_REVISION` env var (or this constant) to the recorded hash to pin future downloads too.
 VAP_REVISION = "main"
 
 
