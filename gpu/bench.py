@@ -23,25 +23,12 @@ from typing import Any
 import torch
 
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
-from gpu.vap.transformer import KEEP_IN_FP32, WanTransformer3DMOTModel
+from gpu.vap.transformer import KEEP_IN_FP32, RELEASED_14B_CONFIG, WanTransformer3DMOTModel
 
 NOMINAL_STEP_FLOPS = 2.44e15  # 480p/49 frames, CFG batch 2 (docs/model.md)
 H100_TARGET_TFLOPS = 550.0
 
-FULL_CONFIG: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 40,
-    "attention_head_dim": 128,
-    "in_channels": 36,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 13824,
-    "num_layers": 40,
-    "image_dim": 1280,
-    "added_kv_proj_dim": 5120,
-    "block_idx_with_mot_ref": list(range(0, 40, 4)),
-}
+FULL_CONFIG = RELEASED_14B_CONFIG
 
 
 @dataclass

@@ -186,25 +186,9 @@ def check_transformer(ref: dict[str, Any], tol: float, rows: list[tuple[str, str
     )
 
 
-RELEASED_14B_CONFIG: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 40,
-    "attention_head_dim": 128,
-    "in_channels": 36,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 13824,
-    "num_layers": 40,
-    "image_dim": 1280,
-    "added_kv_proj_dim": 5120,
-    "block_idx_with_mot_ref": list(range(0, 40, 4)),
-}
-
-
 def check_14b_layout(ref: dict[str, Any], rows: list[tuple[str, str, bool]]) -> None:
     """Both models at the released size on the meta device: names and shapes without memory."""
-    from gpu.vap.transformer import WanTransformer3DMOTModel
+    from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
 
     with torch.device("meta"):
         theirs = ref["transformer"](**RELEASED_14B_CONFIG).state_dict()

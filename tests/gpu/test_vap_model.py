@@ -13,7 +13,7 @@ import torch
 
 from gpu.vap.rotary import rotary_tables
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_pipeline, build_tiny_transformer
-from gpu.vap.transformer import KEEP_IN_FP32, VAPExpertBlock, WanTransformer3DMOTModel
+from gpu.vap.transformer import KEEP_IN_FP32, RELEASED_14B_CONFIG, VAPExpertBlock, WanTransformer3DMOTModel
 
 pytestmark = pytest.mark.slow
 
@@ -237,20 +237,7 @@ def test_reference_rotary_is_temporally_biased():
 
 
 def test_released_14b_layout_on_meta_device():
-    cfg = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=40,
-        attention_head_dim=128,
-        in_channels=36,
-        out_channels=16,
-        text_dim=4096,
-        freq_dim=256,
-        ffn_dim=13824,
-        num_layers=40,
-        image_dim=1280,
-        added_kv_proj_dim=5120,
-        block_idx_with_mot_ref=list(range(0, 40, 4)),
-    )
+    cfg = RELEASED_14B_CONFIG
     with torch.device("meta"):
         model = WanTransformer3DMOTModel(**cfg)
     sd = model.state_dict()
