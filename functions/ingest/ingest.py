@@ -11,7 +11,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from vap_shared.config import ConfigError, Settings
+from vap_shared.config import Settings, settings_at_cold_start
 from vap_shared.errors import TransientJobError
 from vap_shared.ingest_logic import Ingestor
 from vap_shared.runtime import Runtime
@@ -19,15 +19,7 @@ from vap_shared.runtime import Runtime
 logger = Logger()
 
 
-def _settings_at_import() -> Settings | None:
-    """Read the environment once, at cold start; None where it is absent (tests import first)."""
-    try:
-        return Settings.from_env()
-    except ConfigError:
-        return None
-
-
-_settings = _settings_at_import()
+_settings = settings_at_cold_start()
 _ingestor: Ingestor | None = None
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from vap_shared.config import ConfigError, Settings
+from vap_shared.config import Settings, settings_at_cold_start
 from vap_shared.runtime import Runtime
 from vap_shared.webhook_logic import Reply, handle_fal_webhook, handle_gpu_callback
 
@@ -25,15 +25,7 @@ logger = Logger()
 MAX_BODY_BYTES = 256 * 1024
 
 
-def _settings_at_import() -> Settings | None:
-    """Read the environment once, at cold start; None where it is absent (tests import first)."""
-    try:
-        return Settings.from_env()
-    except ConfigError:
-        return None
-
-
-_settings = _settings_at_import()
+_settings = settings_at_cold_start()
 _runtime: Runtime | None = None
 
 

@@ -104,3 +104,11 @@ class Settings:
             ingest_max_attempts=_int(env, "INGEST_MAX_ATTEMPTS", defaults.ingest_max_attempts),
             allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
         )
+
+
+def settings_at_cold_start() -> Settings | None:
+    """Read the environment once, at cold start; None where it is absent (tests import first)."""
+    try:
+        return Settings.from_env()
+    except ConfigError:
+        return None
