@@ -174,11 +174,10 @@ def child(approach: str, url: str, endpoint: str, size: int) -> dict[str, Any]:
     import resource
 
     import boto3
+    import httpx
     from botocore.config import Config
     from vap_shared.runtime import HTTP_TIMEOUT
     from vap_shared.s3io import stream_url_to_s3
-
-    import httpx
 
     # The same client settings as `vap_shared.runtime.Runtime.build` (path style: loopback endpoint).
     s3 = boto3.session.Session().client(
@@ -187,7 +186,9 @@ def child(approach: str, url: str, endpoint: str, size: int) -> dict[str, Any]:
         region_name="us-east-1",
         aws_access_key_id="bench",
         aws_secret_access_key="bench",  # noqa: S106 - a dummy for the loopback stand-in
-        config=Config(signature_version="s3v4", retries={"mode": "standard"}, s3={"addressing_style": "path"}),
+        config=Config(
+            signature_version="s3v4", retries={"mode": "standard"}, s3={"addressing_style": "path"}
+        ),
     )
     http = httpx.Client(timeout=HTTP_TIMEOUT, follow_redirects=False)
     key = f"outputs/bench/{approach}/video.mp4"
@@ -215,7 +216,13 @@ def child(approach: str, url: str, endpoint: str, size: int) -> dict[str, Any]:
         raise ValueError(approach)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"approach": approach, "bytes": stored, "seconds": seconds, "baseline_rss": baseline, "peak_rss": peak}
+    return {
+        "approach": approach,
+        "bytes": stored,
+        "seconds": seconds,
+        "baseline_rss": baseline,
+        "peak_rss": peak,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -233,7 +240,9 @@ class TransferResult:
 
 def run_one(approach: str, size: int, source_url: str, sink_url: str, state: SinkState) -> TransferResult:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SHARED), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SHARED), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     command = [
         sys.executable,
         "-m",
@@ -282,7 +291,9 @@ def run(size_mb: float = 500, approaches: tuple[str, ...] = APPROACHES) -> list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=float, default=500, help="video size in MiB (default 500)")
     parser.add_argument("--child", choices=APPROACHES, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
