@@ -28,6 +28,7 @@ from .naming import output_prefix, parse_event_time, sidecar_name, work_input_ke
 from .runtime import Runtime
 from .s3io import head, read_limited
 from .sidecar import Sidecar, SidecarInvalid, decode_json_object, validate_object
+from .status_object import write_status
 
 logger = Logger(child=True)
 
@@ -158,6 +159,7 @@ class Ingestor:
         )
         if self.rt.store.create(job):
             logger.info("job received", extra={"job_id": jid, "key": event.key})
+            write_status(self.rt.s3, s.bucket_name, job)
             return job
         again = self.rt.store.get(jid)
         return again if again is not None else job
@@ -333,6 +335,8 @@ class Ingestor:
         if updated is None:
             # A callback already moved the job on (running/terminal): keep its state, add our fields.
             self.rt.store.update_fields(job.job_id, fields, iso(utcnow()), only_if_absent="backend_call_id")
+        else:
+            write_status(self.rt.s3, s.bucket_name, updated)
         logger.info(
             "job dispatched",
             extra={

@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict
 
 from .errors import FieldError
 
-State = Literal["received", "dispatched", "running", "succeeded", "failed"]
+State = Literal["received", "dispatched", "running", "succeeded", "failed", "cancelled"]
 BackendName = Literal["modal", "fal"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed"})
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 # Where each state may be entered from. Callbacks can overtake ingest's own "dispatched" write
 # (the GPU may report progress before ingest records the dispatch), so `received` may jump ahead;
@@ -21,6 +21,8 @@ ALLOWED_FROM: dict[str, tuple[str, ...]] = {
     "running": ("received", "dispatched", "running"),
     "succeeded": ("received", "dispatched", "running"),
     "failed": ("received", "dispatched", "running"),
+    # `vap cancel`: the user stopped the job (the backend was asked to cancel; no notification).
+    "cancelled": ("received", "dispatched", "running"),
 }
 
 

@@ -20,6 +20,7 @@ from .media import MediaRef
 from .naming import output_keys
 from .runtime import Runtime
 from .s3io import put_json
+from .status_object import write_status
 
 logger = Logger(child=True)
 
@@ -58,6 +59,7 @@ def finalize_terminal(rt: Runtime, job: Job) -> None:
     """Finish what a crash may have skipped for a job already in a terminal state."""
     if job.state == "failed" and job.error_report_key:
         put_json(rt.s3, rt.settings.bucket_name, job.error_report_key, error_report(job))
+    write_status(rt.s3, rt.settings.bucket_name, job)
     notify_once(rt, job)
 
 
@@ -151,6 +153,7 @@ def fall_back_or_fail(
         },
         iso(utcnow()),
     )
+    write_status(rt.s3, rt.settings.bucket_name, updated)
     logger.info(
         "fell back to the other backend",
         extra={"job_id": job.job_id, "from": failed_backend, "to": dispatch.backend, "reason": reason},

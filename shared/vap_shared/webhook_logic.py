@@ -24,6 +24,7 @@ from .naming import output_keys, work_video_key
 from .runtime import Runtime
 from .s3io import StoreError, copy, put_json, stream_url_to_s3, validate_mp4
 from .signing import SignatureError, derive_callback_key, verify_callback
+from .status_object import progress_worth_writing, write_status
 
 logger = Logger(child=True)
 
@@ -91,6 +92,8 @@ def handle_gpu_callback(rt: Runtime, job_id: str, headers: dict[str, str], body:
     if callback.event == "progress":
         progress = callback.progress.model_dump() if callback.progress else None
         updated = rt.store.transition(job_id, "running", {"progress": progress}, iso(utcnow()))
+        if updated is not None and (job.state != "running" or progress_worth_writing(job.progress, progress)):
+            write_status(rt.s3, rt.settings.bucket_name, updated)
         return _ok(state=updated.state if updated else job.state)
     if callback.event == "succeeded":
         return _gpu_succeeded(rt, job, callback)
@@ -114,6 +117,7 @@ def _gpu_succeeded(rt: Runtime, job: Job, callback: GpuCallback) -> Reply:
         updated = fall_back_or_fail(rt, job, errors, exc.message)
         return _ok(state=updated.state if updated else job.state)
     keys = output_keys(job.output_prefix)
+    write_status(rt.s3, s.bucket_name, job, "storing")
     copy(rt.s3, s.bucket_name, work_key, keys["video"])
     result = callback.result.model_dump() if callback.result else {}
     put_json(
@@ -192,6 +196,7 @@ def fal_failure_errors(delivery: dict[str, Any]) -> list[FieldError]:
 def _fal_succeeded(rt: Runtime, job: Job, request_id: str, payload: dict[str, Any], url: str) -> Reply:
     s = rt.settings
     keys = output_keys(job.output_prefix)
+    write_status(rt.s3, s.bucket_name, job, "storing")
     try:
         size = stream_url_to_s3(
             rt.http,

@@ -130,3 +130,14 @@ def test_host_wildcards():
     assert not host_matches("fal.media", ["*.fal.media"])
     assert not host_matches("evilfal.media", ["*.fal.media"])
     assert host_matches("STORAGE.googleapis.com", ["storage.googleapis.com"])
+
+
+def test_cancelled_is_terminal_and_entered_from_live_states() -> None:
+    from vap_shared.jobs import TERMINAL, Job, can_transition
+
+    assert "cancelled" in TERMINAL and Job(job_id="j", state="cancelled").terminal
+    for source in ("received", "dispatched", "running"):
+        assert can_transition(source, "cancelled")
+    for source in ("succeeded", "failed", "cancelled"):
+        assert not can_transition(source, "cancelled")
+    assert not can_transition("cancelled", "running")

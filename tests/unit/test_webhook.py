@@ -322,7 +322,9 @@ def test_fal_cdn_outage_asks_for_redelivery(st, services):
     job = dispatch(st, backend="fal")
     services.cdn_status = 502
     assert post(fal_event(st, job, ok_delivery(job)))[0] == 503
-    assert st.store.get(job.job_id).state == "dispatched" and not st.object_keys("outputs/")
+    assert st.store.get(job.job_id).state == "dispatched"
+    # Only the live status object (docs/contracts.md): no video, metadata or error report.
+    assert [k.rsplit("/", 1)[1] for k in st.object_keys("outputs/")] == ["status.json"]
     services.cdn_status = 200
     assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
     assert st.store.get(job.job_id).state == "succeeded"
@@ -450,3 +452,24 @@ def test_fal_error_overtaking_the_dispatch_write_reports_fal(st):
     assert post(fal_event(st, job, delivery))[0] == 200
     (note,) = st.notifications()
     assert note["status"] == "failed" and note["backend"] == "fal"
+
+
+def test_status_object_follows_the_job(st, services):
+    from vap_shared.status_object import progress_worth_writing
+
+    job = dispatch(st, backend="fal")
+    key = f"{job.output_prefix}status.json"
+    status = json.loads(
+        st.runtime.s3.get_object(Bucket=st.runtime.settings.bucket_name, Key=key)["Body"].read()
+    )
+    assert status["job_id"] == job.job_id and status["phase"] == "dispatched" and status["backend"] == "fal"
+    assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
+    status = json.loads(
+        st.runtime.s3.get_object(Bucket=st.runtime.settings.bucket_name, Key=key)["Body"].read()
+    )
+    assert status["state"] == status["phase"] == "succeeded"
+    assert status["output_key"] == f"{job.output_prefix}video.mp4"
+    assert progress_worth_writing(None, {"step": 1, "total": 50})
+    assert not progress_worth_writing({"step": 1, "total": 50}, {"step": 2, "total": 50})
+    assert progress_worth_writing({"step": 4, "total": 50}, {"step": 5, "total": 50})
+    assert progress_worth_writing({"step": 49, "total": 50}, {"step": 50, "total": 50})
