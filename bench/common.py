@@ -31,10 +31,13 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def dir_size(path: Path) -> int:
-    """Bytes of all regular files under `path` (what the unzipped package occupies)."""
+def dir_size(path: Path, bytecode: bool = True) -> int:
+    """Bytes of all regular files under `path` (what the unzipped package occupies); without
+    `bytecode`, `__pycache__` folders are left out (sam build unpacks wheels without compiling)."""
     total = 0
     for root, _dirs, files in os.walk(path):
+        if not bytecode and "__pycache__" in Path(root).parts:
+            continue
         for name in files:
             file = Path(root) / name
             if not file.is_symlink():
