@@ -87,6 +87,7 @@ class ModeResult:
     median_process_ms: float  # interpreter start to exit, as seen from outside
     maxrss_mb: float
     modules: int
+    import_by_package_ms: dict[str, float] = field(default_factory=dict)  # one -X importtime run
 
 
 @dataclass
@@ -161,7 +162,7 @@ def _paths(mode: str, packages: Packages) -> list[str]:
     return paths
 
 
-def run_child(python: str, mode: str, packages: Packages) -> dict[str, Any]:
+def _child_env(mode: str) -> dict[str, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "C.UTF-8",
@@ -173,6 +174,11 @@ def run_child(python: str, mode: str, packages: Packages) -> dict[str, Any]:
     if mode in FUNCTION_DIRS:
         env["POWERTOOLS_SERVICE_NAME"] = f"vap-{mode}"
         env["AWS_LAMBDA_FUNCTION_NAME"] = f"vap-bench-{mode}"
+    return env
+
+
+def run_child(python: str, mode: str, packages: Packages) -> dict[str, Any]:
+    env = _child_env(mode)
     started = time.perf_counter()
     done = subprocess.run(  # noqa: S603 - fixed interpreter and script
         [python, "-I", str(CHILD), mode, *_paths(mode, packages)],
@@ -189,6 +195,30 @@ def run_child(python: str, mode: str, packages: Packages) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     data["process_ms"] = elapsed
     return data
+
+
+def import_breakdown(python: str, mode: str, packages: Packages, top: int = 6) -> dict[str, float]:
+    """Milliseconds of import time by top-level package (`-X importtime` self times, summed)."""
+    env = _child_env(mode)
+    done = subprocess.run(  # noqa: S603 - fixed interpreter and script
+        [python, "-I", "-X", "importtime", str(CHILD), mode, *_paths(mode, packages)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),
+        timeout=120,
+        check=False,
+    )
+    totals: dict[str, float] = {}
+    for line in done.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        parts = line[len("import time:") :].split("|")
+        if len(parts) != 3 or not parts[0].strip().isdigit():
+            continue
+        root = parts[2].strip().split(".")[0]
+        totals[root] = totals.get(root, 0.0) + int(parts[0]) / 1000
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
 
 
 def measure(
@@ -214,6 +244,7 @@ def measure(
             median_process_ms=median([r["process_ms"] for r in rows]),
             maxrss_mb=max(r["maxrss_kb"] for r in rows) / 1024,
             modules=int(median([r["modules"] for r in rows])),
+            import_by_package_ms=import_breakdown(python, mode, packages),
         )
     return results
 
