@@ -383,11 +383,16 @@ def test_secrets_never_reach_the_logs(st):
 
     # Powertools binds its handlers' streams at import time: point them at a buffer.
     sink = io.StringIO()
-    swapped = []
-    for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler):
-                swapped.append((handler, handler.setStream(sink)))
+    # A handler can hang on several loggers: swap each one once, or its restore would be undone.
+    handlers = {
+        id(h): h
+        for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+        for h in getattr(logger, "handlers", [])
+        if isinstance(h, logging.StreamHandler)
+    }
+    swapped = [(handler, handler.stream) for handler in handlers.values()]
+    for handler, _ in swapped:
+        handler.setStream(sink)
 
     job = dispatch(st, backend="auto")
     error = {"code": "internal", "message": "boom", "retryable": True}
@@ -396,7 +401,7 @@ def test_secrets_never_reach_the_logs(st):
     post(fal_event(st, fal_job, ok_delivery(fal_job)))
     assert st.store.get(job.job_id).state == "succeeded"
     for handler, stream in swapped:
-        handler.setStream(stream)
+        handler.stream = stream  # setStream() would flush the old stream, possibly closed by now
     logs = sink.getvalue()
     assert "job dispatched" in logs
     for secret in (FAL_KEY, MODAL_SECRET, SIGNING_SECRET, st.gpu_key(job.job_id).hex()):
