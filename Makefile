@@ -8,10 +8,11 @@ SAM_STAMP := $(SAM_VENV)/.installed
 
 .PHONY: venv test test-fast lint typecheck local demo bench validate sam-build clean
 
-$(STAMP): requirements/*.txt
+$(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -r requirements/dev.txt
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 $(SAM_STAMP): requirements/sam.txt
@@ -33,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy shared/vap_shared functions/ingest/ingest.py functions/webhook/webhook.py gpu local_stack
+	$(BIN)/mypy shared/vap_shared functions/ingest/ingest.py functions/webhook/webhook.py functions/sweeper/sweeper.py gpu local_stack vap_cli
 
 validate: venv
 	$(BIN)/cfn-lint template.yaml

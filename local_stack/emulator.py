@@ -303,6 +303,10 @@ class Deployer:
                 attrs[(logical_id, "Arn")] = (
                     groups[0]["arn"] if groups else f"arn:aws:logs:::log-group:{pid}:*"
                 )
+            elif kind == "AWS::Events::Rule":
+                # The sweeper's schedule; it never fires locally (`LocalStack.run_sweeper`).
+                name = pid.rsplit("/", 1)[-1]
+                attrs[(logical_id, "Arn")] = f"arn:aws:events:{self.region}:{ACCOUNT_ID}:rule/{name}"
             elif kind == "AWS::SNS::Topic":
                 attrs[(logical_id, "TopicArn")] = pid
                 attrs[(logical_id, "TopicName")] = pid.rsplit(":", 1)[1]

@@ -36,6 +36,7 @@ log = logging.getLogger("local_stack")
 ROOT = Path(__file__).resolve().parent.parent
 INGEST = "IngestFunction"
 WEBHOOK = "WebhookFunction"
+SWEEPER = "SweeperFunction"
 
 
 @dataclass
@@ -378,6 +379,22 @@ class LocalStack:
                 "ETag"
             ]
         )
+
+    def run_sweeper(self) -> dict[str, Any]:
+        """Invoke the sweeper now, as its EventBridge schedule would (the schedule itself does not
+        run locally); returns its report `{"counts": ..., "jobs": {job_id: outcome}}`. Deadlines
+        follow `JOB_DEADLINE_SECONDS`, e.g. `with stack.environment(JOB_DEADLINE_SECONDS="1"): ...`."""
+        event = {
+            "version": "0",
+            "id": secrets.token_hex(8),
+            "detail-type": "Scheduled Event",
+            "source": "aws.events",
+            "account": "123456789012",
+            "region": self.region,
+            "resources": [],
+            "detail": {},
+        }
+        return dict(self.functions[SWEEPER].invoke(event))
 
     def queue_depth(self, queue_url: str) -> int:
         attrs = self.sqs.get_queue_attributes(

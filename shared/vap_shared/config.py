@@ -64,6 +64,8 @@ class Settings:
     job_ttl_days: int = 30
     # How many SQS receives a job may wait for missing media / a transiently down backend.
     ingest_max_attempts: int = 4
+    # The sweeper acts on dispatched/running jobs whose dispatch is older than this.
+    job_deadline_seconds: int = 1800
     allow_http_loopback: bool = False
 
     @classmethod
@@ -102,6 +104,7 @@ class Settings:
             presign_ttl_seconds=_int(env, "PRESIGN_TTL_SECONDS", defaults.presign_ttl_seconds),
             job_ttl_days=_int(env, "JOB_TTL_DAYS", defaults.job_ttl_days),
             ingest_max_attempts=_int(env, "INGEST_MAX_ATTEMPTS", defaults.ingest_max_attempts),
+            job_deadline_seconds=_int(env, "JOB_DEADLINE_SECONDS", defaults.job_deadline_seconds),
             allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
         )
 

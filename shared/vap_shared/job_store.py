@@ -16,6 +16,10 @@ from .jobs import ALLOWED_FROM, Job
 _JSON_FIELDS = ("settings", "inputs", "fal_urls", "progress", "errors")
 
 
+# Sparse-by-state GSI the sweeper queries: partition `state`, sort `dispatched_at` (ISO-8601 UTC,
+# sorts as time). Only items that have `dispatched_at` are in it, and a query reads one state.
+DEADLINE_INDEX = "state-dispatched_at"
+
 _SERIALIZER = TypeSerializer()
 _DESERIALIZER = TypeDeserializer()
 
@@ -192,3 +196,39 @@ class JobStore:
     def release_notification(self, job_id: str) -> None:
         """Undo a claim whose publish failed, so a retry can notify."""
         self._update(job_id, {"notified_at": None}, "attribute_exists(job_id)", {}, {})
+
+    def overdue(
+        self,
+        state: str,
+        dispatched_before_iso: str,
+        limit: int = 100,
+        dispatched_after_iso: str | None = None,
+        unnotified_only: bool = False,
+    ) -> list[str]:
+        """Ids of jobs in `state` dispatched before the given time (oldest first); optionally only
+        those dispatched after a lower bound and never notified (the index projects `notified_at`)."""
+        ids: list[str] = []
+        values: dict[str, Any] = {":s": state, ":t": dispatched_before_iso}
+        if dispatched_after_iso is not None:
+            condition = "#state = :s AND #d BETWEEN :f AND :t"
+            values[":f"] = dispatched_after_iso
+        else:
+            condition = "#state = :s AND #d < :t"
+        names = {"#state": "state", "#d": "dispatched_at"}
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "IndexName": DEADLINE_INDEX,
+            "KeyConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": _wire(values),
+        }
+        if unnotified_only:
+            kwargs["FilterExpression"] = "attribute_not_exists(#n)"
+            names["#n"] = "notified_at"
+        while len(ids) < limit:
+            page = self._client.query(**kwargs, Limit=limit)
+            ids.extend(str(_unwire(item)["job_id"]) for item in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return ids[:limit]

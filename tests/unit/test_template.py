@@ -338,3 +338,76 @@ def test_sam_build(tmp_path: Path) -> None:
     assert (layer / "vap_shared" / "config.py").exists()
     # Compiled dependencies were fetched for the functions' architecture (arm64).
     assert list(layer.glob("pydantic_core/*aarch64*.so"))
+
+
+# ---------------------------------------------------------------------------------------------- sweeper
+
+
+def test_sweeper_runs_every_5_minutes_with_its_own_role(sam: Template, cfn: Template) -> None:
+    sweeper = props(sam, "SweeperFunction")
+    assert sweeper["Handler"] == "sweeper.handler"
+    assert sweeper["CodeUri"] == "functions/sweeper/"
+    assert sweeper["Role"] == {"Fn::GetAtt": ["SweeperRole", "Arn"]}
+    assert "FunctionUrlConfig" not in sweeper
+    (event,) = sweeper["Events"].values()
+    assert event == {
+        "Type": "Schedule",
+        "Properties": {"Schedule": "rate(5 minutes)", "Description": "Settle overdue VAP jobs."},
+    }
+    assert sweeper["Timeout"] < 300  # shorter than the period: runs do not overlap
+    (rule,) = resources_of(cfn, "AWS::Events::Rule").values()
+    assert rule["Properties"]["ScheduleExpression"] == "rate(5 minutes)"
+    (target,) = rule["Properties"]["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": ["SweeperFunction", "Arn"]}
+
+
+def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None:
+    (index,) = props(sam, "JobsTable")["GlobalSecondaryIndexes"]
+    assert index["IndexName"] == "state-dispatched_at"
+    assert index["KeySchema"] == [
+        {"AttributeName": "state", "KeyType": "HASH"},
+        {"AttributeName": "dispatched_at", "KeyType": "RANGE"},
+    ]
+    from vap_shared.job_store import DEADLINE_INDEX
+
+    assert index["IndexName"] == DEADLINE_INDEX
+    grants = _s3_grants(cfn, "SweeperRole")
+    assert grants == {
+        "s3:GetObject": {"/inbox/*", "/work/*"},
+        "s3:PutObject": {"/outputs/*"},
+        "s3:AbortMultipartUpload": {"/outputs/*"},
+        "s3:ListBucket": {""},
+    }
+    actions = {
+        a
+        for logical_id, st in _statements(cfn)
+        if logical_id == "SweeperRole"
+        for a in (st["Action"] if isinstance(st["Action"], list) else [st["Action"]])
+    }
+    # Reads by key and index, updates conditionally; never creates, deletes or scans.
+    assert {a for a in actions if a.startswith("dynamodb:")} == {
+        "dynamodb:Query",
+        "dynamodb:GetItem",
+        "dynamodb:UpdateItem",
+    }
+    (query,) = [
+        st for lid, st in _statements(cfn) if lid == "SweeperRole" and st["Action"] == "dynamodb:Query"
+    ]
+    assert query["Resource"] == {"Fn::Sub": "${JobsTable.Arn}/index/state-dispatched_at"}
+    assert not {a for a in actions if a.startswith("sqs:")}
+
+
+def test_sweeper_env_follows_the_contract(sam: Template) -> None:
+    contract = _contract_env_names()
+    code = _code_env_names() | {"POWERTOOLS_SERVICE_NAME"}
+    names = set(env_of(sam, "SweeperFunction"))
+    assert names <= contract, names - contract
+    assert names <= code, names - code
+    assert {"BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN", "JOB_DEADLINE_SECONDS", "MODAL_ENDPOINT_URL"} <= names
+    assert {"FAL_QUEUE_URL", "FAL_MEDIA_HOSTS", "MAX_OUTPUT_BYTES", "MODAL_TOKEN_SECRET_ARN"} <= names
+    # It never validates sidecars, builds webhook URLs or verifies fal signatures.
+    assert not {"WEBHOOK_BASE_URL", "ALLOWED_MEDIA_HOSTS", "MAX_SIDECAR_BYTES", "FAL_JWKS_URL"} & names
+    assert env_of(sam, "SweeperFunction")["JOB_DEADLINE_SECONDS"] == {"Ref": "JobDeadlineSeconds"}
+    # Only the sweeper reads the deadline.
+    for function in ("IngestFunction", "WebhookFunction"):
+        assert "JOB_DEADLINE_SECONDS" not in env_of(sam, function)

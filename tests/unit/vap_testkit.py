@@ -258,7 +258,22 @@ def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: s
         ddb.create_table(
             TableName=TABLE,
             KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}],
+            AttributeDefinitions=[
+                {"AttributeName": "job_id", "AttributeType": "S"},
+                {"AttributeName": "state", "AttributeType": "S"},
+                {"AttributeName": "dispatched_at", "AttributeType": "S"},
+            ],
+            # As in template.yaml: the sweeper's index.
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": "state-dispatched_at",
+                    "KeySchema": [
+                        {"AttributeName": "state", "KeyType": "HASH"},
+                        {"AttributeName": "dispatched_at", "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["notified_at"]},
+                }
+            ],
             BillingMode="PAY_PER_REQUEST",
         )
         sns = session().client("sns")

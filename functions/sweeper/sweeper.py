@@ -1,0 +1,42 @@
+"""Scheduled sweeper Lambda (EventBridge, every 5 minutes): overdue jobs settled with their backend.
+
+Thin adapter: the logic lives in `vap_shared.sweeper_logic`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from vap_shared.config import Settings, settings_at_cold_start
+from vap_shared.runtime import Runtime
+from vap_shared.sweeper_logic import Sweeper
+
+logger = Logger()
+
+
+_settings = settings_at_cold_start()
+_sweeper: Sweeper | None = None
+
+
+def get_sweeper() -> Sweeper:
+    """Clients are built once per execution environment, on the first invocation."""
+    global _sweeper
+    if _sweeper is None:
+        _sweeper = Sweeper(Runtime.build(_settings or Settings.from_env()))
+    return _sweeper
+
+
+def reset() -> None:
+    """For tests: forget the cached clients and settings."""
+    global _sweeper, _settings
+    _sweeper = None
+    _settings = None
+
+
+@logger.inject_lambda_context(clear_state=True)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    # The event carries nothing we need: "now" is the clock, the work is in the jobs table.
+    report = get_sweeper().sweep(time_left_ms=context.get_remaining_time_in_millis)
+    return {"counts": report.count(), "jobs": report.outcomes}

@@ -1,0 +1,128 @@
+"""Recovery on the local stack: the sweeper settles jobs whose callback/webhook never arrived."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from stack_helpers import get_json, jobs_for, settle, sidecar
+
+from local_stack import LocalStack
+from local_stack.fal_server import FalServer
+
+pytestmark = pytest.mark.stack
+
+
+def _media(folder: str, sample_media: dict[str, bytes]) -> dict[str, bytes]:
+    return {f"{folder}/{n}": d for n, d in sample_media.items()}
+
+
+def _job(stack: LocalStack, key: str) -> dict[str, Any]:
+    (item,) = jobs_for(stack, key)
+    return {k: next(iter(v.values())) for k, v in item.items()}
+
+
+def _wait(predicate: Any, timeout_s: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def _dispatched(stack: LocalStack, key: str) -> dict[str, Any] | None:
+    items = jobs_for(stack, key)
+    return _job(stack, key) if items and items[0]["state"]["S"] == "dispatched" else None
+
+
+@pytest.fixture
+def overdue(stack: LocalStack) -> Iterator[None]:
+    """Jobs count as overdue one second after dispatch."""
+    with stack.environment(JOB_DEADLINE_SECONDS="1"):
+        yield
+
+
+def test_lost_fal_webhook_is_recovered_by_the_sweeper(
+    stack: LocalStack, fal: FalServer, sample_media: dict[str, bytes], folder: str, overdue: None
+) -> None:
+    fal.behaviour.deliver_webhook = False
+    key = f"{folder}/lost-fal.json"
+    stack.put_job(key, sidecar(backend="fal"), _media(folder, sample_media))
+    job = _wait(lambda: _dispatched(stack, key))
+    _wait(lambda: fal.requests[job["backend_call_id"]].status == "COMPLETED")
+    time.sleep(1.1)
+    report = stack.run_sweeper()
+    assert report["jobs"][job["job_id"]] == "recovered", report
+    (note,) = stack.wait_for_notification(key, timeout_s=60)
+    assert note.body["status"] == "succeeded" and note.body["backend"] == "fal"
+    assert get_json(stack, note.body["metadata_key"])["backend"] == "fal"
+    # Another sweep, then (late) the webhook itself: still one notification.
+    assert job["job_id"] not in stack.run_sweeper()["jobs"]
+    fal._deliver(fal.requests[job["backend_call_id"]])
+    settle(1.0)
+    assert len(stack.notifications_for(key)) == 1
+
+
+def test_lost_gpu_callback_is_recovered_from_the_gpu_status_endpoint(
+    stack: LocalStack,
+    sample_media: dict[str, bytes],
+    folder: str,
+    overdue: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if stack.gpu is None:
+        pytest.skip("no local GPU server")
+    webhook = sys.modules["webhook"]
+    real = webhook.handle_gpu_callback
+    lost: list[str] = []
+
+    def lose_terminal_callbacks(rt: Any, job_id: str, headers: dict[str, str], body: bytes) -> Any:
+        if json.loads(body).get("event") != "progress":
+            lost.append(job_id)
+            from vap_shared.webhook_logic import Reply
+
+            return Reply(200, {"ok": True})  # swallowed on the way: the webhook never sees it
+        return real(rt, job_id, headers, body)
+
+    monkeypatch.setattr(webhook, "handle_gpu_callback", lose_terminal_callbacks)
+    key = f"{folder}/lost-gpu.json"
+    stack.put_job(key, sidecar(backend="modal"), _media(folder, sample_media))
+    _wait(lambda: lost, timeout_s=300)
+    monkeypatch.setattr(webhook, "handle_gpu_callback", real)
+    job = _job(stack, key)
+    assert job["state"] in ("dispatched", "running")
+    status = httpx.get(
+        f"{stack.gpu.url.rstrip('/')}/status/{job['backend_call_id']}",
+        headers={"Modal-Key": stack.modal_token[0], "Modal-Secret": stack.modal_token[1]},
+    ).json()
+    assert status["state"] == "succeeded", status
+    time.sleep(1.1)
+    report = stack.run_sweeper()
+    assert report["jobs"][job["job_id"]] == "recovered", report
+    (note,) = stack.wait_for_notification(key, timeout_s=60)
+    assert note.body["status"] == "succeeded" and note.body["backend"] == "modal"
+    assert stack.s3.head_object(Bucket=stack.bucket, Key=note.body["output_key"])["ContentLength"] > 0
+    settle(0.5)
+    assert len(stack.notifications_for(key)) == 1
+
+
+def test_fal_never_finishing_fails_the_job_with_a_clear_reason(
+    stack: LocalStack, fal: FalServer, sample_media: dict[str, bytes], folder: str, overdue: None
+) -> None:
+    fal.behaviour.delay_s = 30.0  # still IN_PROGRESS when the deadline passes
+    key = f"{folder}/slow-fal.json"
+    stack.put_job(key, sidecar(backend="fal"), _media(folder, sample_media))
+    job = _wait(lambda: _dispatched(stack, key))
+    time.sleep(1.1)
+    assert stack.run_sweeper()["jobs"][job["job_id"]] == "failed"
+    (note,) = stack.wait_for_notification(key, timeout_s=60)
+    assert note.body["status"] == "failed"
+    assert "did not finish within 1 s" in note.body["errors"][0]["message"]
+    assert fal.requests[job["backend_call_id"]].cancelled

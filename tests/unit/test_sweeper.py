@@ -1,0 +1,323 @@
+"""The sweeper: overdue jobs are settled with their backend (recover, fall back once, or fail)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import ingest
+import pytest
+import sweeper
+import webhook
+from vap_shared.ingest_logic import Ingestor
+from vap_shared.jobs import utcnow
+from vap_shared.sweeper_logic import Sweeper
+from vap_testkit import (
+    FAL_EXAMPLE,
+    FAL_QUEUE,
+    MP4,
+    PNG,
+    FakeServices,
+    call,
+    s3_event,
+    sqs_event,
+    stack,
+)
+
+RESULT = {
+    "seed": 99,
+    "width": 480,
+    "height": 832,
+    "num_frames": 49,
+    "fps": 16,
+    "bytes": len(MP4),
+    "steps": 4,
+    "gpu": "cpu",
+    "timings": {"total_s": 2.0},
+}
+LATER = timedelta(seconds=3600)  # past the default 1800 s deadline
+
+
+@dataclass
+class SweepServices(FakeServices):
+    """FakeServices plus the GPU API's status/cancel and fal's status/response/cancel URLs."""
+
+    modal_state: dict[str, Any] | None = None  # GET /status/{id} body; None → 404
+    modal_status_code: int = 200
+    fal_state: dict[str, Any] = field(default_factory=lambda: {"status": "IN_PROGRESS"})
+    fal_status_code: int = 202
+    fal_response: tuple[int, dict[str, Any]] = (200, {})
+    cancels: list[str] = field(default_factory=list)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.url.host == "modal.test" and (path.startswith(("/status/", "/cancel/"))):
+            self.requests.append(request)
+            if request.headers.get("modal-key") != "wk-test":
+                return httpx.Response(401)
+            if path.startswith("/cancel/"):
+                self.cancels.append(path)
+                return httpx.Response(200, json={"call_id": path.rsplit("/", 1)[1], "cancelled": True})
+            if self.modal_state is None:
+                return httpx.Response(404, json={"detail": "unknown call"})
+            body = {"call_id": path.rsplit("/", 1)[1], **self.modal_state}
+            return httpx.Response(self.modal_status_code, json=body)
+        if request.url.host == "queue.fal.test" and "/requests/" in path:
+            self.requests.append(request)
+            if request.headers.get("authorization") != "Key fal-test-key-abc":
+                return httpx.Response(401)
+            if path.endswith("/cancel"):
+                self.cancels.append(path)
+                return httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})
+            if path.endswith("/status"):
+                return httpx.Response(self.fal_status_code, json=self.fal_state)
+            return httpx.Response(self.fal_response[0], json=self.fal_response[1])
+        return super().handler(request)
+
+
+@pytest.fixture
+def services():
+    return SweepServices()
+
+
+@pytest.fixture
+def st(monkeypatch, services):
+    with stack(monkeypatch, services) as s:
+        ingest._ingestor = Ingestor(s.runtime)
+        webhook._runtime = s.runtime
+        sweeper._sweeper = Sweeper(s.runtime)
+        yield s
+    ingest.reset()
+    webhook.reset()
+    sweeper.reset()
+
+
+def dispatch(st, backend="modal", name="inbox/set/job.json"):
+    st.put("inbox/set/clip.mp4", MP4)
+    st.put("inbox/set/face.png", PNG)
+    sidecar = {**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend}
+    raw = json.dumps(sidecar).encode()
+    etag = st.put(name, raw)
+    call(ingest.handler, sqs_event(s3_event(name, etag, size=len(raw))))
+    (job_id,) = st.job_ids()
+    job = st.store.get(job_id)
+    assert job.state == "dispatched"
+    return job
+
+
+def sweep(st, later=LATER):
+    return Sweeper(st.runtime).sweep(now=utcnow() + later).outcomes
+
+
+def test_nothing_overdue_is_left_alone(st, services):
+    job = dispatch(st)
+    assert sweep(st, later=timedelta(0)) == {}
+    assert st.store.get(job.job_id).state == "dispatched"
+    assert not [r for r in services.requests if "/status/" in r.url.path]
+
+
+def test_lost_gpu_callback_is_recovered_stored_and_notified_once(st, services):
+    job = dispatch(st)
+    st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
+    services.modal_state = {"state": "succeeded", "result": RESULT}
+    assert sweep(st) == {job.job_id: "recovered"}
+    done = st.store.get(job.job_id)
+    assert done.state == "succeeded" and done.seed == 99 and done.backend == "modal"
+    assert st.s3.get_object(Bucket="vap-test-bucket", Key=done.output_key)["Body"].read() == MP4
+    assert st.get_json(done.metadata_key)["result"]["seed"] == 99
+    (note,) = st.notifications()
+    assert note["status"] == "succeeded"
+    # Later sweeps (and the late callback) change nothing and notify nobody.
+    assert sweep(st) == {}
+    assert st.notifications() == []
+
+
+def test_gpu_succeeded_but_upload_not_readable_yet_is_retried_next_run(st, services):
+    job = dispatch(st)
+    services.modal_state = {"state": "succeeded", "result": RESULT}
+    assert sweep(st)[job.job_id] in ("pending", "fell-back", "failed")
+    # Not stored and not notified while the upload is missing.
+    assert not [k for k in st.object_keys("outputs/") if k.endswith(("video.mp4", "metadata.json"))]
+    assert st.notifications() == []
+
+
+def test_gpu_failure_reported_only_by_status_falls_back_once(st, services):
+    job = dispatch(st, backend="auto")
+    services.modal_state = {
+        "state": "failed",
+        "error": {"code": "internal", "message": "CUDA error", "retryable": True},
+    }
+    assert sweep(st) == {job.job_id: "fell-back"}
+    after = st.store.get(job.job_id)
+    assert after.backend == "fal" and after.fallback_from == "modal" and "CUDA error" in after.fallback_reason
+    assert len(services.calls("queue.fal.test")) == 1
+    assert st.notifications() == []
+    # The re-dispatch restarts the clock: the next run does not touch it before its own deadline.
+    assert sweep(st, later=timedelta(seconds=60)) == {}
+
+
+def test_gpu_still_running_past_deadline_is_cancelled_and_falls_back(st, services):
+    job = dispatch(st, backend="auto")
+    services.modal_state = {"state": "running", "progress": {"step": 3, "total": 50}}
+    assert sweep(st) == {job.job_id: "fell-back"}
+    assert services.cancels == [f"/cancel/{job.backend_call_id}"]
+    after = st.store.get(job.job_id)
+    assert after.backend == "fal" and "timeout" in after.fallback_reason
+
+
+def test_overdue_without_fallback_fails_with_a_clear_reason_and_notifies(st, services):
+    job = dispatch(st, backend="modal")
+    services.modal_state = {"state": "queued"}
+    assert sweep(st) == {job.job_id: "failed"}
+    after = st.store.get(job.job_id)
+    assert after.state == "failed"
+    assert "did not finish within 1800 s" in after.errors[0]["message"]
+    assert st.get_json(after.error_report_key)["errors"] == after.errors
+    (note,) = st.notifications()
+    assert note["status"] == "failed" and "did not finish" in note["errors"][0]["message"]
+    assert sweep(st) == {}
+    assert st.notifications() == []
+
+
+@pytest.mark.parametrize(
+    ("state", "status", "expected"),
+    [
+        (None, 200, "Modal has no record"),
+        (
+            {"state": "running"},
+            503,
+            "Modal could not be asked about the job: status request answered HTTP 503",
+        ),
+        (
+            {"state": "failed", "error": {"code": "safety", "message": "flagged", "retryable": False}},
+            200,
+            "Generation failed on Modal: flagged",
+        ),
+    ],
+)
+def test_modal_lost_unreachable_or_refused_fails_clearly(st, services, state, status, expected):
+    job = dispatch(st, backend="modal")
+    services.modal_state, services.modal_status_code = state, status
+    assert sweep(st) == {job.job_id: "failed"}
+    assert expected in st.store.get(job.job_id).errors[0]["message"]
+    assert len(st.notifications()) == 1
+
+
+def test_modal_down_in_auto_mode_falls_back_to_fal(st, services):
+    job = dispatch(st, backend="auto")
+    services.modal_state, services.modal_status_code = {"state": "running"}, 502
+    assert sweep(st) == {job.job_id: "fell-back"}
+    assert st.store.get(job.job_id).backend == "fal"
+
+
+def test_fallback_happens_only_once_then_fails_with_both_reasons(st, services):
+    job = dispatch(st, backend="auto")
+    services.modal_state = {"state": "running"}
+    assert sweep(st) == {job.job_id: "fell-back"}
+    # fal never answers either.
+    services.fal_state, services.fal_status_code = {"status": "IN_QUEUE"}, 202
+    assert sweep(st) == {job.job_id: "failed"}
+    after = st.store.get(job.job_id)
+    assert after.state == "failed" and after.fallback_from == "modal"
+    assert "fal.ai did not finish" in after.errors[0]["message"]
+    assert any(c.endswith("/cancel") for c in services.cancels)
+    (note,) = st.notifications()
+    assert note["fallback_from"] == "modal" and note["backend"] == "fal"
+
+
+def test_lost_fal_webhook_is_recovered_from_the_response_url(st, services):
+    job = dispatch(st, backend="fal")
+    services.fal_state, services.fal_status_code = {"status": "COMPLETED"}, 200
+    services.fal_response = (200, {"video": {"url": "https://v3.fal.media/files/out.mp4"}, "seed": 5})
+    assert sweep(st) == {job.job_id: "recovered"}
+    done = st.store.get(job.job_id)
+    assert done.state == "succeeded" and done.seed == 5 and done.backend == "fal"
+    assert st.s3.get_object(Bucket="vap-test-bucket", Key=done.output_key)["Body"].read() == MP4
+    meta = st.get_json(done.metadata_key)
+    assert "url" not in meta["result"]["video"]
+    (note,) = st.notifications()
+    assert note["status"] == "succeeded" and note["backend"] == "fal"
+    # The status request carried the fal key to the queue host only.
+    status_calls = [r for r in services.calls("queue.fal.test") if r.url.path.endswith("/status")]
+    assert status_calls and all(str(r.url).startswith(FAL_QUEUE + "/") for r in status_calls)
+
+
+def test_fal_failure_from_the_response_url_carries_fals_reason(st, services):
+    job = dispatch(st, backend="fal")
+    services.fal_state, services.fal_status_code = {"status": "COMPLETED"}, 200
+    detail = [{"loc": ["body", "num_frames"], "msg": "must be at most 121", "type": "value_error"}]
+    services.fal_response = (422, {"detail": detail})
+    assert sweep(st) == {job.job_id: "failed"}
+    errors = st.store.get(job.job_id).errors
+    assert errors == [
+        {"field": "num_frames", "message": "fal.ai rejected `num_frames`: must be at most 121."}
+    ]
+    assert len(st.notifications()) == 1
+
+
+def test_fal_unknown_request_fails(st, services):
+    job = dispatch(st, backend="fal")
+    services.fal_status_code = 404
+    assert sweep(st) == {job.job_id: "failed"}
+    assert "fal.ai has no record" in st.store.get(job.job_id).errors[0]["message"]
+
+
+def test_recorded_fal_urls_on_another_host_are_never_sent_the_key(st, services):
+    job = dispatch(st, backend="fal")
+    st.store.update_fields(
+        job.job_id,
+        {"fal_urls": {"status_url": "https://evil.test/steal", "response_url": "https://evil.test/r"}},
+        "2026-01-01T00:00:00.000000Z",
+        only_if_absent="nothing",
+    )
+    assert sweep(st) == {job.job_id: "failed"}
+    assert services.calls("evil.test") == []
+    assert "not on the configured fal queue host" in st.store.get(job.job_id).errors[0]["message"]
+
+
+def test_terminal_job_whose_notification_was_skipped_is_notified_once(st, services):
+    job = dispatch(st, backend="modal")
+    # A crash right after the terminal transition: no notification was claimed.
+    st.store.transition(
+        job.job_id,
+        "failed",
+        {"errors": [{"field": None, "message": "boom"}], "completed_at": "x"},
+        "2026-01-01T00:00:00.000000Z",
+    )
+    assert sweep(st, later=timedelta(seconds=10)) == {job.job_id: "notified"}
+    (note,) = st.notifications()
+    assert note["status"] == "failed"
+    assert sweep(st, later=timedelta(seconds=10)) == {}
+
+
+def test_one_broken_job_does_not_stop_the_others(st, services, monkeypatch):
+    first = dispatch(st, backend="modal", name="inbox/set/a.json")
+    st.put("inbox/set/b.json", b"")  # (not dispatched: never in the index)
+    services.modal_state = {"state": "queued"}
+    sw = Sweeper(st.runtime)
+    original = sw.sweep_job
+    calls = []
+
+    def flaky(job_id, cutoff):
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return original(job_id, cutoff)
+
+    monkeypatch.setattr(sw, "sweep_job", flaky)
+    assert sw.sweep(now=utcnow() + LATER).outcomes == {first.job_id: "error"}
+    assert sw.sweep(now=utcnow() + LATER).outcomes == {first.job_id: "failed"}
+
+
+def test_handler_reports_counts(st, services):
+    job = dispatch(st, backend="modal")
+    services.modal_state = {"state": "queued"}
+    st.runtime.settings.__dict__["job_deadline_seconds"] = 1  # frozen dataclass: test-only override
+    import time
+
+    time.sleep(1.1)
+    result = call(sweeper.handler, {"source": "aws.events", "detail-type": "Scheduled Event"})
+    assert result == {"counts": {"failed": 1}, "jobs": {job.job_id: "failed"}}
