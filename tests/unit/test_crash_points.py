@@ -1,0 +1,330 @@
+"""Crash points: a failure injected once at each step must still end, after the natural retry
+(SQS redelivery, the backend's callback retry, or the sweeper), in exactly one terminal state and
+exactly one notification."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import ingest
+import pytest
+import sweeper
+import webhook
+from botocore.exceptions import ClientError
+from test_sweeper import SweepServices
+from vap_shared import ingest_logic, job_store, lifecycle, notifier, webhook_logic
+from vap_shared.ingest_logic import Ingestor
+from vap_shared.jobs import utcnow
+from vap_shared.sweeper_logic import Sweeper
+from vap_testkit import (
+    BUCKET,
+    FAL_EXAMPLE,
+    MP4,
+    PNG,
+    call,
+    gpu_callback_event,
+    s3_event,
+    sqs_event,
+    stack,
+    url_event,
+)
+
+NAME = "inbox/set/job.json"
+RESULT = {
+    "seed": 7,
+    "width": 480,
+    "height": 832,
+    "num_frames": 49,
+    "fps": 16,
+    "bytes": len(MP4),
+    "steps": 4,
+    "gpu": "cpu",
+    "timings": {"total_s": 1.0},
+}
+
+
+class Injected(RuntimeError):
+    """The injected crash."""
+
+
+def crash_once(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, when: Callable[..., bool] = lambda *a, **k: True
+) -> dict[str, int]:
+    """Make `owner.name` raise once (the first call for which `when` holds), then behave."""
+    original = getattr(owner, name)
+    fired = {"count": 0}
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not fired["count"] and when(*args, **kwargs):
+            fired["count"] += 1
+            raise Injected(f"injected crash in {name}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return fired
+
+
+@pytest.fixture
+def services():
+    return SweepServices()
+
+
+@pytest.fixture
+def st(monkeypatch, services):
+    with stack(monkeypatch, services) as s:
+        ingest._ingestor = Ingestor(s.runtime)
+        webhook._runtime = s.runtime
+        sweeper._sweeper = Sweeper(s.runtime)
+        yield s
+    ingest.reset()
+    webhook.reset()
+    sweeper.reset()
+
+
+def upload(st, backend="modal"):
+    st.put("inbox/set/clip.mp4", MP4)
+    st.put("inbox/set/face.png", PNG)
+    raw = json.dumps({**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend})
+    etag = st.put(NAME, raw.encode())
+    return s3_event(NAME, etag, size=len(raw))
+
+
+def deliver(event, receive_count=1) -> list[str]:
+    """One SQS delivery to the ingest handler; the message ids SQS would redeliver."""
+    response = call(ingest.handler, sqs_event(event, receive_count=receive_count))
+    return [f["itemIdentifier"] for f in response["batchItemFailures"]]
+
+
+def the_job(st):
+    (job_id,) = st.job_ids()
+    return st.store.get(job_id)
+
+
+def post(event) -> int:
+    try:
+        return int(call(webhook.handler, event)["statusCode"])
+    except Exception:
+        return 502  # the Function URL answers 502 when the handler crashes; the sender retries
+
+
+def gpu_done(st, job, call_id=None) -> Any:
+    st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
+    body = {
+        "job_id": job.job_id,
+        "call_id": call_id or job.backend_call_id,
+        "event": "succeeded",
+        "sent_at": int(time.time()),
+        "result": RESULT,
+    }
+    return gpu_callback_event(st, job.job_id, body)
+
+
+def fal_done(st, job) -> Any:
+    delivery = {
+        "request_id": job.backend_call_id,
+        "status": "OK",
+        "payload": {"video": {"url": "https://v3.fal.media/files/out.mp4"}},
+    }
+    body = json.dumps(delivery).encode()
+    return url_event(
+        f"/callbacks/fal/{job.job_id}", body, st.services.fal_keys.headers(job.backend_call_id, body)
+    )
+
+
+def assert_exactly_once(st, status="succeeded"):
+    job = the_job(st)
+    assert job.state == status, (job.state, job.errors)
+    notes = st.notifications()
+    assert [n["status"] for n in notes] == [status], notes
+    assert notes[0]["job_id"] == job.job_id
+    return job
+
+
+def modal_submits(st) -> list[Any]:
+    return [r for r in st.services.calls("modal.test") if r.url.path == "/submit"]
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+
+
+def test_crash_before_dispatch_is_redelivered_and_dispatched_once(st, monkeypatch):
+    event = upload(st)
+    fired = crash_once(monkeypatch, ingest_logic, "dispatch")
+    assert deliver(event) == ["m-0"]  # the batch item failed: SQS redelivers it
+    assert fired["count"] == 1
+    assert the_job(st).state == "received" and not modal_submits(st)
+    assert deliver(event, receive_count=2) == []
+    job = the_job(st)
+    assert job.state == "dispatched" and len(modal_submits(st)) == 1
+    assert post(gpu_done(st, job)) == 200
+    assert_exactly_once(st)
+
+
+def test_crash_after_dispatch_before_the_record_is_written(st, monkeypatch):
+    """The GPU got the job but the record still says `received`: the redelivery dispatches again
+    (a second GPU run, the price of at-least-once), and only the recorded call may finish it."""
+    event = upload(st)
+    crash_once(monkeypatch, job_store.JobStore, "transition", when=lambda self, jid, target, *a, **k: True)
+    assert deliver(event) == ["m-0"]
+    first = the_job(st)
+    assert first.state == "received" and first.backend_call_id is None and len(modal_submits(st)) == 1
+    assert deliver(event, receive_count=2) == []
+    job = the_job(st)
+    assert job.state == "dispatched" and job.backend_call_id == "fc-2"
+    # The first run's callback is stale (another call is recorded); the second one finishes the job.
+    assert post(gpu_done(st, job, call_id="fc-1")) == 200
+    assert the_job(st).state == "dispatched" and st.notifications() == []
+    assert post(gpu_done(st, job)) == 200
+    assert_exactly_once(st)
+
+
+def test_crash_after_dispatch_when_the_first_runs_callback_wins(st, monkeypatch):
+    event = upload(st)
+    crash_once(monkeypatch, job_store.JobStore, "transition")
+    assert deliver(event) == ["m-0"]
+    job = the_job(st)
+    # The GPU finishes before SQS redelivers: its signed callback is the record.
+    assert post(gpu_done(st, job, call_id="fc-1")) == 200
+    assert the_job(st).state == "succeeded"
+    assert deliver(event, receive_count=2) == []  # terminal: nothing dispatched again
+    assert len(modal_submits(st)) == 1
+    done = assert_exactly_once(st)
+    assert done.backend == "modal" and done.backend_call_id == "fc-1"
+
+
+def test_crash_while_failing_a_bad_sidecar_is_finished_by_the_redelivery(st, monkeypatch):
+    st.put(NAME, b"{not json")
+    event = s3_event(NAME, st.s3.head_object(Bucket=BUCKET, Key=NAME)["ETag"], size=9)
+    crash_once(monkeypatch, lifecycle, "put_json", when=lambda s3, b, key, body: key.endswith("error.json"))
+    assert deliver(event) == ["m-0"]
+    assert the_job(st).state == "failed" and st.notifications() == []  # terminal, report + notify skipped
+    assert deliver(event, receive_count=2) == []
+    job = assert_exactly_once(st, "failed")
+    assert st.get_json(job.error_report_key)["errors"] == job.errors
+
+
+# ---------------------------------------------------------------------------------------------- storing
+
+
+def test_crash_while_copying_the_gpu_output_is_retried_by_the_callback(st, monkeypatch):
+    deliver(upload(st))
+    job = the_job(st)
+    crash_once(monkeypatch, webhook_logic, "copy")
+    event = gpu_done(st, job)
+    assert post(event) == 502
+    assert the_job(st).state == "dispatched"
+    assert not [k for k in st.object_keys("outputs/") if k.endswith(("video.mp4", "metadata.json"))]
+    assert post(event) == 200
+    done = assert_exactly_once(st)
+    assert st.s3.get_object(Bucket=BUCKET, Key=done.output_key)["Body"].read() == MP4
+
+
+def test_crash_while_writing_metadata_is_retried(st, monkeypatch):
+    deliver(upload(st))
+    job = the_job(st)
+    crash_once(
+        monkeypatch, webhook_logic, "put_json", when=lambda s3, b, key, body: key.endswith("metadata.json")
+    )
+    event = gpu_done(st, job)
+    assert post(event) == 502
+    assert post(event) == 200
+    done = assert_exactly_once(st)
+    assert st.get_json(done.metadata_key)["job_id"] == done.job_id
+
+
+def test_s3_error_while_streaming_a_fal_result_leaves_no_partial_object(st, monkeypatch):
+    deliver(upload(st, backend="fal"))
+    job = the_job(st)
+    original = st.runtime.s3.upload_part
+    fired = []
+
+    def failing_part(**kwargs):
+        if not fired:
+            fired.append(1)
+            raise ClientError(
+                {"Error": {"Code": "InternalError", "Message": "We encountered an error"}}, "UploadPart"
+            )
+        return original(**kwargs)
+
+    monkeypatch.setattr(st.runtime.s3, "upload_part", failing_part)
+    event = fal_done(st, job)
+    assert post(event) >= 500  # fal redelivers
+    assert not st.object_keys("outputs/set/job/" + job.job_id + "/video.mp4")
+    assert st.s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # aborted
+    assert post(event) == 200
+    done = assert_exactly_once(st)
+    assert st.s3.get_object(Bucket=BUCKET, Key=done.output_key)["Body"].read() == MP4
+
+
+# ---------------------------------------------------------------------------------------------- notifying
+
+
+def test_crash_before_notifying_is_notified_by_the_callback_retry(st, monkeypatch):
+    deliver(upload(st))
+    job = the_job(st)
+    crash_once(monkeypatch, notifier.Notifier, "publish")
+    event = gpu_done(st, job)
+    assert post(event) == 502
+    done = the_job(st)
+    assert done.state == "succeeded" and done.notified_at is None  # the claim was given back
+    assert post(event) == 200
+    assert_exactly_once(st)
+
+
+def test_crash_before_notifying_without_a_retry_is_notified_by_the_sweeper(st, monkeypatch):
+    deliver(upload(st))
+    job = the_job(st)
+    crash_once(monkeypatch, notifier.Notifier, "publish")
+    assert post(gpu_done(st, job)) == 502  # ... and the sender gives up
+    outcomes = Sweeper(st.runtime).sweep(now=utcnow() + timedelta(seconds=5)).outcomes
+    assert outcomes == {job.job_id: "notified"}
+    assert_exactly_once(st)
+    assert Sweeper(st.runtime).sweep(now=utcnow() + timedelta(seconds=5)).outcomes == {}
+    assert st.notifications() == []
+
+
+def test_crash_in_the_sweeper_while_recovering_is_finished_by_the_next_run(st, services, monkeypatch):
+    deliver(upload(st))
+    job = the_job(st)
+    st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
+    services.modal_state = {"state": "succeeded", "result": RESULT}
+    crash_once(monkeypatch, webhook_logic, "copy")
+    later = utcnow() + timedelta(hours=1)
+    assert Sweeper(st.runtime).sweep(now=later).outcomes == {job.job_id: "error"}
+    assert the_job(st).state == "dispatched" and st.notifications() == []
+    assert Sweeper(st.runtime).sweep(now=later).outcomes == {job.job_id: "recovered"}
+    assert_exactly_once(st)
+
+
+@pytest.mark.parametrize("then", ["callback retry", "sweeper"])
+def test_crash_during_fallback_dispatch_ends_in_one_clear_failure(st, services, monkeypatch, then):
+    """The failure callback claims the one fallback, then crashes before dispatching to fal. The
+    claim is never re-tried (a concurrent duplicate could dispatch twice): the retry, or else the
+    sweeper, fails the job with Modal's reason."""
+    deliver(upload(st, backend="auto"))
+    job = the_job(st)
+    crash_once(monkeypatch, lifecycle, "dispatch_to")
+    error = {"code": "internal", "message": "GPU lost", "retryable": True}
+    body = {
+        "job_id": job.job_id,
+        "call_id": job.backend_call_id,
+        "event": "failed",
+        "sent_at": int(time.time()),
+        "error": error,
+    }
+    event = gpu_callback_event(st, job.job_id, body)
+    assert post(event) == 502
+    assert the_job(st).state == "dispatched" and the_job(st).fallback_from == "modal"
+    if then == "callback retry":
+        assert post(event) == 200
+    else:
+        services.modal_state = {"state": "failed", "error": error}
+        outcomes = Sweeper(st.runtime).sweep(now=utcnow() + timedelta(hours=1)).outcomes
+        assert outcomes == {job.job_id: "failed"}
+    failed = assert_exactly_once(st, "failed")
+    assert "GPU lost" in failed.errors[0]["message"]
+    assert not [r for r in st.services.calls("queue.fal.test")]
