@@ -1,0 +1,130 @@
+"""`vap` command line: submit Video-As-Prompt jobs to the stack and follow them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from . import commands
+from .errors import EXIT_JOB_FAILED, EXIT_STACK, CliError
+
+EPILOG = """\
+The stack: --stack NAME (or VAP_STACK) with --profile/--region for a deployed one; otherwise the
+local stack of `make local` (.local/stack.json, or --local-state / VAP_LOCAL_STATE).
+Exit codes: 0 ok, 1 job failed/cancelled, 2 invalid input (nothing uploaded), 3 stack/AWS problem.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("stack")
+    group.add_argument("--stack", help="deployed CloudFormation stack name (default: $VAP_STACK, else local)")
+    group.add_argument("--profile", help="AWS profile (default: the usual AWS environment)")
+    group.add_argument("--region", help="AWS region")
+    group.add_argument("--local-state", type=Path, help="local stack state file (default .local/stack.json)")
+
+
+def _waiting(parser: argparse.ArgumentParser, wait_help: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=wait_help)
+    parser.add_argument("--out", help="folder for the downloaded MP4 (with --wait; default .)")
+    parser.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait at most (default 3600)"
+    )
+    parser.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)  # seconds between reads
+    parser.add_argument(
+        "--find-timeout", type=float, default=60.0, help="seconds to wait for ingest to pick up a sidecar"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", help="upload a video + image (or a sidecar) and start a job")
+    p.add_argument("video", nargs="?", help="reference video: a local file, or an https/s3/data URL")
+    p.add_argument("image", nargs="?", help="target image: a local file, or an https/s3/data URL")
+    p.add_argument("--sidecar", help="an existing sidecar JSON (its local media files are uploaded too)")
+    p.add_argument("--prompt", help="what the target should do")
+    p.add_argument("--video-description", dest="video_description", help="caption of the reference video")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-frames", dest="num_frames", type=int)
+    p.add_argument("--fps", type=int)
+    p.add_argument("--aspect-ratio", dest="aspect_ratio")
+    p.add_argument("--resolution")
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    p.add_argument("--backend", help="auto, modal or fal (default: the stack's)")
+    p.add_argument("--name", help="<dir>/<name> in the bucket (default: the image's or sidecar's file name)")
+    _waiting(p, "follow the job (queued → dispatched → running step k/N → storing → done) and save the MP4")
+    _common(p)
+    p.set_defaults(func=commands.submit)
+
+    p = sub.add_parser("batch", help="submit one job per row of a CSV or JSONL manifest")
+    p.add_argument(
+        "manifest", help="CSV/JSONL: video, image, prompt, video_description, [name], [sidecar fields]"
+    )
+    _waiting(p, "wait for every job, then print the summary (and save MP4s with --out)")
+    _common(p)
+    p.set_defaults(func=commands.batch)
+
+    p = sub.add_parser("status", help="a job's state (JOB id, or NAME for its latest run)")
+    p.add_argument("job", metavar="JOB|NAME")
+    p.add_argument("--json", action="store_true", help="print status.json as is")
+    _waiting(p, "follow it until it ends")
+    _common(p)
+    p.set_defaults(func=commands.status)
+
+    p = sub.add_parser("list", help="recent jobs, newest first")
+    p.add_argument("--status", action="append", help="only these states (repeat or comma-separate)")
+    p.add_argument("--limit", type=int, default=20)
+    _common(p)
+    p.set_defaults(func=commands.list_)
+
+    p = sub.add_parser("cancel", help="cancel a job at its backend and mark it cancelled")
+    p.add_argument("job", metavar="JOB|NAME")
+    _common(p)
+    p.set_defaults(func=commands.cancel)
+
+    p = sub.add_parser("get", help="download a finished job's MP4 + metadata (or error report)")
+    p.add_argument("job", metavar="JOB|NAME")
+    p.add_argument("--out", default=".", help="folder (default .)")
+    _common(p)
+    p.set_defaults(func=commands.get)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as exc:
+        print(f"vap: {exc.message}", file=sys.stderr)
+        return exc.code
+    except NoCredentialsError:
+        print(
+            "vap: no AWS credentials found: run `aws configure`/`aws sso login` or pass --profile.",
+            file=sys.stderr,
+        )
+        return EXIT_STACK
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        print(f"vap: AWS refused the request: {error.get('Code')}: {error.get('Message')}", file=sys.stderr)
+        return EXIT_STACK
+    except BotoCoreError as exc:
+        print(f"vap: AWS request failed: {exc}", file=sys.stderr)
+        return EXIT_STACK
+    except TimeoutError as exc:
+        print(f"vap: gave up waiting: {exc}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except KeyboardInterrupt:
+        print("\nvap: interrupted (the job keeps running; `vap status` follows it)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
