@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy shared/vap_shared functions/ingest/ingest.py functions/webhook/webhook.py functions/sweeper/sweeper.py gpu local_stack vap_cli
+	$(BIN)/mypy shared/vap_shared functions/ingest/ingest.py functions/webhook/webhook.py functions/sweeper/sweeper.py gpu local_stack vap_cli bench
 
 validate: venv
 	$(BIN)/cfn-lint template.yaml
@@ -47,6 +47,12 @@ local: $(STAMP)
 # Sets up, starts the local stack, runs one sample job, prints the notification and the MP4 path.
 demo: $(STAMP)
 	$(BIN)/python -m local_stack.demo
+
+# Orchestration benchmarks (issue 6): cold starts (python3.13: pyenv 3.13.0 or $$VAP_BENCH_PYTHON313),
+# 200 jobs on the local stack, a 500 MiB output, cost per video; prints the table and writes
+# docs/benchmarks.md. Options: make bench BENCH_ARGS="--jobs 20 --size-mb 50 --no-write".
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .local .aws-sam .pytest_cache .mypy_cache .ruff_cache
