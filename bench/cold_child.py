@@ -42,6 +42,12 @@ def main() -> None:
         t1 = time.perf_counter()
         webhook.get_runtime()
         t2 = time.perf_counter()
+    elif mode == "sweeper":
+        import sweeper
+
+        t1 = time.perf_counter()
+        sweeper.get_sweeper()
+        t2 = time.perf_counter()
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(

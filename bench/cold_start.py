@@ -24,8 +24,12 @@ from typing import Any
 from bench.common import ROOT, SHARED, dir_size, median, python313
 
 CHILD = Path(__file__).resolve().parent / "cold_child.py"
-MODES = ("floor", "floor_clients", "ingest", "webhook")
-FUNCTION_DIRS = {"ingest": ROOT / "functions" / "ingest", "webhook": ROOT / "functions" / "webhook"}
+FUNCTION_DIRS = {
+    name: ROOT / "functions" / name
+    for name in ("ingest", "webhook", "sweeper")  # the sweeper has no target; shown when present
+    if (ROOT / "functions" / name / f"{name}.py").exists()
+}
+MODES = ("floor", "floor_clients", *FUNCTION_DIRS)
 LAMBDA_PLATFORM = [
     "--platform",
     "manylinux2014_aarch64",
