@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from stack_helpers import get_json, jobs_for, settle, sidecar
+from test_backend_faults import quiet
 
 from local_stack import LocalStack
 from local_stack.fal_server import FalServer
@@ -45,6 +46,7 @@ def _dispatched(stack: LocalStack, key: str) -> dict[str, Any] | None:
 @pytest.fixture
 def overdue(stack: LocalStack) -> Iterator[None]:
     """Jobs count as overdue one second after dispatch."""
+    quiet(stack)
     with stack.environment(JOB_DEADLINE_SECONDS="1"):
         yield
 
