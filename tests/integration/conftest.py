@@ -13,6 +13,7 @@ import pytest
 from local_stack import LocalStack, LocalStackConfig
 from local_stack.fal_server import FalBehaviour, FalServer
 from local_stack.media import synth_image, synth_mp4
+from tests.notification_schema import problems as notification_problems
 
 # Small limits so the oversize cases stay small; a short visibility timeout so redeliveries
 # (missing media) take seconds, not the template's 6 minutes.
@@ -50,6 +51,26 @@ def _close_stacks() -> None:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     if nextitem is None or Path(nextitem.path).parent != Path(__file__).parent:
         _close_stacks()
+
+
+@pytest.fixture(autouse=True)
+def _notifications_match_the_schema() -> Iterator[None]:
+    """Every notification a stack test receives is checked against docs/notification.schema.json
+    (body, Subject, message attributes) after the test."""
+    yield
+    for local in _OPEN:
+        reader = local.notifications
+        if reader is None:
+            continue
+        start = _CHECKED.get(id(reader), 0)
+        received = reader.matching(lambda n: True)
+        _CHECKED[id(reader)] = len(received)
+        for note in received[start:]:
+            found = notification_problems(note.body, note.subject, note.attributes)
+            assert not found, f"notification {note.body.get('job_id')} breaks the schema: {found}"
+
+
+_CHECKED: dict[int, int] = {}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,91 @@
+"""docs/notification.schema.json: a valid schema that accepts what the notifier builds and the
+README's example, and rejects drift."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+from vap_shared.jobs import Job
+from vap_shared.notifier import build_notification
+
+from tests.notification_schema import problems, schema
+
+JOB_ID = "20261125T182301Z-3f9c0a1b2d"
+PREFIX = f"outputs/balloon/horse/{JOB_ID}/"
+
+
+class FakeS3:
+    def generate_presigned_url(self, *args: object, **kwargs: object) -> str:
+        return f"https://bucket.s3.amazonaws.com/{PREFIX}video.mp4?X-Amz-Signature=abc"
+
+
+def job(**fields: object) -> Job:
+    base: dict[str, object] = {
+        "job_id": JOB_ID,
+        "sidecar_bucket": "vap-bucket",
+        "sidecar_key": "inbox/balloon/horse.json",
+        "output_prefix": PREFIX,
+        "received_at": "2026-11-25T18:23:01.000000Z",
+        "dispatched_at": "2026-11-25T18:23:01.400000Z",
+        "completed_at": "2026-11-25T18:27:00.000000Z",
+        "seed": 42,
+    }
+    base.update(fields)
+    return Job.model_validate(base)
+
+
+def test_schema_is_valid_and_versioned() -> None:
+    Draft202012Validator.check_schema(schema())
+    assert schema()["properties"]["version"] == {
+        "const": "1",
+        "description": "Format version of this message.",
+    }
+
+
+def test_notifier_output_matches() -> None:
+    ok = job(
+        state="succeeded",
+        backend="modal",
+        output_key=PREFIX + "video.mp4",
+        metadata_key=PREFIX + "metadata.json",
+    )
+    body = build_notification(ok, FakeS3(), "vap-bucket")
+    assert problems(body, f"VAP job {JOB_ID} succeeded", {"status": "succeeded", "backend": "modal"}) == []
+    failed = job(
+        state="failed",
+        errors=[{"field": "num_frames", "message": "must be an integer between 9 and 121; got 500"}],
+        error_report_key=PREFIX + "error.json",
+        seed=None,
+        dispatched_at=None,
+    )
+    body = build_notification(failed, FakeS3(), "vap-bucket")
+    assert problems(body, f"VAP job {JOB_ID} failed", {"status": "failed", "backend": "none"}) == []
+
+
+def test_drift_is_caught() -> None:
+    body = build_notification(
+        job(state="failed", error_report_key=PREFIX + "error.json"), FakeS3(), "vap-bucket"
+    )
+    assert problems({**body, "surprise": 1})
+    assert problems({**body, "status": "cancelled"})
+    assert problems({k: v for k, v in body.items() if k != "errors"})
+    assert problems(body, "VAP job x failed", {"status": "failed", "backend": "none"})
+    assert problems(body, f"VAP job {JOB_ID} failed", {"status": "succeeded", "backend": "none"})
+
+
+def test_readme_example_matches_shape() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"### Notifications.*?```json\n(.*?)```", readme, re.S)
+    assert example is not None
+    text = example.group(1).replace("…", "")
+    keys = set(re.findall(r'"([a-z_]+)":', text))
+    assert keys - {
+        "received_at",
+        "dispatched_at",
+        "completed_at",
+        "queue_s",
+        "generation_s",
+        "total_s",
+    } <= set(schema()["properties"])
