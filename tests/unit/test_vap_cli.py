@@ -1,0 +1,96 @@
+"""`vap` pieces that need no stack: backend cancel requests, names, manifest cells, progress lines."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from vap_shared.jobs import Job
+
+from vap_cli.cancel import cancel_at_backend
+from vap_cli.config import StackInfo
+from vap_cli.errors import CliError
+from vap_cli.progress import render
+from vap_cli.submission import clean_name, coerce_row
+
+
+class FakeSecrets:
+    def get_secret_value(self, SecretId: str) -> dict[str, str]:
+        values = {"s/modal-token": json.dumps({"key": "wk-1", "secret": "ws-2"}), "s/fal-key": "fal-123"}
+        return {"SecretString": values[SecretId]}
+
+
+def stack() -> StackInfo:
+    info = StackInfo(
+        kind="deployed",
+        name="s",
+        region="us-east-1",
+        bucket="b",
+        session=None,
+        modal_endpoint_url="https://ws--vap.modal.run/",
+        modal_token_secret="s/modal-token",
+        fal_key_secret="s/fal-key",
+    )
+    info._clients["secretsmanager"] = FakeSecrets()
+    return info
+
+
+def recorder(answer: dict[str, Any], status: int = 200) -> tuple[httpx.Client, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, json=answer)
+
+    return httpx.Client(transport=httpx.MockTransport(handle)), seen
+
+
+def test_modal_cancel_posts_with_the_proxy_auth_headers() -> None:
+    client, seen = recorder({"call_id": "fc-1", "cancelled": True})
+    job = Job(job_id="j", state="running", backend="modal", backend_call_id="fc-1")
+    assert "cancelled" in cancel_at_backend(stack(), job, client)
+    (request,) = seen
+    assert request.method == "POST" and str(request.url) == "https://ws--vap.modal.run/cancel/fc-1"
+    assert request.headers["Modal-Key"] == "wk-1" and request.headers["Modal-Secret"] == "ws-2"
+
+
+def test_fal_cancel_puts_the_cancel_url_with_the_key() -> None:
+    client, seen = recorder({"status": "CANCELLATION_REQUESTED"}, 202)
+    url = "https://queue.fal.run/fal-ai/video-as-prompt/requests/r1/cancel"
+    job = Job(
+        job_id="j", state="dispatched", backend="fal", backend_call_id="r1", fal_urls={"cancel_url": url}
+    )
+    assert "HTTP 202" in cancel_at_backend(stack(), job, client)
+    (request,) = seen
+    assert request.method == "PUT" and str(request.url) == url
+    assert request.headers["Authorization"] == "Key fal-123"
+
+
+def test_nothing_to_cancel_before_dispatch_and_errors_are_reported() -> None:
+    client, _ = recorder({}, 404)
+    assert "not dispatched" in cancel_at_backend(stack(), Job(job_id="j"), client)
+    job = Job(job_id="j", state="running", backend="modal", backend_call_id="fc-1")
+    assert "HTTP 404" in cancel_at_backend(stack(), job, client)
+
+
+def test_names_and_manifest_cells() -> None:
+    assert clean_name("inbox/balloon/horse.json") == "balloon/horse"
+    for bad in ("../x", "a//b", "a b", ""):
+        with pytest.raises(CliError):
+            clean_name(bad)
+    row = coerce_row({"seed": "42", "num_frames": "49", "guidance_scale": "5.5", "fps": "", "prompt": " hi "})
+    assert row == {"seed": 42, "num_frames": 49, "guidance_scale": 5.5, "prompt": "hi"}
+    assert coerce_row({"enable_safety_checker": "false", "seed": "x"}) == {
+        "enable_safety_checker": False,
+        "seed": "x",
+    }
+
+
+def test_progress_lines() -> None:
+    assert render({"state": "received", "phase": "queued"}) == "queued"
+    assert render({"state": "dispatched", "phase": "dispatched", "backend": "modal"}) == "dispatched to modal"
+    line = render({"state": "running", "phase": "running", "progress": {"step": 25, "total": 50}})
+    assert line == "running [############------------] 25/50"
+    assert render({"state": "running", "phase": "storing"}) == "storing"
