@@ -41,7 +41,7 @@ def missed_notes(r: Results) -> dict[str, str]:
             f"(Python 3.12+) or provisioned concurrency. On Lambda (1,024 MB ≈ 0.6 vCPU) expect slower "
             f"imports than here."
         )
-        notes["cold start ingest"] = notes["cold start webhook"] = note
+        notes["cold start "] = note
         top = ", ".join(f"{k} {v:.1f} MB" for k, v in r.cold.layer_top_mb.items())
         pkg = (
             f"Cause: both functions share one layer with every dependency; largest entries: {top}. "
@@ -49,7 +49,7 @@ def missed_notes(r: Results) -> dict[str, str]:
             "Ed25519 with PyNaCl (~1.5 MB) or move cryptography into a webhook-only layer, and drop "
             "or trim aws-lambda-powertools (ingest would then be well under 20 MB)."
         )
-        notes["package ingest"] = notes["package webhook"] = pkg
+        notes["package "] = pkg
     if r.jobs is not None:
         j = r.jobs
         ms = j.mean_ms
@@ -129,10 +129,15 @@ def main(argv: list[str] | None = None) -> int:
 
         j = results.jobs
         if j is not None:
-            invocations = sum(j.invocations_per_job.values()) + max(
-                0.0, cost_progress_gap(j.invocations_per_job)
-            )
-            results.cost = cost.compute(j.api_calls_per_job, invocations, j.gb_s_per_job_production)
+            gap = max(0.0, cost_progress_gap(j.invocations_per_job))
+            calls = dict(j.api_calls_per_job)
+            for key, per_invocation in j.api_calls_per_invocation.items():
+                kind, call = key.split(" ", 1)
+                # Production sends more progress callbacks (secrets are read once per cold start).
+                if kind == "webhook:progress" and not call.startswith("secretsmanager:"):
+                    calls[call] = calls.get(call, 0.0) + per_invocation * gap
+            invocations = sum(j.invocations_per_job.values()) + gap
+            results.cost = cost.compute(calls, invocations, j.gb_s_per_job_production)
         else:  # no measured calls: requests from the handlers are left out
             results.cost = cost.compute({}, 11.0, 1.0)
 

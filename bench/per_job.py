@@ -50,7 +50,8 @@ class Recorder:
     callback: dict[str, float] = field(default_factory=dict)  # job id -> t (succeeded callback)
     published: dict[str, tuple[str, float, str]] = field(default_factory=dict)  # key -> (job, t, state)
     invocations: list[Invocation] = field(default_factory=list)
-    api_calls: Counter[str] = field(default_factory=Counter)
+    api_calls: Counter[str] = field(default_factory=Counter)  # "service:Operation"
+    api_calls_by_kind: Counter[str] = field(default_factory=Counter)  # "function:kind service:Operation"
     done: threading.Condition = field(init=False)
     local: threading.local = field(default_factory=threading.local)
 
@@ -75,6 +76,8 @@ class PerJobResult:
     gb_s_per_job_production: float  # with production's 9 progress callbacks per job
     gb_s_waiting_design: float
     api_calls_per_job: dict[str, float]
+    # "function:kind service:Operation" -> calls per invocation of that kind
+    api_calls_per_invocation: dict[str, float] = field(default_factory=dict)
 
 
 def _sidecar(bucket: str, seed: int) -> dict[str, Any]:
@@ -132,11 +135,11 @@ def instrumented(stack: Any, rec: Recorder) -> Iterator[None]:
                 records = 1
             else:
                 kind, records = "batch", len(event.get("Records", []))
-            rec.local.function = name
+            rec.local.function, rec.local.kind = name, kind
             try:
                 return original(event)
             finally:
-                rec.local.function = None
+                rec.local.function = rec.local.kind = None
                 elapsed = time.perf_counter() - started
                 with rec.lock:
                     rec.invocations.append(Invocation(name, kind, elapsed, records))
@@ -165,7 +168,9 @@ def instrumented(stack: Any, rec: Recorder) -> Iterator[None]:
         function = getattr(rec.local, "function", None)
         if function:
             with rec.lock:
-                rec.api_calls[f"{self.meta.service_model.service_name}:{operation_name}"] += 1
+                call = f"{self.meta.service_model.service_name}:{operation_name}"
+                rec.api_calls[call] += 1
+                rec.api_calls_by_kind[f"{function}:{rec.local.kind} {call}"] += 1
         return original_call(self, operation_name, api_params)
 
     setattr(botocore.client.BaseClient, "_make_api_call", make_api_call)  # noqa: B010
@@ -274,6 +279,9 @@ def summarize(
         gb_s_per_job_production=production,
         gb_s_waiting_design=GENERATION_S_ESTIMATE * max(memory.values()) / 1024,
         api_calls_per_job={k: v / jobs for k, v in sorted(rec.api_calls.items())},
+        api_calls_per_invocation={
+            k: v / len(by_kind[k.split(" ")[0]]) for k, v in sorted(rec.api_calls_by_kind.items())
+        },
     )
 
 

@@ -210,7 +210,26 @@ def markdown(r: Results, missed_notes: dict[str, str]) -> str:
         note = next((v for k, v in missed_notes.items() if row.metric.startswith(k)), "")
         parts += [f"- **{row.metric}**: {row.value} (target {row.target}). {note}", ""]
     parts += details(r)
+    parts += CAVEATS
     return "\n".join(parts).rstrip() + "\n"
+
+
+CAVEATS = [
+    "## Caveats and what is not measured",
+    "",
+    "- Cold starts are measured on this x86_64 machine, not on Lambda: Lambda's own init (sandbox,",
+    "  code download, runtime bootstrap) comes on top, and a 1,024 MB function gets about 0.6 vCPU,",
+    "  so expect slower imports there. The arm64 package is sized, the x86_64 one is imported.",
+    "- Per-job latencies and handler durations come from the local stack: moto, the handlers, the",
+    "  GPU server and the driver share one process and 2 cores (also used by other work), so they",
+    "  are upper bounds of the orchestration's own cost; real AWS adds network round trips instead.",
+    "  Jobs/s is bounded by the local GPU server (one worker, H.264 encode), not by the handlers.",
+    "- The large-output test stores into a loopback S3 stand-in that discards bytes; against real S3",
+    "  throughput depends on the network and both approaches would be bounded by it.",
+    "- GPU time is an estimate (docs/model.md), not a measurement; the scheduled sweeper (every",
+    "  5 minutes) is a fixed cost per stack, not per video, and is not included.",
+    "",
+]
 
 
 def _options(args: dict[str, Any]) -> str:
@@ -273,6 +292,10 @@ def details(r: Results) -> list[str]:
         for kind, per_job in j.invocations_per_job.items():
             out.append(f"| {kind} | {per_job:.2f} | {j.mean_ms.get(kind, 0):.0f} |")
         calls = ", ".join(f"{k} {v:.2f}" for k, v in j.api_calls_per_job.items())
+        per_kind: dict[str, list[str]] = {}
+        for key, n in j.api_calls_per_invocation.items():
+            kind, call = key.split(" ", 1)
+            per_kind.setdefault(kind, []).append(f"{call} {n:.2f}")
         out += [
             "",
             f"GB-s per job = sum of handler durations (rounded up to 1 ms) x MemorySize "
@@ -282,9 +305,11 @@ def details(r: Results) -> list[str]:
             f"every 5). A design that keeps a 1 GB function waiting through a "
             f"{next(iter(GENERATION_S.values())):.0f} s generation: {j.gb_s_waiting_design:.0f} GB-s.",
             "",
-            f"AWS calls made inside the handlers, per job: {calls}.",
+            f"AWS calls made inside the handlers, per job: {calls}. Per invocation:",
             "",
         ]
+        out += [f"- {kind}: {', '.join(calls_)}" for kind, calls_ in per_kind.items()]
+        out.append("")
     if r.output:
         out += [
             "## 3. Storing a large output (fal path)",
