@@ -55,13 +55,19 @@ def missed_notes(r: Results) -> dict[str, str]:
         ms = j.mean_ms
         progress, batch = ms.get("webhook:progress", 0.0), ms.get("ingest:batch", 0.0)
         final = ms.get("webhook:succeeded", 0.0)
+        per_progress = progress / 1000 * j.memory_mb["webhook"] / 1024
+        fewer = j.gb_s_per_job_production - 5 * per_progress
+        ingest_share = (
+            j.invocations_per_job.get("ingest:batch", 0.0) * batch / 1000 * j.memory_mb["ingest"] / 1024
+        )
+        half = ingest_share + (j.gb_s_per_job_production - ingest_share) / 2
         notes["Lambda GB-s"] = (
             f"Cause: every progress callback is a full webhook invocation (~{progress:.0f} ms each here, "
             f"9 per production job) on top of ingest (~{batch:.0f} ms per batch) and the final callback "
             f"(~{final:.0f} ms), all at 1,024 MB; durations here include contention with moto and the "
             "GPU server on 2 shared cores. Fix (GPU/template owners): send progress every 10 steps or at "
-            "25/50/75 % (4 instead of 9), and give the I/O-bound webhook 512 MB (it peaks under 100 MB); "
-            "either alone brings it under 1 GB-s."
+            f"25/50/75 % (4 instead of 9: {fewer:.2f} GB-s), and/or give the I/O-bound webhook 512 MB "
+            f"(its handler peaks under 100 MB: {half:.2f} GB-s)."
         )
     notes["store a"] = (
         "Cause: at small sizes the multipart upload's extra requests (create, complete) dominate; at "

@@ -67,4 +67,7 @@ def test_report_lists_missed_targets():
     results.jobs.gb_s_per_job_production = 2.0  # over the 1 GB-s target
     text = markdown(results, {"Lambda GB-s": "because"})
     assert "**MISSED**" in text and "because" in text
+    from bench.__main__ import missed_notes
+
+    assert "GB-s" in markdown(results, missed_notes(results)).split("## Targets missed")[1]
     assert "Lambda GB-s per job" in table(rows(results))
