@@ -38,6 +38,9 @@ from gpu.media import MediaError, decode_sampled_frames, encode_mp4, fit_image, 
 from gpu.safety import SafetyClassifier, SafetyViolation, check_image, check_output
 
 log = logging.getLogger(__name__)
+# httpx logs every request's full URL at INFO; ours are presigned (the query is a credential for
+# the object), so only warnings from it may reach the logs.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 ALLOW_LOOPBACK_ENV = "VAP_ALLOW_HTTP_LOOPBACK"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
