@@ -70,9 +70,12 @@ def missed_notes(r: Results) -> dict[str, str]:
             f"(its handler peaks under 100 MB: {half:.2f} GB-s)."
         )
     notes["store a"] = (
-        "Cause: at small sizes the multipart upload's extra requests (create, complete) dominate; at "
-        "hundreds of MB the streamed path holds one 8 MiB part and keeps pace. A miss at 500 MiB would "
-        "mean a regression in `vap_shared.s3io.stream_url_to_s3`."
+        "Cause: `vap_shared.s3io.stream_url_to_s3` alternates downloading and uploading (one 8 MiB part "
+        "at a time, each part copied once more by `bytes(buffer)`), so the two never overlap; the "
+        "naive path does one long read then one long PUT, with no per-part round trips (which also "
+        "dominate at small sizes). Fix (vap_shared owner): upload parts from a small thread pool "
+        "(2 in flight: at most 3 parts = 24 MiB held) while the next part downloads, and hand "
+        "`memoryview`s to `upload_part`; memory stays bounded."
     )
     return notes
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=200, help="jobs on the local stack (>= 200)")
     parser.add_argument("--concurrency", type=int, default=4, help="jobs in flight at a time")
     parser.add_argument("--size-mb", type=float, default=500, help="large output size in MiB")
+    parser.add_argument("--output-repeat", type=int, default=3, help="large-output runs per approach")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON here")
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         print(f"large output: {args.size_mb:.0f} MiB, streaming vs naive ...", flush=True)
-        results.output = large_output.run(args.size_mb)
+        results.output = large_output.run(args.size_mb, args.output_repeat)
         results.seconds["large output"] = time.perf_counter() - started
     if "jobs" in only:
         from bench import per_job

@@ -316,14 +316,16 @@ def details(r: Results) -> list[str]:
             "",
             "A synthetic MP4 served by a loopback HTTP server, stored through a loopback S3 stand-in",
             "that discards the bytes (so the client process is what is measured). Each approach runs in",
-            "its own subprocess; baseline = RSS after imports and client construction.",
+            "its own subprocess, alternating; time is the median of the runs, peak the highest;",
+            "baseline = RSS after imports and client construction.",
             "",
-            "| approach | MiB | seconds | MB/s | baseline RSS MB | peak RSS MB | peak - baseline MB |",
-            "|---|---|---|---|---|---|---|",
+            "| approach | MiB | runs | seconds | MB/s | baseline RSS MB | peak RSS MB | peak - baseline MB |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for t in r.output:
             out.append(
-                f"| {t.approach} | {t.size_bytes / 2**20:.0f} | {t.seconds:.2f} | {t.throughput_mb_s:.0f} | "
+                f"| {t.approach} | {t.size_bytes / 2**20:.0f} | {t.runs} | {t.seconds:.2f} | "
+                f"{t.throughput_mb_s:.0f} | "
                 f"{t.baseline_rss_mb:.0f} | {t.peak_rss_mb:.0f} | {t.peak_above_baseline_mb:.0f} |"
             )
         out += [
