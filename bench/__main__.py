@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "size_mb": args.size_mb if "output" in only else None,
         }
     )
+    results.load.append(os.getloadavg()[0])
     if "cold" in only:
         from bench import cold_start
 
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         else:  # no measured calls: requests from the handlers are left out
             results.cost = cost.compute({}, 11.0, 1.0)
 
+    results.load.append(os.getloadavg()[0])
     print()
     print(table(rows(results)))
     if not args.no_write:

@@ -28,6 +28,7 @@ class Results:
     cost: CostResult | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     args: dict[str, Any] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)  # 1-minute load average at start and end
 
 
 @dataclass
@@ -197,6 +198,12 @@ def markdown(r: Results, missed_notes: dict[str, str]) -> str:
         f"**Machine:** {m['cpu']}, {m['cores']} cores (shared with other work), {m['memory']} RAM, "
         f"{m['os']}; driver Python {m['python']}"
         + (f", cold starts on `{r.cold.python}`" if r.cold else "")
+        + (
+            f"; 1-minute load average {r.load[0]:.1f} at the start, {r.load[-1]:.1f} at the end "
+            "(other work shares the cores: timings scale with it, ratios to the floors much less)"
+            if r.load
+            else ""
+        )
         + ". No GPU: generation times are estimates.",
         "",
         table(rs, markdown=True),
