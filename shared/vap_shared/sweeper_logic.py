@@ -7,8 +7,10 @@ than `JOB_DEADLINE_SECONDS` it asks the backend what happened:
   (same keys, same conditional transition, notify-once);
 - failed → the other backend once (`auto` sidecars) or a failure notification with the backend's
   reason;
-- still queued/running, unknown to the backend, or the backend cannot be asked → the call is
-  cancelled (best effort) and the job falls back once or fails with a clear reason.
+- unknown to the backend, or the backend cannot be asked → the job falls back once or fails with a
+  clear reason;
+- still queued/running: left alone until twice the deadline (the callback is not lost, the run is
+  just long), then the call is cancelled (best effort) and the job falls back once or fails.
 
 It also finishes terminal jobs whose notification a crash skipped (and every retry missed).
 Every step reuses `lifecycle`, so a sweeper racing a late webhook still ends in one terminal
@@ -75,6 +77,7 @@ class Sweeper:
     ) -> SweepReport:
         now = now or utcnow()
         cutoff = iso(now - timedelta(seconds=self.settings.job_deadline_seconds))
+        hard_cutoff = iso(now - timedelta(seconds=2 * self.settings.job_deadline_seconds))
         report = SweepReport()
         candidates: list[str] = []
         for state in ("dispatched", "running"):
@@ -88,7 +91,7 @@ class Sweeper:
                 logger.warning("out of time; the next run continues", extra={"left": len(candidates)})
                 break
             try:
-                report.outcomes[job_id] = self.sweep_job(job_id, cutoff)
+                report.outcomes[job_id] = self.sweep_job(job_id, cutoff, hard_cutoff)
             except Exception:
                 # One bad job must not stop the others; it is picked up again next run.
                 logger.exception("sweeping a job failed", extra={"job_id": job_id})
@@ -97,7 +100,9 @@ class Sweeper:
             logger.info("sweep done", extra={"counts": report.count()})
         return report
 
-    def sweep_job(self, job_id: str, cutoff_iso: str) -> str:
+    def sweep_job(self, job_id: str, cutoff_iso: str, hard_cutoff_iso: str | None = None) -> str:
+        """Settle one job dispatched before `cutoff_iso`; one still running at its backend is only
+        stopped when dispatched before `hard_cutoff_iso` (None: at once)."""
         job = self.rt.store.get(job_id)
         if job is None:
             return "gone"
@@ -108,10 +113,11 @@ class Sweeper:
             return "notified"
         if not job.dispatched_at or job.dispatched_at >= cutoff_iso:
             return "not-due"  # moved on since the query (e.g. a fallback re-dispatched it)
+        stop = hard_cutoff_iso is None or job.dispatched_at < hard_cutoff_iso
         if job.backend == "modal" and job.backend_call_id:
-            return self._modal(job, job.backend_call_id)
+            return self._modal(job, job.backend_call_id, stop)
         if job.backend == "fal" and job.backend_call_id:
-            return self._fal(job, job.backend_call_id)
+            return self._fal(job, job.backend_call_id, stop)
         return self._give_up(job, "no backend call was recorded for the job", "the dispatch was lost")
 
     # ------------------------------------------------------------------ Modal / GPU API
@@ -156,7 +162,7 @@ class Sweeper:
         except (httpx.HTTPError, BackendUnreachable) as exc:
             logger.warning("could not cancel the Modal call", extra={"call_id": call_id, "error": str(exc)})
 
-    def _modal(self, job: Job, call_id: str) -> str:
+    def _modal(self, job: Job, call_id: str, stop: bool) -> str:
         try:
             status = self.modal_status(call_id)
         except BackendUnreachable as exc:
@@ -183,6 +189,8 @@ class Sweeper:
             reason = f"{error.code}: {message}" if error else message
             updated = fall_back_or_fail(self.rt, job, errors, reason, allow=gpu_error_allows_fallback(error))
             return self._outcome(updated)
+        if not stop:
+            return "running"
         self._modal_cancel(call_id)
         return self._give_up(job, self._overdue_message("Modal"), f"timeout: still {status.state}")
 
@@ -213,7 +221,7 @@ class Sweeper:
         except httpx.HTTPError as exc:
             raise BackendUnreachable(f"connection failed ({type(exc).__name__})") from None
 
-    def _fal(self, job: Job, request_id: str) -> str:
+    def _fal(self, job: Job, request_id: str, stop: bool) -> str:
         try:
             response = self._fal_request("GET", self._fal_url(job, request_id, "status_url"))
             if response.status_code == 404:
@@ -223,6 +231,8 @@ class Sweeper:
             status_body = _json_object(response)
             fal_status = str(status_body.get("status", ""))
             if fal_status != "COMPLETED":
+                if not stop:
+                    return "running"
                 try:
                     self._fal_request("PUT", self._fal_url(job, request_id, "cancel_url"))
                 except BackendUnreachable as exc:
@@ -256,7 +266,7 @@ class Sweeper:
     # ------------------------------------------------------------------ endings
     def _overdue_message(self, backend: str) -> str:
         return (
-            f"Generation on {backend} did not finish within {self.settings.job_deadline_seconds} s "
+            f"Generation on {backend} did not finish within {2 * self.settings.job_deadline_seconds} s "
             "(its result never arrived); the job was stopped."
         )
 

@@ -102,7 +102,7 @@ def dispatch(st, backend="modal", name="inbox/set/job.json"):
     raw = json.dumps(sidecar).encode()
     etag = st.put(name, raw)
     call(ingest.handler, sqs_event(s3_event(name, etag, size=len(raw))))
-    (job_id,) = st.job_ids()
+    (job_id,) = [j for j in st.job_ids() if st.store.get(j).sidecar_key == name]
     job = st.store.get(job_id)
     assert job.state == "dispatched"
     return job
@@ -159,6 +159,17 @@ def test_gpu_failure_reported_only_by_status_falls_back_once(st, services):
     assert sweep(st, later=timedelta(seconds=60)) == {}
 
 
+def test_gpu_still_running_within_twice_the_deadline_is_left_alone(st, services):
+    job = dispatch(st, backend="auto")
+    services.modal_state = {"state": "running", "progress": {"step": 30, "total": 50}}
+    assert sweep(st, later=timedelta(seconds=2000)) == {job.job_id: "running"}
+    assert services.cancels == [] and st.store.get(job.job_id).backend == "modal"
+    services.fal_state = {"status": "IN_PROGRESS"}
+    fal_job = dispatch(st, backend="fal", name="inbox/set/fal.json")
+    outcomes = sweep(st, later=timedelta(seconds=2000))
+    assert outcomes[fal_job.job_id] == "running" and services.cancels == []
+
+
 def test_gpu_still_running_past_deadline_is_cancelled_and_falls_back(st, services):
     job = dispatch(st, backend="auto")
     services.modal_state = {"state": "running", "progress": {"step": 3, "total": 50}}
@@ -174,7 +185,7 @@ def test_overdue_without_fallback_fails_with_a_clear_reason_and_notifies(st, ser
     assert sweep(st) == {job.job_id: "failed"}
     after = st.store.get(job.job_id)
     assert after.state == "failed"
-    assert "did not finish within 1800 s" in after.errors[0]["message"]
+    assert "did not finish within 3600 s" in after.errors[0]["message"]
     assert st.get_json(after.error_report_key)["errors"] == after.errors
     (note,) = st.notifications()
     assert note["status"] == "failed" and "did not finish" in note["errors"][0]["message"]
@@ -301,11 +312,11 @@ def test_one_broken_job_does_not_stop_the_others(st, services, monkeypatch):
     original = sw.sweep_job
     calls = []
 
-    def flaky(job_id, cutoff):
+    def flaky(job_id, cutoff, hard_cutoff=None):
         calls.append(job_id)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return original(job_id, cutoff)
+        return original(job_id, cutoff, hard_cutoff)
 
     monkeypatch.setattr(sw, "sweep_job", flaky)
     assert sw.sweep(now=utcnow() + LATER).outcomes == {first.job_id: "error"}
@@ -318,6 +329,6 @@ def test_handler_reports_counts(st, services):
     st.runtime.settings.__dict__["job_deadline_seconds"] = 1  # frozen dataclass: test-only override
     import time
 
-    time.sleep(1.1)
+    time.sleep(2.1)  # past twice the deadline: a queued call is stopped
     result = call(sweeper.handler, {"source": "aws.events", "detail-type": "Scheduled Event"})
     assert result == {"counts": {"failed": 1}, "jobs": {job.job_id: "failed"}}
