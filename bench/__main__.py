@@ -38,17 +38,18 @@ def missed_notes(r: Results) -> dict[str, str]:
             f"botocore: {heavy}). Fix (handler/layer owners): import per route what the route needs "
             f"(cryptography/JWKS only for fal webhooks, the backends only when dispatching), create the "
             f"SNS/Secrets Manager clients on first use, replace Powertools' Logger/batch/resolver with "
-            f"the ~50 lines the handlers use; or take imports off the cold path with Lambda SnapStart "
+            f"the few dozen lines the handlers use; or take imports off the cold path with Lambda SnapStart "
             f"(Python 3.12+) or provisioned concurrency. On Lambda (1,024 MB ≈ 0.6 vCPU) expect slower "
             f"imports than here."
         )
         notes["cold start "] = note
         top = ", ".join(f"{k} {v:.1f} MB" for k, v in r.cold.layer_top_mb.items())
         pkg = (
-            f"Cause: both functions share one layer with every dependency; largest entries: {top}. "
+            f"Cause: all functions share one layer with every dependency; largest entries: {top}. "
             "cryptography is needed only for fal's Ed25519 webhook signatures (webhook only). Fix: verify "
-            "Ed25519 with PyNaCl (~1.5 MB) or move cryptography into a webhook-only layer, and drop "
-            "or trim aws-lambda-powertools (ingest would then be well under 20 MB)."
+            "Ed25519 with PyNaCl (~1.5 MB) or move cryptography into a webhook-only layer (the layer "
+            f"without cryptography/cffi/pycparser: {r.cold.layer_without_cryptography_mb or 0:.1f} MB), "
+            "and trim aws-lambda-powertools to what the handlers use."
         )
         notes["package "] = pkg
     if r.jobs is not None:

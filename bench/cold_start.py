@@ -30,6 +30,8 @@ FUNCTION_DIRS = {
     if (ROOT / "functions" / name / f"{name}.py").exists()
 }
 MODES = ("floor", "floor_clients", *FUNCTION_DIRS)
+# cryptography and what only it pulls in (top-level names in the layer, dist-info included).
+CRYPTOGRAPHY_DISTS = ("cryptography", "cffi", "_cffi_backend", "pycparser")
 LAMBDA_PLATFORM = [
     "--platform",
     "manylinux2014_aarch64",
@@ -104,11 +106,12 @@ class ColdStartResult:
     layer_top_mb: dict[str, float]
     function_kb: dict[str, float]
     build_s: float
+    layer_without_cryptography_mb: float | None = None
 
 
-def _top_level(layer: Path, count: int = 5) -> dict[str, int]:
+def _top_level(layer: Path) -> dict[str, int]:
     sizes = {p.name: dir_size(p, bytecode=False) if p.is_dir() else p.stat().st_size for p in layer.iterdir()}
-    return dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:count])
+    return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
 
 
 def _pip(python: str, target: Path, args: list[str]) -> None:
@@ -280,7 +283,12 @@ def run(
         layer_pyc_mb=(
             packages.layer_lambda_pyc_bytes / 1e6 if packages.layer_lambda_pyc_bytes is not None else None
         ),
-        layer_top_mb={k: v / 1e6 for k, v in packages.top_level.items()},
+        layer_top_mb={k: v / 1e6 for k, v in list(packages.top_level.items())[:5]},
+        layer_without_cryptography_mb=(
+            sum(v for k, v in packages.top_level.items() if not k.startswith(CRYPTOGRAPHY_DISTS)) / 1e6
+            if packages.top_level
+            else None
+        ),
         boto3_mb=packages.boto3_lambda_bytes / 1e6 if packages.boto3_lambda_bytes is not None else None,
         function_kb={k: v / 1e3 for k, v in packages.function_bytes.items()},
         build_s=build_s,

@@ -213,9 +213,13 @@ def markdown(r: Results, missed_notes: dict[str, str]) -> str:
     parts += ["## Targets missed", ""]
     if not missed:
         parts += ["None in this run.", ""]
-    for row in missed:
+    grouped: dict[str, list[Row]] = {}
+    for row in missed:  # rows that share a cause are listed together
         note = next((v for k, v in missed_notes.items() if row.metric.startswith(k)), "")
-        parts += [f"- **{row.metric}**: {row.value} (target {row.target}). {note}", ""]
+        grouped.setdefault(note, []).append(row)
+    for note, group in grouped.items():
+        what = "; ".join(f"**{row.metric}**: {row.value} (target {row.target})" for row in group)
+        parts += [f"- {what}. {note}", ""]
     parts += details(r)
     parts += CAVEATS
     return "\n".join(parts).rstrip() + "\n"
