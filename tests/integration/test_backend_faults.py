@@ -4,6 +4,7 @@ fal; fal's own failures end the job with fal's reason; both down fails the job w
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from stack_helpers import dlq_depth, get_json, sidecar
+from stack_helpers import dlq_depth, get_json, settle, sidecar
 
 from local_stack import LocalStack
 from local_stack.fal_server import FalServer
@@ -176,3 +177,55 @@ def test_both_backends_down_fails_with_both_reasons(
     assert note.body["status"] == "failed" and note.body["backend"] is None
     assert "The Modal backend could not take the job: unavailable (HTTP 503)." in messages
     assert "The fal.ai backend could not take the job: unavailable (HTTP 502)." in messages
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+@pytest.mark.parametrize("operation", ["upload_part", "put_object"])
+def test_s3_error_while_storing_a_fal_result_is_retried_without_partial_objects(
+    stack: LocalStack,
+    fal: FalServer,
+    media: dict[str, bytes],
+    folder: str,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """S3 fails once while the webhook stores the result (the video part, or metadata.json): the
+    delivery fails, fal redelivers, and the job ends stored once and notified once."""
+    from botocore.exceptions import ClientError
+
+    quiet(stack)
+    s3 = sys.modules["webhook"].get_runtime().s3
+    original = getattr(s3, operation)
+    failures: list[str] = []
+
+    def failing(**kwargs: Any) -> Any:
+        key = kwargs.get("Key", "")
+        if (
+            not failures
+            and key.startswith(f"outputs/{folder.removeprefix('inbox/')}/")
+            and (operation == "upload_part" or key.endswith("metadata.json"))
+        ):
+            failures.append(key)
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, operation)
+        return original(**kwargs)
+
+    monkeypatch.setattr(s3, operation, failing)
+    key = f"{folder}/s3-fault.json"
+    stack.put_job(key, sidecar(backend="fal"), media)
+    (note,) = stack.wait_for_notification(key, timeout_s=120)
+    assert failures, "the fault was not injected"
+    assert note.body["status"] == "succeeded", note.body
+    (request,) = [r for r in fal.requests.values() if r.webhook_url and note.body["job_id"] in r.webhook_url]
+    assert request.deliveries[0] >= 500 and request.deliveries[-1] == 200, request.deliveries
+    prefix = note.body["output_key"].rsplit("/", 1)[0] + "/"
+    listing = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=prefix).get("Contents", [])
+    names = sorted(o["Key"].rsplit("/", 1)[1] for o in listing)
+    assert {"video.mp4", "metadata.json"} <= set(names), names
+    head = stack.s3.head_object(Bucket=stack.bucket, Key=note.body["output_key"])
+    assert head["ContentLength"] > 0
+    uploads = stack.s3.list_multipart_uploads(Bucket=stack.bucket, Prefix=prefix).get("Uploads", [])
+    assert uploads == [], "an aborted upload must not linger"
+    settle(1.0)
+    assert len(stack.notifications_for(key)) == 1
