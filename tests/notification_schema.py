@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator, FormatChecker
+from vap_shared.notifier import subject_line
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "notification.schema.json"
 
@@ -27,7 +28,9 @@ def problems(body: Any, subject: str | None = None, attributes: dict[str, str] |
     found = [f"body: {e.json_path}: {e.message}" for e in _validator().iter_errors(body)]
     if subject is not None:
         found += [f"Subject: {e.message}" for e in _validator("subject").iter_errors(subject)]
-        if isinstance(body, dict) and subject != f"VAP job {body.get('job_id')} {body.get('status')}":
+        if isinstance(body, dict) and subject != subject_line(
+            str(body.get("status")), str(body.get("sidecar_key")), str(body.get("job_id"))
+        ):
             found.append(f"Subject {subject!r} does not name the job and status")
     if attributes is not None:
         found += [

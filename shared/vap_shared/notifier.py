@@ -10,6 +10,21 @@ from .jobs import Job, iso, utcnow
 from .s3io import presign_get
 
 OUTPUT_URL_TTL = 3600  # the contract promises a 1 h output_url
+# SNS: ASCII, no control characters, fewer than 100 characters.
+_SUBJECT_MAX = 99
+_SUBJECT_VERB = {"succeeded": "ready", "failed": "failed"}
+
+
+def subject_line(status: str, sidecar_key: str, job_id: str, inbox_prefix: str = "inbox/") -> str:
+    """`VAP video ready: balloon/horse (job <id>)`: readable in a mail client's inbox list; the
+    job name is made ASCII and shortened from the left so the job id always fits."""
+    name = sidecar_key.removeprefix(inbox_prefix).removesuffix(".json")
+    name = "".join(c if " " <= c <= "~" else "?" for c in name)
+    head, tail = f"VAP video {_SUBJECT_VERB.get(status, status)}: ", f" (job {job_id})"
+    room = _SUBJECT_MAX - len(head) - len(tail)
+    if len(name) > room:
+        name = "..." + name[len(name) - room + 3 :]
+    return (head + name + tail)[:_SUBJECT_MAX]
 
 
 def build_notification(job: Job, s3: Any, bucket: str) -> dict[str, Any]:
@@ -46,7 +61,7 @@ class Notifier:
         body = build_notification(job, self._s3, self._bucket)
         self._sns.publish(
             TopicArn=self._topic_arn,
-            Subject=f"VAP job {job.job_id} {job.state}"[:100],
+            Subject=subject_line(job.state, job.sidecar_key, job.job_id),
             Message=json.dumps(body, separators=(",", ":")),
             MessageAttributes={
                 "status": {"DataType": "String", "StringValue": job.state},

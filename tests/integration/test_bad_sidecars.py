@@ -58,7 +58,7 @@ def test_bad_sidecar_fails_cleanly(stack: LocalStack, uploaded: dict[str, str], 
     body = note.body
     assert body["status"] == "failed", body
     assert note.attributes["status"] == "failed"
-    assert note.subject.endswith(" failed")
+    assert note.subject.startswith("VAP video failed: ")
     errors = body["errors"]
     assert errors and all(isinstance(e["message"], str) and e["message"] for e in errors)
     expected_field = CASES[case][1]

@@ -32,7 +32,7 @@ def test_sidecar_to_mp4_and_notification(
     assert body["seed"] == 7
     assert body["sidecar_bucket"] == stack.bucket
     assert note.attributes == {"status": "succeeded", "backend": "modal"}
-    assert note.subject == f"VAP job {body['job_id']} succeeded"
+    assert note.subject.startswith("VAP video ready: ") and note.subject.endswith(f"(job {body['job_id']})")
     for stamp in ("received_at", "dispatched_at", "completed_at"):
         assert body["timings"][stamp].endswith(("Z", "+00:00"))
 

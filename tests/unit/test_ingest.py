@@ -142,7 +142,7 @@ def test_bad_sidecar_fails_cleanly_without_retry(st):
     (note,) = st.notifications()
     assert note["status"] == "failed" and note["errors"] == job.errors
     assert note["error_report_key"] == f"outputs/set/job/{job.job_id}/error.json"
-    assert note["_subject"] == f"VAP job {job.job_id} failed"
+    assert note["_subject"] == f"VAP video failed: {job.name} (job {job.job_id})"
     assert note["_attributes"] == {"status": "failed", "backend": "none"}
     assert st.services.requests == []
     # A redelivery changes nothing and does not notify again.

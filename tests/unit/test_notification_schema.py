@@ -14,6 +14,8 @@ from tests.notification_schema import problems, schema
 
 JOB_ID = "20261125T182301Z-3f9c0a1b2d"
 PREFIX = f"outputs/balloon/horse/{JOB_ID}/"
+READY = f"VAP video ready: balloon/horse (job {JOB_ID})"
+FAILED = f"VAP video failed: balloon/horse (job {JOB_ID})"
 
 
 class FakeS3:
@@ -52,7 +54,7 @@ def test_notifier_output_matches() -> None:
         metadata_key=PREFIX + "metadata.json",
     )
     body = build_notification(ok, FakeS3(), "vap-bucket")
-    assert problems(body, f"VAP job {JOB_ID} succeeded", {"status": "succeeded", "backend": "modal"}) == []
+    assert problems(body, READY, {"status": "succeeded", "backend": "modal"}) == []
     failed = job(
         state="failed",
         errors=[{"field": "num_frames", "message": "must be an integer between 9 and 121; got 500"}],
@@ -61,7 +63,7 @@ def test_notifier_output_matches() -> None:
         dispatched_at=None,
     )
     body = build_notification(failed, FakeS3(), "vap-bucket")
-    assert problems(body, f"VAP job {JOB_ID} failed", {"status": "failed", "backend": "none"}) == []
+    assert problems(body, FAILED, {"status": "failed", "backend": "none"}) == []
 
 
 def test_drift_is_caught() -> None:
@@ -71,8 +73,9 @@ def test_drift_is_caught() -> None:
     assert problems({**body, "surprise": 1})
     assert problems({**body, "status": "cancelled"})
     assert problems({k: v for k, v in body.items() if k != "errors"})
-    assert problems(body, "VAP job x failed", {"status": "failed", "backend": "none"})
-    assert problems(body, f"VAP job {JOB_ID} failed", {"status": "succeeded", "backend": "none"})
+    assert problems(body, "VAP video failed: x (job y)", {"status": "failed", "backend": "none"})
+    assert problems(body, READY, {"status": "failed", "backend": "none"})
+    assert problems(body, FAILED, {"status": "succeeded", "backend": "none"})
 
 
 def test_readme_example_matches_shape() -> None:
@@ -89,3 +92,20 @@ def test_readme_example_matches_shape() -> None:
         "generation_s",
         "total_s",
     } <= set(schema()["properties"])
+
+
+def test_subject_is_short_ascii_and_keeps_the_job_id():
+    from vap_shared.notifier import subject_line
+
+    jid = JOB_ID
+    assert subject_line("succeeded", "inbox/balloon/horse.json", jid) == READY
+    long = subject_line("failed", "inbox/" + "é" * 50 + "/" + "x" * 200 + ".json", jid)
+    assert len(long) < 100 and long.isascii() and long.endswith(f"xxx (job {jid})")
+    assert long.startswith("VAP video failed: ...")
+    assert not problems_subject(long)
+
+
+def problems_subject(subject: str) -> list[str]:
+    from tests.notification_schema import _validator
+
+    return [e.message for e in _validator("subject").iter_errors(subject)]

@@ -112,7 +112,7 @@ def test_gpu_progress_then_success_stores_once_and_notifies_once(st):
         "total_s",
     }
     assert note["_attributes"] == {"status": "succeeded", "backend": "modal"}
-    assert note["_subject"] == f"VAP job {job.job_id} succeeded"
+    assert note["_subject"] == f"VAP video ready: {job.name} (job {job.job_id})"
     # Nothing written matches the ingest filter.
     assert not [
         k
