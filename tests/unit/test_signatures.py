@@ -116,6 +116,13 @@ def test_jwks_parsing_skips_foreign_keys():
     assert parse_jwks("nonsense") == []
 
 
+def test_jwks_parsing_skips_malformed_ed25519_keys():
+    good = FalKeys().jwks()["keys"][0]
+    short = {**good, "x": good["x"][:-4]}  # 29 bytes: not an Ed25519 public key
+    garbled = {**good, "x": "!!not-base64!!"}
+    assert len(parse_jwks({"keys": [short, garbled, good]})) == 1
+
+
 # ------------------------------------------------------------------------- properties
 
 _fal_keys = FalKeys()
