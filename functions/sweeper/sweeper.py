@@ -37,6 +37,12 @@ def reset() -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    # The event carries nothing we need: "now" is the clock, the work is in the jobs table.
+    # The event carries nothing we need: "now" is the clock, the work is in the jobs table (and
+    # the ingest dead-letter queue).
     report = get_sweeper().sweep(time_left_ms=context.get_remaining_time_in_millis)
-    return {"counts": report.count(), "jobs": report.outcomes}
+    return {
+        "counts": report.count(),
+        "jobs": report.outcomes,
+        "dead_letters": report.dead_letters,
+        "dead_letters_left": report.dead_letters_left,
+    }

@@ -66,6 +66,10 @@ class Settings:
     ingest_max_attempts: int = 4
     # The sweeper acts on dispatched/running jobs whose dispatch is older than this.
     job_deadline_seconds: int = 1800
+    # The ingest queue's dead-letter queue, drained by the sweeper (crash-looping sidecars end failed),
+    # and how many deliveries a message got before it landed there (the queue's maxReceiveCount).
+    ingest_dlq_url: str = ""
+    ingest_max_receive_count: int = 5
     allow_http_loopback: bool = False
 
     @classmethod
@@ -105,6 +109,8 @@ class Settings:
             job_ttl_days=_int(env, "JOB_TTL_DAYS", defaults.job_ttl_days),
             ingest_max_attempts=_int(env, "INGEST_MAX_ATTEMPTS", defaults.ingest_max_attempts),
             job_deadline_seconds=_int(env, "JOB_DEADLINE_SECONDS", defaults.job_deadline_seconds),
+            ingest_dlq_url=env.get("INGEST_DLQ_URL", "").strip(),
+            ingest_max_receive_count=_int(env, "INGEST_MAX_RECEIVE_COUNT", defaults.ingest_max_receive_count),
             allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
         )
 

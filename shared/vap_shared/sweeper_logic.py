@@ -12,7 +12,10 @@ than `JOB_DEADLINE_SECONDS` it asks the backend what happened:
 - still queued/running: left alone until twice the deadline (the callback is not lost, the run is
   just long), then the call is cancelled (best effort) and the job falls back once or fails.
 
-It also finishes terminal jobs whose notification a crash skipped (and every retry missed).
+It also finishes terminal jobs whose notification a crash skipped (and every retry missed), and
+drains the ingest dead-letter queue (`INGEST_DLQ_URL`): a sidecar whose ingest crashed on every
+delivery (a bug, not bad input: bad input fails at once) ends failed with an internal-error
+message, error.json and one notification, instead of sitting `received` with nobody told.
 Every step reuses `lifecycle`, so a sweeper racing a late webhook still ends in one terminal
 state and one notification.
 """
@@ -23,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from aws_lambda_powertools import Logger
@@ -34,10 +37,14 @@ from .backends.dispatch import gpu_error_allows_fallback
 from .errors import FieldError, field_error
 from .gpu_contract import GpuCallback, StatusResponse
 from .jobs import Job, iso, utcnow
-from .lifecycle import fall_back_or_fail, finalize_terminal
+from .lifecycle import fail_job, fall_back_or_fail, finalize_terminal
+from .naming import job_id as make_job_id
 from .runtime import Runtime
 from .urls import UrlNotAllowed, check_service_url
 from .webhook_logic import fal_failure_errors, store_fal_success, store_gpu_success
+
+if TYPE_CHECKING:
+    from .ingest_logic import S3ObjectEvent
 
 logger = Logger(child=True)
 
@@ -46,6 +53,11 @@ NOTIFY_WINDOW = timedelta(days=1)
 MAX_JOBS_PER_RUN = 200
 # Stop picking up new jobs when the invocation has less than this left (ms).
 MIN_TIME_LEFT_MS = 15_000
+# Ingest dead letters handled per run (short receives of up to 10); the rest wait for the next run.
+MAX_DEAD_LETTERS_PER_RUN = 50
+# A dead letter received but left (job being dispatched elsewhere, or an error) stays hidden this
+# long: past the end of this run (Timeout 240 s), back for the next one.
+DEAD_LETTER_VISIBILITY_S = 300
 
 
 class BackendUnreachable(Exception):
@@ -55,6 +67,9 @@ class BackendUnreachable(Exception):
 @dataclass
 class SweepReport:
     outcomes: dict[str, str] = field(default_factory=dict)  # job id -> what the sweeper did
+    # Ingest dead letters: what happened to each message (counts), and how many were left.
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    dead_letters_left: int | None = None
 
     def count(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -64,9 +79,19 @@ class SweepReport:
 
 
 class Sweeper:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, sqs: Any = None) -> None:
         self.rt = rt
         self.settings = rt.settings
+        self._sqs = sqs
+
+    @property
+    def sqs(self) -> Any:
+        """The SQS client, built on first use (only runs with a dead-letter queue need it)."""
+        if self._sqs is None:
+            import boto3
+
+            self._sqs = boto3.client("sqs")
+        return self._sqs
 
     # ------------------------------------------------------------------ entry point
     def sweep(
@@ -79,6 +104,12 @@ class Sweeper:
         cutoff = iso(now - timedelta(seconds=self.settings.job_deadline_seconds))
         hard_cutoff = iso(now - timedelta(seconds=2 * self.settings.job_deadline_seconds))
         report = SweepReport()
+        if self.settings.ingest_dlq_url:
+            try:
+                self.drain_dead_letters(report, time_left_ms)
+            except Exception:
+                # The DLQ must not stop the deadline sweep (and vice versa); the next run retries.
+                logger.exception("draining the ingest dead-letter queue failed")
         candidates: list[str] = []
         for state in ("dispatched", "running"):
             candidates += self.rt.store.overdue(state, cutoff, limit)
@@ -96,9 +127,100 @@ class Sweeper:
                 # One bad job must not stop the others; it is picked up again next run.
                 logger.exception("sweeping a job failed", extra={"job_id": job_id})
                 report.outcomes[job_id] = "error"
-        if report.outcomes:
-            logger.info("sweep done", extra={"counts": report.count()})
+        if report.outcomes or report.dead_letters:
+            logger.info("sweep done", extra={"counts": report.count(), "dead_letters": report.dead_letters})
         return report
+
+    # ------------------------------------------------------------------ ingest dead letters
+    def drain_dead_letters(
+        self,
+        report: SweepReport,
+        time_left_ms: Callable[[], int] | None = None,
+        limit: int = MAX_DEAD_LETTERS_PER_RUN,
+    ) -> None:
+        """Up to `limit` messages of the ingest DLQ: each sidecar's job ends failed (once), then the
+        message is deleted. Short receives: an empty answer ends the drain until the next run."""
+        url = self.settings.ingest_dlq_url
+        handled = 0
+        while handled < limit:
+            if time_left_ms is not None and time_left_ms() < MIN_TIME_LEFT_MS:
+                break
+            messages = self.sqs.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=min(10, limit - handled),
+                WaitTimeSeconds=0,
+                VisibilityTimeout=DEAD_LETTER_VISIBILITY_S,
+            ).get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                handled += 1
+                try:
+                    outcome = self.settle_dead_letter(str(message.get("Body", "")), report)
+                except Exception:
+                    logger.exception("settling an ingest dead letter failed; the next run retries")
+                    outcome = "error"
+                report.dead_letters[outcome] = report.dead_letters.get(outcome, 0) + 1
+                if outcome not in ("error", "busy"):
+                    self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
+        ).get("Attributes", {})
+        report.dead_letters_left = int(attributes.get("ApproximateNumberOfMessages", 0))
+        if handled or report.dead_letters_left:
+            logger.info(
+                "ingest dead letters",
+                extra={"outcomes": report.dead_letters, "left": report.dead_letters_left},
+            )
+
+    def settle_dead_letter(self, body: str, report: SweepReport) -> str:
+        """One dead letter, parsed as ingest parses it: "failed" (its job ended failed now), "done"
+        (already ended: finished, never notified twice), "dispatched" (the deadline sweep has it),
+        "busy" (another invocation holds the job's dispatch lease: keep the message), "skipped"
+        (a test event, not S3, or not a sidecar)."""
+        from .ingest_logic import parse_sqs_body  # ingest's own parser; loaded only when needed
+
+        outcomes = [self._settle_dead_event(event, report) for event in parse_sqs_body(body)]
+        for outcome in ("busy", "failed", "dispatched", "done"):
+            if outcome in outcomes:
+                return outcome
+        return "skipped"
+
+    def _settle_dead_event(self, event: S3ObjectEvent, report: SweepReport) -> str:
+        from .ingest_logic import DISPATCH_LEASE_SECONDS, Ingestor
+
+        s = self.settings
+        if event.bucket != s.bucket_name or not (
+            event.key.startswith(s.inbox_prefix) and event.key.endswith(".json")
+        ):
+            return "skipped"
+        jid = make_job_id(event.event_time, event.bucket, event.key, event.etag, event.sequencer)
+        # The record as ingest creates it (ingest may have crashed before creating it).
+        job = Ingestor(self.rt)._get_or_create(jid, event)
+        if job.terminal:
+            finalize_terminal(self.rt, job)  # report, status and the one notification, if missing
+            report.outcomes[jid] = "dead-letter-done"
+            return "done"
+        if job.state != "received":
+            # Dispatched before the crash: a backend has it, the deadline sweep settles it.
+            report.outcomes[jid] = "dead-letter-dispatched"
+            return "dispatched"
+        # Taking the dispatch lease keeps a live duplicate delivery from dispatching a failed job.
+        if not self.rt.store.acquire_dispatch_lease(jid, int(time.time()), DISPATCH_LEASE_SECONDS):
+            report.outcomes[jid] = "dead-letter-busy"
+            return "busy"
+        attempts = s.ingest_max_receive_count
+        message = (
+            f"The service could not process this sidecar after {attempts} attempts "
+            "(an internal error, not a problem with the request); it has been reported to the operators."
+        )
+        logger.error(
+            "ingest gave up on a sidecar (dead letter); failing its job",
+            extra={"job_id": jid, "key": event.key, "attempts": attempts},
+        )
+        fail_job(self.rt, jid, [field_error(None, message)])
+        report.outcomes[jid] = "dead-letter-failed"
+        return "failed"
 
     def sweep_job(self, job_id: str, cutoff_iso: str, hard_cutoff_iso: str | None = None) -> str:
         """Settle one job dispatched before `cutoff_iso`; one still running at its backend is only

@@ -130,3 +130,44 @@ def test_fal_never_finishing_fails_the_job_with_a_clear_reason(
     assert note.body["status"] == "failed"
     assert "did not finish within 2 s" in note.body["errors"][0]["message"]
     assert fal.requests[job["backend_call_id"]].cancelled
+
+
+def test_a_crash_looping_sidecar_is_failed_from_the_dlq_by_the_sweeper(
+    stack: LocalStack, sample_media: dict[str, bytes], folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ingest crashes (a bug, not bad input) on every delivery of one sidecar: after
+    maxReceiveCount deliveries SQS moves it to the DLQ; the sweeper then fails the job with an
+    internal-error message and one notification, and deletes the dead letter."""
+    from vap_shared import ingest_logic
+
+    key = f"{folder}/crash-loop.json"
+    real_process = ingest_logic.Ingestor._process
+
+    def crashing(self: Any, job: Any, event: Any, receive_count: int) -> None:
+        if event.key == key:
+            raise RuntimeError("a bug in ingest")
+        real_process(self, job, event, receive_count)
+
+    monkeypatch.setattr(ingest_logic.Ingestor, "_process", crashing)
+    quiet(stack)
+    stack.put_job(key, sidecar(), _media(folder, sample_media))
+    # 5 deliveries, 5 s apart (the tests' visibility timeout), then the redrive.
+    _wait(lambda: stack.queue_depth(stack.dlq_url) >= 1, timeout_s=120)
+    assert _job(stack, key)["state"] == "received" and not stack.notifications_for(key)
+
+    report = stack.run_sweeper()
+    job = _job(stack, key)
+    assert report["jobs"][job["job_id"]] == "dead-letter-failed"
+    assert report["dead_letters"].get("failed") == 1 and report["dead_letters_left"] == 0
+    assert job["state"] == "failed"
+    (note,) = stack.wait_for_notification(key, timeout_s=30)
+    assert note.body["status"] == "failed" and note.body["job_id"] == job["job_id"]
+    (error,) = note.body["errors"]
+    assert error["field"] is None
+    assert "could not process this sidecar after 5 attempts" in error["message"]
+    assert get_json(stack, f"{job['output_prefix']}error.json")["errors"] == note.body["errors"]
+    assert stack.queue_depth(stack.dlq_url) == 0
+    # The next run finds nothing; still one notification.
+    assert stack.run_sweeper()["dead_letters"] == {}
+    settle(1)
+    assert len(stack.notifications_for(key)) == 1

@@ -56,7 +56,12 @@ NEEDED: dict[str, set[str]] = {
         "logs:PutLogEvents",
         "dynamodb:Query",  # only on its index
         "dynamodb:GetItem",
+        "dynamodb:PutItem",  # the conditional create of an ingest dead letter's missing record
         "dynamodb:UpdateItem",
+        # draining the ingest dead-letter queue (only that queue)
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
         "s3:GetObject",
         "s3:PutObject",
         "s3:AbortMultipartUpload",
@@ -132,6 +137,7 @@ def test_no_wildcard_beyond_prefix_scoped_objects(cfn: Template) -> None:
 def test_grants_name_this_stacks_resources(cfn: Template) -> None:
     allowed_refs = {
         "IngestQueue",
+        "IngestDeadLetterQueue",  # the sweeper drains it
         "JobsTable",
         "NotificationTopic",
         "SigningSecret",
@@ -146,6 +152,8 @@ def test_grants_name_this_stacks_resources(cfn: Template) -> None:
                 elif isinstance(resource, dict) and "Fn::GetAtt" in resource:
                     target = resource["Fn::GetAtt"][0]
                     assert target in allowed_refs or target.endswith("LogGroup"), (role, resource)
+                    if target == "IngestDeadLetterQueue":
+                        assert role == "SweeperRole", (role, target)
                     # Each function writes only its own log group.
                     if target.endswith("LogGroup"):
                         assert role.removesuffix("Role") == target.removesuffix("LogGroup"), (role, target)

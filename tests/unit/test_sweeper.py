@@ -331,4 +331,9 @@ def test_handler_reports_counts(st, services):
 
     time.sleep(2.1)  # past twice the deadline: a queued call is stopped
     result = call(sweeper.handler, {"source": "aws.events", "detail-type": "Scheduled Event"})
-    assert result == {"counts": {"failed": 1}, "jobs": {job.job_id: "failed"}}
+    assert result == {
+        "counts": {"failed": 1},
+        "jobs": {job.job_id: "failed"},
+        "dead_letters": {},  # no INGEST_DLQ_URL here: nothing drained
+        "dead_letters_left": None,
+    }

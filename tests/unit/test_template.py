@@ -384,17 +384,35 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
         if logical_id == "SweeperRole"
         for a in (st["Action"] if isinstance(st["Action"], list) else [st["Action"]])
     }
-    # Reads by key and index, updates conditionally; never creates, deletes or scans.
+    # Reads by key and index, updates conditionally, creates only a dead letter's missing record
+    # (conditionally); never deletes or scans.
     assert {a for a in actions if a.startswith("dynamodb:")} == {
         "dynamodb:Query",
         "dynamodb:GetItem",
+        "dynamodb:PutItem",
         "dynamodb:UpdateItem",
     }
     (query,) = [
         st for lid, st in _statements(cfn) if lid == "SweeperRole" and st["Action"] == "dynamodb:Query"
     ]
     assert query["Resource"] == {"Fn::Sub": "${JobsTable.Arn}/index/state-dispatched_at"}
-    assert not {a for a in actions if a.startswith("sqs:")}
+
+    # SQS: only draining the ingest dead-letter queue (never the ingest queue, never sending).
+    def _as_list(value: Any) -> list[Any]:
+        return value if isinstance(value, list) else [value]
+
+    sqs = [
+        st
+        for lid, st in _statements(cfn)
+        if lid == "SweeperRole" and any(str(a).startswith("sqs:") for a in _as_list(st["Action"]))
+    ]
+    assert len(sqs) == 1
+    assert set(_as_list(sqs[0]["Action"])) == {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+    }
+    assert sqs[0]["Resource"] == {"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]}
 
 
 def test_sweeper_env_follows_the_contract(sam: Template) -> None:
@@ -408,6 +426,11 @@ def test_sweeper_env_follows_the_contract(sam: Template) -> None:
     # It never validates sidecars, builds webhook URLs or verifies fal signatures.
     assert not {"WEBHOOK_BASE_URL", "ALLOWED_MEDIA_HOSTS", "MAX_SIDECAR_BYTES", "FAL_JWKS_URL"} & names
     assert env_of(sam, "SweeperFunction")["JOB_DEADLINE_SECONDS"] == {"Ref": "JobDeadlineSeconds"}
-    # Only the sweeper reads the deadline.
+    # It drains the ingest dead-letter queue and names the queue's receive count in the error.
+    assert env_of(sam, "SweeperFunction")["INGEST_DLQ_URL"] == {"Ref": "IngestDeadLetterQueue"}
+    assert env_of(sam, "SweeperFunction")["INGEST_MAX_RECEIVE_COUNT"] == {"Ref": "MaxReceiveCount"}
+    # Only the sweeper reads the deadline and the dead-letter queue.
     for function in ("IngestFunction", "WebhookFunction"):
-        assert "JOB_DEADLINE_SECONDS" not in env_of(sam, function)
+        assert not {"JOB_DEADLINE_SECONDS", "INGEST_DLQ_URL", "INGEST_MAX_RECEIVE_COUNT"} & set(
+            env_of(sam, function)
+        )
