@@ -3,7 +3,10 @@
 The Modal class and the local GPU server both call `run_job`. Everything the job touches over the
 network comes from the request (presigned URLs, the callback URL and its per-job key), so URLs are
 checked before use: https only, public addresses only (the GPU container must not become a way to
-reach internal services or cloud metadata).
+reach internal services or cloud metadata). Each request connects to the very address that was
+checked (`pin_url`): the name is resolved once, and the HTTP client is handed the vetted IP with
+the original name as Host header and TLS SNI (the certificate is still verified for the name), so
+a rebinding DNS server cannot swap in a private address between the check and the connection.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -51,9 +54,10 @@ ProgressHook = Callable[[int, int], None]
 
 
 def resolve_host(host: str, port: int) -> list[str]:
-    """All addresses `host` resolves to (every one must be public, not just the first)."""
+    """All addresses `host` resolves to, in the resolver's order of preference, without duplicates
+    (every one must be public, not just the first; the first is the one connected to)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def _loopback_allowed_from_env() -> bool:
@@ -102,8 +106,20 @@ class UnsafeUrl(ValueError):
     """A URL the GPU side must not fetch from or send to."""
 
 
-def check_url(url: str, config: RunnerConfig) -> None:
-    """Raise `UnsafeUrl` unless `url` is https to public addresses (or allowed local http)."""
+@dataclass(frozen=True)
+class PinnedUrl:
+    """Where a request really goes. For a checked DNS name: `url` names the vetted IP, `headers`
+    carry the original `Host` and `extensions` the TLS SNI name (httpcore verifies the
+    certificate for it). For IP literals and the local-stack loopback allowance: the URL as is."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+def pin_url(url: str, config: RunnerConfig) -> PinnedUrl:
+    """Raise `UnsafeUrl` unless `url` is https to public addresses (or allowed local http); return
+    the request target pinned to the address that was checked (the name is resolved only here)."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if not host:
@@ -111,15 +127,16 @@ def check_url(url: str, config: RunnerConfig) -> None:
     if parts.username or parts.password:
         raise UnsafeUrl("URL must not carry credentials")
     if config.allow_http_loopback and host in LOOPBACK_HOSTS and parts.scheme in ("http", "https"):
-        return  # the local stack: moto and the local webhook on 127.0.0.1
+        return PinnedUrl(url)  # the local stack: moto and the local webhook on 127.0.0.1
     if parts.scheme != "https":
         raise UnsafeUrl(f"only https URLs are allowed, got {parts.scheme or 'none'}://")
     try:
         port = parts.port or 443
     except ValueError as exc:
         raise UnsafeUrl("invalid port") from exc
+    literal = _is_ip(host)
     try:
-        addresses = [host] if _is_ip(host) else config.resolver(host, port)
+        addresses = [host] if literal else config.resolver(host, port)
     except OSError as exc:
         raise UnsafeUrl(f"cannot resolve {host}") from exc
     if not addresses:
@@ -127,6 +144,24 @@ def check_url(url: str, config: RunnerConfig) -> None:
     for address in addresses:
         if not _is_public(address):
             raise UnsafeUrl(f"{host} resolves to a non-public address")
+    if literal:
+        return PinnedUrl(url)
+    address = addresses[0]
+    netloc = f"[{address}]" if ":" in address else address
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return PinnedUrl(
+        urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)),
+        # The Host a presigned URL was signed for (and virtual hosting needs), exactly as written.
+        headers={"Host": parts.netloc},
+        extensions={"sni_hostname": host},
+    )
+
+
+def check_url(url: str, config: RunnerConfig) -> None:
+    """Raise `UnsafeUrl` unless `url` is https to public addresses (or allowed local http).
+    (Fail-fast check at job start; each request pins its own checked address with `pin_url`.)"""
+    pin_url(url, config)
 
 
 def _is_ip(host: str) -> bool:
@@ -160,9 +195,21 @@ def _timeout(config: RunnerConfig, read: float | None = None) -> httpx.Timeout:
 
 
 def download(http: httpx.Client, url: str, what: str, max_bytes: int, config: RunnerConfig) -> bytes:
-    """GET `url` streaming, refusing bodies over `max_bytes`; no redirects (they'd skip the URL check)."""
+    """GET `url` streaming, refusing bodies over `max_bytes`; no redirects (they'd skip the URL
+    check); connected to the address that was checked (`pin_url`), never to a fresh lookup."""
     try:
-        with http.stream("GET", url, timeout=_timeout(config), follow_redirects=False) as response:
+        target = pin_url(url, config)
+    except UnsafeUrl as exc:
+        raise _fail("input", f"the {what} URL was refused: {exc}") from exc
+    try:
+        with http.stream(
+            "GET",
+            target.url,
+            headers=target.headers,
+            extensions=target.extensions,
+            timeout=_timeout(config),
+            follow_redirects=False,
+        ) as response:
             if response.status_code != 200:
                 retryable = response.status_code >= 500 or response.status_code == 429
                 code: ErrorCode = "internal" if retryable else "input"
@@ -202,12 +249,38 @@ def _retrying(attempts: int, config: RunnerConfig, send: Callable[[], httpx.Resp
     raise AssertionError("unreachable")
 
 
+def _pinned_send(
+    http: httpx.Client,
+    method: str,
+    url: str,
+    config: RunnerConfig,
+    *,
+    content: bytes,
+    headers: dict[str, str],
+    timeout: httpx.Timeout,
+) -> httpx.Response:
+    """One request to the address `pin_url` checked (resolved again per attempt, checked again)."""
+    target = pin_url(url, config)
+    return http.request(
+        method,
+        target.url,
+        content=content,
+        headers={**headers, **target.headers},
+        extensions=target.extensions,
+        timeout=timeout,
+        follow_redirects=False,
+    )
+
+
 def upload(http: httpx.Client, url: str, data: bytes, config: RunnerConfig) -> None:
     def send() -> httpx.Response:
-        return http.put(url, content=data, headers={"Content-Type": "video/mp4"}, timeout=_timeout(config))
+        headers = {"Content-Type": "video/mp4"}
+        return _pinned_send(http, "PUT", url, config, content=data, headers=headers, timeout=_timeout(config))
 
     try:
         response = _retrying(config.upload_attempts, config, send)
+    except UnsafeUrl as exc:
+        raise _fail("input", f"output_put_url refused: {exc}") from exc
     except httpx.HTTPError as exc:
         raise _fail("internal", f"cannot upload the video: {type(exc).__name__}", True) from exc
     if not 200 <= response.status_code < 300:
@@ -243,12 +316,21 @@ def send_callback(
 
     def send() -> httpx.Response:
         # Signed per attempt so a late retry still carries a fresh timestamp.
-        return http.post(
-            request.callback_url, content=body, headers=signed_headers(key, body), timeout=timeout
+        return _pinned_send(
+            http,
+            "POST",
+            request.callback_url,
+            config,
+            content=body,
+            headers=signed_headers(key, body),
+            timeout=timeout,
         )
 
     try:
         response = _retrying(config.callback_attempts if terminal else 1, config, send)
+    except UnsafeUrl as exc:
+        log.warning("callback %s to %s refused: %s", event, _host(request.callback_url), exc)
+        return False
     except httpx.HTTPError as exc:
         log.warning("callback %s to %s failed: %s", event, _host(request.callback_url), type(exc).__name__)
         return False

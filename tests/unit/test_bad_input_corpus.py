@@ -458,7 +458,9 @@ def test_gpu_downloader_refuses_private_destinations(case: str) -> None:
     fetched: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        fetched.append(str(request.url))
+        # The URL as the server sees it (the connection goes to the pinned, checked address).
+        assert request.url.host == "93.184.216.34"
+        fetched.append(f"{request.url.scheme}://{request.headers['host']}{request.url.raw_path.decode()}")
         target = {
             "/to-metadata": "https://169.254.169.254/latest/meta-data/",
             "/to-internal": "https://internal.example/x.mp4",
