@@ -1,53 +1,53 @@
-"""Clients and adapters a function needs, built once per execution environment (cold start)."""
+"""Clients and adapters a function needs, created on first use and then kept for the execution
+environment. A route pays only for what it touches: a GPU progress callback never builds the SNS
+client, the backends or the fal verifier; ingest builds no JWKS cache."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from .backends.base import Backend
-from .backends.fal import FalBackend
-from .backends.modal import ModalBackend
 from .config import Settings
-from .fal_webhook import JwksCache
-from .job_store import JobStore
+from .job_store import JobStore  # every route uses the jobs table (and so boto3): loaded at init
 from .naming import work_video_key
-from .notifier import Notifier
 from .s3io import presign_get, presign_put
-from .secrets import Secrets
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .fal_webhook import JwksCache
+    from .notifier import Notifier
+    from .secrets import Secrets
 
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=3.0, pool=3.0)
 
+T = TypeVar("T")
 
-@dataclass
+
 class Runtime:
-    settings: Settings
-    s3: Any
-    store: JobStore
-    notifier: Notifier
-    http: httpx.Client
-    secrets: Secrets
-    backends: dict[str, Backend] = field(default_factory=dict)
-    _jwks: JwksCache | None = None
+    """Each attribute is built once, under a lock: the local stack runs concurrent invocations as
+    threads of one process, and a boto3 session must not create clients from two threads at once."""
 
-    @property
-    def jwks(self) -> JwksCache:
-        if self._jwks is None:
-            self._jwks = JwksCache.from_url(self.http, self.settings.fal_jwks_url)
-        return self._jwks
-
-    def sign_get(self, bucket: str, key: str) -> str:
-        return presign_get(self.s3, bucket, key, self.settings.presign_ttl_seconds)
-
-    def output_put_url(self, job_id: str) -> str:
-        key = work_video_key(self.settings.work_prefix, job_id)
-        return presign_put(self.s3, self.settings.bucket_name, key, self.settings.presign_ttl_seconds)
-
-    def stack_secret(self) -> bytes:
-        return self.secrets.signing_secret(self.settings.signing_secret_arn)
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session: Any = None,
+        http: httpx.Client | None = None,
+        secrets: Secrets | None = None,
+    ) -> None:
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._built: dict[str, Any] = {}
+        if session is not None:
+            self._built["session"] = session
+        if http is not None:
+            self._built["http"] = http
+        if secrets is not None:
+            self._built["secrets"] = secrets
 
     @classmethod
     def build(
@@ -58,44 +58,118 @@ class Runtime:
         http: httpx.Client | None = None,
         secrets: Secrets | None = None,
     ) -> Runtime:
-        import boto3
-        from botocore.config import Config
+        """Nothing is created here; clients come on first use (see the properties)."""
+        return cls(settings, session=session, http=http, secrets=secrets)
 
-        session = session or boto3.session.Session()
-        s3_options: dict[str, Any] = {"signature_version": "s3v4", "retries": {"mode": "standard"}}
-        if os.environ.get("AWS_ENDPOINT_URL"):
-            # Emulators are reached by IP/port: virtual-hosted bucket names would not resolve.
-            s3_options["s3"] = {"addressing_style": "path"}
-        s3 = session.client("s3", config=Config(**s3_options))
-        dynamodb = session.client("dynamodb")
-        sns = session.client("sns")
-        http = http or httpx.Client(timeout=HTTP_TIMEOUT, follow_redirects=False)
-        secrets = secrets or Secrets.from_client(session.client("secretsmanager"))
-        runtime = cls(
-            settings=settings,
-            s3=s3,
-            store=JobStore(dynamodb, settings.jobs_table),
-            notifier=Notifier(sns, settings.topic_arn, s3, settings.bucket_name),
-            http=http,
-            secrets=secrets,
-        )
-        runtime.backends = {
+    def _once(self, name: str, make: Callable[[], T]) -> T:
+        value: T | None = self._built.get(name)
+        if value is None:
+            with self._lock:
+                value = self._built.get(name)
+                if value is None:
+                    value = make()
+                    self._built[name] = value
+        return value
+
+    # ------------------------------------------------------------------ AWS clients
+    @property
+    def session(self) -> Any:
+        def make() -> Any:
+            import boto3
+
+            return boto3.session.Session()
+
+        return self._once("session", make)
+
+    @property
+    def s3(self) -> Any:
+        def make() -> Any:
+            from botocore.config import Config
+
+            options: dict[str, Any] = {"signature_version": "s3v4", "retries": {"mode": "standard"}}
+            if os.environ.get("AWS_ENDPOINT_URL"):
+                # Emulators are reached by IP/port: virtual-hosted bucket names would not resolve.
+                options["s3"] = {"addressing_style": "path"}
+            return self.session.client("s3", config=Config(**options))
+
+        return self._once("s3", make)
+
+    @property
+    def store(self) -> JobStore:
+        def make() -> JobStore:
+            return JobStore(self.session.client("dynamodb"), self.settings.jobs_table)
+
+        return self._once("store", make)
+
+    @property
+    def notifier(self) -> Notifier:
+        def make() -> Notifier:
+            from .notifier import Notifier
+
+            s3, settings = self.s3, self.settings
+            return Notifier(self.session.client("sns"), settings.topic_arn, s3, settings.bucket_name)
+
+        return self._once("notifier", make)
+
+    @property
+    def secrets(self) -> Secrets:
+        def make() -> Secrets:
+            from .secrets import Secrets
+
+            return Secrets.from_client(self.session.client("secretsmanager"))
+
+        return self._once("secrets", make)
+
+    # ------------------------------------------------------------------ HTTP and backends
+    @property
+    def http(self) -> httpx.Client:
+        return self._once("http", lambda: httpx.Client(timeout=HTTP_TIMEOUT, follow_redirects=False))
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        return self._once("backends", self._make_backends)
+
+    def _make_backends(self) -> dict[str, Backend]:
+        from .backends.fal import FalBackend
+        from .backends.modal import ModalBackend
+
+        settings = self.settings
+        return {
             "modal": ModalBackend(
-                http,
+                self.http,
                 settings.modal_endpoint_url,
-                credentials=lambda: secrets.modal_token(settings.modal_token_secret_arn),
-                stack_secret=runtime.stack_secret,
-                sign_get=runtime.sign_get,
-                output_put_url=runtime.output_put_url,
+                credentials=lambda: self.secrets.modal_token(settings.modal_token_secret_arn),
+                stack_secret=self.stack_secret,
+                sign_get=self.sign_get,
+                output_put_url=self.output_put_url,
                 allow_http_loopback=settings.allow_http_loopback,
             ),
             "fal": FalBackend(
-                http,
+                self.http,
                 settings.fal_queue_url,
                 settings.fal_endpoint_id,
-                fal_key=lambda: secrets.fal_key(settings.fal_key_secret_arn),
-                sign_get=runtime.sign_get,
+                fal_key=lambda: self.secrets.fal_key(settings.fal_key_secret_arn),
+                sign_get=self.sign_get,
                 allow_http_loopback=settings.allow_http_loopback,
             ),
         }
-        return runtime
+
+    @property
+    def jwks(self) -> JwksCache:
+        def make() -> JwksCache:
+            from .fal_webhook import JwksCache  # PyNaCl: only fal webhooks load it
+
+            return JwksCache.from_url(self.http, self.settings.fal_jwks_url)
+
+        return self._once("jwks", make)
+
+    # ------------------------------------------------------------------ helpers
+    def sign_get(self, bucket: str, key: str) -> str:
+        return presign_get(self.s3, bucket, key, self.settings.presign_ttl_seconds)
+
+    def output_put_url(self, job_id: str) -> str:
+        key = work_video_key(self.settings.work_prefix, job_id)
+        return presign_put(self.s3, self.settings.bucket_name, key, self.settings.presign_ttl_seconds)
+
+    def stack_secret(self) -> bytes:
+        return self.secrets.signing_secret(self.settings.signing_secret_arn)

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from .backends.dispatch import gpu_error_allows_fallback
 from .backends.fal import fal_detail_errors
 from .errors import FieldError, field_error
-from .fal_webhook import verify_fal_webhook
 from .gpu_contract import GpuCallback
 from .jobs import Job, iso, utcnow
 from .lifecycle import fail_job, fall_back_or_fail, finalize_terminal, succeed_job
@@ -140,6 +139,8 @@ def _gpu_succeeded(rt: Runtime, job: Job, callback: GpuCallback) -> Reply:
 
 
 def handle_fal_webhook(rt: Runtime, job_id: str, headers: dict[str, str], body: bytes) -> Reply:
+    from .fal_webhook import verify_fal_webhook  # PyNaCl + JWKS: loaded by fal deliveries only
+
     try:
         request_id = verify_fal_webhook(headers, body, rt.jwks)
     except SignatureError as exc:
