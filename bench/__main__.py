@@ -32,15 +32,14 @@ def missed_notes(r: Results) -> dict[str, str]:
         )
         extra = (handler.median_ms - floor.median_ms) if handler and floor else 0.0
         note = (
-            f"Cause: the handlers import Powertools, pydantic (models built at import), httpx and "
-            f"cryptography on top of boto3, and build four boto3 clients + an httpx client at cold start: "
-            f"{extra:.0f} ms more than boto3 + the same four clients (import self-time leaders besides "
-            f"botocore: {heavy}). Fix (handler/layer owners): import per route what the route needs "
-            f"(cryptography/JWKS only for fal webhooks, the backends only when dispatching), create the "
-            f"SNS/Secrets Manager clients on first use, replace Powertools' Logger/batch/resolver with "
-            f"the few dozen lines the handlers use; or take imports off the cold path with Lambda SnapStart "
-            f"(Python 3.12+) or provisioned concurrency. On Lambda (1,024 MB ≈ 0.6 vCPU) expect slower "
-            f"imports than here."
+            f"Cause: the handlers import boto3 (every route uses the jobs table), Powertools (Logger; "
+            f"the batch processor in ingest, the resolver in the webhook, both pulling in asyncio and "
+            f"its event classes), pydantic (models built at import) and httpx: {extra:+.0f} ms against "
+            f"boto3 + four clients (import self-time leaders besides botocore: {heavy}). Clients, the "
+            f"backends and the fal verifier (PyNaCl) are already built on first use. Fix (handler/layer "
+            f"owners): replace Powertools' batch/resolver with the few dozen lines the handlers use; or "
+            f"take imports off the cold path with Lambda SnapStart (Python 3.12+) or provisioned "
+            f"concurrency. On Lambda (1,024 MB ≈ 0.6 vCPU) expect slower imports than here."
         )
         notes["cold start "] = note
         top = ", ".join(f"{k} {v:.1f} MB" for k, v in r.cold.layer_top_mb.items())
