@@ -1,6 +1,6 @@
 """A local server speaking fal.ai's queue protocol, for the fal backend of the local stack.
 
-Routes (see ../shared/notes/fal.md):
+Routes (fal's queue REST API and webhook protocol, as docs/contracts.md describes):
 - `POST /<endpoint-id>?fal_webhook=<url>` (header `Authorization: Key <key>`) →
   `{request_id, status: "IN_QUEUE", queue_position, status_url, response_url, cancel_url}`
 - `GET <status_url>` → 202 IN_QUEUE / IN_PROGRESS, 200 COMPLETED; `GET <response_url>` → the output;

@@ -379,7 +379,7 @@ def test_secrets_never_reach_the_logs(st):
     import io
     import logging
 
-    from vap_testkit import FAL_KEY, MODAL_SECRET, SIGNING_SECRET
+    from vap_testkit import FAKE_FAL_API_KEY, MODAL_SECRET, SIGNING_SECRET
 
     # Powertools binds its handlers' streams at import time: point them at a buffer.
     sink = io.StringIO()
@@ -404,7 +404,7 @@ def test_secrets_never_reach_the_logs(st):
         handler.stream = stream  # setStream() would flush the old stream, possibly closed by now
     logs = sink.getvalue()
     assert "job dispatched" in logs
-    for secret in (FAL_KEY, MODAL_SECRET, SIGNING_SECRET, st.gpu_key(job.job_id).hex()):
+    for secret in (FAKE_FAL_API_KEY, MODAL_SECRET, SIGNING_SECRET, st.gpu_key(job.job_id).hex()):
         assert secret not in logs
 
 

@@ -25,7 +25,7 @@ REGION = "us-east-1"
 BUCKET = "vap-test-bucket"
 TABLE = "vap-jobs"
 SIGNING_SECRET = "test-stack-secret-0123456789abcdef"
-FAL_KEY = "fal-test-key-abc"
+FAKE_FAL_API_KEY = "fal-test-key-abc"
 MODAL_KEY, MODAL_SECRET = "wk-test", "ws-test"
 MODAL_URL = "https://modal.test"
 FAL_QUEUE = "https://queue.fal.test"
@@ -111,7 +111,7 @@ class FakeServices:
                 self.on_modal_submit({**json.loads(request.content), "call_id": f"fc-{self.counter}"})
             return httpx.Response(self.modal_status, json={"call_id": f"fc-{self.counter}"})
         if host == "queue.fal.test":
-            if request.headers.get("authorization") != f"Key {FAL_KEY}":
+            if request.headers.get("authorization") != f"Key {FAKE_FAL_API_KEY}":
                 return httpx.Response(401)
             self.counter += 1
             rid = f"req-{self.counter}"
@@ -287,7 +287,7 @@ def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: s
         sm = session().client("secretsmanager")
         arns = {
             "SIGNING_SECRET_ARN": sm.create_secret(Name="signing", SecretString=SIGNING_SECRET)["ARN"],
-            "FAL_KEY_SECRET_ARN": sm.create_secret(Name="fal", SecretString=FAL_KEY)["ARN"],
+            "FAL_KEY_SECRET_ARN": sm.create_secret(Name="fal", SecretString=FAKE_FAL_API_KEY)["ARN"],
             "MODAL_TOKEN_SECRET_ARN": sm.create_secret(
                 Name="modal", SecretString=json.dumps({"key": MODAL_KEY, "secret": MODAL_SECRET})
             )["ARN"],
