@@ -12,24 +12,22 @@ from typing import Any
 
 import ingest
 import pytest
-import sweeper
 import webhook
 from botocore.exceptions import ClientError
 from test_sweeper import SweepServices
 from vap_shared import ingest_logic, job_store, lifecycle, notifier, webhook_logic
-from vap_shared.ingest_logic import Ingestor
 from vap_shared.jobs import utcnow
 from vap_shared.sweeper_logic import Sweeper
 from vap_testkit import (
     BUCKET,
-    FAL_EXAMPLE,
     MP4,
-    PNG,
     call,
     gpu_callback_event,
+    handlers_on,
     s3_event,
     sqs_event,
     stack,
+    upload_fal_example,
     url_event,
 )
 
@@ -75,22 +73,12 @@ def services():
 
 @pytest.fixture
 def st(monkeypatch, services):
-    with stack(monkeypatch, services) as s:
-        ingest._ingestor = Ingestor(s.runtime)
-        webhook._runtime = s.runtime
-        sweeper._sweeper = Sweeper(s.runtime)
+    with stack(monkeypatch, services) as s, handlers_on(s, with_sweeper=True):
         yield s
-    ingest.reset()
-    webhook.reset()
-    sweeper.reset()
 
 
 def upload(st, backend="modal"):
-    st.put("inbox/set/clip.mp4", MP4)
-    st.put("inbox/set/face.png", PNG)
-    raw = json.dumps({**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend})
-    etag = st.put(NAME, raw.encode())
-    return s3_event(NAME, etag, size=len(raw))
+    return upload_fal_example(st, NAME, backend)
 
 
 def deliver(event, receive_count=1) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -11,20 +10,17 @@ import httpx
 import ingest
 import pytest
 import sweeper
-import webhook
-from vap_shared.ingest_logic import Ingestor
 from vap_shared.jobs import utcnow
 from vap_shared.sweeper_logic import Sweeper
 from vap_testkit import (
-    FAL_EXAMPLE,
     FAL_QUEUE,
     MP4,
-    PNG,
     FakeServices,
     call,
-    s3_event,
+    handlers_on,
     sqs_event,
     stack,
+    upload_fal_example,
 )
 
 RESULT = {
@@ -85,23 +81,12 @@ def services():
 
 @pytest.fixture
 def st(monkeypatch, services):
-    with stack(monkeypatch, services) as s:
-        ingest._ingestor = Ingestor(s.runtime)
-        webhook._runtime = s.runtime
-        sweeper._sweeper = Sweeper(s.runtime)
+    with stack(monkeypatch, services) as s, handlers_on(s, with_sweeper=True):
         yield s
-    ingest.reset()
-    webhook.reset()
-    sweeper.reset()
 
 
 def dispatch(st, backend="modal", name="inbox/set/job.json"):
-    st.put("inbox/set/clip.mp4", MP4)
-    st.put("inbox/set/face.png", PNG)
-    sidecar = {**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend}
-    raw = json.dumps(sidecar).encode()
-    etag = st.put(name, raw)
-    call(ingest.handler, sqs_event(s3_event(name, etag, size=len(raw))))
+    call(ingest.handler, sqs_event(upload_fal_example(st, name, backend)))
     (job_id,) = [j for j in st.job_ids() if st.store.get(j).sidecar_key == name]
     job = st.store.get(job_id)
     assert job.state == "dispatched"

@@ -4,19 +4,17 @@ import time
 import ingest
 import pytest
 import webhook
-from vap_shared.ingest_logic import Ingestor
 from vap_shared.signing import signed_headers
 from vap_testkit import (
     BUCKET,
-    FAL_EXAMPLE,
     MP4,
-    PNG,
     FakeServices,
     call,
     gpu_callback_event,
-    s3_event,
+    handlers_on,
     sqs_event,
     stack,
+    upload_fal_example,
     url_event,
 )
 
@@ -28,21 +26,12 @@ def services():
 
 @pytest.fixture
 def st(monkeypatch, services):
-    with stack(monkeypatch, services) as s:
-        ingest._ingestor = Ingestor(s.runtime)
-        webhook._runtime = s.runtime
+    with stack(monkeypatch, services) as s, handlers_on(s):
         yield s
-    ingest.reset()
-    webhook.reset()
 
 
 def dispatch(st, backend="modal", name="inbox/set/job.json"):
-    st.put("inbox/set/clip.mp4", MP4)
-    st.put("inbox/set/face.png", PNG)
-    sidecar = {**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend}
-    raw = json.dumps(sidecar).encode()
-    etag = st.put(name, raw)
-    call(ingest.handler, sqs_event(s3_event(name, etag, size=len(raw))))
+    call(ingest.handler, sqs_event(upload_fal_example(st, name, backend)))
     (job_id,) = st.job_ids()
     return st.store.get(job_id)
 

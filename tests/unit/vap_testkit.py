@@ -407,3 +407,36 @@ class Context:
 
 def call(fn: Callable[[dict[str, Any], Any], Any], event: dict[str, Any]) -> Any:
     return fn(event, Context())
+
+
+def upload_fal_example(st: Stack, name: str = "inbox/set/job.json", backend: str = "modal") -> dict[str, Any]:
+    """Media, then a sidecar (fal's example pointing at them), as a user uploads them; the S3 event."""
+    st.put("inbox/set/clip.mp4", MP4)
+    st.put("inbox/set/face.png", PNG)
+    sidecar = {**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend}
+    raw = json.dumps(sidecar).encode()
+    etag = st.put(name, raw)
+    return s3_event(name, etag, size=len(raw))
+
+
+@contextmanager
+def handlers_on(st: Stack, with_sweeper: bool = False) -> Iterator[Stack]:
+    """Point the handler modules' cached clients at this stack; forget them afterwards."""
+    import ingest
+    import webhook
+    from vap_shared.ingest_logic import Ingestor
+
+    ingest._ingestor = Ingestor(st.runtime)
+    webhook._runtime = st.runtime
+    if with_sweeper:
+        import sweeper
+        from vap_shared.sweeper_logic import Sweeper
+
+        sweeper._sweeper = Sweeper(st.runtime)
+    try:
+        yield st
+    finally:
+        ingest.reset()
+        webhook.reset()
+        if with_sweeper:
+            sweeper.reset()
