@@ -14,6 +14,9 @@ AspectRatio = Literal["16:9", "9:16"]
 Resolution = Literal["480p", "580p", "720p"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ErrorCode = Literal["input", "safety", "internal", "cancelled", "timeout"]
+GpuCount = Literal[1, 2, 4, 8]
+# Fields of a `GpuJobRequest` that may hold the service's own presigned S3 URLs.
+ServiceUrlField = Literal["video_url", "image_url", "output_put_url", "poster_put_url", "preview_put_url"]
 
 
 class _Wire(BaseModel):
@@ -44,6 +47,42 @@ class GpuJobRequest(_Wire):
     callback_key: str = Field(pattern=r"^[0-9a-f]{64}$")
     settings: GenerationSettings
     num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    # GPUs of one container for this job (sequence parallel); the sidecar's `gpus`, capped by the stack.
+    gpus: GpuCount = 1
+    # Unix time by which the result must be stored (dispatch + the stack's job budget). The GPU side
+    # never runs past it: a job that starts too late, or would end too late, fails with `timeout`.
+    deadline_unix: int | None = None
+    # Signed POST (same HMAC as callbacks) answering fresh presigned URLs (`UrlRefreshResponse`):
+    # the GPU calls it when the job starts and before uploading, so URLs never expire in Modal's
+    # queue; 409 means the service no longer wants this run (stop at once).
+    refresh_url: str | None = None
+    # Which URL fields are the service's own presigned S3 URLs: a 403/expiry on one of them is the
+    # service's problem (`internal`, retryable), never the user's input error.
+    service_urls: tuple[ServiceUrlField, ...] = ()
+    # Optional previews uploaded next to the video (issue 11): a middle frame and a small animation.
+    poster_put_url: str | None = None
+    preview_put_url: str | None = None
+
+
+class UrlRefreshRequest(_Wire):
+    """Body of the signed POST to `GpuJobRequest.refresh_url`."""
+
+    job_id: str
+    call_id: str
+    purpose: Literal["start", "upload"]
+    sent_at: int
+
+
+class UrlRefreshResponse(_Wire):
+    """Fresh presigned URLs; a field is None when the request's URL stays valid as is (a user's
+    pass-through https URL) or was not asked for."""
+
+    video_url: str | None = None
+    image_url: str | None = None
+    output_put_url: str | None = None
+    poster_put_url: str | None = None
+    preview_put_url: str | None = None
+    expires_at: int
 
 
 class GpuProgress(_Wire):
