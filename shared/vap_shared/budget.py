@@ -1,0 +1,84 @@
+"""Every time limit of a job, derived from one setting: the job budget.
+
+`JobBudgetSeconds` (B) is how long a dispatched job may take until its result is stored. Both sides
+derive their limits from it here, so they cannot contradict each other:
+
+- Modal start-up allowance S (a cold container loads ~66 GB of weights): Modal's `startup_timeout`.
+- Per-run limit R = (B - S) // 2: Modal's `timeout`; the runner stops itself a minute earlier, and
+  never later than the job's deadline (dispatch + B) minus the time an upload needs.
+- Ingest keeps at most 2 x P jobs outstanding at Modal (P = containers): each container has one job
+  running and at most one waiting, so every job starts by S + R and ends by S + 2R <= B.
+- URLs sent at dispatch live B (the GPU also fetches fresh ones when it starts and before it uploads).
+- The sweeper asks a backend about a job it has heard nothing from for `silence_s`, and stops a job
+  only after `stop_after_s` (B + grace): by then the GPU side has reported or is dead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+STARTUP_S = 1200  # Modal startup_timeout: a cold container loading the weights
+MIN_RUN_S = 600  # the smallest per-run limit a budget may give (a 480p job needs minutes)
+MIN_BUDGET_S = STARTUP_S + 2 * MIN_RUN_S  # 3000
+MAX_BUDGET_S = 24 * 3600  # Modal's longest timeout; presigned URLs may live up to 7 days
+DEFAULT_BUDGET_S = 7200
+RUNNER_MARGIN_S = 60  # the runner stops this long before Modal's hard timeout (its callback goes out)
+UPLOAD_MARGIN_S = 120  # time kept for encode + upload + callback before the deadline
+SWEEP_GRACE_S = 600  # after the budget: callbacks in flight, retries of the webhook
+DEFAULT_MODAL_CONTAINERS = 2
+DEFAULT_FAL_MAX_OUTSTANDING = 20
+
+
+class BudgetError(ValueError):
+    """A budget or pool size outside what the invariants allow."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    job_s: int = DEFAULT_BUDGET_S
+    modal_containers: int = DEFAULT_MODAL_CONTAINERS
+    fal_max_outstanding: int = DEFAULT_FAL_MAX_OUTSTANDING
+    startup_s: int = STARTUP_S
+
+    def __post_init__(self) -> None:
+        if not MIN_BUDGET_S <= self.job_s <= MAX_BUDGET_S:
+            raise BudgetError(
+                f"the job budget must be between {MIN_BUDGET_S} and {MAX_BUDGET_S} s, got {self.job_s}"
+            )
+        if self.modal_containers < 1 or self.fal_max_outstanding < 1:
+            raise BudgetError("pool sizes must be at least 1")
+
+    @property
+    def run_s(self) -> int:
+        """Modal's per-run `timeout`."""
+        return (self.job_s - self.startup_s) // 2
+
+    @property
+    def url_ttl_s(self) -> int:
+        """Lifetime of the presigned URLs sent at dispatch."""
+        return self.job_s
+
+    @property
+    def silence_s(self) -> int:
+        """The sweeper asks the backend about a job it has heard nothing from for this long."""
+        return max(300, min(1800, self.run_s // 2))
+
+    @property
+    def stop_after_s(self) -> int:
+        """The sweeper stops a job still queued/running this long after its dispatch."""
+        return self.job_s + SWEEP_GRACE_S
+
+    def capacity(self, backend: Literal["modal", "fal"]) -> int:
+        """Jobs that may be outstanding (dispatched or running) at `backend` at once."""
+        return 2 * self.modal_containers if backend == "modal" else self.fal_max_outstanding
+
+    def deadline_unix(self, dispatched_unix: float) -> int:
+        return int(dispatched_unix) + self.job_s
+
+    def runner_limit_s(self, now_unix: float, deadline_unix: int | None) -> float:
+        """How long a run that starts now may generate: within Modal's timeout and the deadline."""
+        limit = float(self.run_s - RUNNER_MARGIN_S)
+        if deadline_unix is not None:
+            limit = min(limit, deadline_unix - now_unix - UPLOAD_MARGIN_S)
+        return limit
