@@ -1,16 +1,20 @@
 """The GPU HTTP API (docs/contracts.md): submit, status, cancel, over an `Executor`.
 
-The same FastAPI app serves on Modal (`ModalExecutor`: spawn a GPU class method, poll its
-FunctionCall) and locally (`LocalExecutor`: a thread running `run_job` in-process).
+The same FastAPI app serves on Modal (`ModalExecutor`: spawn the method of the GPU class the job
+needs, poll its FunctionCall) and locally (`LocalExecutor`: a thread running `run_job` in-process).
+Submit is idempotent on `job_id` on both: the same job id gets the same call id.
 """
 
 from __future__ import annotations
 
 import hmac
+import importlib
+import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from vap_shared.gpu_contract import (
     CancelResponse,
+    GenerationSettings,
     GpuError,
     GpuJobRequest,
     GpuProgress,
@@ -30,16 +35,30 @@ from vap_shared.gpu_contract import (
 )
 
 from gpu.engine import Engine
+from gpu.generation import target_size, valid_num_frames
 from gpu.runner import JobFailed, RunnerConfig, run_job
 from gpu.safety import SafetyClassifier
 
 KEY_HEADER = "Modal-Key"
 SECRET_HEADER = "Modal-Secret"  # noqa: S105 (a header name, not a secret)
 
+log = logging.getLogger(__name__)
+
+
+class SubmitRejected(Exception):
+    """The job cannot be submitted: `status_code` 422 (no offered GPU can run it: permanent) or
+    503 (this deployment cannot take it now; the caller may retry or fall back)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
 
 class Executor(Protocol):
     def submit(self, request: GpuJobRequest) -> str:
-        """Start the job in the background and return its call id at once."""
+        """Start the job in the background and return its call id at once; a job id already
+        submitted returns that submit's call id (nothing new runs). May raise `SubmitRejected`."""
         ...
 
     def status(self, call_id: str) -> StatusResponse | None:
@@ -85,19 +104,26 @@ class LocalExecutor:
         self.keep_calls = keep_calls
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vap-job")
         self._calls: OrderedDict[str, _LocalCall] = OrderedDict()
+        self._jobs: dict[str, str] = {}  # job id -> call id: a repeated submit gets the same call
         self._lock = threading.Lock()
 
     def submit(self, request: GpuJobRequest) -> str:
-        call_id = f"fc-local-{uuid.uuid4().hex}"
-        call = _LocalCall(request=request)
         with self._lock:
+            known = self._jobs.get(request.job_id)
+            if known is not None:
+                return known
+            call_id = f"fc-local-{uuid.uuid4().hex}"
+            call = _LocalCall(request=request)
             self._calls[call_id] = call
+            self._jobs[request.job_id] = call_id
             while len(self._calls) > self.keep_calls:  # forget the oldest finished calls
                 oldest = next(iter(self._calls))
                 if self._calls[oldest].state in ("queued", "running"):
                     break
-                self._calls.pop(oldest)
-        call.future = self._pool.submit(self._run, call_id, call)
+                forgotten = self._calls.pop(oldest)
+                self._jobs.pop(forgotten.request.job_id, None)
+            # Queued under the lock, so a concurrent submit of the same job finds it complete.
+            call.future = self._pool.submit(self._run, call_id, call)
         return call_id
 
     def _run(self, call_id: str, call: _LocalCall) -> None:
@@ -185,19 +211,137 @@ def outcome_to_status(call_id: str, outcome: Any) -> StatusResponse:
     return StatusResponse(call_id=call_id, state="failed", error=error)
 
 
+Spawn = Callable[[dict[str, Any]], Any]  # e.g. VapGeneratorH100().generate.spawn -> FunctionCall
+
+
+class CallRegistry(Protocol):
+    """The part of `modal.Dict` the executor uses (shared by every API container)."""
+
+    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool: ...
+
+    def get(self, key: Any, default: Any = None) -> Any: ...
+
+    def pop(self, key: Any, default: Any = None) -> Any: ...
+
+
+class GpuChoiceLike(Protocol):
+    modal_gpu: str
+
+
+ChooseGpu = Callable[..., GpuChoiceLike]  # gpu.plan.choose_gpu(width, height, num_frames, gpus=1)
+
+
+def plan_choice() -> tuple[ChooseGpu, type[Exception]]:
+    """`gpu.plan.choose_gpu` and its `DoesNotFit` (imported when first needed)."""
+    plan = importlib.import_module("gpu.plan")
+    return plan.choose_gpu, plan.DoesNotFit
+
+
+def choose_class(
+    settings: GenerationSettings,
+    gpus: int,
+    offered: Iterable[str],
+    choose: tuple[ChooseGpu, type[Exception]] | None = None,
+) -> str:
+    """The offered Modal GPU string (one class each) that `gpu.plan.choose_gpu` picks for a job of
+    these settings on `gpus` GPUs. Raises `SubmitRejected`: 422 when no offered GPU can run it,
+    503 when the plan names a GPU this deployment has no class for."""
+    choose_gpu, does_not_fit = choose or plan_choice()
+    width, height = target_size(settings.aspect_ratio, settings.resolution)
+    frames = valid_num_frames(settings.num_frames)
+    try:
+        choice = choose_gpu(width, height, frames, gpus=gpus)
+    except does_not_fit as exc:
+        raise SubmitRejected(422, f"no offered GPU can run this job: {exc}") from exc
+    available = sorted(offered)
+    if choice.modal_gpu not in available:
+        raise SubmitRejected(
+            503, f"this deployment has no {choice.modal_gpu} class (offers {', '.join(available)})"
+        )
+    return str(choice.modal_gpu)
+
+
+def _job_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def _cancel_key(call_id: str) -> str:
+    return f"cancel:{call_id}"
+
+
+def _walk(nodes: Iterable[Any]) -> Iterable[Any]:
+    for node in nodes:
+        yield node
+        yield from _walk(getattr(node, "children", ()))
+
+
 class ModalExecutor:
-    """`spawn` returns a FunctionCall id; status polls it without waiting (`get(timeout=0)`).
+    """Submit spawns the method of the class for the GPU choice `gpu.plan.choose_gpu` names, once
+    per job id (a `modal.Dict` maps job id -> call id across API containers); status polls the
+    FunctionCall without waiting (`get(timeout=0)`); cancel records the cancel, then cancels.
 
     Modal cannot tell queued from running here, so both read as "running"; progress reaches the
     webhook through the signed progress callbacks instead.
     """
 
-    def __init__(self, spawn: Callable[[dict[str, Any]], Any]) -> None:
-        self._spawn = spawn  # e.g. VapGenerator().generate.spawn
+    def __init__(
+        self,
+        spawners: Mapping[str, Spawn],
+        registry: CallRegistry,
+        *,
+        choose: tuple[ChooseGpu, type[Exception]] | None = None,
+        wait_s: float = 20.0,
+        poll_s: float = 0.25,
+        stale_s: float = 120.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._spawners = dict(spawners)  # Modal gpu string ("H100!", "H100:8") -> that class's spawn
+        self._registry = registry
+        self._choose = choose
+        self._wait_s, self._poll_s, self._stale_s = wait_s, poll_s, stale_s
+        self._clock, self._sleep = clock, sleep
+
+    # -- submit
+
+    def route(self, request: GpuJobRequest) -> str:
+        """The Modal GPU string of the class that runs `request` (raises `SubmitRejected`)."""
+        return choose_class(request.settings, request.gpus, self._spawners, self._choose)
 
     def submit(self, request: GpuJobRequest) -> str:
-        call = self._spawn(request.model_dump(mode="json"))
-        return str(call.object_id)
+        modal_gpu = self.route(request)
+        key = _job_key(request.job_id)
+        deadline = self._clock() + self._wait_s
+        while True:
+            # Reserve the job id before spawning: of two concurrent submits only one spawns.
+            if self._registry.put(key, {"pending_since": self._clock()}, skip_if_exists=True):
+                return self._spawn(key, modal_gpu, request)
+            record = self._registry.get(key)
+            if record is None:  # the reserving submit failed to spawn and let go: try again
+                continue
+            if record.get("call_id"):
+                return str(record["call_id"])
+            if self._clock() - float(record.get("pending_since", 0)) > self._stale_s:
+                # The reserving submit died between reserving and recording (its container was
+                # lost); after this long its spawn is taken to have failed.
+                log.warning("job %s: stale submit reservation taken over", request.job_id)
+                self._registry.put(key, {"pending_since": self._clock()})
+                return self._spawn(key, modal_gpu, request)
+            if self._clock() >= deadline:
+                raise SubmitRejected(503, "a submit of this job is still in progress; retry")
+            self._sleep(self._poll_s)
+
+    def _spawn(self, key: str, modal_gpu: str, request: GpuJobRequest) -> str:
+        try:
+            call = self._spawners[modal_gpu](request.model_dump(mode="json"))
+        except BaseException:
+            self._registry.pop(key, None)  # let a retry spawn
+            raise
+        call_id = str(call.object_id)
+        self._registry.put(key, {"call_id": call_id, "gpu": modal_gpu})
+        return call_id
+
+    # -- status
 
     def _lookup(self, call_id: str) -> Any | None:
         import modal
@@ -206,6 +350,25 @@ class ModalExecutor:
             return modal.FunctionCall.from_id(call_id)
         except (modal.exception.NotFoundError, modal.exception.InvalidError):
             return None
+
+    def was_cancelled(self, call_id: str, call: Any) -> bool:
+        """Whether the call ended by cancellation: our own cancel endpoint recorded it, or Modal
+        reports the input TERMINATED (what a cancelled input's output carries; `get()` then raises
+        a `RemoteError` with no message, so the message cannot tell)."""
+        from modal.types import InputStatus
+
+        try:
+            if self._registry.get(_cancel_key(call_id)) is not None:
+                return True
+        except Exception as exc:  # the registry is an aid here; Modal's status still decides
+            log.warning("cancel record of %s unreadable: %s", call_id, type(exc).__name__)
+        try:
+            graph = call.get_call_graph()
+        except Exception as exc:
+            log.warning("call graph of %s unavailable: %s", call_id, type(exc).__name__)
+            return False
+        mine = [node for node in _walk(graph) if node.function_call_id == call_id]
+        return any(node.status == InputStatus.TERMINATED for node in mine)
 
     def status(self, call_id: str) -> StatusResponse | None:
         import modal
@@ -220,24 +383,20 @@ class ModalExecutor:
         except (modal.exception.NotFoundError, modal.exception.InvalidError):
             return None
         except modal.exception.InputCancellation:
-            error = GpuError(code="cancelled", message="the job was cancelled")
-            return StatusResponse(call_id=call_id, state="cancelled", error=error)
+            return _cancelled(call_id)
         except modal.exception.FunctionTimeoutError:
             error = GpuError(code="timeout", message="the GPU function timed out", retryable=True)
             return StatusResponse(call_id=call_id, state="failed", error=error)
         except modal.exception.OutputExpiredError:
             error = GpuError(code="internal", message="the call's result has expired")
             return StatusResponse(call_id=call_id, state="failed", error=error)
-        except Exception as exc:  # a crash of the container, or an exception we did not catch
-            cancelled = "cancel" in str(exc).lower()
+        except Exception as exc:  # a cancelled input (RemoteError, empty), a crash, an uncaught error
+            if self.was_cancelled(call_id, call):
+                return _cancelled(call_id)
             error = GpuError(
-                code="cancelled" if cancelled else "internal",
-                message="the job was cancelled"
-                if cancelled
-                else f"the GPU function failed: {type(exc).__name__}",
-                retryable=not cancelled,
+                code="internal", message=f"the GPU function failed: {type(exc).__name__}", retryable=True
             )
-            return StatusResponse(call_id=call_id, state="cancelled" if cancelled else "failed", error=error)
+            return StatusResponse(call_id=call_id, state="failed", error=error)
         return outcome_to_status(call_id, outcome)
 
     def cancel(self, call_id: str) -> bool | None:
@@ -249,8 +408,19 @@ class ModalExecutor:
             return None
         if current.state != "running":
             return False
-        call.cancel()
+        # Recorded first: however the call's end reads later, status knows it was cancelled.
+        self._registry.put(_cancel_key(call_id), {"at": self._clock()})
+        try:
+            call.cancel()
+        except BaseException:
+            self._registry.pop(_cancel_key(call_id), None)  # not cancelled: a later crash is a crash
+            raise
         return True
+
+
+def _cancelled(call_id: str) -> StatusResponse:
+    error = GpuError(code="cancelled", message="the job was cancelled")
+    return StatusResponse(call_id=call_id, state="cancelled", error=error)
 
 
 # --- the app ---------------------------------------------------------------------------------
@@ -286,7 +456,10 @@ def create_app(executor: Executor, auth: tuple[str, str] | None = None) -> FastA
 
     @app.post("/submit", status_code=202, response_model=SubmitResponse)
     def submit(body: GpuJobRequest) -> SubmitResponse:
-        return SubmitResponse(call_id=executor.submit(body))
+        try:
+            return SubmitResponse(call_id=executor.submit(body))
+        except SubmitRejected as exc:
+            raise HTTPException(status_code=exc.status_code, detail=exc.message) from exc
 
     @app.get("/status/{call_id}", response_model=StatusResponse)
     def status(call_id: str) -> StatusResponse:

@@ -4,7 +4,8 @@
 
 or from Python: `start_local_gpu_server(port, key, secret)` → handle with `.url` and `.stop()`.
 The "tiny" engine runs the real VAP code path with random tiny weights (the video is noise);
-"fake" skips the model entirely.
+"fake" skips the model entirely. Same app and runner as on Modal: idempotent submit, URL refresh,
+deadlines, previews.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ except ImportError:
 
 import httpx
 import uvicorn
+from vap_shared.budget import Budget
 
 from gpu.api import LocalExecutor, create_app
 from gpu.engine import DownscaledEngine, Engine, FakeEngine, VideoEngine
@@ -39,15 +41,18 @@ LOCAL_DEFAULT_STEPS = 2
 log = logging.getLogger(__name__)
 
 
-def build_engine(name: EngineName, work_max_side: int | None = None) -> tuple[Engine, SafetyClassifier]:
+def build_engine(
+    name: EngineName, work_max_side: int | None = None, fake_step_delay_s: float = 0.0
+) -> tuple[Engine, SafetyClassifier]:
     """The engine and a (tiny, random) safety checker, so the safety code path runs locally too.
 
     `work_max_side` runs the model at a smaller size and resizes the frames back up (see
-    `DownscaledEngine`); None runs it at the requested size.
+    `DownscaledEngine`); None runs it at the requested size. `fake_step_delay_s` makes the fake
+    engine slow (load tests of the pool and the budget).
     """
     engine: Engine
     if name == "fake":
-        engine = FakeEngine()
+        engine = FakeEngine(step_delay_s=fake_step_delay_s)
     elif name == "tiny":
         from gpu.vap.tiny import build_tiny_pipeline
 
@@ -83,18 +88,24 @@ def start_local_gpu_server(
     work_max_side: int | None = None,
     allow_http_loopback: bool = True,
     startup_timeout_s: float = 120.0,
+    workers: int = 1,
+    fake_step_delay_s: float = 0.0,
+    budget: Budget | None = None,
 ) -> LocalGpuServer:
     """Serve the GPU API on `host:port` in a background thread; returns once it accepts requests.
 
     `port=0` picks a free port (read it from `.url`). Inputs and callbacks may be plain http on
     127.0.0.1/localhost (the local stack's moto and webhook) unless `allow_http_loopback=False`.
+    `workers` jobs run at once (the pool's containers); `budget` limits each run as on Modal
+    (without it only a request's `deadline_unix` does).
     """
-    engine, safety = build_engine(engine_name, work_max_side)
+    engine, safety = build_engine(engine_name, work_max_side, fake_step_delay_s)
     config = RunnerConfig(
         default_steps=steps or default_steps(fallback=LOCAL_DEFAULT_STEPS),
         allow_http_loopback=allow_http_loopback,
+        budget=budget,
     )
-    executor = LocalExecutor(engine, safety=safety, config=config, http=httpx.Client())
+    executor = LocalExecutor(engine, safety=safety, config=config, http=httpx.Client(), max_workers=workers)
     app = create_app(executor, auth=(key, secret))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, name="vap-local-gpu", daemon=True)
@@ -125,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"default steps (else $VAP_DEFAULT_STEPS or {LOCAL_DEFAULT_STEPS})",
     )
+    parser.add_argument("--workers", type=int, default=1, help="jobs at once (like Modal's containers)")
+    parser.add_argument(
+        "--fake-step-delay", type=float, default=0.0, help="seconds per step of the fake engine (load tests)"
+    )
     parser.add_argument(
         "--work-max-side",
         type=int,
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         steps=args.steps,
         work_max_side=args.work_max_side,
+        workers=args.workers,
+        fake_step_delay_s=args.fake_step_delay,
     )
     print(f"local GPU server ({args.engine}) listening on {handle.url}", flush=True)
     try:

@@ -194,6 +194,62 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = ENCODE_CRF) -> bytes:
         return out.read_bytes()
 
 
+# --- previews (issue 11): a poster frame and a small animation, next to the MP4 ----------------
+
+POSTER_QUALITY = 85
+PREVIEW_MAX_BYTES = 1_000_000  # the preview must stay small: it is shown before the MP4 is fetched
+PREVIEW_FRAMES = 16
+PREVIEW_MAX_SIDE = 320
+# Tried in order until the animation fits PREVIEW_MAX_BYTES: (WebP quality, longest side).
+_PREVIEW_STEPS = ((60, PREVIEW_MAX_SIDE), (40, PREVIEW_MAX_SIDE), (30, 240), (20, 160), (10, 96))
+
+
+def middle_index(num_frames: int) -> int:
+    """The poster's frame: the middle one (the earlier of two for an even count)."""
+    return (num_frames - 1) // 2
+
+
+def poster_jpeg(frames: np.ndarray, quality: int = POSTER_QUALITY) -> bytes:
+    """The middle frame of uint8 `[F, H, W, 3]` as a full-size JPEG."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or len(frames) == 0:
+        raise ValueError(f"expected uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    buffer = io.BytesIO()
+    middle = Image.fromarray(frames[middle_index(len(frames))])
+    middle.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def preview_webp(
+    frames: np.ndarray,
+    fps: int,
+    *,
+    max_frames: int = PREVIEW_FRAMES,
+    max_bytes: int = PREVIEW_MAX_BYTES,
+) -> bytes:
+    """A looping animated WebP of a few evenly spaced frames, scaled down, spanning the video's
+    duration, under `max_bytes` (lower quality and size until it fits)."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or len(frames) == 0:
+        raise ValueError(f"expected uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    picked = [frames[i] for i in sample_indices(len(frames), min(max_frames, len(frames)))]
+    # Each shown frame stands for len(frames)/len(picked) video frames: same duration as the video.
+    duration_ms = max(20, round(1000 * len(frames) / (fps * len(picked))))
+    height, width = frames.shape[1:3]
+    data = b""
+    for quality, side in _PREVIEW_STEPS:
+        scale = min(1.0, side / max(width, height))
+        size = (max(2, round(width * scale)), max(2, round(height * scale)))
+        images = [Image.fromarray(f).resize(size, Image.Resampling.BILINEAR) for f in picked]
+        buffer = io.BytesIO()
+        images[0].save(
+            buffer, format="WEBP", save_all=True, append_images=images[1:], duration=duration_ms, loop=0,
+            quality=quality, method=4,
+        )  # fmt: skip
+        data = buffer.getvalue()
+        if len(data) <= max_bytes:
+            return data
+    raise ValueError(f"the preview is still {len(data)} bytes at the smallest size (limit {max_bytes})")
+
+
 # --- probing (tests, and a sanity check before upload) ---------------------------------------
 
 

@@ -1,18 +1,21 @@
-"""The Modal app: VAP on one H100 behind the GPU HTTP API (docs/gpu.md has the deploy steps).
+"""The Modal app: VAP on the GPU each job needs, behind the GPU HTTP API (docs/gpu.md: deploy steps).
 
     modal run gpu/modal_app.py::download_weights   # once: fill the weights volume
     modal deploy gpu/modal_app.py                  # the API URL is printed; use it as ModalEndpointUrl
+    modal run gpu/modal_app.py --video clip.mp4 --image img.jpg --prompt "…" --video-description "…"
+                                                   # one video from local files, no AWS (saved locally)
 
-Builds offline without a token (tests import it); only deploy/run/spawn talk to Modal. Limits are
-read from the environment at deploy time (see `_int_env` uses below).
+Builds offline without a token (tests import it); only deploy/run/spawn talk to Modal. Settings are
+read from the deployer's environment (`gpu.modal_settings`) and forwarded to every function, since
+Modal re-imports this file in each container with only what is forwarded.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 try:  # `modal deploy gpu/modal_app.py` imports this file by path: make `gpu` and `vap_shared` importable
     import gpu  # noqa: F401
@@ -25,29 +28,20 @@ except ImportError:
 
 import modal
 
+from gpu.modal_settings import GpuClass, forwarded_env, read_settings
 
-def _int_env(name: str, default: int) -> int:
-    return int(os.environ.get(name, "") or default)
-
-
-APP_NAME = os.environ.get("VAP_MODAL_APP", "vap-gpu")
-GPU = os.environ.get("VAP_MODAL_GPU", "H100!")  # "!" pins H100 (plain "H100" may be upgraded)
-MAX_CONTAINERS = _int_env("VAP_MODAL_MAX_CONTAINERS", 2)  # GPUs at once: caps spend and parallel jobs
-MIN_CONTAINERS = _int_env("VAP_MODAL_MIN_CONTAINERS", 0)  # >0 keeps warm GPUs (billed while idle)
-SCALEDOWN_S = _int_env("VAP_MODAL_SCALEDOWN_S", 300)  # idle GPU kept this long for the next job
-# Per job: 480p/49 frames/50 steps is minutes; 720p/121 frames can take most of an hour.
-TIMEOUT_S = _int_env("VAP_MODAL_TIMEOUT_S", 3600)
-# Cold start: ~66 GB of weights from the volume onto the GPU.
-STARTUP_TIMEOUT_S = _int_env("VAP_MODAL_STARTUP_TIMEOUT_S", 1200)
-DEFAULT_STEPS = _int_env("VAP_DEFAULT_STEPS", 50)
-# Regional torch.compile of the transformer blocks: faster steps, slower cold start.
-COMPILE_BLOCKS = os.environ.get("VAP_MODAL_COMPILE", "0") == "1"
+SETTINGS = read_settings()
+# Every setting the deployer set, handed to every function: a container re-imports this module
+# and must build the same app (same classes, limits, steps, compile flag, revision).
+FORWARDED_ENV: dict[str, str | None] = dict(forwarded_env())
 
 MODELS_DIR = "/models"
 HF_CACHE_DIR = f"{MODELS_DIR}/hf"
-weights = modal.Volume.from_name(os.environ.get("VAP_MODAL_VOLUME", "vap-weights"), create_if_missing=True)
+weights = modal.Volume.from_name(SETTINGS.volume, create_if_missing=True)
+# Job id -> call id (idempotent submit) and cancel records, shared by every API container.
+calls = modal.Dict.from_name(SETTINGS.calls_dict, create_if_missing=True)
 # Optional, e.g. a secret with HF_TOKEN for faster/rate-limit-free downloads: VAP_MODAL_SECRETS=huggingface
-SECRETS = [modal.Secret.from_name(n) for n in os.environ.get("VAP_MODAL_SECRETS", "").split(",") if n.strip()]
+SECRETS = [modal.Secret.from_name(n) for n in SETTINGS.secrets]
 
 # Pinned versions (the CPU venv pins the same in requirements/gpu.txt). The PyPI torch wheel for
 # Linux x86-64 is the CUDA build.
@@ -84,29 +78,25 @@ web_image = (
     .add_local_python_source("gpu", "vap_shared")
 )
 
-app = modal.App(APP_NAME)
+app = modal.App(SETTINGS.app_name)
 
 
 # The VAP commit actually downloaded is recorded here, and serving loads exactly that commit: even
 # while `VAP_REVISION` names a branch, every container of a deployment runs the same weights.
 REVISION_RECORD = f"{MODELS_DIR}/vap-revision.json"
-# Read at deploy time and handed to the containers (their environment is not the deployer's).
-REVISION_ENV: dict[str, str | None] = {"VAP_REVISION": os.environ.get("VAP_REVISION", "")}
 
 
 @app.function(
-    image=gpu_image, volumes={MODELS_DIR: weights}, secrets=SECRETS, env=REVISION_ENV, timeout=4 * 3600
+    image=gpu_image, volumes={MODELS_DIR: weights}, secrets=SECRETS, env=FORWARDED_ENV, timeout=4 * 3600
 )
 def download_weights() -> None:
     """Fill the volume with the pinned VAP checkpoint and safety checker (run once per revision)."""
-    import json
-
     from huggingface_hub import HfApi, snapshot_download
 
     from gpu.safety import SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION
 
-    requested = os.environ.get("VAP_REVISION") or VAP_REVISION
+    requested = SETTINGS.revision or VAP_REVISION
     commit = HfApi().model_info(VAP_REPO_ID, revision=requested).sha or requested
     for repo, revision in ((VAP_REPO_ID, commit), (SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION)):
         path = snapshot_download(repo, revision=revision, cache_dir=HF_CACHE_DIR)
@@ -119,47 +109,53 @@ def download_weights() -> None:
 
 def recorded_revision(default: str) -> str:
     """The commit `download_weights` fetched (the volume is the source of truth when serving)."""
-    import json
-
     try:
         return str(json.loads(Path(REVISION_RECORD).read_text())["commit"])
     except (OSError, ValueError, KeyError):
         return default
 
 
-@app.cls(
-    image=gpu_image,
-    gpu=GPU,
-    volumes={MODELS_DIR: weights},
-    secrets=SECRETS,
-    # Serving reads only the volume: no hub access (a missing file is a deploy error, not a download).
-    env={"HF_HUB_OFFLINE": "1", "VAP_DEFAULT_STEPS": str(DEFAULT_STEPS), **REVISION_ENV},
-    timeout=TIMEOUT_S,
-    startup_timeout=STARTUP_TIMEOUT_S,
-    scaledown_window=SCALEDOWN_S,
-    min_containers=MIN_CONTAINERS,
-    max_containers=MAX_CONTAINERS,
-    retries=0,  # no blind re-run: callbacks of a failed attempt are already out; the caller decides
-)
-class VapGenerator:
+def load_engine(gpu_class: GpuClass, device: str) -> Any:
+    """The engine for one container: the pipeline on one GPU, or the sequence-parallel engine of
+    `gpu.parallel` over all of the container's GPUs."""
+    import importlib
+
+    from gpu.engine import VideoEngine
+    from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
+
+    revision = recorded_revision(SETTINGS.revision or VAP_REVISION)
+    if gpu_class.count == 1:
+        pipeline = load_pipeline(
+            VAP_REPO_ID, device=device, revision=revision, compile_blocks=SETTINGS.compile_blocks
+        )
+        return VideoEngine(pipeline, device)
+    # The multi-GPU engine (PLAN.md contract): one process per GPU, torch.distributed (NCCL).
+    parallel = importlib.import_module("gpu.parallel")
+    return parallel.load_engine(
+        VAP_REPO_ID, revision=revision, world_size=gpu_class.count, compile_blocks=SETTINGS.compile_blocks
+    )
+
+
+class VapGeneratorBase:
+    """What every GPU class runs; one subclass per offered GPU choice (see `GENERATORS`)."""
+
+    gpu_class: GpuClass
+
     @modal.enter()
     def load(self) -> None:
-        """Once per container: the pipeline and the safety checker onto the GPU."""
+        """Once per container: the engine and the safety checker onto the GPU(s)."""
         import httpx
         import torch
 
-        from gpu.engine import VideoEngine
         from gpu.runner import RunnerConfig
         from gpu.safety import DiffusersSafetyClassifier
-        from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        revision = recorded_revision(os.environ.get("VAP_REVISION") or VAP_REVISION)
-        pipeline = load_pipeline(VAP_REPO_ID, device=device, revision=revision, compile_blocks=COMPILE_BLOCKS)
-        self.engine = VideoEngine(pipeline, device)
+        self.engine = load_engine(self.gpu_class, device)
         self.safety = DiffusersSafetyClassifier.from_pretrained(device=device, dtype=torch.float16)
-        # Stop a minute before Modal's hard timeout so the "timeout" failure callback still goes out.
-        self.config = RunnerConfig(default_steps=DEFAULT_STEPS, job_timeout_s=max(60, TIMEOUT_S - 60))
+        # The run's limit: Modal's timeout less a minute (the "timeout" callback still goes out),
+        # and never past the job's deadline (`Budget.runner_limit_s`).
+        self.config = RunnerConfig(default_steps=SETTINGS.default_steps, budget=SETTINGS.budget)
         self.http = httpx.Client()
 
     @modal.method()
@@ -184,11 +180,135 @@ class VapGenerator:
             raise
         return {"result": result.model_dump(mode="json"), "error": None}
 
+    @modal.method()
+    def trial(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """One video from media bytes (`modal run gpu/modal_app.py …`): no URLs, no callbacks; the
+        MP4, poster and preview come back in the answer."""
+        from vap_shared.gpu_contract import GenerationSettings
 
-@app.function(image=web_image, timeout=60, scaledown_window=SCALEDOWN_S)
+        from gpu.runner import JobFailed, run_bytes
+
+        settings = GenerationSettings.model_validate(payload["settings"])
+        try:
+            result, outputs = run_bytes(
+                settings, payload["image"], payload["video"], self.engine,
+                steps=payload.get("steps"), config=self.config, safety=self.safety,
+            )  # fmt: skip
+        except JobFailed as exc:
+            return {"error": exc.error.model_dump(mode="json")}
+        return {
+            "result": result.model_dump(mode="json"),
+            "video": outputs.video,
+            "poster": outputs.poster,
+            "preview": outputs.preview,
+        }
+
+
+def _define_generator(gpu_class: GpuClass) -> Any:
+    """Register the Modal class for one GPU choice. Its name must be a module global: a container
+    finds the class it serves by that name (`getattr(module, name)`)."""
+    namespace = {"gpu_class": gpu_class, "__module__": __name__}
+    user_cls = type(gpu_class.class_name, (VapGeneratorBase,), namespace)
+    return app.cls(
+        image=gpu_image,
+        gpu=gpu_class.modal_gpu,
+        volumes={MODELS_DIR: weights},
+        secrets=SECRETS,
+        # Serving reads only the volume: no hub access (a missing file is a deploy error, not a download).
+        env={"HF_HUB_OFFLINE": "1", **FORWARDED_ENV},
+        timeout=SETTINGS.timeout_s,
+        startup_timeout=SETTINGS.startup_timeout_s,
+        scaledown_window=SETTINGS.scaledown_s,
+        min_containers=SETTINGS.min_containers,
+        max_containers=SETTINGS.max_containers,
+        retries=0,  # no blind re-run: callbacks of a failed attempt are already out; the caller decides
+    )(user_cls)
+
+
+# Modal GPU string ("H100!", "H200", "H100:8") -> its class; one per offered choice.
+GENERATORS: dict[str, Any] = {}
+for _gpu_class in SETTINGS.gpus:
+    GENERATORS[_gpu_class.modal_gpu] = globals()[_gpu_class.class_name] = _define_generator(_gpu_class)
+
+
+def build_executor() -> Any:
+    """The API's executor: submit spawns on the class `gpu.plan.choose_gpu` names."""
+    from gpu.api import ModalExecutor
+
+    spawners = {modal_gpu: cls().generate.spawn for modal_gpu, cls in GENERATORS.items()}
+    return ModalExecutor(spawners, calls)
+
+
+@app.function(image=web_image, env=FORWARDED_ENV, timeout=60, scaledown_window=SETTINGS.scaledown_s)
 @modal.concurrent(max_inputs=100)
 @modal.asgi_app(requires_proxy_auth=True)  # Modal's proxy checks Modal-Key/Modal-Secret
 def api() -> Any:
-    from gpu.api import ModalExecutor, create_app
+    from gpu.api import create_app
 
-    return create_app(ModalExecutor(VapGenerator().generate.spawn))
+    return create_app(build_executor())
+
+
+# --- trying the GPU side alone: `modal run gpu/modal_app.py --video … --image … --prompt …` -------
+
+
+def remote_trial(modal_gpu: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run `trial` on the class for `modal_gpu` (the seam tests replace: it needs Modal)."""
+    result: dict[str, Any] = GENERATORS[modal_gpu]().trial.remote(payload)
+    return result
+
+
+@app.local_entrypoint()
+def main(
+    video: str,
+    image: str,
+    prompt: str,
+    video_description: str,
+    out: str = "vap-trial",
+    resolution: Literal["480p", "580p", "720p"] = "480p",
+    aspect_ratio: Literal["16:9", "9:16"] = "9:16",
+    num_frames: int = 49,
+    fps: int = 16,
+    seed: int | None = None,
+    guidance_scale: float = 5.0,
+    steps: int | None = None,
+    gpus: Literal[1, 2, 4, 8] = 1,
+    gpu: str = "",
+    safety_checker: bool = True,
+) -> None:
+    """Generate one video on Modal from local files (no AWS) and save video.mp4, poster.jpg,
+    preview.webp and result.json (seed, size, timings) under --out."""
+    from vap_shared.gpu_contract import GenerationSettings
+
+    from gpu.api import choose_class
+
+    settings = GenerationSettings(
+        prompt=prompt, video_description=video_description, seed=seed, num_frames=num_frames, fps=fps,
+        enable_safety_checker=safety_checker, aspect_ratio=aspect_ratio, resolution=resolution,
+        guidance_scale=guidance_scale,
+    )  # fmt: skip
+    modal_gpu = gpu or choose_class(settings, gpus, GENERATORS)
+    if modal_gpu not in GENERATORS:
+        raise SystemExit(f"--gpu {modal_gpu!r} is not offered; choose one of {', '.join(GENERATORS)}")
+    payload = {
+        "video": Path(video).read_bytes(),
+        "image": Path(image).read_bytes(),
+        "settings": settings.model_dump(mode="json"),
+        "steps": steps,
+    }
+    print(f"generating on {modal_gpu} ({resolution} {aspect_ratio}, {num_frames} frames)…", flush=True)
+    answer = remote_trial(modal_gpu, payload)
+    if answer.get("error"):
+        raise SystemExit(f"the job failed: {answer['error']['code']}: {answer['error']['message']}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = [folder / "video.mp4", folder / "result.json"]
+    saved[0].write_bytes(answer["video"])
+    saved[1].write_text(json.dumps({"gpu_choice": modal_gpu, **answer["result"]}, indent=2) + "\n")
+    for name, key in (("poster.jpg", "poster"), ("preview.webp", "preview")):
+        if answer.get(key):
+            (folder / name).write_bytes(answer[key])
+            saved.append(folder / name)
+    timings = answer["result"]["timings"]
+    seed_used = answer["result"]["seed"]
+    print(f"seed {seed_used}, generate {timings.get('generate_s')} s, total {timings.get('total_s')} s")
+    print("saved " + ", ".join(str(p) for p in saved))

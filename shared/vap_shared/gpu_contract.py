@@ -101,6 +101,9 @@ class GpuResult(_Wire):
     steps: int
     gpu: str
     timings: dict[str, float] = Field(default_factory=dict)
+    # Sizes of the previews stored next to the video (issue 11); None = not asked for or not stored.
+    poster_bytes: int | None = None
+    preview_bytes: int | None = None
 
 
 class GpuError(_Wire):

@@ -1,4 +1,5 @@
-"""Shared pieces of the GPU service tests: a stand-in for S3 + the webhook, and request builders."""
+"""Shared pieces of the GPU service tests: a stand-in for S3 + the webhook (callbacks and the URL
+refresh route), and request builders."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from vap_shared.gpu_contract import GenerationSettings, GpuCallback, GpuJobRequest
+from vap_shared.gpu_contract import GenerationSettings, GpuCallback, GpuJobRequest, UrlRefreshRequest
 from vap_shared.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_callback
 
 from gpu import media
 
 KEY_HEX = "ab" * 32
+# What S3 answers (403) for a presigned URL past its expiry.
+EXPIRED_BODY = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
 
 
 @dataclass
@@ -22,16 +25,26 @@ class Recorded:
     signatures_ok: list[bool] = field(default_factory=list)
     uploads: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     callback_attempts: int = 0
+    refreshes: list[UrlRefreshRequest] = field(default_factory=list)
+    refresh_signatures_ok: list[bool] = field(default_factory=list)
+    downloads: list[str] = field(default_factory=list)  # paths GET, in order
 
 
 class StubServices:
-    """Serves `/media/<name>`, accepts `PUT /upload/<name>`, records `POST /callbacks/gpu/<job>`."""
+    """Serves `/media/<name>`, accepts `PUT /upload/<name>`, records `POST /callbacks/gpu/<job>`,
+    answers `POST /callbacks/gpu/<job>/urls` (the URL refresh) from `refresh_answers`.
+
+    `expired`: paths (e.g. "/media/image.png") answered 403 like an expired presigned S3 URL.
+    `refresh_answers`: (status, JSON body) per refresh call, in order; the last one repeats.
+    """
 
     def __init__(self, key_hex: str = KEY_HEX) -> None:
         self.key = bytes.fromhex(key_hex)
         self.media: dict[str, bytes] = {}
         self.recorded = Recorded()
         self.callback_failures = 0  # answer 503 to this many callback POSTs first
+        self.expired: set[str] = set()
+        self.refresh_answers: list[tuple[int, dict[str, Any] | None]] = [(200, {"expires_at": 0})]
         self.lock = threading.Lock()
         stub = self
 
@@ -49,18 +62,48 @@ class StubServices:
                 return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 
             def do_GET(self) -> None:
-                name = self.path.removeprefix("/media/")
-                data = stub.media.get(name)
+                path = self.path.split("?", 1)[0]
+                with stub.lock:
+                    stub.recorded.downloads.append(path)
+                if path in stub.expired:
+                    self._reply(403, EXPIRED_BODY)
+                    return
+                data = stub.media.get(path.removeprefix("/media/"))
                 self._reply(404) if data is None else self._reply(200, data)
 
             def do_PUT(self) -> None:
                 body = self._body()
+                path = self.path.split("?", 1)[0]
+                if path in stub.expired:
+                    self._reply(403)
+                    return
                 with stub.lock:
-                    stub.recorded.uploads[self.path] = (self.headers.get("Content-Type", ""), body)
+                    stub.recorded.uploads[path] = (self.headers.get("Content-Type", ""), body)
                 self._reply(200)
+
+            def _refresh(self, body: bytes) -> None:
+                try:
+                    verify_callback(
+                        stub.key, self.headers.get(TIMESTAMP_HEADER), self.headers.get(SIGNATURE_HEADER), body
+                    )
+                    ok = True
+                except SignatureError:
+                    ok = False
+                with stub.lock:
+                    stub.recorded.refresh_signatures_ok.append(ok)
+                    stub.recorded.refreshes.append(UrlRefreshRequest.model_validate_json(body))
+                    index = min(len(stub.recorded.refreshes), len(stub.refresh_answers)) - 1
+                    status, answer = stub.refresh_answers[index]
+                if not ok:
+                    self._reply(401)
+                    return
+                self._reply(status, b"" if answer is None else json.dumps(answer).encode())
 
             def do_POST(self) -> None:
                 body = self._body()
+                if self.path.endswith("/urls"):
+                    self._refresh(body)
+                    return
                 with stub.lock:
                     stub.recorded.callback_attempts += 1
                     if stub.callback_failures > 0:

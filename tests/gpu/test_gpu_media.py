@@ -101,3 +101,65 @@ def test_real_reference_video_decodes_and_samples():
     frames = media.decode_sampled_frames(data, 49, 480, 832)
     assert len(frames) == 49 and all(f.size == (480, 832) for f in frames)
     assert np.asarray(frames[0]).std() > 5  # real content, not a blank frame
+
+
+# --- previews (issue 11) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noise_720p_121():
+    """The largest accepted output (720p, 121 frames) as noise: the hardest content to compress."""
+    return np.random.default_rng(7).integers(0, 256, size=(121, 720, 1280, 3), dtype=np.uint8)
+
+
+def test_poster_is_the_middle_frame_full_size():
+    # 121 frames at 720p, each a gradient shifted by its own brightness: frame i is i*2 brighter.
+    gradient = np.broadcast_to(np.linspace(0, 12, 1280).astype(np.uint8)[None, :, None], (720, 1280, 3))
+    frames = gradient[None] + (2 * np.arange(121, dtype=np.uint8))[:, None, None, None]
+    poster = Image.open(io.BytesIO(media.poster_jpeg(frames)))
+    assert poster.format == "JPEG" and poster.size == (1280, 720)
+    pixels = np.asarray(poster.convert("RGB"), dtype=np.float32)
+    distance = {i: np.abs(pixels - frames[i].astype(np.float32)).mean() for i in (0, 30, 59, 60, 61, 90, 120)}
+    assert media.middle_index(121) == 60 and min(distance, key=distance.__getitem__) == 60
+    assert distance[60] < 1.0 and distance[59] > 1.5 and distance[61] > 1.5
+
+
+def test_middle_index():
+    assert [media.middle_index(n) for n in (1, 2, 9, 49, 121)] == [0, 0, 4, 24, 60]
+
+
+def test_preview_is_a_small_looping_animation_under_1mb(noise_720p_121):
+    data = media.preview_webp(noise_720p_121, fps=16)
+    assert len(data) < 1_000_000
+    preview = Image.open(io.BytesIO(data))
+    assert preview.format == "WEBP" and preview.is_animated
+    assert preview.n_frames == media.PREVIEW_FRAMES and max(preview.size) <= media.PREVIEW_MAX_SIDE
+    assert preview.size == (320, 180)  # the aspect ratio is kept
+    assert preview.info["loop"] == 0  # loops forever
+    durations = []
+    for index in range(preview.n_frames):
+        preview.seek(index)
+        preview.load()
+        durations.append(preview.info["duration"])
+    # The 16 frames span the video's 121 / 16 s.
+    assert abs(sum(durations) - 1000 * 121 / 16) < 16 * 2
+    # Frames are the sampled ones, in order: the last shown frame is the video's last frame.
+    last = np.asarray(preview.convert("RGB"), dtype=np.float32)
+    expected = np.asarray(
+        Image.fromarray(noise_720p_121[-1]).resize(preview.size, Image.Resampling.BILINEAR), dtype=np.float32
+    )
+    assert np.abs(last - expected).mean() < 12
+
+
+def test_preview_shrinks_to_fit_and_refuses_what_cannot(noise_720p_121):
+    roomy = media.preview_webp(noise_720p_121[:9], fps=8)
+    tight = media.preview_webp(noise_720p_121[:9], fps=8, max_bytes=len(roomy) // 3)
+    assert len(tight) <= len(roomy) // 3 and Image.open(io.BytesIO(tight)).n_frames == 9
+    with pytest.raises(ValueError, match="smallest size"):
+        media.preview_webp(noise_720p_121[:9], fps=8, max_bytes=100)
+
+
+def test_short_videos_preview_every_frame():
+    frames = media.synth_frames(5, 64, 48)
+    preview = Image.open(io.BytesIO(media.preview_webp(frames, fps=5)))
+    assert preview.n_frames == 5 and preview.size == (64, 48)

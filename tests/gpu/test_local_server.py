@@ -47,3 +47,58 @@ def test_local_server_tiny_engine():
     body, info = run_through_server("tiny", work_max_side=64)
     assert body["result"]["steps"] == 2 and body["result"]["gpu"] == "cpu"  # local default: 2 steps
     assert (info.width, info.height, info.num_frames, info.fps, info.codec) == (832, 480, 9, 8.0, "h264")
+
+
+def test_local_server_idempotent_submit_refresh_and_previews():
+    """The local stack's GPU runs the same app as Modal's: one run per job id, URLs refreshed at
+    start and before upload, previews next to the video."""
+    with StubServices() as stub:
+        server = start_local_gpu_server(0, "wk-local", "ws-local", "fake", steps=2)
+        try:
+            request = stub.request(job_id="job-p", num_frames=9, steps=None).model_copy(
+                update={
+                    "refresh_url": f"{stub.base}/callbacks/gpu/job-p/urls",
+                    "output_put_url": f"{stub.base}/upload/expired.mp4",
+                    "poster_put_url": f"{stub.base}/upload/poster.jpg",
+                    "preview_put_url": f"{stub.base}/upload/preview.webp",
+                }
+            )
+            stub.expired = {"/upload/expired.mp4"}
+            stub.refresh_answers = [
+                (200, {"expires_at": 1}),
+                (200, {"output_put_url": f"{stub.base}/upload/video.mp4", "expires_at": 2}),
+            ]
+            with httpx.Client(base_url=server.url, timeout=10, headers=AUTH) as client:
+                body = request.model_dump(mode="json")
+                call_id = client.post("/submit", json=body).json()["call_id"]
+                assert client.post("/submit", json=body).json()["call_id"] == call_id
+                deadline = time.monotonic() + 60
+                while (status := client.get(f"/status/{call_id}").json())["state"] in ("queued", "running"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        finally:
+            server.stop()
+    assert status["state"] == "succeeded", status
+    assert [r.purpose for r in stub.recorded.refreshes] == ["start", "upload"]
+    assert set(stub.recorded.uploads) == {"/upload/video.mp4", "/upload/poster.jpg", "/upload/preview.webp"}
+    assert status["result"]["poster_bytes"] == len(stub.recorded.uploads["/upload/poster.jpg"][1])
+    assert [c.event for c in stub.recorded.callbacks].count("succeeded") == 1
+
+
+def test_local_server_workers_run_jobs_at_once():
+    with StubServices() as stub:
+        server = start_local_gpu_server(0, "wk-local", "ws-local", "fake", workers=2, fake_step_delay_s=0.05)
+        try:
+            with httpx.Client(base_url=server.url, timeout=10, headers=AUTH) as client:
+                bodies = [
+                    stub.request(job_id=j, steps=60).model_dump(mode="json") for j in ("job-a", "job-b")
+                ]
+                ids = [client.post("/submit", json=body).json()["call_id"] for body in bodies]
+                deadline = time.monotonic() + 30
+                while not all(client.get(f"/status/{i}").json()["state"] == "running" for i in ids):
+                    assert time.monotonic() < deadline, "two workers should run two jobs at once"
+                    time.sleep(0.05)
+                for call_id in ids:
+                    assert client.post(f"/cancel/{call_id}").json()["cancelled"] is True
+        finally:
+            server.stop()

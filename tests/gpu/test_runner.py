@@ -1,8 +1,13 @@
+import io
+import socket
 import threading
+import time
 
 import httpx
 import pytest
 from gpu_service_helpers import StubServices
+from PIL import Image
+from vap_shared.budget import RUNNER_MARGIN_S, UPLOAD_MARGIN_S, Budget
 
 from gpu import media
 from gpu.engine import FakeEngine
@@ -223,3 +228,180 @@ def test_loopback_flag_read_from_env(monkeypatch):
     assert RunnerConfig().allow_http_loopback
     monkeypatch.delenv("VAP_ALLOW_HTTP_LOOPBACK")
     assert not RunnerConfig().allow_http_loopback
+
+
+# --- the job budget: deadline_unix and the run's limit ----------------------------------------
+
+
+def test_a_job_that_starts_after_its_deadline_fails_with_timeout_before_downloading(stub, http):
+    request = stub.request(steps=2).model_copy(update={"deadline_unix": int(time.time()) - 10})
+    engine = FakeEngine()
+    with pytest.raises(JobFailed) as info:
+        run_job(request, engine, http, config=config(), safety=Flags())
+    assert info.value.error.code == "timeout" and "deadline" in info.value.error.message
+    assert stub.recorded.downloads == [] and engine.calls == [] and not stub.recorded.uploads
+    assert stub.events() == ["failed"] and stub.recorded.callbacks[-1].error.code == "timeout"
+
+
+def test_a_job_too_close_to_its_deadline_stops_during_generation(stub, http):
+    # Less than a second left once the upload margin is kept; 40 steps take 2 s.
+    deadline = int(time.time()) + UPLOAD_MARGIN_S + 1
+    request = stub.request(steps=40).model_copy(update={"deadline_unix": deadline})
+    with pytest.raises(JobFailed) as info:
+        run_job(request, FakeEngine(step_delay_s=0.05), http, config=config(), safety=Flags())
+    assert info.value.error.code == "timeout" and len(stub.recorded.downloads) == 2
+    assert not stub.recorded.uploads
+
+
+def test_run_limit_comes_from_the_budget_and_the_deadline():
+    budget = Budget(job_s=7200)
+    limited = RunnerConfig(budget=budget)
+    assert limited.run_limit_s(1000.0, None) == budget.run_s - RUNNER_MARGIN_S == 2940
+    assert (
+        limited.run_limit_s(1000.0, 1000 + 500)
+        == budget.runner_limit_s(1000.0, 1500)
+        == 500 - UPLOAD_MARGIN_S
+    )
+    assert RunnerConfig().run_limit_s(1000.0, None) is None
+    assert RunnerConfig().run_limit_s(1000.0, 1500) == 500 - UPLOAD_MARGIN_S
+    assert RunnerConfig(job_timeout_s=5, budget=budget).run_limit_s(1000.0, None) == 5
+
+
+# --- service URLs: an expired presigned URL is never the user's fault --------------------------
+
+
+@pytest.mark.parametrize("expired", ["/media/image.png", "/media/ref.mp4"])
+def test_expired_service_url_is_internal_and_retryable_not_an_input_error(stub, http, expired):
+    stub.expired = {expired}
+    request = stub.request(steps=2).model_copy(
+        update={"service_urls": ("video_url", "image_url", "output_put_url")}
+    )
+    with pytest.raises(JobFailed) as info:
+        run_job(request, FakeEngine(), http, config=config(), safety=Flags())
+    error = info.value.error
+    assert (error.code, error.retryable) == ("internal", True)
+    assert "403" in error.message and "not a problem with the request" in error.message
+    assert stub.recorded.callbacks[-1].error == error
+
+
+def test_a_users_own_url_refused_is_still_an_input_error(stub, http):
+    stub.expired = {"/media/image.png"}  # a pass-through https URL of the user's: their problem
+    request = stub.request(steps=2).model_copy(update={"service_urls": ("output_put_url",)})
+    with pytest.raises(JobFailed) as info:
+        run_job(request, FakeEngine(), http, config=config(), safety=Flags())
+    assert (info.value.error.code, info.value.error.retryable) == ("input", False)
+
+
+def test_expired_output_url_is_retryable(stub, http):
+    stub.expired = {"/upload/job-1.mp4"}
+    with pytest.raises(JobFailed) as info:
+        run_job(stub.request(steps=2), FakeEngine(), http, config=config(), safety=Flags())
+    assert (info.value.error.code, info.value.error.retryable) == ("internal", True)
+
+
+# --- URL refresh (signed POST to refresh_url at start and before upload) ----------------------
+
+
+def with_refresh(stub, request, **update):
+    return request.model_copy(
+        update={"refresh_url": f"{stub.base}/callbacks/gpu/{request.job_id}/urls", **update}
+    )
+
+
+def test_refresh_at_start_and_before_upload_replaces_the_urls(stub, http):
+    # The URLs sent at dispatch have expired while the job waited; the refresh answers fresh ones.
+    stub.expired = {"/media/old-ref.mp4", "/upload/old.mp4"}
+    request = with_refresh(
+        stub,
+        stub.request(steps=2),
+        video_url=f"{stub.base}/media/old-ref.mp4",
+        output_put_url=f"{stub.base}/upload/old.mp4",
+        service_urls=("video_url", "image_url", "output_put_url"),
+    )
+    stub.refresh_answers = [
+        (200, {"video_url": f"{stub.base}/media/ref.mp4", "image_url": None, "expires_at": 1}),
+        (200, {"output_put_url": f"{stub.base}/upload/fresh.mp4", "expires_at": 2}),
+    ]
+    result = run_job(request, FakeEngine(), http, call_id="fc-9", config=config(), safety=Flags())
+    assert [(r.purpose, r.call_id, r.job_id) for r in stub.recorded.refreshes] == [
+        ("start", "fc-9", "job-1"),
+        ("upload", "fc-9", "job-1"),
+    ]
+    assert all(stub.recorded.refresh_signatures_ok)  # signed with the job's key, like callbacks
+    assert "/media/old-ref.mp4" not in stub.recorded.downloads
+    assert set(stub.recorded.downloads) == {"/media/ref.mp4", "/media/image.png"}  # image URL kept
+    assert list(stub.recorded.uploads) == ["/upload/fresh.mp4"] and result.bytes > 0
+    assert stub.events()[-1] == "succeeded"
+
+
+@pytest.mark.parametrize("answer", [(500, None), (404, {"detail": "unknown job"}), (200, {"bogus": 1})])
+def test_refresh_that_fails_keeps_the_urls_we_have(stub, http, answer):
+    stub.refresh_answers = [answer]
+    run_job(with_refresh(stub, stub.request(steps=2)), FakeEngine(), http, config=config(), safety=Flags())
+    assert len(stub.recorded.refreshes) >= 2 and list(stub.recorded.uploads) == ["/upload/job-1.mp4"]
+
+
+def test_refresh_endpoint_unreachable_keeps_the_urls_we_have(stub, http):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/callbacks/gpu/job-1/urls"
+    request = stub.request(steps=2).model_copy(update={"refresh_url": closed})
+    result = run_job(request, FakeEngine(), http, config=config(), safety=Flags())
+    assert result.bytes > 0 and list(stub.recorded.uploads) == ["/upload/job-1.mp4"]
+
+
+def test_refresh_409_at_start_stops_at_once_as_superseded(stub, http):
+    stub.refresh_answers = [(409, {"detail": "job fell back to fal"})]
+    engine = FakeEngine()
+    with pytest.raises(JobFailed) as info:
+        run_job(with_refresh(stub, stub.request(steps=2)), engine, http, config=config(), safety=Flags())
+    assert (info.value.error.code, info.value.error.message) == ("cancelled", "superseded")
+    # Nothing downloaded, generated, uploaded; no callback: the service no longer wants this run.
+    assert stub.recorded.downloads == [] and engine.calls == [] and stub.recorded.callbacks == []
+
+
+def test_refresh_409_before_upload_uploads_nothing(stub, http):
+    stub.refresh_answers = [(200, {"expires_at": 1}), (409, None)]
+    with pytest.raises(JobFailed) as info:
+        run_job(
+            with_refresh(stub, stub.request(steps=2)), FakeEngine(), http, config=config(), safety=Flags()
+        )
+    assert info.value.error.message == "superseded" and not stub.recorded.uploads
+    assert "succeeded" not in stub.events() and "failed" not in stub.events()
+
+
+# --- previews next to the video ---------------------------------------------------------------
+
+
+def test_poster_and_preview_uploaded_next_to_the_video(stub, http):
+    request = stub.request(num_frames=17, fps=8, steps=2).model_copy(
+        update={
+            "poster_put_url": f"{stub.base}/upload/poster.jpg",
+            "preview_put_url": f"{stub.base}/upload/preview.webp",
+        }
+    )
+    result = run_job(request, FakeEngine(), http, config=config(), safety=Flags())
+    poster_type, poster = stub.recorded.uploads["/upload/poster.jpg"]
+    preview_type, preview = stub.recorded.uploads["/upload/preview.webp"]
+    assert (poster_type, preview_type) == ("image/jpeg", "image/webp")
+    assert (result.poster_bytes, result.preview_bytes) == (len(poster), len(preview))
+    assert Image.open(io.BytesIO(poster)).size == (result.width, result.height)
+    animation = Image.open(io.BytesIO(preview))
+    assert animation.is_animated and animation.n_frames == 16
+    assert {"preview_s", "preview_upload_s"} <= set(result.timings)
+    assert stub.recorded.callbacks[-1].result.poster_bytes == len(poster)
+
+
+def test_previews_are_optional_and_their_failure_does_not_fail_the_job(stub, http):
+    plain = run_job(stub.request(steps=2), FakeEngine(), http, config=config(), safety=Flags())
+    assert (plain.poster_bytes, plain.preview_bytes) == (None, None) and "preview_s" not in plain.timings
+    stub.expired = {"/upload/poster.jpg"}
+    request = stub.request(job_id="job-2", steps=2).model_copy(
+        update={
+            "poster_put_url": f"{stub.base}/upload/poster.jpg",
+            "preview_put_url": f"{stub.base}/upload/preview.webp",
+        }
+    )
+    result = run_job(request, FakeEngine(), http, config=config(), safety=Flags())
+    assert result.poster_bytes is None and result.preview_bytes is not None
+    assert "/upload/job-2.mp4" in stub.recorded.uploads
