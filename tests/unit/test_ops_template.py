@@ -327,3 +327,17 @@ def test_dashboard_has_the_views_operators_need(cfn: Template) -> None:
     r = resolver(cfn)
     names = {r.resolve(a["Properties"]["AlarmName"]) for a in of_type(cfn, "AWS::CloudWatch::Alarm").values()}
     assert {arn.rsplit(":", 1)[1] for arn in alarms["properties"]["alarms"]} == names
+
+
+def test_readme_operations_lists_the_metrics_and_alarms(cfn: Template) -> None:
+    section = README.read_text(encoding="utf-8").split("## Operations", 1)[1].split("\n## ", 1)[0]
+    metric_rows = re.findall(r"^\| (`[A-Za-z]+`(?:, `[A-Za-z]+`)*) \|", section, re.M)
+    documented = {name for row in metric_rows for name in re.findall(r"`([A-Za-z]+)`", row)}
+    assert documented == set(metrics.METRIC_NAMES)
+    r = resolver(cfn)
+    names = {
+        r.resolve(a["Properties"]["AlarmName"]).removeprefix(f"{STACK}-")
+        for a in of_type(cfn, "AWS::CloudWatch::Alarm").values()
+    }
+    alarm_rows = re.findall(r"^\| (`[a-z-]+`(?:, `[a-z-]+`)*) \| \S", section, re.M)
+    assert {name for row in alarm_rows for name in re.findall(r"`([a-z-]+)`", row)} == names
