@@ -9,7 +9,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from . import commands
+from . import commands, costs
 from .errors import EXIT_JOB_FAILED, EXIT_STACK, CliError
 
 EPILOG = """\
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     _common(p)
     p.set_defaults(func=commands.list_)
+
+    p = sub.add_parser("cost", help="estimated cost of recent jobs, summed by backend")
+    p.add_argument(
+        "--since", default="7d", help="jobs uploaded since: 7d, 24h, 30m, 2w or a date (default 7d)"
+    )
+    p.add_argument("--json", action="store_true", help="print the totals as JSON")
+    _common(p)
+    p.set_defaults(func=costs.cost)
 
     p = sub.add_parser("cancel", help="cancel a job at its backend and mark it cancelled")
     p.add_argument("job", metavar="JOB|NAME")

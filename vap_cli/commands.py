@@ -12,6 +12,7 @@ from typing import Any
 
 from .cancel import cancel_job
 from .config import StackInfo, discover
+from .costs import cost_of, format_usd
 from .errors import EXIT_INVALID, EXIT_JOB_FAILED, CliError
 from .jobs import TERMINAL, describe_progress, find_upload, get_status, list_jobs, read_json
 from .progress import follow, render
@@ -245,6 +246,7 @@ def list_(args: argparse.Namespace) -> int:
             str(s.get("job_id")),
             describe_progress(s),
             str(s.get("backend") or "-"),
+            format_usd(cost_of(stack, s)),
             str(s.get("name")),
             str(s.get("updated_at") or ""),
         )
@@ -253,7 +255,7 @@ def list_(args: argparse.Namespace) -> int:
     if not rows:
         _say("no jobs" + (f" with status {', '.join(states)}" if states else ""))
         return 0
-    _table(("JOB", "STATE", "BACKEND", "NAME", "UPDATED"), rows)
+    _table(("JOB", "STATE", "BACKEND", "COST", "NAME", "UPDATED"), rows)
     return 0
 
 
