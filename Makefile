@@ -6,7 +6,7 @@ SAM_VENV := .tools/sam
 STAMP := $(VENV)/.installed
 SAM_STAMP := $(SAM_VENV)/.installed
 
-.PHONY: venv test test-fast lint typecheck local demo bench validate sam-build clean
+.PHONY: venv test test-fast lint typecheck local demo bench validate layer clean
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ typecheck: $(STAMP)
 validate: venv
 	$(BIN)/cfn-lint template.yaml
 	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint -t template.yaml --region us-east-1
+
+# The Lambda layer for arm64/python3.13 without sam build (pip's cross-platform wheels), then the
+# checks Lambda's loader implies; `make deploy` deploys this build. Also run by `make test`.
+layer: $(STAMP)
+	$(BIN)/python -m vap_cli.layer
 
 # Runs the local stack until interrupted; writes .local/stack.json when ready.
 local: $(STAMP)

@@ -339,6 +339,14 @@ def test_sam_build(tmp_path: Path) -> None:
     assert (layer / "vap_shared" / "config.py").exists()
     # Compiled dependencies were fetched for the functions' architecture (arm64).
     assert list(layer.glob("pydantic_core/*aarch64*.so"))
+    # SAM's layer passes the checks CI runs on every machine (tests/unit/test_layer.py), and holds
+    # the same distributions as the layer `make deploy` builds without SAM.
+    from vap_cli import layer as vap_layer
+
+    report = vap_layer.check(layer.parent)
+    assert report.ok, report.text()
+    ours = vap_layer.build(tmp_path / "ours") / "python"
+    assert set(vap_layer.distributions(layer)) == set(vap_layer.distributions(ours))
 
 
 # ---------------------------------------------------------------------------------------------- sweeper
