@@ -6,7 +6,7 @@ SAM_VENV := .tools/sam
 STAMP := $(VENV)/.installed
 SAM_STAMP := $(SAM_VENV)/.installed
 
-.PHONY: venv test test-fast lint typecheck local demo bench validate layer clean
+.PHONY: venv test test-fast lint typecheck local demo bench validate layer parity clean
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,13 @@ validate: venv
 # checks Lambda's loader implies; `make deploy` deploys this build. Also run by `make test`.
 layer: $(STAMP)
 	$(BIN)/python -m vap_cli.layer
+
+# Parity of gpu/vap with the reference implementation (CPU, ~1 min); writes the Result section of
+# docs/parity.md. Downloads nothing: VAP_REFERENCE names a checkout or git mirror of
+# bytedance/Video-As-Prompt already on this machine (default .local/vap-reference).
+parity: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m gpu.parity.check_reference \
+		$(if $(VAP_REFERENCE),--reference "$(VAP_REFERENCE)") --write docs/parity.md
 
 # Runs the local stack until interrupted; writes .local/stack.json when ready.
 local: $(STAMP)
