@@ -314,3 +314,55 @@ def test_the_subprocess_runner_echoes_and_keeps_output(tmp_path: Path) -> None:
     assert echo.getvalue().startswith("$ VAP_X=hello sh -c ") and "hello\nerr\n" in echo.getvalue()
     missing = SubprocessRunner(echo=echo)(["vap-no-such-command-here"])
     assert missing.returncode == 127
+
+
+def test_sam_packages_the_deploy_template_as_lambda_expects(tmp_path: Path, template: Path) -> None:
+    """`sam package` (what `sam deploy` does first) on the deploy template, against moto's S3: the
+    layer zip has python/ at its root with the arm64 build, each function zip its handler."""
+    import io as _io
+    import os
+    import subprocess
+    import zipfile
+
+    from moto.server import ThreadedMotoServer
+
+    from local_stack.net import LOOPBACK, free_port
+
+    sam_cli = ROOT / ".tools" / "sam" / "bin" / "sam"
+    if not sam_cli.exists():
+        pytest.skip("aws-sam-cli is not installed (make venv builds .tools/sam)")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
+    server.start()
+    try:
+        env = {
+            **os.environ, "AWS_ENDPOINT_URL": f"http://{LOOPBACK}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "SAM_CLI_TELEMETRY": "0",
+        }  # fmt: skip
+        s3 = boto3.client(
+            "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )  # fmt: skip
+        s3.create_bucket(Bucket="artifacts")
+        built = deploy.build_template(options(tmp_path, template))
+        packaged = tmp_path / "packaged.json"
+        done = subprocess.run(
+            [str(sam_cli), "package", "--template-file", str(built), "--s3-bucket", "artifacts",
+             "--output-template-file", str(packaged), "--use-json", "--region", "us-east-1"],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        resources = json.loads(packaged.read_text())["Resources"]
+
+        def archive(uri: str) -> zipfile.ZipFile:
+            bucket, key = uri.removeprefix("s3://").split("/", 1)
+            return zipfile.ZipFile(_io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+        names = archive(resources["SharedLayer"]["Properties"]["ContentUri"]).namelist()
+        assert "python/vap_shared/__init__.py" in names
+        assert any(n.startswith("python/pydantic_core/") and "aarch64" in n for n in names)
+        for logical_id, handler in (("IngestFunction", "ingest.py"), ("WebhookFunction", "webhook.py")):
+            assert handler in archive(resources[logical_id]["Properties"]["CodeUri"]).namelist()
+    finally:
+        server.stop()
