@@ -6,7 +6,7 @@ SAM_VENV := .tools/sam
 STAMP := $(VENV)/.installed
 SAM_STAMP := $(SAM_VENV)/.installed
 
-.PHONY: venv test test-fast lint typecheck local demo bench validate sam-build clean
+.PHONY: venv test test-fast lint typecheck local demo bench validate layer parity deploy smoke clean
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,35 @@ typecheck: $(STAMP)
 validate: venv
 	$(BIN)/cfn-lint template.yaml
 	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint -t template.yaml --region us-east-1
+
+# The Lambda layer for arm64/python3.13 without sam build (pip's cross-platform wheels), then the
+# checks Lambda's loader implies; `make deploy` deploys this build. Also run by `make test`.
+layer: $(STAMP)
+	$(BIN)/python -m vap_cli.layer
+
+# Parity of gpu/vap with the reference implementation (CPU, ~1 min); writes the Result section of
+# docs/parity.md. Downloads nothing: VAP_REFERENCE names a checkout or git mirror of
+# bytedance/Video-As-Prompt already on this machine (default .local/vap-reference).
+parity: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m gpu.parity.check_reference \
+		$(if $(VAP_REFERENCE),--reference "$(VAP_REFERENCE)") --write docs/parity.md
+
+# Deploy: Modal app (weights checked) + the AWS stack wired to it, one command (README "Deploy"):
+#   make deploy STACK=vap [REGION=… PROFILE=…] [JOB_BUDGET_S=7200 MODAL_CONTAINERS=2
+#       FAL_MAX_OUTSTANDING=20] [DOWNLOAD_WEIGHTS=1] [DEPLOY_ARGS="--parameter DefaultBackend=fal"]
+AWS_ARGS = $(if $(REGION),--region "$(REGION)") $(if $(PROFILE),--profile "$(PROFILE)")
+deploy: venv
+	$(if $(STACK),,$(error make deploy needs STACK=<stack name>))
+	PATH="$(CURDIR)/$(BIN):$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/python -m vap_cli.deploy \
+		--stack "$(STACK)" $(AWS_ARGS) \
+		$(if $(JOB_BUDGET_S),--job-budget-s $(JOB_BUDGET_S)) \
+		$(if $(MODAL_CONTAINERS),--modal-containers $(MODAL_CONTAINERS)) \
+		$(if $(FAL_MAX_OUTSTANDING),--fal-max-outstanding $(FAL_MAX_OUTSTANDING)) \
+		$(if $(DOWNLOAD_WEIGHTS),--download-weights) $(DEPLOY_ARGS)
+
+# One small job through a deployed stack (STACK=…) or the local one (`make local`): pass/fail report.
+smoke: $(STAMP)
+	$(BIN)/python -m vap_cli.smoke $(if $(STACK),--stack "$(STACK)") $(AWS_ARGS) $(SMOKE_ARGS)
 
 # Runs the local stack until interrupted; writes .local/stack.json when ready.
 local: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.cold_start import ColdStartResult
@@ -169,6 +170,22 @@ def table(rs: list[Row], markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def interpreter(path: str) -> str:
+    """`python3.13 3.13.0`: the interpreter's name and version, never the build machine's path."""
+    name = Path(path).name
+    try:
+        version = subprocess.run(  # noqa: S603 - the interpreter the benchmark itself ran
+            [path, "-c", "import platform; print(platform.python_version())"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return name
+    return f"{name} {version}"
+
+
 def _commit() -> str:
     try:
         return subprocess.run(
@@ -198,7 +215,7 @@ def markdown(r: Results, missed_notes: dict[str, str]) -> str:
         "",
         f"**Machine:** {m['cpu']}, {m['cores']} cores (shared with other work), {m['memory']} RAM, "
         f"{m['os']}; driver Python {m['python']}"
-        + (f", cold starts on `{r.cold.python}`" if r.cold else "")
+        + (f", cold starts on `{interpreter(r.cold.python)}`" if r.cold else "")
         + (
             f"; 1-minute load average {r.load[0]:.1f} at the start, {r.load[-1]:.1f} at the end "
             "(other work shares the cores: timings scale with it, ratios to the floors much less)"

@@ -154,7 +154,7 @@ class Deployer:
             if r.get("LogicalResourceId")
         }
         physical.update(secret_arns)
-        resolver = self._resolver(translated, params, physical, url_attrs)
+        resolver = self._resolver(translated, params, physical, url_attrs, str(stack["StackId"]))
         self._apply_skipped(translated, resolver)
         deployment = Deployment(
             stack_name=self.stack_name,
@@ -265,11 +265,13 @@ class Deployer:
         params: Mapping[str, str],
         physical: Mapping[str, str],
         url_attrs: Mapping[tuple[str, str], str],
+        stack_id: str,
     ) -> Resolver:
         refs: dict[str, Any] = {
             "AWS::AccountId": ACCOUNT_ID,
             "AWS::Region": self.region,
             "AWS::StackName": self.stack_name,
+            "AWS::StackId": stack_id,
             "AWS::Partition": "aws",
             "AWS::URLSuffix": "amazonaws.com",
             "AWS::NoValue": None,

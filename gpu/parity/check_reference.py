@@ -10,18 +10,29 @@ models with the same tiny random weights, and checks:
 3. the whole pipeline (text/CLIP/VAE encodings, schedule, CFG loop, decode) with shared tiny
    components: latents and frames within `--tol`.
 
-Usage (see docs/parity.md):
-    git --git-dir=<mirror> archive HEAD diffusers/src infer | tar -x -C /tmp/vap-ref
-    .venv/bin/python -m gpu.parity.check_reference --reference /tmp/vap-ref
-Needs `einops` (the reference imports it): pip install -r gpu/parity/requirements.txt
+Usage (see docs/parity.md); nothing is downloaded, the reference must already be on this machine:
+    make parity VAP_REFERENCE=<checkout or git mirror of bytedance/Video-As-Prompt>
+    .venv/bin/python -m gpu.parity.check_reference --reference <same> [--write docs/parity.md]
+`--reference` defaults to $VAP_REFERENCE, then .local/vap-reference. A git directory without a work
+tree (a mirror) is exported to a temporary folder first. What the reference imports (einops) is in
+requirements/dev.txt, so `make venv` installs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
 import importlib.util
+import io
 import os
+import platform
+import subprocess
 import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,14 +43,70 @@ import numpy as np
 import PIL.Image
 import torch
 
+from gpu.parity.report import Row, Run, write
+
 _FORK = "diffusers/src/diffusers"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REFERENCE = REPO_ROOT / ".local" / "vap-reference"
+EXIT_NO_REFERENCE = 2
+
+
+class ReferenceMissing(SystemExit):
+    """The reference code is not on this machine: say so, write nothing, exit non-zero."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_NO_REFERENCE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _git(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", *args], capture_output=True, timeout=300, check=False, **kwargs)  # noqa: S603, S607
+
+
+@contextlib.contextmanager
+def reference_tree(path: Path) -> Iterator[tuple[Path, str]]:
+    """(a work tree holding the reference's diffusers fork, its commit) from a checkout or a git dir."""
+    missing = (
+        f"The reference implementation is not at {path}. `make parity` downloads nothing: put a checkout "
+        "or a git mirror of bytedance/Video-As-Prompt there, or name one with "
+        "VAP_REFERENCE=<path> (make parity) / --reference. No figures were written."
+    )
+    if not path.exists():
+        raise ReferenceMissing(missing)
+    if (path / _FORK).is_dir():
+        done = _git(["-C", str(path), "rev-parse", "HEAD"])
+        yield path, done.stdout.decode().strip() if done.returncode == 0 else "unknown (not a git checkout)"
+        return
+    head = _git(["--git-dir", str(path), "rev-parse", "HEAD"])
+    if head.returncode != 0:
+        raise ReferenceMissing(f"{path} is neither a Video-As-Prompt checkout nor a git directory. {missing}")
+    archive = _git(["--git-dir", str(path), "archive", "--format=tar", "HEAD", "diffusers/src"])
+    if archive.returncode != 0:
+        raise ReferenceMissing(f"{path} has no diffusers/src at HEAD ({archive.stderr.decode().strip()}).")
+    with tempfile.TemporaryDirectory(prefix="vap-reference-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp), head.stdout.decode().strip()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("torch", "diffusers", "transformers", "einops"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
 
 
 def _load(ref_root: Path, rel: str, module_name: str) -> ModuleType:
     """Execute one reference file as a submodule of the installed diffusers (relative imports work)."""
     path = ref_root / _FORK / rel
     if not path.is_file():
-        raise SystemExit(f"not found: {path} (is --reference a Video-As-Prompt checkout?)")
+        raise ReferenceMissing(f"not found: {path} (is --reference a Video-As-Prompt checkout?)")
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -302,22 +369,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--reference", type=Path, required=True, help="Video-As-Prompt checkout (work tree)")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=Path(os.environ.get("VAP_REFERENCE") or DEFAULT_REFERENCE),
+        help="Video-As-Prompt checkout or git mirror (default: $VAP_REFERENCE, else .local/vap-reference)",
+    )
     parser.add_argument("--tol", type=float, default=1e-5, help="max relative error (float32)")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--write", type=Path, help="replace the generated section of this document")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    ref = load_reference(args.reference.resolve())
-    rows: list[tuple[str, str, bool]] = []
-    check_14b_layout(ref, rows)
-    check_transformer(ref, args.tol, rows)
-    if not args.skip_pipeline:
-        check_pipeline(ref, args.tol, rows)
+    try:
+        with reference_tree(args.reference.resolve()) as (tree, commit):
+            ref = load_reference(tree)
+            rows: list[tuple[str, str, bool]] = []
+            check_14b_layout(ref, rows)
+            check_transformer(ref, args.tol, rows)
+            if not args.skip_pipeline:
+                check_pipeline(ref, args.tol, rows)
+    except ReferenceMissing as exc:
+        print(f"parity: {exc.message}", file=sys.stderr)
+        return EXIT_NO_REFERENCE
     width = max(len(r[0]) for r in rows)
     for name, value, ok in rows:
         print(f"{'PASS' if ok else 'FAIL'}  {name:<{width}}  {value}")
-    return 0 if all(ok for _, _, ok in rows) else 1
+    run = Run(
+        date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+        reference_commit=commit,
+        versions=versions(),
+        tolerance=args.tol,
+        rows=[Row(name, value, ok) for name, value, ok in rows],
+    )
+    if args.write is not None:
+        if args.skip_pipeline:
+            print("parity: --skip-pipeline runs are not written (the document shows the whole check)")
+            return 1
+        write(args.write, run)
+        print(f"wrote the result into {args.write}")
+    return 0 if run.ok else 1
 
 
 if __name__ == "__main__":

@@ -58,14 +58,17 @@ def test_template_settings_moto_skips_are_applied(stack: LocalStack) -> None:
     attrs = sqs.get_queue_attributes(QueueUrl=stack.ingest_queue_url, AttributeNames=["All"])["Attributes"]
     policy = json.loads(attrs["Policy"])
     assert policy["Statement"][0]["Principal"] == {"Service": "s3.amazonaws.com"}
+    # The policy names the bucket CloudFormation created (same expression, resolved apart).
+    assert policy["Statement"][0]["Condition"]["ArnLike"]["aws:SourceArn"] == f"arn:aws:s3:::{stack.bucket}"
     assert json.loads(attrs["RedrivePolicy"])["maxReceiveCount"] == 5
     ttl = stack.client("dynamodb").describe_time_to_live(TableName=stack.jobs_table)["TimeToLiveDescription"]
     assert ttl["AttributeName"] == "expires_at"
     webhook = stack.functions["WebhookFunction"]
+    # The template's default is no reservation (None); a reservation given as a parameter is applied.
     assert (
-        stack.client("lambda").get_function_concurrency(FunctionName=webhook.name)[
-            "ReservedConcurrentExecutions"
-        ]
+        stack.client("lambda")
+        .get_function_concurrency(FunctionName=webhook.name)
+        .get("ReservedConcurrentExecutions")
         == webhook.reserved_concurrency
     )
     assert stack.deployment is not None

@@ -71,3 +71,20 @@ def test_report_lists_missed_targets():
 
     assert "GB-s" in markdown(results, missed_notes(results)).split("## Targets missed")[1]
     assert "Lambda GB-s per job" in table(rows(results))
+
+
+def test_report_names_the_interpreter_not_its_path():
+    from bench.cold_start import ColdStartResult, ModeResult
+
+    def mode(name: str) -> ModeResult:
+        return ModeResult(name, 1, 100.0, 80.0, 20.0, 90.0, 110.0, 150.0, 50.0, 300)
+
+    modes = {m: mode(m) for m in ("floor", "floor_clients", "ingest", "webhook")}
+    cold = ColdStartResult(
+        python=sys.executable, modes=modes, layer_mb=None, layer_pyc_mb=None, boto3_mb=None,
+        layer_top_mb={}, function_kb={"ingest": 5.0}, build_s=0.0,
+    )  # fmt: skip
+    text = markdown(Results(cold=cold), {})
+    assert str(Path(sys.executable).parent) not in text
+    version = ".".join(str(v) for v in sys.version_info[:3])
+    assert f"cold starts on `{Path(sys.executable).name} {version}`" in text

@@ -141,9 +141,10 @@ def test_queue_policy_scoped_to_the_bucket_without_a_cycle(sam: Template) -> Non
     (allow,) = [s for s in policy["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"]
     assert allow["Principal"] == {"Service": "s3.amazonaws.com"}
     assert allow["Action"] == "sqs:SendMessage"
-    source_arn = allow["Condition"]["ArnLike"]["aws:SourceArn"]["Fn::Sub"]
-    bucket_name = props(sam, "Bucket")["BucketName"]["Fn::Sub"]
-    assert source_arn == "arn:${AWS::Partition}:s3:::" + bucket_name  # by name, not !GetAtt Bucket.Arn
+    source_arn, source_vars = allow["Condition"]["ArnLike"]["aws:SourceArn"]["Fn::Sub"]
+    bucket_name, bucket_vars = props(sam, "Bucket")["BucketName"]["Fn::Sub"]
+    # By name, not !GetAtt Bucket.Arn (tests/unit/test_template_deploy.py resolves both).
+    assert source_arn == "arn:${AWS::Partition}:s3:::" + bucket_name and source_vars == bucket_vars
     assert allow["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
     assert sam["Resources"]["Bucket"]["DependsOn"] == "IngestQueuePolicy"
 
@@ -338,6 +339,14 @@ def test_sam_build(tmp_path: Path) -> None:
     assert (layer / "vap_shared" / "config.py").exists()
     # Compiled dependencies were fetched for the functions' architecture (arm64).
     assert list(layer.glob("pydantic_core/*aarch64*.so"))
+    # SAM's layer passes the checks CI runs on every machine (tests/unit/test_layer.py), and holds
+    # the same distributions as the layer `make deploy` builds without SAM.
+    from vap_cli import layer as vap_layer
+
+    report = vap_layer.check(layer.parent)
+    assert report.ok, report.text()
+    ours = vap_layer.build(tmp_path / "ours") / "python"
+    assert set(vap_layer.distributions(layer)) == set(vap_layer.distributions(ours))
 
 
 # ---------------------------------------------------------------------------------------------- sweeper

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_yaml_tags_become_intrinsics() -> None:
     sam = load_template(ROOT / "template.yaml")
     assert sam["Resources"]["IngestFunction"]["Properties"]["Role"] == {"Fn::GetAtt": ["IngestRole", "Arn"]}
-    assert sam["Resources"]["Bucket"]["Properties"]["BucketName"] == {
-        "Fn::Sub": "${AWS::StackName}-${AWS::AccountId}-${AWS::Region}"
-    }
+    assert sam["Resources"]["Bucket"]["Properties"]["BucketName"]["Fn::Sub"][0] == (
+        "vap-${AWS::AccountId}-${AWS::Region}-${StackIdPart}"
+    )
     assert parameter_defaults(sam, {"DefaultBackend": "fal"})["DefaultBackend"] == "fal"
 
 
