@@ -48,3 +48,36 @@ class TinyPipeline:
                 torch.manual_seed(self.seed + 3)
                 pipe.transformer = WanTransformer3DMOTModel(**config).eval()
         return pipe.to(device)
+
+
+class ReleasedTransformer:
+    """A follower's loader for the released checkpoint: only the transformer, with the attention
+    backend `gpu.vap.loading.load_pipeline` would pick (no UMT5/CLIP/VAE load on followers)."""
+
+    def __init__(
+        self,
+        path_or_repo: str,
+        revision: str,
+        dtype: torch.dtype = torch.bfloat16,
+        attention_backend: str | None = None,
+    ) -> None:
+        self.path_or_repo = path_or_repo
+        self.revision = revision
+        self.dtype = dtype
+        self.attention_backend = attention_backend
+
+    def __call__(self, device: torch.device) -> Any:
+        import os
+
+        from huggingface_hub import snapshot_download
+
+        from gpu.vap.loading import backend_works, load_transformer, pick_attention_backend
+
+        path = self.path_or_repo
+        if not os.path.isdir(path):
+            path = snapshot_download(path, revision=self.revision)
+        model = load_transformer(path, self.dtype, self.revision, device)
+        backend = self.attention_backend or pick_attention_backend(device)
+        if backend != "native" and backend_works(backend, device, self.dtype):
+            model.set_attention_backend(backend)
+        return model
