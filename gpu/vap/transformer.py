@@ -12,9 +12,9 @@ reference stream would compute after the last expert block's Q/K/V is skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -33,11 +33,23 @@ from diffusers.models.transformers.transformer_wan import (
 
 from gpu.vap.rotary import RotaryCache, apply_rotary
 
+if TYPE_CHECKING:
+    from gpu.parallel.sequence import SequenceParallel
+
 # Exactly the reference's list: matched per dotted name component at load time, so the expert's
 # `scale_shift_table_mot_ref` / `norm2_mot_ref` load in the model dtype (as in the reference).
 KEEP_IN_FP32 = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
+# (query, key, value [B, S, H, Dh], backend) -> [B, S_q, H, Dh]: the seam gpu/parallel swaps.
+AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def local_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: Any
+) -> torch.Tensor:
+    """Unmasked self-attention on this process (sequence parallel wraps it in all-to-alls)."""
+    return dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=backend)
 
 
 @dataclass
@@ -123,6 +135,7 @@ class VAPExpertBlock(WanTransformerBlock):
         self.ffn_mot_ref = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
         self.norm3_mot_ref = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table_mot_ref = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.attention_core: AttentionCore = local_attention
 
     def forward(  # type: ignore[override]
         self,
@@ -151,13 +164,11 @@ class VAPExpertBlock(WanTransformerBlock):
         assert q is not None
         n_main = q.shape[1]
         query = q if qr is None else torch.cat([q, qr], dim=1)
-        out = dispatch_attention_fn(
+        out = self.attention_core(
             query,
             torch.cat([k, kr], dim=1),
             torch.cat([v, vr], dim=1),
-            dropout_p=0.0,
-            is_causal=False,
-            backend=getattr(self.attn1.processor, "_attention_backend", None),
+            getattr(self.attn1.processor, "_attention_backend", None),
         )
         out = out.flatten(2, 3).type_as(q)
         attn_out = self.attn1.to_out[1](self.attn1.to_out[0](out[:, :n_main]))
@@ -239,6 +250,8 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         # Set False only to check that skipping the dead reference work changes nothing.
         self.skip_dead_reference_work = True
         self._rotary = RotaryCache(attention_head_dim)
+        # Set by gpu.parallel to split the token streams over processes; None: all tokens here.
+        self.sequence_parallel: SequenceParallel | None = None
 
         patch = (int(patch_size[0]), int(patch_size[1]), int(patch_size[2]))
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch, stride=patch)
@@ -337,6 +350,9 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         context = torch.cat([image, text], dim=1)
 
         ref: torch.Tensor | None = reference.tokens.expand(batch, -1, -1)
+        ref_rotary = reference.rotary
+        if self.sequence_parallel is not None:  # this process's slice of both token streams
+            x, rotary, ref, ref_rotary = self.sequence_parallel.shard(x, rotary, ref, ref_rotary)
         last_expert = self.expert_blocks[-1] if self.expert_blocks else -1
         for i, block in enumerate(self.blocks):
             if isinstance(block, VAPExpertBlock):
@@ -349,7 +365,7 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
                     ref,
                     reference.encoder_hidden_states,
                     reference.timestep_proj,
-                    reference.rotary,
+                    ref_rotary,
                     ref_output_needed=not (self.skip_dead_reference_work and i == last_expert),
                 )
             else:
@@ -358,6 +374,8 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)
+        if self.sequence_parallel is not None:  # all tokens again, in order
+            x = self.sequence_parallel.gather(x)
         # Unpatchify [B, F·H·W, p_t·p_h·p_w·C] -> [B, C, F·p_t, H·p_h, W·p_w].
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -1,0 +1,110 @@
+"""Rank 0 hands each transformer call's arguments to the other ranks.
+
+A call's arguments are split into a small picklable header (structure, shapes, dtypes, plain
+values) that travels over a `multiprocessing` pipe, and its tensors, which travel by
+`torch.distributed.broadcast` from rank 0 (NCCL on GPUs: device to device). An argument that is
+the same object as in the previous call (the text/image context, the reference stream: constant
+over a video) is sent as "cached" and reused by the receivers, so a denoising step moves only
+the latents and the timestep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_CACHED = ("cached",)
+
+
+def _encode(value: Any, tensors: list[torch.Tensor]) -> tuple[Any, ...]:
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("tensor", tuple(value.shape), value.dtype)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _encode(getattr(value, f.name), tensors) for f in dataclasses.fields(value)}
+        return ("dataclass", type(value), fields)
+    if isinstance(value, tuple | list):
+        return (type(value).__name__, [_encode(v, tensors) for v in value])
+    if value is None or isinstance(value, bool | int | float | str):
+        return ("value", value)
+    raise TypeError(f"cannot send a {type(value).__name__} to the other ranks")
+
+
+def _decode(node: tuple[Any, ...], tensors: list[torch.Tensor]) -> Any:
+    kind = node[0]
+    if kind == "tensor":
+        return tensors.pop(0)
+    if kind == "dataclass":
+        return node[1](**{name: _decode(sub, tensors) for name, sub in node[2].items()})
+    if kind in ("tuple", "list"):
+        items = [_decode(sub, tensors) for sub in node[1]]
+        return tuple(items) if kind == "tuple" else items
+    return node[1]
+
+
+def _tensor_specs(node: tuple[Any, ...]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    kind = node[0]
+    if kind == "tensor":
+        return [(node[1], node[2])]
+    if kind == "dataclass":
+        return [spec for sub in node[2].values() for spec in _tensor_specs(sub)]
+    if kind in ("tuple", "list"):
+        return [spec for sub in node[1] for spec in _tensor_specs(sub)]
+    return []
+
+
+class CallSender:
+    """Rank 0: turns named arguments into a header and broadcasts their tensors."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, Any] = {}  # strong references: an id can't be reused while cached
+
+    def header(self, arguments: dict[str, Any]) -> tuple[dict[str, tuple[Any, ...]], list[torch.Tensor]]:
+        header: dict[str, tuple[Any, ...]] = {}
+        tensors: list[torch.Tensor] = []
+        for name, value in arguments.items():
+            if isinstance(value, torch.Tensor | tuple) or dataclasses.is_dataclass(value):
+                if name in self._last and self._last[name] is value:
+                    header[name] = _CACHED
+                    continue
+                self._last[name] = value
+            header[name] = _encode(value, tensors)
+        return header, tensors
+
+    @staticmethod
+    def broadcast(tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            dist.broadcast(tensor.contiguous(), src=0)
+
+    def reset(self) -> None:
+        self._last.clear()
+
+
+class CallReceiver:
+    """Other ranks: rebuild the arguments of rank 0's call from its header and broadcasts."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._last: dict[str, Any] = {}
+
+    def receive(self, header: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+        arguments: dict[str, Any] = {}
+        for name, node in header.items():
+            if node == _CACHED:
+                arguments[name] = self._last[name]
+                continue
+            tensors = [
+                torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in _tensor_specs(node)
+            ]
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+            arguments[name] = _decode(node, tensors)
+            if node[0] != "value":
+                self._last[name] = arguments[name]
+        return arguments
+
+    def reset(self) -> None:
+        self._last.clear()

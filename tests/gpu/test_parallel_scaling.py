@@ -1,0 +1,86 @@
+"""The scaling estimate's inputs are counted from the real model; its table behaves as a cost model needs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gpu.parallel.scaling import (
+    H100,
+    H200,
+    JobShape,
+    ModelDims,
+    all_to_all_bytes_per_gpu,
+    estimate,
+    format_table,
+    main,
+    step_flops,
+    table,
+)
+from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+
+
+@pytest.fixture(scope="module")
+def meta_model():
+    with torch.device("meta"):
+        return WanTransformer3DMOTModel(**RELEASED_14B_CONFIG)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "shape", [JobShape(), JobShape(720, 1280, 9), JobShape(1024, 576, 121, cfg=False)], ids=str
+)
+def test_analytic_step_flops_equal_torch_flop_counter_on_the_released_model(meta_model, shape):
+    f, h, w = (shape.num_frames - 1) // 4 + 1, shape.height // 8, shape.width // 8
+    b = shape.batch
+    with torch.device("meta"):
+        ref = meta_model.prepare_reference(
+            torch.randn(1, 36, f, h, w), torch.randn(b, 512, 4096), torch.randn(b, 257, 1280)
+        )
+        args = (torch.randn(b, 36, f, h, w), torch.full((b,), 500.0), torch.randn(b, 512, 4096),
+                torch.randn(b, 257, 1280))  # fmt: skip
+        with FlopCounterMode(display=False) as counter:
+            meta_model(*args, reference=ref, return_dict=False)
+    assert step_flops(shape) == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_default_job_figures_match_the_notes():
+    shape = JobShape()
+    assert shape.tokens == 20280
+    assert step_flops(shape) == pytest.approx(2.377e15, rel=1e-3)
+    assert all_to_all_bytes_per_gpu(shape, 8) == pytest.approx(9.0e9, rel=0.01)  # "≈ 9 GB per GPU per step"
+    assert all_to_all_bytes_per_gpu(shape, 1) == 0.0
+
+
+def test_all_to_all_volume_formula_matches_what_the_tiny_run_sends():
+    # `python -m gpu.check_parallel --world-size 2 4` reports 3888 elements sent by rank 0 per forward
+    # at world 2 (tiny model: 3 blocks, experts 0-1, 4 heads × 6, 48×32 px, 9 frames, CFG).
+    tiny = ModelDims(layers=3, expert_blocks=2, width=24, heads=4)
+    assert all_to_all_bytes_per_gpu(JobShape(48, 32, 9), 2, tiny) == 3888 * 2
+
+
+def test_table_trades_cost_for_latency():
+    rows = table(JobShape())
+    assert [r.gpus for r in rows] == [1, 2, 4, 8]
+    assert all(a.total_s > b.total_s for a, b in itertools.pairwise(rows))
+    assert all(a.cost_usd < b.cost_usd for a, b in itertools.pairwise(rows))
+    one, eight = rows[0], rows[-1]
+    assert one.speedup == 1.0 and 6.0 < eight.speedup < 8.0
+    assert eight.cost_usd == pytest.approx(8 * H100.price_per_gpu_s * eight.total_s)
+    assert estimate(JobShape(), 8, H200).cost_usd > eight.cost_usd  # same speed, dearer GPU
+
+
+def test_refuses_counts_the_service_does_not_offer():
+    with pytest.raises(ValueError):
+        estimate(JobShape(), 3)
+
+
+def test_cli_labels_the_figures_as_estimates(capsys):
+    assert main(["--resolution", "720p", "--aspect", "9:16", "--frames", "121"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ESTIMATE (not measured): 720x1280, 121 frames")
+    assert len(out.strip().splitlines()) == 2 + 4
+    assert "ESTIMATE" in format_table(JobShape())
