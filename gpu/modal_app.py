@@ -118,8 +118,6 @@ def recorded_revision(default: str) -> str:
 def load_engine(gpu_class: GpuClass, device: str) -> Any:
     """The engine for one container: the pipeline on one GPU, or the sequence-parallel engine of
     `gpu.parallel` over all of the container's GPUs."""
-    import importlib
-
     from gpu.engine import VideoEngine
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
 
@@ -129,10 +127,19 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
             VAP_REPO_ID, device=device, revision=revision, compile_blocks=SETTINGS.compile_blocks
         )
         return VideoEngine(pipeline, device)
-    # The multi-GPU engine (PLAN.md contract): one process per GPU, torch.distributed (NCCL).
-    parallel = importlib.import_module("gpu.parallel")
-    return parallel.load_engine(
-        VAP_REPO_ID, revision=revision, world_size=gpu_class.count, compile_blocks=SETTINGS.compile_blocks
+    # One job over all of the container's GPUs: rank 0 (this process) runs the encoders, the VAE
+    # and I/O; the engine spawns one follower per other GPU holding only the transformer. Compile
+    # stays off here until a GPU run has checked it with the all-to-all attention.
+    from functools import partial
+
+    from gpu.parallel.engine import SequenceParallelEngine
+    from gpu.parallel.loaders import ReleasedTransformer
+
+    return SequenceParallelEngine(
+        partial(load_pipeline, VAP_REPO_ID, revision=revision),
+        gpu_class.count,
+        transformer_loader=ReleasedTransformer(VAP_REPO_ID, revision),
+        startup_timeout_s=SETTINGS.budget.startup_s,
     )
 
 
@@ -178,7 +185,21 @@ class VapGeneratorBase:
             cancelled = GpuError(code="cancelled", message="the job was cancelled")
             send_callback(self.http, request, call_id, "failed", self.config, error=cancelled)
             raise
+        finally:
+            self._retire_if_unhealthy()
         return {"result": result.model_dump(mode="json"), "error": None}
+
+    def _retire_if_unhealthy(self) -> None:
+        """A multi-GPU engine whose ranks fell out of step (a job raised or was interrupted inside
+        a forward) cannot run another job: let Modal replace the container."""
+        if getattr(self.engine, "healthy", True) is False:
+            modal.experimental.stop_fetching_inputs()
+
+    @modal.exit()
+    def unload(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            close()  # stops the follower processes of a multi-GPU engine
 
     @modal.method()
     def trial(self, payload: dict[str, Any]) -> dict[str, Any]:

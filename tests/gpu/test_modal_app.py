@@ -348,3 +348,50 @@ def test_modal_run_trial_options(modal_run, tmp_path):
     assert outcome.exit_code != 0  # 1, 2, 4 or 8 only, refused while parsing
     outcome, _ = modal_run("--prompt", "p")
     assert outcome.exit_code != 0 and "video-description" in outcome.output
+
+
+# --- multi-GPU classes: the sequence-parallel engine and an engine that fell out of step ---------
+
+
+def test_multi_gpu_classes_build_the_sequence_parallel_engine(modal_app, monkeypatch):
+    module, _, _ = modal_app
+    import gpu.parallel.engine
+
+    built: list[tuple[object, int, dict[str, object]]] = []
+
+    class Recorder:
+        def __init__(self, pipeline_loader: object, world_size: int, **kwargs: object) -> None:
+            built.append((pipeline_loader, world_size, kwargs))
+
+    monkeypatch.setattr(gpu.parallel.engine, "SequenceParallelEngine", Recorder)
+    engine = module.load_engine(modal_settings.parse_gpu("H100:8"), "cuda")
+    assert isinstance(engine, Recorder)
+    loader, world_size, kwargs = built[0]
+    assert world_size == 8
+    # Spawned ranks receive the loaders by pickle: they must survive it.
+    import pickle
+
+    pickle.loads(pickle.dumps(loader))
+    pickle.loads(pickle.dumps(kwargs["transformer_loader"]))
+
+
+class _FlakyEngine(FakeEngine):
+    """A multi-GPU engine stand-in whose ranks fall out of step when told to."""
+
+    healthy = True
+
+
+@pytest.mark.filterwarnings("ignore:The VapGeneratorH100")
+def test_an_engine_out_of_step_retires_its_container(modal_app, local_generator, monkeypatch):
+    module, _, _ = modal_app
+    engine = _FlakyEngine()
+    monkeypatch.setattr(module, "load_engine", lambda gpu_class, device: engine)
+    generator = module.GENERATORS["H100!"]()
+    stopped: list[bool] = []
+    monkeypatch.setattr("modal.experimental.stop_fetching_inputs", lambda: stopped.append(True))
+    with StubServices() as stub:
+        generator.generate.local(stub.request(seed=1, steps=2).model_dump(mode="json"))
+        assert stopped == []  # a healthy engine keeps serving
+        engine.healthy = False
+        generator.generate.local(stub.request(seed=1, steps=2).model_dump(mode="json"))
+    assert stopped == [True]
