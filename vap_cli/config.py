@@ -25,6 +25,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ProfileNotFound,
 )
+from vap_shared.runtime import s3_client
 
 from .errors import CliError
 
@@ -52,14 +53,14 @@ class StackInfo:
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
-            options: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 3}}
-            if service == "s3":
-                options["signature_version"] = "s3v4"
-                if self.endpoint_url:
-                    options["s3"] = {"addressing_style": "path"}
-            self._clients[service] = self.session.client(
-                service, endpoint_url=self.endpoint_url, config=Config(**options)
-            )
+            if service == "s3":  # the Lambdas' S3 configuration (regional virtual-hosted URLs)
+                self._clients[service] = s3_client(self.session, self.endpoint_url, max_attempts=3)
+            else:
+                self._clients[service] = self.session.client(
+                    service,
+                    endpoint_url=self.endpoint_url,
+                    config=Config(retries={"mode": "standard", "max_attempts": 3}),
+                )
         return self._clients[service]
 
     def describe(self) -> str:

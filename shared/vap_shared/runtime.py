@@ -27,6 +27,41 @@ HTTP_TIMEOUT = httpx.Timeout(30.0, connect=3.0, pool=3.0)
 T = TypeVar("T")
 
 
+def s3_client_config(emulator: bool, max_attempts: int | None = None) -> Any:
+    """The S3 client configuration every presigning client uses (the Lambdas and `vap`).
+
+    Presigned URLs name the regional virtual-hosted endpoint `<bucket>.s3.<region>.amazonaws.com`.
+    With `signature_version` alone botocore names the legacy global host `<bucket>.s3.amazonaws.com`
+    in every region: S3 answers a new bucket there with a 307 for up to a day, and regions opened
+    after March 2019 with a 400; the GPU downloader follows no redirects (and a followed redirect
+    breaks the signature). Emulators are reached by IP/port, where bucket host names would not
+    resolve: path style there.
+    """
+    from botocore.config import Config
+
+    options: dict[str, Any] = {
+        "signature_version": "s3v4",
+        "retries": {"mode": "standard"}
+        if max_attempts is None
+        else {"mode": "standard", "max_attempts": max_attempts},
+        "s3": {"addressing_style": "path"}
+        if emulator
+        else {"addressing_style": "virtual", "us_east_1_regional_endpoint": "regional"},
+    }
+    return Config(**options)
+
+
+def s3_client(session: Any, endpoint_url: str | None = None, max_attempts: int | None = None) -> Any:
+    """An S3 client of `session` for its region; `endpoint_url` (or `AWS_ENDPOINT_URL`) = an emulator."""
+    emulator = bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+    return session.client(
+        "s3",
+        region_name=session.region_name,
+        endpoint_url=endpoint_url,
+        config=s3_client_config(emulator, max_attempts),
+    )
+
+
 class Runtime:
     """Each attribute is built once, under a lock: the local stack runs concurrent invocations as
     threads of one process, and a boto3 session must not create clients from two threads at once."""
@@ -83,16 +118,7 @@ class Runtime:
 
     @property
     def s3(self) -> Any:
-        def make() -> Any:
-            from botocore.config import Config
-
-            options: dict[str, Any] = {"signature_version": "s3v4", "retries": {"mode": "standard"}}
-            if os.environ.get("AWS_ENDPOINT_URL"):
-                # Emulators are reached by IP/port: virtual-hosted bucket names would not resolve.
-                options["s3"] = {"addressing_style": "path"}
-            return self.session.client("s3", config=Config(**options))
-
-        return self._once("s3", make)
+        return self._once("s3", lambda: s3_client(self.session))
 
     @property
     def store(self) -> JobStore:
