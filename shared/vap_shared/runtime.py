@@ -18,6 +18,8 @@ from .s3io import presign_get, presign_put
 
 if TYPE_CHECKING:
     from .backends.base import Backend
+    from .backends.fal import FalBackend
+    from .backends.modal import ModalBackend
     from .fal_webhook import JwksCache
     from .notifier import Notifier
     from .secrets import Secrets
@@ -121,6 +123,11 @@ class Runtime:
         return self._once("s3", lambda: s3_client(self.session))
 
     @property
+    def sqs(self) -> Any:
+        """SQS (the sweeper's dead-letter drain); built on first use."""
+        return self._once("sqs", lambda: self.session.client("sqs"))
+
+    @property
     def store(self) -> JobStore:
         def make() -> JobStore:
             return JobStore(self.session.client("dynamodb"), self.settings.jobs_table)
@@ -153,32 +160,48 @@ class Runtime:
 
     @property
     def backends(self) -> dict[str, Backend]:
-        return self._once("backends", self._make_backends)
+        return {"modal": self.modal, "fal": self.fal}
 
-    def _make_backends(self) -> dict[str, Backend]:
-        from .backends.fal import FalBackend
-        from .backends.modal import ModalBackend
+    @property
+    def modal(self) -> ModalBackend:
+        """The Modal client (submit, status, cancel)."""
 
-        settings = self.settings
-        return {
-            "modal": ModalBackend(
+        def make() -> ModalBackend:
+            from .backends.modal import ModalBackend, ModalJobBuilder
+
+            settings = self.settings
+            return ModalBackend(
                 self.http,
                 settings.modal_endpoint_url,
                 credentials=lambda: self.secrets.modal_token(settings.modal_token_secret_arn),
-                stack_secret=self.stack_secret,
-                sign_get=self.sign_get,
-                output_put_url=self.output_put_url,
+                jobs=ModalJobBuilder(
+                    stack_secret=self.stack_secret,
+                    sign_get=self.sign_get,
+                    output_put_url=self.output_put_url,
+                ),
                 allow_http_loopback=settings.allow_http_loopback,
-            ),
-            "fal": FalBackend(
+            )
+
+        return self._once("modal", make)
+
+    @property
+    def fal(self) -> FalBackend:
+        """The fal client (submit, status, result, cancel)."""
+
+        def make() -> FalBackend:
+            from .backends.fal import FalBackend
+
+            settings = self.settings
+            return FalBackend(
                 self.http,
                 settings.fal_queue_url,
                 settings.fal_endpoint_id,
                 fal_key=lambda: self.secrets.fal_key(settings.fal_key_secret_arn),
                 sign_get=self.sign_get,
                 allow_http_loopback=settings.allow_http_loopback,
-            ),
-        }
+            )
+
+        return self._once("fal", make)
 
     @property
     def jwks(self) -> JwksCache:
