@@ -112,7 +112,7 @@ class Ingestor:
             logger.info("skipping a key outside inbox/*.json", extra={"key": event.key})
             return None
         jid = make_job_id(event.event_time, event.bucket, event.key, event.etag, event.sequencer)
-        job = self._get_or_create(jid, event)
+        job = self.get_or_create(jid, event)
         if job.terminal:
             finalize_terminal(self.rt, job)  # a crash may have skipped the report/notification
             return jid
@@ -138,7 +138,9 @@ class Ingestor:
             raise
         return jid
 
-    def _get_or_create(self, jid: str, event: S3ObjectEvent) -> Job:
+    def get_or_create(self, jid: str, event: S3ObjectEvent) -> Job:
+        """The job's record, created as `received` (with its first status.json) if missing; the
+        sweeper's dead-letter drain creates records the same way."""
         existing = self.rt.store.get(jid)
         if existing is not None:
             return existing

@@ -11,7 +11,8 @@ import ingest
 import pytest
 import sweeper
 from vap_shared.jobs import utcnow
-from vap_shared.sweeper_logic import Sweeper
+from vap_shared.sweeper import DeadlineSweep
+from vap_shared.sweeper import sweep as sweep_jobs
 from vap_testkit import (
     FAL_QUEUE,
     MP4,
@@ -94,7 +95,7 @@ def dispatch(st, backend="modal", name="inbox/set/job.json"):
 
 
 def sweep(st, later=LATER):
-    return Sweeper(st.runtime).sweep(now=utcnow() + later).outcomes
+    return sweep_jobs(st.runtime, now=utcnow() + later).outcomes
 
 
 def test_nothing_overdue_is_left_alone(st, services):
@@ -293,19 +294,18 @@ def test_one_broken_job_does_not_stop_the_others(st, services, monkeypatch):
     first = dispatch(st, backend="modal", name="inbox/set/a.json")
     st.put("inbox/set/b.json", b"")  # (not dispatched: never in the index)
     services.modal_state = {"state": "queued"}
-    sw = Sweeper(st.runtime)
-    original = sw.sweep_job
+    original = DeadlineSweep.settle
     calls = []
 
-    def flaky(job_id, cutoff, hard_cutoff=None):
+    def flaky(self, job_id, now):
         calls.append(job_id)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return original(job_id, cutoff, hard_cutoff)
+        return original(self, job_id, now)
 
-    monkeypatch.setattr(sw, "sweep_job", flaky)
-    assert sw.sweep(now=utcnow() + LATER).outcomes == {first.job_id: "error"}
-    assert sw.sweep(now=utcnow() + LATER).outcomes == {first.job_id: "failed"}
+    monkeypatch.setattr(DeadlineSweep, "settle", flaky)
+    assert sweep_jobs(st.runtime, now=utcnow() + LATER).outcomes == {first.job_id: "error"}
+    assert sweep_jobs(st.runtime, now=utcnow() + LATER).outcomes == {first.job_id: "failed"}
 
 
 def test_handler_reports_counts(st, services):
