@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from secrets import randbelow
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -27,7 +28,7 @@ from .naming import job_id as make_job_id
 from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
 from .runtime import Runtime
 from .s3io import head, read_limited
-from .sidecar import Sidecar, SidecarInvalid, decode_json_object, validate_object
+from .sidecar import SEED_MAX, Sidecar, SidecarInvalid, decode_json_object, validate_object
 from .status_object import write_status
 
 logger = Logger(child=True)
@@ -292,6 +293,11 @@ class Ingestor:
         refs = self._store_data_media(job.job_id, refs)
         choice = sidecar.backend or s.default_backend
         settings = sidecar.settings()
+        if settings.seed is None:
+            # The seed used is always reported, and fal's output has none: draw it here (or reuse an
+            # earlier attempt's) and send it to whichever backend runs the job.
+            seed = job.seed if job.seed is not None else randbelow(SEED_MAX + 1)
+            settings = settings.model_copy(update={"seed": seed})
         inputs: dict[str, dict[str, Any]] = {f: r.to_record() for f, r in refs.items()}
         # Recorded before dispatch: the webhook needs them if the callback overtakes our write.
         self.rt.store.update_fields(
