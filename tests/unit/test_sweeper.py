@@ -11,7 +11,7 @@ import ingest
 import pytest
 import sweeper
 from vap_shared.jobs import utcnow
-from vap_shared.sweeper import DeadlineSweep
+from vap_shared.sweeper import DeadlineSweep, deadline_action
 from vap_shared.sweeper import sweep as sweep_jobs
 from vap_testkit import (
     FAL_QUEUE,
@@ -351,6 +351,29 @@ def test_one_broken_job_does_not_stop_the_others(st, services, monkeypatch):
     monkeypatch.setattr(DeadlineSweep, "settle", flaky)
     assert sweep_jobs(st.runtime, now=utcnow() + LATER).outcomes == {first.job_id: "error"}
     assert sweep_jobs(st.runtime, now=utcnow() + LATER).outcomes == {first.job_id: "failed"}
+
+
+@pytest.mark.parametrize(
+    ("age", "action"),
+    [(0, "wait"), (1799, "wait"), (1800, "ask"), (3599, "ask"), (3600, "stop"), (9e9, "stop")],
+)
+def test_the_deadline_policy_is_a_function_of_the_numbers(age, action):
+    assert deadline_action(age, ask_after_s=1800, stop_after_s=3600) == action
+
+
+def test_the_deadline_sweep_takes_its_limits_from_its_caller(st, services):
+    """E.g. `vap_shared.budget.Budget.silence_s` / `stop_after_s` instead of the settings' D / 2 D."""
+    job = dispatch(st, backend="modal")
+    services.modal_state = {"state": "running"}
+    deadlines = DeadlineSweep(st.runtime, ask_after_s=60, stop_after_s=120)
+    assert sweep_jobs(st.runtime, now=utcnow() + timedelta(seconds=30), deadlines=deadlines).outcomes == {}
+    later = sweep_jobs(st.runtime, now=utcnow() + timedelta(seconds=90), deadlines=deadlines)
+    assert later.outcomes == {job.job_id: "running"} and services.cancels == []
+    stopped = sweep_jobs(st.runtime, now=utcnow() + timedelta(seconds=130), deadlines=deadlines)
+    assert stopped.outcomes == {job.job_id: "failed"} and services.cancels == [
+        f"/cancel/{job.backend_call_id}"
+    ]
+    assert "did not finish within 120 s" in st.store.get(job.job_id).errors[0]["message"]
 
 
 def test_handler_reports_counts(st, services):
