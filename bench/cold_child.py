@@ -55,7 +55,7 @@ def main() -> None:
         import sweeper
 
         t1 = time.perf_counter()
-        rt = sweeper.get_sweeper().rt
+        rt = sweeper.get_runtime()
         t2 = time.perf_counter()
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -274,7 +274,7 @@ def details(r: Results) -> list[str]:
             "",
             "Each sample is a fresh `python3.13 -I` interpreter with Lambda's path order (function",
             "code, the layer, boto3) timing `import <handler>` + what the handler builds at cold start",
-            "(`ingest.get_ingestor()`, `webhook.get_runtime()`, `sweeper.get_sweeper()`; no network).",
+            "(`ingest.get_ingestor()`, `webhook.get_runtime()`, `sweeper.get_runtime()`; no network).",
             "Clients are created on first use, so `first request ms` (not in the median) is what a",
             "handler's first request then builds: the jobs table, S3 and Secrets Manager clients, plus",
             "the backends and the httpx client for ingest (a Modal dispatch) and the httpx client for the",

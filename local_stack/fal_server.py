@@ -4,7 +4,8 @@ Routes (fal's queue REST API and webhook protocol, as docs/contracts.md describe
 - `POST /<endpoint-id>?fal_webhook=<url>` (header `Authorization: Key <key>`) →
   `{request_id, status: "IN_QUEUE", queue_position, status_url, response_url, cancel_url}`
 - `GET <status_url>` → 202 IN_QUEUE / IN_PROGRESS, 200 COMPLETED; `GET <response_url>` → the output;
-  `PUT <cancel_url>` → `{status}`
+  `PUT <cancel_url>` → `{status}`: a queued request is removed (CANCELLATION_REQUESTED); one already
+  running or finished answers ALREADY_COMPLETED and runs to its end (fal's documented behaviour)
 - `GET /.well-known/jwks.json` → the Ed25519 public key; `GET /files/<id>/<name>` → the "CDN".
 
 Each request produces a synthetic MP4 (no model: fal's example inputs name hosts that are not
@@ -49,6 +50,7 @@ class FalBehaviour:
     payload_error: bool = False  # OK webhook whose payload is null with payload_error
     deliver_webhook: bool = True
     extra_deliveries: int = 0  # send the same signed webhook this many more times
+    queue_s: float = 0.0  # time a request spends IN_QUEUE before it starts (only then can it be cancelled)
     delay_s: float = 0.0  # time a request spends IN_PROGRESS
     # Render the output this small: the pipeline under test does not care about pixels.
     video_size: tuple[int, int] = (160, 96)
@@ -184,8 +186,13 @@ class FalServer:
         }
 
     def _run(self, request: FalRequest) -> None:
-        request.status = "IN_PROGRESS"
-        if self._stopping.wait(self.behaviour.delay_s) or request.cancelled:
+        if self._stopping.wait(self.behaviour.queue_s):
+            return
+        with self._lock:
+            if request.cancelled:  # removed from the queue: never runs, no webhook
+                return
+            request.status = "IN_PROGRESS"
+        if self._stopping.wait(self.behaviour.delay_s):
             return
         settings = request.input
         if self.behaviour.webhook_status == "ERROR":
@@ -310,10 +317,13 @@ class FalServer:
                 request, rest = self._find(urlsplit(self.path).path)
                 if request is None or rest != "cancel":
                     self._send(404, {"status": "NOT_FOUND"})
-                elif request.status == "COMPLETED":
-                    self._send(400, {"status": "ALREADY_COMPLETED"})
-                else:
-                    request.cancelled = True
+                    return
+                with outer._lock:
+                    queued = request.status == "IN_QUEUE"
+                    request.cancelled = request.cancelled or queued
+                if queued:
                     self._send(202, {"status": "CANCELLATION_REQUESTED"})
+                else:  # running or finished: it runs to its end (and is billed)
+                    self._send(400, {"status": "ALREADY_COMPLETED"})
 
         return Handler

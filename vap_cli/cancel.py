@@ -2,23 +2,34 @@
 
 Needs operator permissions: the job table (GetItem/UpdateItem), the Modal token / fal key secrets
 and `outputs/*` PutObject. A cancelled job sends no notification (its `notified_at` is set).
+The backend calls go through the Lambdas' own backend clients (`vap_shared.backends`), with the
+secrets read by the Lambdas' parser: the credentials go only to the stack's configured hosts.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
+from vap_shared.backends.base import BackendError
+from vap_shared.backends.fal import FalBackend
+from vap_shared.backends.modal import ModalBackend
 from vap_shared.job_store import JobStore
 from vap_shared.jobs import Job, iso, utcnow
+from vap_shared.secrets import SecretError, Secrets
 from vap_shared.status_object import write_status
 
 from .config import StackInfo
 from .errors import EXIT_INVALID, CliError
 
 CANCELLED_MESSAGE = "Cancelled by the user (vap cancel)."
+FAL_CANCEL_MEANING = {
+    "OK": "removed from fal's queue",
+    "CANCELLATION_REQUESTED": "removed from fal's queue",
+    "ALREADY_COMPLETED": "already running or finished at fal: it runs to its end (and is billed)",
+    "NOT_FOUND": "fal does not know the request",
+}
 
 
 @dataclass
@@ -28,46 +39,44 @@ class CancelOutcome:
     backend_note: str
 
 
-def _secret(stack: StackInfo, secret_id: str | None) -> str:
-    if not secret_id:
-        raise CliError("the stack does not name the secret")
-    try:
-        return str(stack.client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"])
-    except (ClientError, BotoCoreError) as exc:
-        raise CliError(f"cannot read the secret {secret_id} ({type(exc).__name__})") from None
+def stack_secrets(stack: StackInfo) -> Secrets:
+    """The stack's secrets, parsed exactly as the Lambdas parse them (every accepted form)."""
+
+    def fetch(secret_id: str) -> str:
+        try:
+            return str(stack.client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"])
+        except (ClientError, BotoCoreError) as exc:
+            raise CliError(f"cannot read the secret {secret_id} ({type(exc).__name__})") from None
+
+    return Secrets(fetch)
 
 
 def cancel_at_backend(stack: StackInfo, job: Job, http: httpx.Client) -> str:
     """Best effort; a short sentence saying what the backend answered."""
     if not job.backend or not job.backend_call_id:
         return "not dispatched yet: nothing to stop at a backend"
+    secrets = stack_secrets(stack)
+    local = stack.kind == "local"  # the local stack's backends listen on loopback http
     try:
         if job.backend == "modal":
             if not stack.modal_endpoint_url:
                 return "Modal endpoint unknown (ModalEndpointUrl parameter): not cancelled there"
-            token = json.loads(_secret(stack, stack.modal_token_secret))
-            response = http.post(
-                f"{stack.modal_endpoint_url.rstrip('/')}/cancel/{job.backend_call_id}",
-                headers={"Modal-Key": str(token["key"]), "Modal-Secret": str(token["secret"])},
-            )
-            if response.status_code == 200:
-                cancelled = bool(response.json().get("cancelled"))
-                return f"Modal call {job.backend_call_id}: " + (
-                    "cancelled" if cancelled else "already finished"
-                )
-            return f"Modal answered HTTP {response.status_code} to the cancel request"
-        url = (job.fal_urls or {}).get("cancel_url")
-        if not url:
-            return "no fal cancel_url recorded: not cancelled there"
-        key = _secret(stack, stack.fal_key_secret)
-        if key.startswith("{"):
-            key = str(json.loads(key).get("key", ""))
-        response = http.put(url, headers={"Authorization": f"Key {key}"})
-        return f"fal request {job.backend_call_id}: HTTP {response.status_code} {response.text[:80]}"
+            token = secrets.modal_token(stack.modal_token_secret or "")
+            modal = ModalBackend(http, stack.modal_endpoint_url, lambda: token, allow_http_loopback=local)
+            cancelled = modal.cancel(job.backend_call_id)
+            return f"Modal call {job.backend_call_id}: " + ("cancelled" if cancelled else "already finished")
+        key = secrets.fal_key(stack.fal_key_secret or "")
+        fal = FalBackend(
+            http, stack.fal_queue_url, stack.fal_endpoint_id, lambda: key, allow_http_loopback=local
+        )
+        answer = fal.cancel(job.backend_call_id, job.fal_urls)
+        return f"fal request {job.backend_call_id}: {answer} ({FAL_CANCEL_MEANING[answer]})"
     except CliError as exc:
         return f"could not cancel at {job.backend}: {exc.message}"
-    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-        return f"could not cancel at {job.backend}: {type(exc).__name__}"
+    except SecretError as exc:
+        return f"could not cancel at {job.backend}: {exc}"
+    except BackendError as exc:
+        return f"could not cancel at {job.backend}: {exc.reason}"
 
 
 def cancel_job(stack: StackInfo, job_id: str, http: httpx.Client | None = None) -> CancelOutcome:

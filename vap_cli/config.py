@@ -25,11 +25,15 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ProfileNotFound,
 )
+from vap_shared.config import Settings
+from vap_shared.runtime import s3_client
 
 from .errors import CliError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_SIDECAR_BYTES = 65_536
+DEFAULT_FAL_QUEUE_URL = Settings.fal_queue_url
+DEFAULT_FAL_ENDPOINT_ID = Settings.fal_endpoint_id
 
 
 @dataclass
@@ -47,19 +51,22 @@ class StackInfo:
     modal_endpoint_url: str | None = None
     modal_token_secret: str | None = None
     fal_key_secret: str | None = None
+    # fal's queue host (the only host `vap cancel` sends the fal key to) and endpoint.
+    fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
+    fal_endpoint_id: str = DEFAULT_FAL_ENDPOINT_ID
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES
     _clients: dict[str, Any] = field(default_factory=dict)
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
-            options: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 3}}
-            if service == "s3":
-                options["signature_version"] = "s3v4"
-                if self.endpoint_url:
-                    options["s3"] = {"addressing_style": "path"}
-            self._clients[service] = self.session.client(
-                service, endpoint_url=self.endpoint_url, config=Config(**options)
-            )
+            if service == "s3":  # the Lambdas' S3 configuration (regional virtual-hosted URLs)
+                self._clients[service] = s3_client(self.session, self.endpoint_url, max_attempts=3)
+            else:
+                self._clients[service] = self.session.client(
+                    service,
+                    endpoint_url=self.endpoint_url,
+                    config=Config(retries={"mode": "standard", "max_attempts": 3}),
+                )
         return self._clients[service]
 
     def describe(self) -> str:
@@ -127,6 +134,7 @@ def local(path: Path) -> StackInfo:
         modal_endpoint_url=state.get("gpu_url"),
         modal_token_secret=f"{name}/modal-token",
         fal_key_secret=f"{name}/fal-key",
+        fal_queue_url=str(state.get("fal_url") or DEFAULT_FAL_QUEUE_URL),
     )
     # The emulated CloudFormation knows the parameters (e.g. MaxSidecarBytes).
     with contextlib.suppress(ClientError, BotoCoreError):
@@ -186,6 +194,8 @@ def _apply_stack_description(info: StackInfo, description: dict[str, Any]) -> No
         info.modal_endpoint_url = parameters.get("ModalEndpointUrl") or None
         info.modal_token_secret = outputs.get("ModalTokenSecretArn") or f"{info.name}/modal-token"
         info.fal_key_secret = outputs.get("FalKeySecretArn") or f"{info.name}/fal-key"
+        info.fal_queue_url = parameters.get("FalQueueUrl") or DEFAULT_FAL_QUEUE_URL
+        info.fal_endpoint_id = parameters.get("FalEndpointId") or DEFAULT_FAL_ENDPOINT_ID
     raw = parameters.get("MaxSidecarBytes", "")
     if raw.isdigit():
         info.max_sidecar_bytes = int(raw)

@@ -1,6 +1,7 @@
-"""Scheduled sweeper Lambda (EventBridge, every 5 minutes): overdue jobs settled with their backend.
+"""Scheduled sweeper Lambda (EventBridge, every 5 minutes): overdue jobs settled with their backend,
+ingest dead letters failed clearly, skipped notifications sent.
 
-Thin adapter: the logic lives in `vap_shared.sweeper_logic`.
+Thin adapter: the logic lives in the `vap_shared.sweeper` package.
 """
 
 from __future__ import annotations
@@ -11,27 +12,27 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from vap_shared.config import Settings, settings_at_cold_start
 from vap_shared.runtime import Runtime
-from vap_shared.sweeper_logic import Sweeper
+from vap_shared.sweeper import sweep
 
 logger = Logger()
 
 
 _settings = settings_at_cold_start()
-_sweeper: Sweeper | None = None
+_runtime: Runtime | None = None
 
 
-def get_sweeper() -> Sweeper:
-    """Clients are built once per execution environment, on the first invocation."""
-    global _sweeper
-    if _sweeper is None:
-        _sweeper = Sweeper(Runtime.build(_settings or Settings.from_env()))
-    return _sweeper
+def get_runtime() -> Runtime:
+    """Clients are built once per execution environment, on first use."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime.build(_settings or Settings.from_env())
+    return _runtime
 
 
 def reset() -> None:
     """For tests: forget the cached clients and settings."""
-    global _sweeper, _settings
-    _sweeper = None
+    global _runtime, _settings
+    _runtime = None
     _settings = None
 
 
@@ -39,7 +40,7 @@ def reset() -> None:
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # The event carries nothing we need: "now" is the clock, the work is in the jobs table (and
     # the ingest dead-letter queue).
-    report = get_sweeper().sweep(time_left_ms=context.get_remaining_time_in_millis)
+    report = sweep(get_runtime(), time_left_ms=context.get_remaining_time_in_millis)
     return {
         "counts": report.count(),
         "jobs": report.outcomes,

@@ -51,6 +51,8 @@ class Settings:
     fal_queue_url: str = "https://queue.fal.run"
     fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
     fal_media_hosts: tuple[str, ...] = ("*.fal.media", "fal.media")
+    # When set, fal webhooks for any other fal user id are rejected (fal signs all users' alike).
+    fal_user_id: str = ""
     allowed_media_hosts: tuple[str, ...] = ()
     webhook_base_url: str = ""
     signing_secret_arn: str = ""
@@ -96,6 +98,7 @@ class Settings:
             fal_queue_url=(env.get("FAL_QUEUE_URL", "").strip() or defaults.fal_queue_url).rstrip("/"),
             fal_jwks_url=env.get("FAL_JWKS_URL", "").strip() or defaults.fal_jwks_url,
             fal_media_hosts=_hosts(fal_hosts) if fal_hosts is not None else defaults.fal_media_hosts,
+            fal_user_id=env.get("FAL_USER_ID", "").strip(),
             allowed_media_hosts=_hosts(env.get("ALLOWED_MEDIA_HOSTS", "")),
             webhook_base_url=env.get("WEBHOOK_BASE_URL", "").strip().rstrip("/"),
             signing_secret_arn=env.get("SIGNING_SECRET_ARN", "").strip(),

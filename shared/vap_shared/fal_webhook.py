@@ -27,6 +27,7 @@ SIGNATURE_HEADER = "x-fal-webhook-signature"
 WINDOW_SECONDS = 300
 JWKS_MAX_AGE = 24 * 3600
 REFETCH_MIN_INTERVAL = 60
+ED25519_KEY_BYTES = 32
 
 
 def _b64url(value: str) -> bytes:
@@ -34,16 +35,22 @@ def _b64url(value: str) -> bytes:
 
 
 def parse_jwks(document: Any) -> list[VerifyKey]:
+    """Every entry whose `x` is a 32-byte Ed25519 public key (base64url). fal promises only the
+    `x` field and its own verifier tries every key, so `kty`/`crv` are not required; an entry is
+    skipped only when they say it is not an Ed25519 key (or `x` is not 32 bytes)."""
     keys: list[VerifyKey] = []
     entries = document.get("keys", []) if isinstance(document, dict) else []
     for entry in entries:
-        if not isinstance(entry, dict) or entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+        if not isinstance(entry, dict) or not isinstance(entry.get("x"), str):
+            continue
+        if entry.get("kty", "OKP") != "OKP" or entry.get("crv", "Ed25519") != "Ed25519":
             continue
         try:
-            raw = _b64url(str(entry["x"]))
-            keys.append(VerifyKey(raw))
-        except (KeyError, ValueError):
+            raw = _b64url(entry["x"])
+        except ValueError:
             continue
+        if len(raw) == ED25519_KEY_BYTES:
+            keys.append(VerifyKey(raw))
     return keys
 
 
@@ -111,8 +118,11 @@ def verify_fal_webhook(
     jwks: JwksCache,
     now: float | None = None,
     window_seconds: int = WINDOW_SECONDS,
+    expected_user_id: str | None = None,
 ) -> str:
-    """Raise `SignatureError` unless a JWKS key signed this delivery; returns the request id.
+    """Raise `SignatureError` unless a JWKS key signed this delivery (and, with `expected_user_id`,
+    the delivery is for that fal user: fal signs every account's webhooks with the same keys);
+    returns the request id.
 
     `headers` must have lower-case names (Function URL events do).
     """
@@ -122,6 +132,8 @@ def verify_fal_webhook(
     signature_hex = headers.get(SIGNATURE_HEADER, "")
     if not (request_id and user_id and timestamp and signature_hex):
         raise SignatureError("missing fal webhook signature headers")
+    if expected_user_id and user_id != expected_user_id:
+        raise SignatureError("the webhook is for another fal user")
     if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
         raise SignatureError("malformed timestamp")
     current = time.time() if now is None else now

@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from secrets import randbelow
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -27,7 +28,7 @@ from .naming import job_id as make_job_id
 from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
 from .runtime import Runtime
 from .s3io import head, read_limited
-from .sidecar import Sidecar, SidecarInvalid, decode_json_object, validate_object
+from .sidecar import SEED_MAX, Sidecar, SidecarInvalid, decode_json_object, validate_object
 from .status_object import write_status
 
 logger = Logger(child=True)
@@ -112,7 +113,7 @@ class Ingestor:
             logger.info("skipping a key outside inbox/*.json", extra={"key": event.key})
             return None
         jid = make_job_id(event.event_time, event.bucket, event.key, event.etag, event.sequencer)
-        job = self._get_or_create(jid, event)
+        job = self.get_or_create(jid, event)
         if job.terminal:
             finalize_terminal(self.rt, job)  # a crash may have skipped the report/notification
             return jid
@@ -138,7 +139,9 @@ class Ingestor:
             raise
         return jid
 
-    def _get_or_create(self, jid: str, event: S3ObjectEvent) -> Job:
+    def get_or_create(self, jid: str, event: S3ObjectEvent) -> Job:
+        """The job's record, created as `received` (with its first status.json) if missing; the
+        sweeper's dead-letter drain creates records the same way."""
         existing = self.rt.store.get(jid)
         if existing is not None:
             return existing
@@ -290,6 +293,11 @@ class Ingestor:
         refs = self._store_data_media(job.job_id, refs)
         choice = sidecar.backend or s.default_backend
         settings = sidecar.settings()
+        if settings.seed is None:
+            # The seed used is always reported, and fal's output has none: draw it here (or reuse an
+            # earlier attempt's) and send it to whichever backend runs the job.
+            seed = job.seed if job.seed is not None else randbelow(SEED_MAX + 1)
+            settings = settings.model_copy(update={"seed": seed})
         inputs: dict[str, dict[str, Any]] = {f: r.to_record() for f, r in refs.items()}
         # Recorded before dispatch: the webhook needs them if the callback overtakes our write.
         self.rt.store.update_fields(

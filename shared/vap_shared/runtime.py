@@ -18,6 +18,8 @@ from .s3io import presign_get, presign_put
 
 if TYPE_CHECKING:
     from .backends.base import Backend
+    from .backends.fal import FalBackend
+    from .backends.modal import ModalBackend
     from .fal_webhook import JwksCache
     from .notifier import Notifier
     from .secrets import Secrets
@@ -25,6 +27,41 @@ if TYPE_CHECKING:
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=3.0, pool=3.0)
 
 T = TypeVar("T")
+
+
+def s3_client_config(emulator: bool, max_attempts: int | None = None) -> Any:
+    """The S3 client configuration every presigning client uses (the Lambdas and `vap`).
+
+    Presigned URLs name the regional virtual-hosted endpoint `<bucket>.s3.<region>.amazonaws.com`.
+    With `signature_version` alone botocore names the legacy global host `<bucket>.s3.amazonaws.com`
+    in every region: S3 answers a new bucket there with a 307 for up to a day, and regions opened
+    after March 2019 with a 400; the GPU downloader follows no redirects (and a followed redirect
+    breaks the signature). Emulators are reached by IP/port, where bucket host names would not
+    resolve: path style there.
+    """
+    from botocore.config import Config
+
+    options: dict[str, Any] = {
+        "signature_version": "s3v4",
+        "retries": {"mode": "standard"}
+        if max_attempts is None
+        else {"mode": "standard", "max_attempts": max_attempts},
+        "s3": {"addressing_style": "path"}
+        if emulator
+        else {"addressing_style": "virtual", "us_east_1_regional_endpoint": "regional"},
+    }
+    return Config(**options)
+
+
+def s3_client(session: Any, endpoint_url: str | None = None, max_attempts: int | None = None) -> Any:
+    """An S3 client of `session` for its region; `endpoint_url` (or `AWS_ENDPOINT_URL`) = an emulator."""
+    emulator = bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+    return session.client(
+        "s3",
+        region_name=session.region_name,
+        endpoint_url=endpoint_url,
+        config=s3_client_config(emulator, max_attempts),
+    )
 
 
 class Runtime:
@@ -83,16 +120,12 @@ class Runtime:
 
     @property
     def s3(self) -> Any:
-        def make() -> Any:
-            from botocore.config import Config
+        return self._once("s3", lambda: s3_client(self.session))
 
-            options: dict[str, Any] = {"signature_version": "s3v4", "retries": {"mode": "standard"}}
-            if os.environ.get("AWS_ENDPOINT_URL"):
-                # Emulators are reached by IP/port: virtual-hosted bucket names would not resolve.
-                options["s3"] = {"addressing_style": "path"}
-            return self.session.client("s3", config=Config(**options))
-
-        return self._once("s3", make)
+    @property
+    def sqs(self) -> Any:
+        """SQS (the sweeper's dead-letter drain); built on first use."""
+        return self._once("sqs", lambda: self.session.client("sqs"))
 
     @property
     def store(self) -> JobStore:
@@ -127,32 +160,48 @@ class Runtime:
 
     @property
     def backends(self) -> dict[str, Backend]:
-        return self._once("backends", self._make_backends)
+        return {"modal": self.modal, "fal": self.fal}
 
-    def _make_backends(self) -> dict[str, Backend]:
-        from .backends.fal import FalBackend
-        from .backends.modal import ModalBackend
+    @property
+    def modal(self) -> ModalBackend:
+        """The Modal client (submit, status, cancel)."""
 
-        settings = self.settings
-        return {
-            "modal": ModalBackend(
+        def make() -> ModalBackend:
+            from .backends.modal import ModalBackend, ModalJobBuilder
+
+            settings = self.settings
+            return ModalBackend(
                 self.http,
                 settings.modal_endpoint_url,
                 credentials=lambda: self.secrets.modal_token(settings.modal_token_secret_arn),
-                stack_secret=self.stack_secret,
-                sign_get=self.sign_get,
-                output_put_url=self.output_put_url,
+                jobs=ModalJobBuilder(
+                    stack_secret=self.stack_secret,
+                    sign_get=self.sign_get,
+                    output_put_url=self.output_put_url,
+                ),
                 allow_http_loopback=settings.allow_http_loopback,
-            ),
-            "fal": FalBackend(
+            )
+
+        return self._once("modal", make)
+
+    @property
+    def fal(self) -> FalBackend:
+        """The fal client (submit, status, result, cancel)."""
+
+        def make() -> FalBackend:
+            from .backends.fal import FalBackend
+
+            settings = self.settings
+            return FalBackend(
                 self.http,
                 settings.fal_queue_url,
                 settings.fal_endpoint_id,
                 fal_key=lambda: self.secrets.fal_key(settings.fal_key_secret_arn),
                 sign_get=self.sign_get,
                 allow_http_loopback=settings.allow_http_loopback,
-            ),
-        }
+            )
+
+        return self._once("fal", make)
 
     @property
     def jwks(self) -> JwksCache:

@@ -142,7 +142,7 @@ def handle_fal_webhook(rt: Runtime, job_id: str, headers: dict[str, str], body: 
     from .fal_webhook import verify_fal_webhook  # PyNaCl + JWKS: loaded by fal deliveries only
 
     try:
-        request_id = verify_fal_webhook(headers, body, rt.jwks)
+        request_id = verify_fal_webhook(headers, body, rt.jwks, expected_user_id=rt.settings.fal_user_id)
     except SignatureError as exc:
         logger.warning("rejected fal webhook", extra={"job_id": job_id, "reason": str(exc)})
         return Reply(401, {"error": "invalid signature"})

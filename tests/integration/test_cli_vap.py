@@ -206,7 +206,7 @@ def test_submit_sidecar_file_with_relative_media(
 def test_cancel_stops_the_backend_and_marks_the_job(
     stack: LocalStack, state: Path, media, name: str, fal: FalServer, capsys
 ) -> None:
-    fal.behaviour.delay_s = 6.0
+    fal.behaviour.queue_s = 6.0  # fal removes only queued requests
     before = set(fal.requests)
     assert vap(state, *submit_args(media, name, "--backend", "fal")) == 0
     job_id = job_id_from(capsys.readouterr().out)
@@ -217,7 +217,8 @@ def test_cancel_stops_the_backend_and_marks_the_job(
             break
         time.sleep(0.2)
     assert vap(state, "cancel", job_id) == 0
-    assert "cancelled" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cancelled" in out and "CANCELLATION_REQUESTED (removed from fal's queue)" in out
     (request,) = [r for key, r in fal.requests.items() if key not in before]
     assert request.cancelled
     assert vap(state, "status", job_id, "--json") == 1

@@ -115,10 +115,10 @@ def test_lost_gpu_callback_is_recovered_from_the_gpu_status_endpoint(
     assert len(stack.notifications_for(key)) == 1
 
 
-def test_fal_never_finishing_fails_the_job_with_a_clear_reason(
+def test_fal_never_starting_is_cancelled_and_fails_the_job_with_a_clear_reason(
     stack: LocalStack, fal: FalServer, sample_media: dict[str, bytes], folder: str, overdue: None
 ) -> None:
-    fal.behaviour.delay_s = 30.0  # still IN_PROGRESS when the deadline passes
+    fal.behaviour.queue_s = 30.0  # still IN_QUEUE when the deadline passes
     key = f"{folder}/slow-fal.json"
     stack.put_job(key, sidecar(backend="fal"), _media(folder, sample_media))
     job = _wait(lambda: _dispatched(stack, key))
@@ -129,7 +129,27 @@ def test_fal_never_finishing_fails_the_job_with_a_clear_reason(
     (note,) = stack.wait_for_notification(key, timeout_s=60)
     assert note.body["status"] == "failed"
     assert "did not finish within 2 s" in note.body["errors"][0]["message"]
-    assert fal.requests[job["backend_call_id"]].cancelled
+    assert fal.requests[job["backend_call_id"]].cancelled  # removed from fal's queue: never runs
+
+
+def test_a_running_fal_request_past_the_deadline_is_waited_for_not_dropped(
+    stack: LocalStack, fal: FalServer, sample_media: dict[str, bytes], folder: str, overdue: None
+) -> None:
+    """fal's cancel removes only queued requests: a running one finishes and is billed. The
+    sweeper leaves it (no cancel, no failure) and its webhook ends the job."""
+    fal.behaviour.delay_s = 6.0  # IN_PROGRESS well past twice the (1 s) deadline
+    key = f"{folder}/running-fal.json"
+    stack.put_job(key, sidecar(backend="fal"), _media(folder, sample_media))
+    job = _wait(lambda: _dispatched(stack, key))
+    _wait(lambda: fal.requests[job["backend_call_id"]].status == "IN_PROGRESS")
+    time.sleep(2.1)  # past twice the deadline
+    for _ in range(2):
+        assert stack.run_sweeper()["jobs"][job["job_id"]] == "running"
+    request = fal.requests[job["backend_call_id"]]
+    assert not request.cancelled
+    (note,) = stack.wait_for_notification(key, timeout_s=60)
+    assert note.body["status"] == "succeeded" and note.body["backend"] == "fal"
+    assert request.deliveries and request.deliveries[0] == 200
 
 
 def test_a_crash_looping_sidecar_is_failed_from_the_dlq_by_the_sweeper(

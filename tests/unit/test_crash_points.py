@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from test_sweeper import SweepServices
 from vap_shared import ingest_logic, job_store, lifecycle, notifier, webhook_logic
 from vap_shared.jobs import utcnow
-from vap_shared.sweeper_logic import Sweeper
+from vap_shared.sweeper import sweep
 from vap_testkit import (
     BUCKET,
     MP4,
@@ -268,10 +268,10 @@ def test_crash_before_notifying_without_a_retry_is_notified_by_the_sweeper(st, m
     job = the_job(st)
     crash_once(monkeypatch, notifier.Notifier, "publish")
     assert post(gpu_done(st, job)) == 502  # ... and the sender gives up
-    outcomes = Sweeper(st.runtime).sweep(now=utcnow() + timedelta(seconds=5)).outcomes
+    outcomes = sweep(st.runtime, now=utcnow() + timedelta(seconds=5)).outcomes
     assert outcomes == {job.job_id: "notified"}
     assert_exactly_once(st)
-    assert Sweeper(st.runtime).sweep(now=utcnow() + timedelta(seconds=5)).outcomes == {}
+    assert sweep(st.runtime, now=utcnow() + timedelta(seconds=5)).outcomes == {}
     assert st.notifications() == []
 
 
@@ -282,9 +282,9 @@ def test_crash_in_the_sweeper_while_recovering_is_finished_by_the_next_run(st, s
     services.modal_state = {"state": "succeeded", "result": RESULT}
     crash_once(monkeypatch, webhook_logic, "copy")
     later = utcnow() + timedelta(hours=1)
-    assert Sweeper(st.runtime).sweep(now=later).outcomes == {job.job_id: "error"}
+    assert sweep(st.runtime, now=later).outcomes == {job.job_id: "error"}
     assert the_job(st).state == "dispatched" and st.notifications() == []
-    assert Sweeper(st.runtime).sweep(now=later).outcomes == {job.job_id: "recovered"}
+    assert sweep(st.runtime, now=later).outcomes == {job.job_id: "recovered"}
     assert_exactly_once(st)
 
 
@@ -311,7 +311,7 @@ def test_crash_during_fallback_dispatch_ends_in_one_clear_failure(st, services, 
         assert post(event) == 200
     else:
         services.modal_state = {"state": "failed", "error": error}
-        outcomes = Sweeper(st.runtime).sweep(now=utcnow() + timedelta(hours=1)).outcomes
+        outcomes = sweep(st.runtime, now=utcnow() + timedelta(hours=1)).outcomes
         assert outcomes == {job.job_id: "failed"}
     failed = assert_exactly_once(st, "failed")
     assert "GPU lost" in failed.errors[0]["message"]

@@ -110,7 +110,8 @@ def test_fal_example_dispatched_to_fal_with_urls_unchanged(st):
     assert request.url.params["fal_webhook"] == f"{WEBHOOK_BASE}/callbacks/fal/{job.job_id}"
     body = json.loads(request.content)
     assert body["video_url"] == FAL_EXAMPLE["video_url"] and body["image_url"] == FAL_EXAMPLE["image_url"]
-    assert set(body) == set(FAL_EXAMPLE)  # no `backend`, nothing extra
+    # No `backend`, nothing extra but the seed the service drew (fal's output reports none).
+    assert set(body) == {*FAL_EXAMPLE, "seed"} and body["seed"] == job.seed
 
 
 def test_duplicate_events_dispatch_once(st):

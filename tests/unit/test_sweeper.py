@@ -11,7 +11,8 @@ import ingest
 import pytest
 import sweeper
 from vap_shared.jobs import utcnow
-from vap_shared.sweeper_logic import Sweeper
+from vap_shared.sweeper import DeadlineSweep, deadline_action
+from vap_shared.sweeper import sweep as sweep_jobs
 from vap_testkit import (
     FAL_QUEUE,
     MP4,
@@ -46,6 +47,7 @@ class SweepServices(FakeServices):
     fal_state: dict[str, Any] = field(default_factory=lambda: {"status": "IN_PROGRESS"})
     fal_status_code: int = 202
     fal_response: tuple[int, dict[str, Any]] = (200, {})
+    fal_cancel: tuple[int, str] = (202, "CANCELLATION_REQUESTED")
     cancels: list[str] = field(default_factory=list)
 
     def handler(self, request: httpx.Request) -> httpx.Response:
@@ -67,7 +69,7 @@ class SweepServices(FakeServices):
                 return httpx.Response(401)
             if path.endswith("/cancel"):
                 self.cancels.append(path)
-                return httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"})
+                return httpx.Response(self.fal_cancel[0], json={"status": self.fal_cancel[1]})
             if path.endswith("/status"):
                 return httpx.Response(self.fal_status_code, json=self.fal_state)
             return httpx.Response(self.fal_response[0], json=self.fal_response[1])
@@ -94,7 +96,7 @@ def dispatch(st, backend="modal", name="inbox/set/job.json"):
 
 
 def sweep(st, later=LATER):
-    return Sweeper(st.runtime).sweep(now=utcnow() + later).outcomes
+    return sweep_jobs(st.runtime, now=utcnow() + later).outcomes
 
 
 def test_nothing_overdue_is_left_alone(st, services):
@@ -224,6 +226,50 @@ def test_fallback_happens_only_once_then_fails_with_both_reasons(st, services):
     assert note["fallback_from"] == "modal" and note["backend"] == "fal"
 
 
+def test_overdue_fal_request_that_is_running_is_waited_for_not_dropped(st, services):
+    """fal's cancel removes only queued requests: a running one finishes and is billed, and its
+    webhook will come. Failing it (or sending it to Modal too) would pay for a result and drop it."""
+    job = dispatch(st, backend="auto")
+    services.modal_state = {"state": "running"}
+    assert sweep(st) == {job.job_id: "fell-back"}  # Modal stopped after its time: now at fal
+    services.cancels.clear()
+    services.fal_state, services.fal_status_code = {"status": "IN_PROGRESS"}, 202
+    for _ in range(2):  # past the stop point, run after run
+        assert sweep(st, later=2 * LATER) == {job.job_id: "running"}
+    assert services.cancels == []
+    after = st.store.get(job.job_id)
+    assert after.state == "dispatched" and after.backend == "fal" and st.notifications() == []
+    # Its result, when it comes, is stored as usual.
+    services.fal_state, services.fal_status_code = {"status": "COMPLETED"}, 200
+    services.fal_response = (200, {"video": {"url": "https://v3.fal.media/files/out.mp4"}})
+    assert sweep(st, later=2 * LATER) == {job.job_id: "recovered"}
+    (note,) = st.notifications()
+    assert note["status"] == "succeeded" and note["backend"] == "fal"
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ((400, "ALREADY_COMPLETED"), "running"),  # it started after the status request: wait for it
+        ((202, "CANCELLATION_REQUESTED"), "failed"),  # removed from fal's queue: stopped
+        ((200, "OK"), "failed"),
+        ((404, "NOT_FOUND"), "failed"),
+    ],
+)
+def test_overdue_queued_fal_request_is_cancelled_and_what_fal_answers_decides(st, services, answer, outcome):
+    job = dispatch(st, backend="fal")
+    services.fal_state, services.fal_status_code = {"status": "IN_QUEUE"}, 202
+    services.fal_cancel = answer
+    assert sweep(st) == {job.job_id: outcome}
+    assert services.cancels == [f"/fal-ai/video-as-prompt/requests/{job.backend_call_id}/cancel"]
+    after = st.store.get(job.job_id)
+    if outcome == "running":
+        assert after.state == "dispatched" and st.notifications() == []
+    else:
+        assert "fal.ai did not finish within 3600 s" in after.errors[0]["message"]
+        assert len(st.notifications()) == 1
+
+
 def test_lost_fal_webhook_is_recovered_from_the_response_url(st, services):
     job = dispatch(st, backend="fal")
     services.fal_state, services.fal_status_code = {"status": "COMPLETED"}, 200
@@ -293,19 +339,41 @@ def test_one_broken_job_does_not_stop_the_others(st, services, monkeypatch):
     first = dispatch(st, backend="modal", name="inbox/set/a.json")
     st.put("inbox/set/b.json", b"")  # (not dispatched: never in the index)
     services.modal_state = {"state": "queued"}
-    sw = Sweeper(st.runtime)
-    original = sw.sweep_job
+    original = DeadlineSweep.settle
     calls = []
 
-    def flaky(job_id, cutoff, hard_cutoff=None):
+    def flaky(self, job_id, now):
         calls.append(job_id)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return original(job_id, cutoff, hard_cutoff)
+        return original(self, job_id, now)
 
-    monkeypatch.setattr(sw, "sweep_job", flaky)
-    assert sw.sweep(now=utcnow() + LATER).outcomes == {first.job_id: "error"}
-    assert sw.sweep(now=utcnow() + LATER).outcomes == {first.job_id: "failed"}
+    monkeypatch.setattr(DeadlineSweep, "settle", flaky)
+    assert sweep_jobs(st.runtime, now=utcnow() + LATER).outcomes == {first.job_id: "error"}
+    assert sweep_jobs(st.runtime, now=utcnow() + LATER).outcomes == {first.job_id: "failed"}
+
+
+@pytest.mark.parametrize(
+    ("age", "action"),
+    [(0, "wait"), (1799, "wait"), (1800, "ask"), (3599, "ask"), (3600, "stop"), (9e9, "stop")],
+)
+def test_the_deadline_policy_is_a_function_of_the_numbers(age, action):
+    assert deadline_action(age, ask_after_s=1800, stop_after_s=3600) == action
+
+
+def test_the_deadline_sweep_takes_its_limits_from_its_caller(st, services):
+    """E.g. `vap_shared.budget.Budget.silence_s` / `stop_after_s` instead of the settings' D / 2 D."""
+    job = dispatch(st, backend="modal")
+    services.modal_state = {"state": "running"}
+    deadlines = DeadlineSweep(st.runtime, ask_after_s=60, stop_after_s=120)
+    assert sweep_jobs(st.runtime, now=utcnow() + timedelta(seconds=30), deadlines=deadlines).outcomes == {}
+    later = sweep_jobs(st.runtime, now=utcnow() + timedelta(seconds=90), deadlines=deadlines)
+    assert later.outcomes == {job.job_id: "running"} and services.cancels == []
+    stopped = sweep_jobs(st.runtime, now=utcnow() + timedelta(seconds=130), deadlines=deadlines)
+    assert stopped.outcomes == {job.job_id: "failed"} and services.cancels == [
+        f"/cancel/{job.backend_call_id}"
+    ]
+    assert "did not finish within 120 s" in st.store.get(job.job_id).errors[0]["message"]
 
 
 def test_handler_reports_counts(st, services):

@@ -13,7 +13,7 @@ import sweeper
 from vap_shared import ingest_logic
 from vap_shared.ingest_logic import Ingestor
 from vap_shared.jobs import Job
-from vap_shared.sweeper_logic import Sweeper
+from vap_shared.sweeper import DeadLetterDrain, SweepReport, sweep
 from vap_testkit import FAL_EXAMPLE, MP4, PNG, call, s3_event, sqs_event, stack
 
 INTERNAL = "could not process this sidecar after 5 attempts"
@@ -26,7 +26,7 @@ def st(monkeypatch):
         # Settings are frozen: test-only override (the template sets INGEST_DLQ_URL).
         s.runtime.settings.__dict__["ingest_dlq_url"] = dlq
         ingest._ingestor = Ingestor(s.runtime)
-        sweeper._sweeper = Sweeper(s.runtime, sqs=s.sqs)
+        sweeper._runtime = s.runtime
         yield s
     ingest.reset()
     sweeper.reset()
@@ -176,7 +176,7 @@ def test_a_dispatched_job_is_left_to_the_deadline_sweep(st, monkeypatch):
 
 def test_a_job_being_dispatched_keeps_its_message_for_the_next_run(st):
     event = upload(st)
-    Ingestor(st.runtime)._get_or_create(the_job_id(event), ingest_logic.parse_sqs_body(json.dumps(event))[0])
+    Ingestor(st.runtime).get_or_create(the_job_id(event), ingest_logic.parse_sqs_body(json.dumps(event))[0])
     assert st.store.acquire_dispatch_lease(the_job_id(event), int(time.time()), 120)
     dead_letter(st, event)
     assert run(st)["dead_letters"] == {"busy": 1}
@@ -199,28 +199,26 @@ def the_job_id(event: dict[str, Any]) -> str:
 def test_draining_is_bounded_per_run(st):
     for i in range(3):
         dead_letter(st, s3_event(f"inbox/dl/n{i}.json", f"e{i}"))
-    report = Sweeper(st.runtime, sqs=st.sqs).sweep()
+    report = sweep(st.runtime)
     assert report.dead_letters == {"failed": 3} and report.dead_letters_left == 0
     for i in range(3, 6):
         dead_letter(st, s3_event(f"inbox/dl/n{i}.json", f"e{i}"))
-    from vap_shared.sweeper_logic import SweepReport
-
     bounded = SweepReport()
-    Sweeper(st.runtime, sqs=st.sqs).drain_dead_letters(bounded, limit=2)
+    DeadLetterDrain(st.runtime, st.sqs, dlq_url(st)).drain(bounded, limit=2)
     assert bounded.dead_letters == {"failed": 2} and bounded.dead_letters_left == 1
     assert len(st.notifications()) == 5
 
 
 def test_a_failing_dead_letter_stays_and_does_not_stop_the_others(st, monkeypatch):
     dead_letter(st, s3_event("inbox/dl/a.json", "ea"))
-    real = Sweeper._settle_dead_event
+    real = DeadLetterDrain.settle_event
 
-    def flaky(self: Sweeper, event: Any, report: Any) -> str:
+    def flaky(self: DeadLetterDrain, event: Any, report: Any) -> str:
         if event.key.endswith("a.json"):
             raise RuntimeError("DynamoDB throttled")
         return real(self, event, report)
 
-    monkeypatch.setattr(Sweeper, "_settle_dead_event", flaky)
+    monkeypatch.setattr(DeadLetterDrain, "settle_event", flaky)
     dead_letter(st, s3_event("inbox/dl/b.json", "eb"))
     assert run(st)["dead_letters"] == {"error": 1, "failed": 1}
     assert dlq_depth(st) == 1  # the failed one is kept for the next run
@@ -228,6 +226,5 @@ def test_a_failing_dead_letter_stays_and_does_not_stop_the_others(st, monkeypatc
 
 def test_no_dead_letter_queue_configured_means_no_sqs_calls(st):
     st.runtime.settings.__dict__["ingest_dlq_url"] = ""
-    sweeper_ = Sweeper(st.runtime, sqs=object())  # any SQS call would raise AttributeError
-    report = sweeper_.sweep()
+    report = sweep(st.runtime, sqs=object())  # any SQS call would raise AttributeError
     assert report.dead_letters == {} and report.dead_letters_left is None

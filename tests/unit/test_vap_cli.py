@@ -17,12 +17,14 @@ from vap_cli.submission import clean_name, coerce_row
 
 
 class FakeSecrets:
+    def __init__(self, fal_key: str = "fal-123") -> None:
+        self.values = {"s/modal-token": json.dumps({"key": "wk-1", "secret": "ws-2"}), "s/fal-key": fal_key}
+
     def get_secret_value(self, SecretId: str) -> dict[str, str]:
-        values = {"s/modal-token": json.dumps({"key": "wk-1", "secret": "ws-2"}), "s/fal-key": "fal-123"}
-        return {"SecretString": values[SecretId]}
+        return {"SecretString": self.values[SecretId]}
 
 
-def stack() -> StackInfo:
+def stack(fal_key: str = "fal-123") -> StackInfo:
     info = StackInfo(
         kind="deployed",
         name="s",
@@ -33,7 +35,7 @@ def stack() -> StackInfo:
         modal_token_secret="s/modal-token",
         fal_key_secret="s/fal-key",
     )
-    info._clients["secretsmanager"] = FakeSecrets()
+    info._clients["secretsmanager"] = FakeSecrets(fal_key)
     return info
 
 
@@ -56,16 +58,69 @@ def test_modal_cancel_posts_with_the_proxy_auth_headers() -> None:
     assert request.headers["Modal-Key"] == "wk-1" and request.headers["Modal-Secret"] == "ws-2"
 
 
-def test_fal_cancel_puts_the_cancel_url_with_the_key() -> None:
-    client, seen = recorder({"status": "CANCELLATION_REQUESTED"}, 202)
-    url = "https://queue.fal.run/fal-ai/video-as-prompt/requests/r1/cancel"
-    job = Job(
-        job_id="j", state="dispatched", backend="fal", backend_call_id="r1", fal_urls={"cancel_url": url}
+FAL_CANCEL = "https://queue.fal.run/fal-ai/video-as-prompt/requests/r1/cancel"
+
+
+def fal_job(cancel_url: str = FAL_CANCEL) -> Job:
+    return Job(
+        job_id="j",
+        state="dispatched",
+        backend="fal",
+        backend_call_id="r1",
+        fal_urls={"cancel_url": cancel_url},
     )
-    assert "HTTP 202" in cancel_at_backend(stack(), job, client)
+
+
+# Every form the Lambdas' `vap_shared.secrets` parser accepts for the fal key secret.
+@pytest.mark.parametrize(
+    "secret", ["fal-123", " fal-123\n", json.dumps({"key": "fal-123"}), json.dumps({"FAL_KEY": "fal-123"})]
+)
+def test_fal_cancel_puts_the_cancel_url_with_the_key(secret: str) -> None:
+    client, seen = recorder({"status": "CANCELLATION_REQUESTED"}, 202)
+    note = cancel_at_backend(stack(fal_key=secret), fal_job(), client)
+    assert note == "fal request r1: CANCELLATION_REQUESTED (removed from fal's queue)"
     (request,) = seen
-    assert request.method == "PUT" and str(request.url) == url
+    assert request.method == "PUT" and str(request.url) == FAL_CANCEL
     assert request.headers["Authorization"] == "Key fal-123"
+
+
+def test_fal_says_a_running_request_cannot_be_removed() -> None:
+    client, _ = recorder({"status": "ALREADY_COMPLETED"}, 400)
+    assert "runs to its end (and is billed)" in cancel_at_backend(stack(), fal_job(), client)
+
+
+@pytest.mark.parametrize(
+    "cancel_url",
+    [
+        "https://evil.test/fal-ai/video-as-prompt/requests/r1/cancel",
+        "https://queue.fal.run.evil.test/fal-ai/video-as-prompt/requests/r1/cancel",
+        "http://queue.fal.run/fal-ai/video-as-prompt/requests/r1/cancel",
+        "https://queue.fal.run:8443/fal-ai/video-as-prompt/requests/r1/cancel",
+        "https://user@queue.fal.run/fal-ai/video-as-prompt/requests/r1/cancel",
+    ],
+)
+def test_the_fal_key_is_never_sent_to_a_recorded_url_off_the_queue_host(cancel_url: str) -> None:
+    client, seen = recorder({"status": "OK"})
+    note = cancel_at_backend(stack(), fal_job(cancel_url), client)
+    assert seen == []
+    assert note == "could not cancel at fal: the recorded cancel_url is not on the configured fal queue host"
+
+
+def test_the_configured_fal_queue_host_is_the_stacks() -> None:
+    info = stack()
+    info.fal_queue_url = "https://queue.fal.example"
+    client, seen = recorder({"status": "OK"})
+    assert "not on the configured fal queue host" in cancel_at_backend(info, fal_job(), client)
+    assert seen == []
+    cancel_url = "https://queue.fal.example/fal-ai/video-as-prompt/requests/r1/cancel"
+    assert "r1: OK" in cancel_at_backend(info, fal_job(cancel_url), client)
+    assert [str(r.url) for r in seen] == [cancel_url]
+
+
+def test_an_unreadable_secret_is_reported_not_raised() -> None:
+    client, seen = recorder({"status": "OK"})
+    note = cancel_at_backend(stack(fal_key=json.dumps({"other": "x"})), fal_job(), client)
+    assert note == "could not cancel at fal: the fal key secret has no 'key'" and seen == []
 
 
 def test_nothing_to_cancel_before_dispatch_and_errors_are_reported() -> None:

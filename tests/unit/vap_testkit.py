@@ -430,9 +430,8 @@ def handlers_on(st: Stack, with_sweeper: bool = False) -> Iterator[Stack]:
     webhook._runtime = st.runtime
     if with_sweeper:
         import sweeper
-        from vap_shared.sweeper_logic import Sweeper
 
-        sweeper._sweeper = Sweeper(st.runtime)
+        sweeper._runtime = st.runtime
     try:
         yield st
     finally:

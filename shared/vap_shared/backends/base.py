@@ -1,16 +1,18 @@
-"""The backend interface and its classified errors."""
+"""The backend interface, its classified errors and what the two backend clients share."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
 from ..errors import FieldError
 from ..gpu_contract import GenerationSettings
 from ..media import MediaRef
+from ..urls import UrlNotAllowed, check_service_url
 
 ErrorKind = Literal["transient", "auth", "permanent"]
 
@@ -32,8 +34,9 @@ class DispatchRequest:
 
 
 class BackendError(Exception):
-    """A failed submit. `transient`: may work later; `auth`: this backend refuses us (fall back,
-    do not retry); `permanent`: the request itself is wrong (no fallback, no retry)."""
+    """A failed backend call. `transient`: may work later (retry, or fall back); `auth`: this
+    backend refuses us (fall back, do not retry); `permanent`: the request itself is wrong (no
+    fallback, no retry)."""
 
     def __init__(
         self, backend: str, kind: ErrorKind, reason: str, errors: list[FieldError] | None = None
@@ -79,10 +82,62 @@ def classify_http_error(backend: str, exc: httpx.HTTPError) -> BackendError:
     return BackendError(backend, "transient", f"connection failed ({type(exc).__name__})")
 
 
-def classify_status(backend: str, response: httpx.Response) -> BackendError:
+def classify_status(backend: str, response: httpx.Response, action: str | None = None) -> BackendError:
+    """An unexpected answer to a submit (or to `action`, e.g. "status request"). Only a validation
+    rejection of the request itself (422) is permanent: a 404/405/410 or an HTML page is a stopped
+    app or a wrong endpoint URL, which another backend (or a later attempt, once the app is
+    redeployed) can get past."""
     status = response.status_code
+    kind: ErrorKind
     if status in (401, 403):
-        return BackendError(backend, "auth", f"authentication failed (HTTP {status})")
-    if status >= 500 or status in (408, 429):
-        return BackendError(backend, "transient", f"unavailable (HTTP {status})")
-    return BackendError(backend, "permanent", f"rejected the request (HTTP {status})")
+        kind, reason = "auth", f"authentication failed (HTTP {status})"
+    elif status == 422:
+        kind, reason = "permanent", "rejected the request (HTTP 422)"
+    elif status >= 500 or status in (408, 429):
+        kind, reason = "transient", f"unavailable (HTTP {status})"
+    else:
+        kind, reason = "transient", f"answered HTTP {status}{_kind_of(response)}"
+    if action:
+        reason = f"{action} answered HTTP {status}{_kind_of(response)}"
+    if status in (404, 405, 410):
+        reason += "; is the app deployed and running, and is the endpoint URL right?"
+    return BackendError(backend, kind, reason)
+
+
+def _kind_of(response: httpx.Response) -> str:
+    content_type = response.headers.get("content-type", "").split(";")[0].strip()
+    return "" if content_type in ("", "application/json") else f", {content_type}"
+
+
+def json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object, or None when it is not one (an HTML error page, a proxy's text)."""
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def on_service(url: str, base_url: str) -> bool:
+    """True when `url` is on `base_url`'s scheme, host and port and below its path: the only URLs a
+    backend's credentials may be sent to."""
+    try:
+        target, base = urlsplit(url), urlsplit(base_url)
+        same_origin = (target.scheme, target.hostname, target.port) == (base.scheme, base.hostname, base.port)
+    except ValueError:
+        return False
+    if not same_origin or target.username is not None or target.password is not None:
+        return False
+    base_path = base.path.rstrip("/") + "/"
+    return target.path.startswith(base_path)
+
+
+def service_url(backend: str, url: str, allow_http_loopback: bool) -> str:
+    """`url` if a backend endpoint may be called there (https; http to loopback locally)."""
+    if not url:
+        raise BackendError(backend, "auth", "no endpoint URL is configured")
+    try:
+        check_service_url(url, allow_http_loopback)
+    except UrlNotAllowed as exc:
+        raise BackendError(backend, "auth", str(exc)) from None
+    return url

@@ -1,14 +1,21 @@
-"""fal.ai backend: the queue API with a `fal_webhook` pointing at our webhook function."""
+"""fal.ai backend: the one client of fal's queue API (submit, status, result, cancel).
+
+Ingest and the webhook's fallback submit through it (with a `fal_webhook` pointing at our webhook
+function), the sweeper asks it for status and results and cancels, and `vap cancel` cancels. The
+fal key is only ever sent to the configured queue host: a `status_url`/`response_url`/`cancel_url`
+recorded on a job that points anywhere else is refused.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 
 from ..errors import FieldError, field_error
-from ..urls import UrlNotAllowed, check_service_url
 from .base import (
     SUBMIT_TIMEOUT,
     BackendError,
@@ -17,8 +24,16 @@ from .base import (
     UrlSigner,
     classify_http_error,
     classify_status,
+    json_object,
     media_url,
+    on_service,
+    service_url,
 )
+
+UrlKind = Literal["status_url", "response_url", "cancel_url"]
+# fal's answers to a cancel: removed from the queue (OK / CANCELLATION_REQUESTED), already running
+# or finished (ALREADY_COMPLETED: it runs to the end and is billed), or unknown (NOT_FOUND).
+CANCEL_ANSWERS = ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND")
 
 
 def fal_detail_errors(detail: Any) -> list[FieldError]:
@@ -45,7 +60,32 @@ def fal_input(request: DispatchRequest, sign_get: UrlSigner) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class FalStatus:
+    """fal's queue status of a request: `IN_QUEUE`, `IN_PROGRESS` or `COMPLETED` (its own words)."""
+
+    status: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FalResult:
+    """What `response_url` answered: the model output, or the model's error (e.g. a 422 `detail`)."""
+
+    http_status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def video_url(self) -> str | None:
+        video = self.body.get("video")
+        url = video.get("url") if isinstance(video, dict) else None
+        return url if self.http_status == 200 and isinstance(url, str) and url else None
+
+
 class FalBackend:
+    """`submit` raises `BackendError` classified for dispatch; `status`, `result` and `cancel` raise
+    it when fal cannot be asked (network, auth, 5xx, a recorded URL off the queue host)."""
+
     name: Literal["modal", "fal"] = "fal"
 
     def __init__(
@@ -54,7 +94,8 @@ class FalBackend:
         queue_url: str,
         endpoint_id: str,
         fal_key: Callable[[], str],
-        sign_get: UrlSigner,
+        *,
+        sign_get: UrlSigner | None = None,
         allow_http_loopback: bool = False,
     ) -> None:
         self._http = http
@@ -64,31 +105,50 @@ class FalBackend:
         self._sign_get = sign_get
         self._allow_loopback = allow_http_loopback
 
-    def submit(self, request: DispatchRequest) -> Dispatch:
-        try:
-            check_service_url(self._queue_url, self._allow_loopback)
-        except UrlNotAllowed as exc:
-            raise BackendError("fal", "auth", str(exc)) from None
+    # ------------------------------------------------------------------ plumbing
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """The only way the fal key leaves: to the configured queue host, over https."""
+        service_url("fal", self._queue_url, self._allow_loopback)
+        if not on_service(url, self._queue_url):
+            raise BackendError("fal", "permanent", "refused a URL off the configured fal queue host")
         try:
             key = self._fal_key()
         except Exception as exc:
             raise BackendError("fal", "auth", f"credentials unavailable ({type(exc).__name__})") from None
-        webhook = f"{request.webhook_base_url.rstrip('/')}/callbacks/fal/{request.job_id}"
+        headers = {**kwargs.pop("headers", {}), "Authorization": f"Key {key}"}
         try:
-            response = self._http.post(
-                f"{self._queue_url}/{self._endpoint_id}",
-                params={"fal_webhook": webhook},
-                json=fal_input(request, self._sign_get),
-                headers={"Authorization": f"Key {key}"},
-                timeout=SUBMIT_TIMEOUT,
-            )
+            return self._http.request(method, url, headers=headers, timeout=SUBMIT_TIMEOUT, **kwargs)
         except httpx.HTTPError as exc:
             raise classify_http_error("fal", exc) from None
+
+    def request_url(self, kind: UrlKind, request_id: str, urls: Mapping[str, str] | None = None) -> str:
+        """The URL fal returned at submit (recorded on the job), else the documented one built from
+        the endpoint's owner/app. A recorded URL off the configured queue host is refused: the fal
+        key is never sent there."""
+        recorded = (urls or {}).get(kind)
+        if recorded:
+            if not on_service(recorded, self._queue_url):
+                raise BackendError(
+                    "fal", "permanent", f"the recorded {kind} is not on the configured fal queue host"
+                )
+            return recorded
+        app = "/".join(self._endpoint_id.split("/")[:2])
+        base = f"{self._queue_url}/{app}/requests/{quote(request_id, safe='')}"
+        return {"status_url": f"{base}/status", "response_url": base, "cancel_url": f"{base}/cancel"}[kind]
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, request: DispatchRequest) -> Dispatch:
+        if self._sign_get is None:
+            raise RuntimeError("this fal client was built without a URL signer: it cannot submit")
+        webhook = f"{request.webhook_base_url.rstrip('/')}/callbacks/fal/{request.job_id}"
+        response = self._send(
+            "POST",
+            f"{self._queue_url}/{self._endpoint_id}",
+            params={"fal_webhook": webhook},
+            json=fal_input(request, self._sign_get),
+        )
         if response.status_code == 422:
-            try:
-                detail = response.json().get("detail")
-            except ValueError:
-                detail = None
+            detail = (json_object(response) or {}).get("detail")
             raise BackendError("fal", "permanent", "rejected the input (HTTP 422)", fal_detail_errors(detail))
         if response.status_code not in (200, 201, 202):
             raise classify_status("fal", response)
@@ -99,3 +159,30 @@ class FalBackend:
             raise BackendError("fal", "transient", "answered without a request_id") from None
         urls = {k: str(data[k]) for k in ("status_url", "response_url", "cancel_url") if data.get(k)}
         return Dispatch(backend="fal", call_id=request_id, urls=urls)
+
+    # ------------------------------------------------------------------ status / result / cancel
+    def status(self, request_id: str, urls: Mapping[str, str] | None = None) -> FalStatus | None:
+        """fal's status of a request; None when fal does not know it (404)."""
+        response = self._send("GET", self.request_url("status_url", request_id, urls))
+        if response.status_code == 404:
+            return None
+        body = json_object(response)
+        if response.status_code not in (200, 202) or body is None:
+            raise classify_status("fal", response, "status request")
+        return FalStatus(str(body.get("status", "")), body)
+
+    def result(self, request_id: str, urls: Mapping[str, str] | None = None) -> FalResult:
+        """The finished request's output or the model's error, as fal answered it."""
+        response = self._send("GET", self.request_url("response_url", request_id, urls))
+        return FalResult(response.status_code, json_object(response) or {})
+
+    def cancel(self, request_id: str, urls: Mapping[str, str] | None = None) -> str:
+        """fal's answer, one of `CANCEL_ANSWERS`. Only a queued request is removed; one already
+        running answers ALREADY_COMPLETED and runs to the end (billed)."""
+        response = self._send("PUT", self.request_url("cancel_url", request_id, urls))
+        answer = str((json_object(response) or {}).get("status", ""))
+        if answer in CANCEL_ANSWERS:
+            return answer
+        if response.status_code == 404:
+            return "NOT_FOUND"
+        raise classify_status("fal", response, "cancel request")

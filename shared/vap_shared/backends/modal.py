@@ -1,16 +1,21 @@
-"""Modal backend: POST the GPU app's own `/submit` endpoint with proxy-auth headers."""
+"""Modal backend: the one client of the GPU app's HTTP API (`/submit`, `/status`, `/cancel`).
+
+Ingest and the webhook's fallback submit through it, the sweeper asks it for status and cancels,
+and `vap cancel` cancels. The Modal proxy-auth token is only ever sent to the configured endpoint.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
 
-from ..gpu_contract import GpuJobRequest, SubmitResponse
+from ..gpu_contract import CancelResponse, GpuJobRequest, StatusResponse, SubmitResponse
 from ..signing import derive_callback_key
-from ..urls import UrlNotAllowed, check_service_url
 from .base import (
     SUBMIT_TIMEOUT,
     BackendError,
@@ -19,11 +24,43 @@ from .base import (
     UrlSigner,
     classify_http_error,
     classify_status,
+    json_object,
     media_url,
+    service_url,
 )
+
+# Errors after which the submit may have reached the GPU API (so Modal may have queued the job):
+# the submit is retried with the same job id, which the GPU API answers with the same call id.
+MAY_HAVE_ARRIVED = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+SUBMIT_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class ModalJobBuilder:
+    """What a submit sends besides the endpoint: presigned URLs, the callback URL and its key."""
+
+    stack_secret: Callable[[], bytes]
+    sign_get: UrlSigner
+    output_put_url: Callable[[str], str]
+    num_inference_steps: int | None = None
+
+    def build(self, request: DispatchRequest) -> GpuJobRequest:
+        key = derive_callback_key(self.stack_secret(), request.job_id)
+        return GpuJobRequest(
+            job_id=request.job_id,
+            video_url=media_url(request.video, self.sign_get),
+            image_url=media_url(request.image, self.sign_get),
+            output_put_url=self.output_put_url(request.job_id),
+            callback_url=f"{request.webhook_base_url.rstrip('/')}/callbacks/gpu/{request.job_id}",
+            callback_key=key.hex(),
+            settings=request.settings,
+            num_inference_steps=self.num_inference_steps,
+        )
 
 
 class ModalBackend:
+    """Every method raises `BackendError` when Modal cannot be asked or answers unexpectedly."""
+
     name: Literal["modal", "fal"] = "modal"
 
     def __init__(
@@ -31,55 +68,64 @@ class ModalBackend:
         http: httpx.Client,
         endpoint_url: str,
         credentials: Callable[[], tuple[str, str]],
-        stack_secret: Callable[[], bytes],
-        sign_get: UrlSigner,
-        output_put_url: Callable[[str], str],
+        *,
+        jobs: ModalJobBuilder | None = None,
         allow_http_loopback: bool = False,
-        num_inference_steps: int | None = None,
+        submit_attempts: int = SUBMIT_ATTEMPTS,
     ) -> None:
         self._http = http
         self._endpoint = endpoint_url.rstrip("/")
         self._credentials = credentials
-        self._stack_secret = stack_secret
-        self._sign_get = sign_get
-        self._output_put_url = output_put_url
+        self._jobs = jobs
         self._allow_loopback = allow_http_loopback
-        self._steps = num_inference_steps
+        self._submit_attempts = submit_attempts
 
-    def build_request(self, request: DispatchRequest) -> GpuJobRequest:
-        key = derive_callback_key(self._stack_secret(), request.job_id)
-        return GpuJobRequest(
-            job_id=request.job_id,
-            video_url=media_url(request.video, self._sign_get),
-            image_url=media_url(request.image, self._sign_get),
-            output_put_url=self._output_put_url(request.job_id),
-            callback_url=f"{request.webhook_base_url.rstrip('/')}/callbacks/gpu/{request.job_id}",
-            callback_key=key.hex(),
-            settings=request.settings,
-            num_inference_steps=self._steps,
-        )
-
-    def submit(self, request: DispatchRequest) -> Dispatch:
+    # ------------------------------------------------------------------ plumbing
+    def _headers(self) -> dict[str, str]:
         if not self._endpoint:
             raise BackendError("modal", "auth", "no MODAL_ENDPOINT_URL is configured")
-        try:
-            check_service_url(self._endpoint, self._allow_loopback)
-        except UrlNotAllowed as exc:
-            raise BackendError("modal", "auth", str(exc)) from None
+        service_url("modal", self._endpoint, self._allow_loopback)
         try:
             key, secret = self._credentials()
         except Exception as exc:  # a missing/garbled secret: this backend is unusable, fal may work
             raise BackendError("modal", "auth", f"credentials unavailable ({type(exc).__name__})") from None
+        return {"Modal-Key": key, "Modal-Secret": secret}
+
+    def _call(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+    ) -> httpx.Response:
+        # Paths are built here from call ids, never taken from a record: the token goes to
+        # the configured endpoint only.
+        return self._http.request(
+            method, f"{self._endpoint}{path}", content=body, headers=headers, timeout=SUBMIT_TIMEOUT
+        )
+
+    # ------------------------------------------------------------------ submit
+    def build_request(self, request: DispatchRequest) -> GpuJobRequest:
+        if self._jobs is None:
+            raise RuntimeError("this Modal client was built without a job builder: it cannot submit")
+        return self._jobs.build(request)
+
+    def submit(self, request: DispatchRequest) -> Dispatch:
+        headers = self._headers()
         body = self.build_request(request).model_dump_json().encode("utf-8")
-        try:
-            response = self._http.post(
-                f"{self._endpoint}/submit",
-                content=body,
-                headers={"Content-Type": "application/json", "Modal-Key": key, "Modal-Secret": secret},
-                timeout=SUBMIT_TIMEOUT,
-            )
-        except httpx.HTTPError as exc:
-            raise classify_http_error("modal", exc) from None
+        headers["Content-Type"] = "application/json"
+        response: httpx.Response | None = None
+        for attempt in range(1, self._submit_attempts + 1):
+            try:
+                response = self._call("POST", "/submit", headers, body)
+                break
+            except MAY_HAVE_ARRIVED as exc:
+                # Modal may have queued it: ask again for the same job id before falling back, so
+                # one job never runs on both backends because an answer was slow.
+                if attempt == self._submit_attempts:
+                    error = classify_http_error("modal", exc)
+                    if attempt > 1:
+                        error.reason += f"; tried {attempt} times with the same job id"
+                    raise error from None
+            except httpx.HTTPError as exc:  # never reached Modal (connect error): fall back at once
+                raise classify_http_error("modal", exc) from None
+        assert response is not None
         if response.status_code not in (200, 202):
             raise classify_status("modal", response)
         try:
@@ -87,3 +133,36 @@ class ModalBackend:
         except ValidationError:
             raise BackendError("modal", "transient", "answered without a call_id") from None
         return Dispatch(backend="modal", call_id=call_id)
+
+    # ------------------------------------------------------------------ status / cancel
+    def status(self, call_id: str) -> StatusResponse | None:
+        """The GPU API's status of a call; None when the API answers that it does not know it."""
+        headers = self._headers()
+        try:
+            response = self._call("GET", f"/status/{quote(call_id, safe='')}", headers)
+        except httpx.HTTPError as exc:
+            raise classify_http_error("modal", exc) from None
+        if response.status_code == 404 and json_object(response) is not None:
+            return None  # our API's own 404 (JSON); a stopped app answers Modal's HTML/text 404
+        if response.status_code != 200:
+            raise classify_status("modal", response, "status request")
+        try:
+            return StatusResponse.model_validate_json(response.content)
+        except ValidationError:
+            raise BackendError("modal", "transient", "status answer is not a GPU status") from None
+
+    def cancel(self, call_id: str) -> bool:
+        """Ask the GPU API to stop a call: True if it was stopped, False if it had already finished."""
+        headers = self._headers()
+        try:
+            response = self._call("POST", f"/cancel/{quote(call_id, safe='')}", headers)
+        except httpx.HTTPError as exc:
+            raise classify_http_error("modal", exc) from None
+        if response.status_code == 404 and json_object(response) is not None:
+            raise BackendError("modal", "permanent", f"Modal does not know the call {call_id} (HTTP 404)")
+        if response.status_code != 200:
+            raise classify_status("modal", response, "cancel request")
+        try:
+            return CancelResponse.model_validate_json(response.content).cancelled
+        except ValidationError:
+            raise BackendError("modal", "transient", "cancel answer is not a GPU cancel answer") from None

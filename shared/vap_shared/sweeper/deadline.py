@@ -1,0 +1,187 @@
+"""Deadline sweep: dispatched/running jobs whose result never arrived, settled with their backend.
+
+For a job past the ask point it asks the backend what happened:
+
+- finished with a result → the result is stored and notified exactly as the webhook would have
+  (same keys, same conditional transition, notify-once);
+- failed → the other backend once (`auto` sidecars) or a failure notification with the reason;
+- unknown to the backend, or the backend cannot be asked → fall back once or fail clearly;
+- still queued/running: left alone until the stop point (the callback is not lost, the run is just
+  long), then cancelled and fallen back once or failed. A fal request that is already running is
+  never dropped: fal's cancel removes only queued requests, a running one is billed and its webhook
+  will come, so it is left for a later run.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from aws_lambda_powertools import Logger
+
+from ..backends.base import BackendError
+from ..backends.dispatch import gpu_error_allows_fallback
+from ..errors import FieldError, field_error
+from ..gpu_contract import GpuCallback
+from ..jobs import Job, iso, parse_iso
+from ..lifecycle import fall_back_or_fail, finalize_terminal
+from ..runtime import Runtime
+from ..webhook_logic import fal_failure_errors, store_fal_success, store_gpu_success
+from .report import outcome_of
+
+logger = Logger(child=True)
+
+DeadlineAction = Literal["wait", "ask", "stop"]
+
+
+def deadline_action(age_s: float, ask_after_s: float, stop_after_s: float) -> DeadlineAction:
+    """When to ask a backend about a job and when to stop it, from the numbers alone.
+
+    `age_s`: how long ago the job was dispatched. "wait": too early to ask; "ask": ask the backend,
+    and leave a run it reports as still queued/running; "stop": ask, and stop such a run.
+    (Fed today from `JOB_DEADLINE_SECONDS` D: ask after D, stop after 2 D; ready to be fed from
+    `vap_shared.budget.Budget.silence_s` / `stop_after_s`.)
+    """
+    if age_s >= stop_after_s:
+        return "stop"
+    if age_s >= ask_after_s:
+        return "ask"
+    return "wait"
+
+
+class DeadlineSweep:
+    def __init__(self, rt: Runtime, ask_after_s: int | None = None, stop_after_s: int | None = None) -> None:
+        self.rt = rt
+        deadline = rt.settings.job_deadline_seconds
+        self.ask_after_s = deadline if ask_after_s is None else ask_after_s
+        self.stop_after_s = 2 * deadline if stop_after_s is None else stop_after_s
+
+    def candidates(self, now: datetime, limit: int) -> list[str]:
+        """Dispatched/running jobs dispatched longer than `ask_after_s` ago, oldest first per state."""
+        cutoff = iso(now - timedelta(seconds=self.ask_after_s))
+        ids: list[str] = []
+        for state in ("dispatched", "running"):
+            ids += self.rt.store.overdue(state, cutoff, limit)
+        return ids
+
+    def settle(self, job_id: str, now: datetime) -> str:
+        """Settle one job; returns what was done (the report's outcome)."""
+        job = self.rt.store.get(job_id)
+        if job is None:
+            return "gone"
+        if job.terminal:
+            if job.notified_at:
+                return "done"
+            finalize_terminal(self.rt, job)
+            return "notified"
+        dispatched = parse_iso(job.dispatched_at)
+        if dispatched is None:
+            return "not-due"
+        action = deadline_action((now - dispatched).total_seconds(), self.ask_after_s, self.stop_after_s)
+        if action == "wait":
+            return "not-due"  # moved on since the query (e.g. a fallback re-dispatched it)
+        stop = action == "stop"
+        if job.backend == "modal" and job.backend_call_id:
+            return self._modal(job, job.backend_call_id, stop)
+        if job.backend == "fal" and job.backend_call_id:
+            return self._fal(job, job.backend_call_id, stop)
+        return self._give_up(job, "no backend call was recorded for the job", "the dispatch was lost")
+
+    # ------------------------------------------------------------------ Modal / GPU API
+    def _modal(self, job: Job, call_id: str, stop: bool) -> str:
+        try:
+            status = self.rt.modal.status(call_id)
+        except BackendError as exc:
+            return self._give_up(job, f"Modal could not be asked about the job: {exc.reason}", exc.reason)
+        if status is None:
+            return self._give_up(job, "Modal has no record of the job's call", "call unknown to Modal")
+        if status.state == "succeeded":
+            callback = GpuCallback(
+                job_id=job.job_id,
+                call_id=call_id,
+                event="succeeded",
+                sent_at=int(time.time()),
+                result=status.result,
+            )
+            reply = store_gpu_success(self.rt, job, callback)
+            if reply.status >= 500:
+                return "pending"  # the upload is not readable yet; the next run tries again
+            logger.info("recovered a result whose callback never arrived", extra={"job_id": job.job_id})
+            return "recovered"
+        if status.state in ("failed", "cancelled"):
+            error = status.error
+            message = error.message if error else "the GPU reported a failure without details"
+            errors: list[FieldError] = [field_error(None, f"Generation failed on Modal: {message}")]
+            reason = f"{error.code}: {message}" if error else message
+            updated = fall_back_or_fail(self.rt, job, errors, reason, allow=gpu_error_allows_fallback(error))
+            return outcome_of(updated)
+        if not stop:
+            return "running"
+        try:
+            self.rt.modal.cancel(call_id)
+        except BackendError as exc:
+            logger.warning("could not cancel the Modal call", extra={"call_id": call_id, "error": exc.reason})
+        return self._give_up(job, self._overdue_message("Modal"), f"timeout: still {status.state}")
+
+    # ------------------------------------------------------------------ fal queue API
+    def _fal(self, job: Job, request_id: str, stop: bool) -> str:
+        fal = self.rt.fal
+        try:
+            status = fal.status(request_id, job.fal_urls)
+            if status is None:
+                return self._give_up(job, "fal.ai has no record of the request", "request unknown to fal")
+            if status.status != "COMPLETED":
+                if not stop:
+                    return "running"
+                return self._stop_fal(job, request_id, status.status)
+            result = fal.result(request_id, job.fal_urls)
+        except BackendError as exc:
+            return self._give_up(job, f"fal.ai could not be asked about the job: {exc.reason}", exc.reason)
+        url = result.video_url
+        if url:
+            reply = store_fal_success(self.rt, job, request_id, result.body, url)
+            if reply.status >= 500:
+                return "pending"  # fal's CDN failed transiently; the next run tries again
+            logger.info("recovered a fal result whose webhook never arrived", extra={"job_id": job.job_id})
+            return "recovered" if reply.body.get("state") != "failed" else "failed"
+        delivery: dict[str, Any] = {"status": "ERROR"}
+        if result.body.get("detail") is not None:
+            delivery["payload"] = {"detail": result.body["detail"]}
+        elif status.body.get("error"):
+            delivery["error"] = status.body["error"]
+        elif result.http_status == 200:
+            delivery["status"] = "OK"
+        else:
+            delivery["error"] = f"the result request answered HTTP {result.http_status}"
+        errors = fal_failure_errors(delivery)
+        updated = fall_back_or_fail(self.rt, job, errors, "; ".join(e["message"] for e in errors))
+        return outcome_of(updated)
+
+    def _stop_fal(self, job: Job, request_id: str, fal_status: str) -> str:
+        """Past the stop point. fal's cancel removes only a queued request: one already running
+        finishes and is billed, and its webhook will come, so the job is left for a later run
+        rather than failed or sent to the other backend."""
+        if fal_status == "IN_PROGRESS":
+            logger.info("overdue fal request is running; waiting for it", extra={"job_id": job.job_id})
+            return "running"
+        try:
+            answer = self.rt.fal.cancel(request_id, job.fal_urls)
+        except BackendError as exc:
+            logger.warning("could not cancel the fal request", extra={"error": exc.reason})
+            answer = None
+        if answer == "ALREADY_COMPLETED":  # it started (or finished) since the status request
+            logger.info("overdue fal request started before it was cancelled", extra={"job_id": job.job_id})
+            return "running"
+        return self._give_up(job, self._overdue_message("fal.ai"), f"timeout: still {fal_status}")
+
+    # ------------------------------------------------------------------ endings
+    def _overdue_message(self, backend: str) -> str:
+        return (
+            f"Generation on {backend} did not finish within {self.stop_after_s} s "
+            "(its result never arrived); the job was stopped."
+        )
+
+    def _give_up(self, job: Job, message: str, reason: str) -> str:
+        errors = [field_error(None, message if message.endswith(".") else message + ".")]
+        return outcome_of(fall_back_or_fail(self.rt, job, errors, reason))
