@@ -217,9 +217,11 @@ def _query(url: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
 
 
-def test_presign_ttl_parameter_is_short_by_default(cfn: Template) -> None:
-    ttl = cfn["Parameters"]["PresignTtlSeconds"]
-    assert int(ttl["Default"]) <= 3600 and int(ttl["MaxValue"]) <= 7 * 24 * 3600
+def test_url_lifetime_is_the_job_budget_and_bounded(cfn: Template) -> None:
+    # Presigned URLs live the job budget (vap_shared.budget.url_ttl_s): at most a day, never
+    # beyond SigV4's 7 days.
+    budget = cfn["Parameters"]["JobBudgetSeconds"]
+    assert int(budget["Default"]) <= 24 * 3600 and int(budget["MaxValue"]) <= 24 * 3600
 
 
 def test_presigned_urls_are_short_lived_and_scoped_to_one_object(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,7 +255,7 @@ def test_presigned_urls_are_short_lived_and_scoped_to_one_object(monkeypatch: py
             q = _query(url)
             assert _object(url) == path, (name, url)  # exactly one object, no prefix
             assert q["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
-            assert int(q["X-Amz-Expires"]) == st.runtime.settings.presign_ttl_seconds <= 3600
+            assert int(q["X-Amz-Expires"]) == st.runtime.settings.budget.url_ttl_s <= 24 * 3600
             assert "host" in q["X-Amz-SignedHeaders"].split(";")
         # The upload URL also pins the content type, so it cannot store anything but an MP4.
         assert "content-type" in _query(request["output_put_url"])["X-Amz-SignedHeaders"].split(";")

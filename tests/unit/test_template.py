@@ -421,16 +421,14 @@ def test_sweeper_env_follows_the_contract(sam: Template) -> None:
     names = set(env_of(sam, "SweeperFunction"))
     assert names <= contract, names - contract
     assert names <= code, names - code
-    assert {"BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN", "JOB_DEADLINE_SECONDS", "MODAL_ENDPOINT_URL"} <= names
+    assert {"BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN", "JOB_BUDGET_SECONDS", "MODAL_ENDPOINT_URL"} <= names
     assert {"FAL_QUEUE_URL", "FAL_MEDIA_HOSTS", "MAX_OUTPUT_BYTES", "MODAL_TOKEN_SECRET_ARN"} <= names
     # It never validates sidecars, builds webhook URLs or verifies fal signatures.
     assert not {"WEBHOOK_BASE_URL", "ALLOWED_MEDIA_HOSTS", "MAX_SIDECAR_BYTES", "FAL_JWKS_URL"} & names
-    assert env_of(sam, "SweeperFunction")["JOB_DEADLINE_SECONDS"] == {"Ref": "JobDeadlineSeconds"}
+    assert env_of(sam, "SweeperFunction")["JOB_BUDGET_SECONDS"] == {"Ref": "JobBudgetSeconds"}
     # It drains the ingest dead-letter queue and names the queue's receive count in the error.
     assert env_of(sam, "SweeperFunction")["INGEST_DLQ_URL"] == {"Ref": "IngestDeadLetterQueue"}
     assert env_of(sam, "SweeperFunction")["INGEST_MAX_RECEIVE_COUNT"] == {"Ref": "MaxReceiveCount"}
-    # Only the sweeper reads the deadline and the dead-letter queue.
+    # Only the sweeper reads the dead-letter queue.
     for function in ("IngestFunction", "WebhookFunction"):
-        assert not {"JOB_DEADLINE_SECONDS", "INGEST_DLQ_URL", "INGEST_MAX_RECEIVE_COUNT"} & set(
-            env_of(sam, function)
-        )
+        assert not {"INGEST_DLQ_URL", "INGEST_MAX_RECEIVE_COUNT"} & set(env_of(sam, function))
