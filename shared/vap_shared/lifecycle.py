@@ -55,12 +55,24 @@ def notify_once(rt: Runtime, job: Job) -> bool:
     return True
 
 
+def write_terminal_status(rt: Runtime, job: Job) -> None:
+    """The terminal status.json, recorded on the job; raises if S3 refuses it (so the caller's
+    retry writes it again, exactly like a failed notification)."""
+    write_status(rt.s3, rt.settings.bucket_name, job, required=True)
+    rt.store.mark_status_written(job.job_id, iso(utcnow()))
+
+
 def finalize_terminal(rt: Runtime, job: Job) -> None:
-    """Finish what a crash may have skipped for a job already in a terminal state."""
+    """Finish what a crash may have skipped for a job already in a terminal state: error report,
+    terminal status.json (before the notification: a notified job's status is never stale),
+    the one notification, then leave the unsettled index. Raises while any of it fails."""
     if job.state == "failed" and job.error_report_key:
         put_json(rt.s3, rt.settings.bucket_name, job.error_report_key, error_report(job))
-    write_status(rt.s3, rt.settings.bucket_name, job)
+    # Always written, even if written before: a late non-terminal write (a duplicate callback's
+    # `storing`) may have replaced it.
+    write_terminal_status(rt, job)
     notify_once(rt, job)
+    rt.store.settle(job.job_id)
 
 
 def fail_job(

@@ -362,7 +362,7 @@ def test_sweeper_runs_every_5_minutes_with_its_own_role(sam: Template, cfn: Temp
 
 
 def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None:
-    (index,) = props(sam, "JobsTable")["GlobalSecondaryIndexes"]
+    index = props(sam, "JobsTable")["GlobalSecondaryIndexes"][0]
     assert index["IndexName"] == "state-dispatched_at"
     assert index["KeySchema"] == [
         {"AttributeName": "state", "KeyType": "HASH"},
@@ -395,7 +395,10 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
     (query,) = [
         st for lid, st in _statements(cfn) if lid == "SweeperRole" and st["Action"] == "dynamodb:Query"
     ]
-    assert query["Resource"] == {"Fn::Sub": "${JobsTable.Arn}/index/state-dispatched_at"}
+    assert query["Resource"] == [
+        {"Fn::Sub": "${JobsTable.Arn}/index/state-dispatched_at"},
+        {"Fn::Sub": "${JobsTable.Arn}/index/unsettled-job_id"},
+    ]
 
     # SQS: only draining the ingest dead-letter queue (never the ingest queue, never sending).
     def _as_list(value: Any) -> list[Any]:
