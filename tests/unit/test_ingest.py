@@ -353,3 +353,40 @@ def test_s3_uri_in_another_bucket_and_absolute_key(st):
     call(ingest.handler, sqs_event(upload_job(st, sidecar=sidecar, media=False)))
     messages = {e["field"]: e["message"] for e in only_job(st).errors}
     assert "someone-elses-bucket" in messages["video_url"] and "absolute path" in messages["image_url"]
+
+
+@pytest.mark.parametrize("event_time", ["not-a-time", "", None])
+def test_a_bad_event_time_still_makes_one_job_per_event(st, monkeypatch, event_time):
+    """The job id follows from the event alone: a malformed or missing eventTime must not make a
+    duplicate delivery (seconds later) a second job, nor may the sidecar be dropped."""
+    from datetime import UTC, datetime, timedelta
+
+    import vap_shared.naming as naming
+
+    class LaterEachCall(datetime):
+        calls = 0
+
+        @classmethod
+        def now(cls, tz=None):  # a clock that moves on between the two deliveries
+            cls.calls += 1
+            return datetime(2026, 11, 25, 18, 0, tzinfo=UTC) + timedelta(minutes=cls.calls)
+
+    monkeypatch.setattr(naming, "datetime", LaterEachCall)
+    event = upload_job(st)
+    record = event["Records"][0]
+    if event_time is None:
+        del record["eventTime"]
+    else:
+        record["eventTime"] = event_time
+    for _ in range(2):
+        assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": []}
+    job = only_job(st)
+    assert job.state == "dispatched"
+    assert job.job_id.startswith("19700101T000000Z-")
+    # The sweeper's dead-letter drain parses the same event to the same id.
+    (parsed,) = parse_sqs_body(json.dumps(event))
+    from vap_shared.naming import job_id as make_job_id
+
+    assert (
+        make_job_id(parsed.event_time, parsed.bucket, parsed.key, parsed.etag, parsed.sequencer) == job.job_id
+    )
