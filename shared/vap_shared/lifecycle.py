@@ -6,6 +6,8 @@ that a crash left half-done.
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -144,8 +146,11 @@ def fall_back_or_fail(
     )
     if claimed is None:
         return rt.store.get(job.job_id)
+    # A new dispatch gets a whole budget (its URLs and deadline start now). It does not wait for
+    # capacity: the job already held a place, and the webhook cannot park it in the queue.
+    request = replace(request_from_job(job), deadline_unix=rt.settings.budget.deadline_unix(time.time()))
     try:
-        outcome = dispatch_to(request_from_job(job), target, rt.backends)
+        outcome = dispatch_to(request, target, rt.backends)
     except DispatchFailed as exc:
         return fail_job(
             rt, job.job_id, errors + exc.errors, {"fallback_from": failed_backend, "fallback_reason": reason}

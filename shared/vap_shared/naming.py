@@ -70,3 +70,16 @@ def work_input_key(work: str, job_id: str, field: str, ext: str) -> str:
     """Decoded `data:` media; `input-` keeps them apart from the GPU's `video.mp4`."""
     stem = field.removesuffix("_url")
     return f"{work}{job_id}/input-{stem}{ext}"
+
+
+# What a URL refresh may presign for the GPU to PUT under work/<job_id>/ (template.yaml grants
+# exactly these names): request field -> (file name, content type).
+GPU_UPLOADS: dict[str, tuple[str, str]] = {
+    "output_put_url": ("video.mp4", "video/mp4"),
+    "poster_put_url": ("poster.jpg", "image/jpeg"),
+    "preview_put_url": ("preview.webp", "image/webp"),
+}
+
+
+def work_upload_key(work: str, job_id: str, field: str) -> str:
+    return f"{work}{job_id}/{GPU_UPLOADS[field][0]}"

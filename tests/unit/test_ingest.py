@@ -1,5 +1,6 @@
 import base64
 import json
+import time
 
 import httpx
 import ingest
@@ -72,7 +73,12 @@ def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st)
     )
     assert "inbox/set/clip.mp4" in body["video_url"] and "X-Amz-Signature" in body["video_url"]
     assert f"work/{job.job_id}/video.mp4" in body["output_put_url"]
-    assert "X-Amz-Expires=900" in body["output_put_url"]
+    # URLs live the job budget; the GPU renews them at start and before upload.
+    assert f"X-Amz-Expires={st.runtime.settings.budget.url_ttl_s}" in body["output_put_url"]
+    assert body["refresh_url"] == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}/urls"
+    assert body["service_urls"] == ["video_url", "image_url", "output_put_url"]
+    deadline = body["deadline_unix"] - st.runtime.settings.budget.total_s
+    assert abs(deadline - time.time()) < 60
     assert body["settings"]["prompt"] == "a horse floats away"
     # The secrets never travel in the request.
     assert "test-stack-secret" not in request.content.decode()

@@ -27,14 +27,17 @@ NEEDED: dict[str, set[str]] = {
         "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueAttributes",
+        "sqs:SendMessage",  # a job waiting for backend capacity goes back to its own queue
         # sidecar + media (inbox/), decoded data: media and the GPU's presigned PUT (work/), error.json
         "s3:GetObject",
         "s3:PutObject",
         "s3:ListBucket",  # a missing object reads 404, not 403
-        # conditional create / transitions; no Scan, Query, DeleteItem
+        # conditional create / transitions; no Scan, DeleteItem
         "dynamodb:GetItem",
         "dynamodb:PutItem",
         "dynamodb:UpdateItem",
+        "dynamodb:Query",  # only the backend-state index: jobs outstanding at a backend
+        "dynamodb:BatchGetItem",  # re-reading the few jobs admitted in the last minutes
         "sns:Publish",
         "secretsmanager:GetSecretValue",
     },

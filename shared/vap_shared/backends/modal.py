@@ -9,6 +9,7 @@ import httpx
 from pydantic import ValidationError
 
 from ..gpu_contract import GpuJobRequest, SubmitResponse
+from ..gpu_urls import refresh_url, service_url_fields
 from ..signing import derive_callback_key
 from ..urls import UrlNotAllowed, check_service_url
 from .base import (
@@ -57,6 +58,9 @@ class ModalBackend:
             callback_key=key.hex(),
             settings=request.settings,
             num_inference_steps=self._steps,
+            deadline_unix=request.deadline_unix,
+            refresh_url=refresh_url(request.webhook_base_url, request.job_id),
+            service_urls=service_url_fields(request.video, request.image),
         )
 
     def submit(self, request: DispatchRequest) -> Dispatch:
