@@ -74,8 +74,12 @@ NEEDED: dict[str, set[str]] = {
     },
 }
 
-# The only places a `*` may appear in a resource: objects under one of the bucket's prefixes.
-SCOPED_WILDCARD = re.compile(r"^arn:\$\{AWS::Partition\}:s3:::\$\{Bucket\}/(inbox|work|outputs)/\*$")
+# The only places a `*` may appear in a resource: objects under one of the bucket's prefixes, or
+# the GPU's uploads of any job in work/ (what the webhook and sweeper presign for it).
+SCOPED_WILDCARD = re.compile(
+    r"^arn:\$\{AWS::Partition\}:s3:::\$\{Bucket\}/"
+    r"((inbox|work|outputs)/\*|work/\*/(video\.mp4|poster\.jpg|preview\.webp))$"
+)
 
 
 @pytest.fixture(scope="module")

@@ -230,13 +230,17 @@ def _s3_grants(cfn: Template, role: str) -> dict[str, set[str]]:
     return grants
 
 
+GPU_UPLOAD_GRANTS = {"/work/*/video.mp4", "/work/*/poster.jpg", "/work/*/preview.webp"}
+
+
 def test_s3_access_is_scoped_to_prefixes(cfn: Template) -> None:
     ingest = _s3_grants(cfn, "IngestRole")
     assert ingest["s3:GetObject"] == {"/inbox/*", "/work/*"}
     assert ingest["s3:PutObject"] == {"/work/*", "/outputs/*"}
     webhook = _s3_grants(cfn, "WebhookRole")
     assert webhook["s3:GetObject"] == {"/inbox/*", "/work/*"}
-    assert webhook["s3:PutObject"] == {"/outputs/*"}
+    # outputs/, and the GPU uploads it presigns on a URL refresh or a fallback to Modal.
+    assert webhook["s3:PutObject"] == {"/outputs/*", *GPU_UPLOAD_GRANTS}
     for grants in (ingest, webhook):
         assert not {"s3:DeleteObject", "s3:PutBucketPolicy", "s3:PutObjectAcl"} & set(grants)
 
@@ -374,7 +378,7 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
     grants = _s3_grants(cfn, "SweeperRole")
     assert grants == {
         "s3:GetObject": {"/inbox/*", "/work/*"},
-        "s3:PutObject": {"/outputs/*"},
+        "s3:PutObject": {"/outputs/*", *GPU_UPLOAD_GRANTS},
         "s3:AbortMultipartUpload": {"/outputs/*"},
         "s3:ListBucket": {""},
     }
