@@ -83,18 +83,22 @@ def start_local_gpu_server(
     work_max_side: int | None = None,
     allow_http_loopback: bool = True,
     startup_timeout_s: float = 120.0,
+    max_workers: int = 1,
 ) -> LocalGpuServer:
     """Serve the GPU API on `host:port` in a background thread; returns once it accepts requests.
 
     `port=0` picks a free port (read it from `.url`). Inputs and callbacks may be plain http on
     127.0.0.1/localhost (the local stack's moto and webhook) unless `allow_http_loopback=False`.
+    `max_workers` jobs run at once (like that many GPU containers).
     """
     engine, safety = build_engine(engine_name, work_max_side)
     config = RunnerConfig(
         default_steps=steps or default_steps(fallback=LOCAL_DEFAULT_STEPS),
         allow_http_loopback=allow_http_loopback,
     )
-    executor = LocalExecutor(engine, safety=safety, config=config, http=httpx.Client())
+    executor = LocalExecutor(
+        engine, safety=safety, config=config, http=httpx.Client(), max_workers=max_workers
+    )
     app = create_app(executor, auth=(key, secret))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, name="vap-local-gpu", daemon=True)
