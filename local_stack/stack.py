@@ -22,6 +22,7 @@ from typing import Any
 import boto3
 import httpx
 from moto.server import ThreadedMotoServer
+from vap_shared.budget import LOCAL_TIME_SCALE_ENV
 
 from local_stack.emulator import Deployer, Deployment, layer_dirs
 from local_stack.fal_server import FalServer
@@ -51,6 +52,14 @@ class LocalStackConfig:
     visibility_timeout_s: int | None = None
     gpu_engine: str = "tiny"  # "tiny" (real code path, random weights), "fake", or "none"
     gpu_steps: int | None = None
+    # Jobs the local GPU server runs at once (like Modal containers; pair with ModalContainers).
+    gpu_workers: int = 1
+    # Local-only: a job waiting for backend capacity is looked at again after this many seconds
+    # (CAPACITY_RECHECK_SECONDS; the deployed default is 60).
+    capacity_recheck_s: int | None = 2
+    # Local-only: VAP_LOCAL_TIME_SCALE, every job-budget duration multiplied by this (e.g. 0.001
+    # turns the 7200 s default into 8 s), for the functions and the in-process GPU server alike.
+    time_scale: float | None = None
     state_file: Path | None = None
 
 
@@ -190,6 +199,7 @@ class LocalStack:
             self.modal_token[1],
             self.config.gpu_engine,  # type: ignore[arg-type]
             steps=self.config.gpu_steps,
+            workers=self.config.gpu_workers,
         )
 
     def local_environment(self, function_env: Mapping[str, str], webhook_port: int) -> dict[str, str]:
@@ -210,6 +220,11 @@ class LocalStack:
             env["WEBHOOK_BASE_URL"] = env["WEBHOOK_BASE_URL"].replace("https://", "http://", 1)
             assert env["WEBHOOK_BASE_URL"] == f"http://{LOOPBACK}:{webhook_port}", env["WEBHOOK_BASE_URL"]
         env["VAP_ALLOW_HTTP_LOOPBACK"] = "1"
+        cfg = self.config
+        if cfg.capacity_recheck_s is not None and "INGEST_QUEUE_URL" in env:
+            env["CAPACITY_RECHECK_SECONDS"] = str(cfg.capacity_recheck_s)
+        if cfg.time_scale is not None:
+            env[LOCAL_TIME_SCALE_ENV] = str(cfg.time_scale)
         return env
 
     def _load_functions(self, webhook_port: int) -> None:
@@ -380,10 +395,20 @@ class LocalStack:
             ]
         )
 
-    def run_sweeper(self) -> dict[str, Any]:
+    def run_sweeper(self, time_scale: float | None = None) -> dict[str, Any]:
         """Invoke the sweeper now, as its EventBridge schedule would (the schedule itself does not
         run locally); returns its report `{"counts": ..., "jobs": {job_id: outcome}}`. Deadlines
-        follow `JOB_DEADLINE_SECONDS`, e.g. `with stack.environment(JOB_DEADLINE_SECONDS="1"): ...`."""
+        follow the job budget; `time_scale` runs this one sweep with every budget duration
+        multiplied by it (local only, `VAP_LOCAL_TIME_SCALE`): e.g. 0.0001 makes a job overdue one
+        second after its dispatch and stops a still-running one after two."""
+        if time_scale is not None:
+            sweeper = self.functions[SWEEPER]  # only the sweeper starts afresh with the scale
+            try:
+                with _env({LOCAL_TIME_SCALE_ENV: str(time_scale)}):
+                    sweeper.reset()
+                    return self.run_sweeper()
+            finally:
+                sweeper.reset()
         event = {
             "version": "0",
             "id": secrets.token_hex(8),

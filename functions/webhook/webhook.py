@@ -23,6 +23,7 @@ try:
     from aws_lambda_powertools.utilities.typing import LambdaContext
     from vap_shared.config import Settings, settings_at_cold_start
     from vap_shared.runtime import Runtime
+    from vap_shared.url_refresh import handle_url_refresh
     from vap_shared.webhook_logic import Reply, handle_fal_webhook, handle_gpu_callback
 finally:
     gc.freeze()
@@ -88,12 +89,16 @@ def _handle(
 
 def build_app() -> LambdaFunctionUrlResolver:
     """A resolver per invocation: it keeps the current event on itself, and the local stack runs
-    concurrent invocations as threads of one process (cheap: two routes)."""
+    concurrent invocations as threads of one process (cheap: three routes)."""
     app = LambdaFunctionUrlResolver()
 
     @app.post("/callbacks/gpu/<job_id>")
     def gpu_callback(job_id: str) -> Response:
         return _handle(app.current_event.raw_event, job_id, handle_gpu_callback)
+
+    @app.post("/callbacks/gpu/<job_id>/urls")
+    def gpu_url_refresh(job_id: str) -> Response:
+        return _handle(app.current_event.raw_event, job_id, handle_url_refresh)
 
     @app.post("/callbacks/fal/<job_id>")
     def fal_webhook(job_id: str) -> Response:

@@ -11,15 +11,22 @@ derive their limits from it here, so they cannot contradict each other:
 - URLs sent at dispatch live B (the GPU also fetches fresh ones when it starts and before it uploads).
 - The sweeper asks a backend about a job it has heard nothing from for `silence_s`, and stops a job
   only after `stop_after_s` (B + grace): by then the GPU side has reported or is dead.
+
+Local stack only: `VAP_LOCAL_TIME_SCALE` (a factor in (0, 1], never set by the template or on Modal)
+multiplies every duration a budget gives, so a load test lives through a whole budget in seconds.
+The parameter itself keeps its deployable range; only the derived durations shrink.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 STARTUP_S = 1200  # Modal startup_timeout: a cold container loading the weights
-MIN_RUN_S = 600  # the smallest per-run limit a budget may give (a 480p job needs minutes)
+MIN_RUN_S = 900  # the smallest per-run limit a budget may give (a 720p job needs many minutes)
 MIN_BUDGET_S = STARTUP_S + 2 * MIN_RUN_S  # 3000
 MAX_BUDGET_S = 24 * 3600  # Modal's longest timeout; presigned URLs may live up to 7 days
 DEFAULT_BUDGET_S = 7200
@@ -28,6 +35,8 @@ UPLOAD_MARGIN_S = 120  # time kept for encode + upload + callback before the dea
 SWEEP_GRACE_S = 600  # after the budget: callbacks in flight, retries of the webhook
 DEFAULT_MODAL_CONTAINERS = 2
 DEFAULT_FAL_MAX_OUTSTANDING = 20
+SILENCE_MIN_S, SILENCE_MAX_S = 300, 1800
+LOCAL_TIME_SCALE_ENV = "VAP_LOCAL_TIME_SCALE"
 
 
 class BudgetError(ValueError):
@@ -40,6 +49,8 @@ class Budget:
     modal_containers: int = DEFAULT_MODAL_CONTAINERS
     fal_max_outstanding: int = DEFAULT_FAL_MAX_OUTSTANDING
     startup_s: int = STARTUP_S
+    # Local stack only (see the module docstring): 1.0 everywhere else.
+    time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not MIN_BUDGET_S <= self.job_s <= MAX_BUDGET_S:
@@ -48,37 +59,76 @@ class Budget:
             )
         if self.modal_containers < 1 or self.fal_max_outstanding < 1:
             raise BudgetError("pool sizes must be at least 1")
+        if not 0 < self.time_scale <= 1:
+            raise BudgetError(f"the local time scale must be in (0, 1], got {self.time_scale}")
+        if self.run_s < 1:
+            raise BudgetError(f"the local time scale {self.time_scale} leaves no time for a run")
+
+    def _t(self, seconds: int) -> int:
+        """A duration under the local time scale (whole seconds, at least 1)."""
+        if self.time_scale == 1:
+            return seconds
+        return max(1, math.ceil(seconds * self.time_scale))
+
+    @property
+    def total_s(self) -> int:
+        """B: dispatch to stored result (the parameter, under the local time scale)."""
+        return self._t(self.job_s)
+
+    @property
+    def startup_allowance_s(self) -> int:
+        """S: Modal's `startup_timeout`."""
+        return self._t(self.startup_s)
 
     @property
     def run_s(self) -> int:
         """Modal's per-run `timeout`."""
-        return (self.job_s - self.startup_s) // 2
+        return (self.total_s - self.startup_allowance_s) // 2
+
+    @property
+    def runner_margin_s(self) -> int:
+        return self._t(RUNNER_MARGIN_S)
+
+    @property
+    def upload_margin_s(self) -> int:
+        return self._t(UPLOAD_MARGIN_S)
 
     @property
     def url_ttl_s(self) -> int:
-        """Lifetime of the presigned URLs sent at dispatch."""
-        return self.job_s
+        """Lifetime of the presigned URLs sent at dispatch (and of refreshed ones)."""
+        return self.total_s
 
     @property
     def silence_s(self) -> int:
         """The sweeper asks the backend about a job it has heard nothing from for this long."""
-        return max(300, min(1800, self.run_s // 2))
+        return max(self._t(SILENCE_MIN_S), min(self._t(SILENCE_MAX_S), self.run_s // 2))
 
     @property
     def stop_after_s(self) -> int:
         """The sweeper stops a job still queued/running this long after its dispatch."""
-        return self.job_s + SWEEP_GRACE_S
+        return self.total_s + self._t(SWEEP_GRACE_S)
 
     def capacity(self, backend: Literal["modal", "fal"]) -> int:
         """Jobs that may be outstanding (dispatched or running) at `backend` at once."""
         return 2 * self.modal_containers if backend == "modal" else self.fal_max_outstanding
 
     def deadline_unix(self, dispatched_unix: float) -> int:
-        return int(dispatched_unix) + self.job_s
+        return int(dispatched_unix) + self.total_s
 
     def runner_limit_s(self, now_unix: float, deadline_unix: int | None) -> float:
         """How long a run that starts now may generate: within Modal's timeout and the deadline."""
-        limit = float(self.run_s - RUNNER_MARGIN_S)
+        limit = float(self.run_s - self.runner_margin_s)
         if deadline_unix is not None:
-            limit = min(limit, deadline_unix - now_unix - UPLOAD_MARGIN_S)
+            limit = min(limit, deadline_unix - now_unix - self.upload_margin_s)
         return limit
+
+
+def local_time_scale(env: Mapping[str, str] | None = None) -> float:
+    """`VAP_LOCAL_TIME_SCALE` (local stack only; 1.0 when unset)."""
+    raw = (os.environ if env is None else env).get(LOCAL_TIME_SCALE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        return float(raw)
+    except ValueError:
+        raise BudgetError(f"{LOCAL_TIME_SCALE_ENV} must be a number, got {raw!r}") from None

@@ -1,14 +1,31 @@
-"""Typed settings read once from the Lambda environment (names in docs/contracts.md)."""
+"""Typed settings read once from the Lambda environment (names in docs/contracts.md).
+
+The defaults here are THE defaults: template.yaml repeats each one as its parameter's `Default`
+(CloudFormation needs a literal) and `tests/unit/test_settings_source.py` keeps the two equal.
+Every time limit comes from the job budget (`vap_shared.budget`), never from a setting of its own.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, cast
+
+from .budget import (
+    DEFAULT_BUDGET_S,
+    DEFAULT_FAL_MAX_OUTSTANDING,
+    DEFAULT_MODAL_CONTAINERS,
+    Budget,
+    BudgetError,
+    local_time_scale,
+)
 
 BackendChoice = Literal["auto", "modal", "fal"]
 _BACKENDS = ("auto", "modal", "fal")
+MAX_SQS_DELAY_S = 900  # SQS DelaySeconds cannot be longer
 
 
 class ConfigError(ValueError):
@@ -32,6 +49,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _scale(env: Mapping[str, str]) -> float:
+    try:
+        return local_time_scale(env)
+    except BudgetError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _prefix(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     return value if value.endswith("/") else value + "/"
@@ -50,29 +74,58 @@ class Settings:
     fal_endpoint_id: str = "fal-ai/video-as-prompt"
     fal_queue_url: str = "https://queue.fal.run"
     fal_jwks_url: str = "https://rest.alpha.fal.ai/.well-known/jwks.json"
-    fal_media_hosts: tuple[str, ...] = ("*.fal.media", "fal.media")
+    fal_media_hosts: tuple[str, ...] = ("fal.media", "*.fal.media")
     # When set, fal webhooks for any other fal user id are rejected (fal signs all users' alike).
     fal_user_id: str = ""
-    allowed_media_hosts: tuple[str, ...] = ()
+    allowed_media_hosts: tuple[str, ...] = ("storage.googleapis.com", "fal.media", "*.fal.media")
     webhook_base_url: str = ""
     signing_secret_arn: str = ""
     fal_key_secret_arn: str = ""
     modal_token_secret_arn: str = ""
-    max_sidecar_bytes: int = 65_536
+    # Room for two data: URIs of max_data_uri_bytes each (base64 adds a third).
+    max_sidecar_bytes: int = 16 * 1024 * 1024
     max_data_uri_bytes: int = 5 * 1024 * 1024
-    max_output_bytes: int = 512 * 1024 * 1024
+    max_output_bytes: int = 500 * 1024 * 1024
     max_input_bytes: int = 1024 * 1024 * 1024
-    presign_ttl_seconds: int = 3600
     job_ttl_days: int = 30
     # How many SQS receives a job may wait for missing media / a transiently down backend.
     ingest_max_attempts: int = 4
-    # The sweeper acts on dispatched/running jobs whose dispatch is older than this.
-    job_deadline_seconds: int = 1800
+    # The job budget B and the pools it is shared by (vap_shared.budget derives every limit).
+    job_budget_seconds: int = DEFAULT_BUDGET_S
+    modal_containers: int = DEFAULT_MODAL_CONTAINERS
+    fal_max_outstanding: int = DEFAULT_FAL_MAX_OUTSTANDING
+    # A job waiting for backend capacity is looked at again after this long (SQS DelaySeconds).
+    capacity_recheck_seconds: int = 60
+    # The ingest queue itself: a waiting job's message is re-sent there with a delay.
+    ingest_queue_url: str = ""
+    # Local stack only (VAP_LOCAL_TIME_SCALE): every budget duration multiplied by this.
+    local_time_scale: float = 1.0
     # The ingest queue's dead-letter queue, drained by the sweeper (crash-looping sidecars end failed),
     # and how many deliveries a message got before it landed there (the queue's maxReceiveCount).
     ingest_dlq_url: str = ""
     ingest_max_receive_count: int = 5
     allow_http_loopback: bool = False
+
+    @cached_property
+    def budget(self) -> Budget:
+        return Budget(
+            job_s=self.job_budget_seconds,
+            modal_containers=self.modal_containers,
+            fal_max_outstanding=self.fal_max_outstanding,
+            time_scale=self.local_time_scale,
+        )
+
+    @property
+    def presign_ttl_seconds(self) -> int:
+        """Lifetime of every presigned media URL the service hands a backend: the budget's."""
+        return self.budget.url_ttl_s
+
+    @cached_property
+    def job_deadline_seconds(self) -> int:
+        """For the sweeper until it reads `budget.silence_s`/`stop_after_s` itself: it asks the
+        backend after this long and stops a run after twice this, i.e. never before the budget's
+        `stop_after_s` (the GPU side's own deadline plus grace)."""
+        return math.ceil(self.budget.stop_after_s / 2)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -85,7 +138,8 @@ class Settings:
             raise ConfigError(f"DEFAULT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
         defaults = cls(bucket_name="", jobs_table="", topic_arn="")
         fal_hosts = env.get("FAL_MEDIA_HOSTS")
-        return cls(
+        allowed_hosts = env.get("ALLOWED_MEDIA_HOSTS")
+        settings = cls(
             bucket_name=env["BUCKET_NAME"],
             jobs_table=env["JOBS_TABLE"],
             topic_arn=env["TOPIC_ARN"],
@@ -99,7 +153,9 @@ class Settings:
             fal_jwks_url=env.get("FAL_JWKS_URL", "").strip() or defaults.fal_jwks_url,
             fal_media_hosts=_hosts(fal_hosts) if fal_hosts is not None else defaults.fal_media_hosts,
             fal_user_id=env.get("FAL_USER_ID", "").strip(),
-            allowed_media_hosts=_hosts(env.get("ALLOWED_MEDIA_HOSTS", "")),
+            allowed_media_hosts=(
+                _hosts(allowed_hosts) if allowed_hosts is not None else defaults.allowed_media_hosts
+            ),
             webhook_base_url=env.get("WEBHOOK_BASE_URL", "").strip().rstrip("/"),
             signing_secret_arn=env.get("SIGNING_SECRET_ARN", "").strip(),
             fal_key_secret_arn=env.get("FAL_KEY_SECRET_ARN", "").strip(),
@@ -108,14 +164,26 @@ class Settings:
             max_data_uri_bytes=_int(env, "MAX_DATA_URI_BYTES", defaults.max_data_uri_bytes),
             max_output_bytes=_int(env, "MAX_OUTPUT_BYTES", defaults.max_output_bytes),
             max_input_bytes=_int(env, "MAX_INPUT_BYTES", defaults.max_input_bytes),
-            presign_ttl_seconds=_int(env, "PRESIGN_TTL_SECONDS", defaults.presign_ttl_seconds),
             job_ttl_days=_int(env, "JOB_TTL_DAYS", defaults.job_ttl_days),
             ingest_max_attempts=_int(env, "INGEST_MAX_ATTEMPTS", defaults.ingest_max_attempts),
-            job_deadline_seconds=_int(env, "JOB_DEADLINE_SECONDS", defaults.job_deadline_seconds),
+            job_budget_seconds=_int(env, "JOB_BUDGET_SECONDS", defaults.job_budget_seconds),
+            modal_containers=_int(env, "MODAL_CONTAINERS", defaults.modal_containers),
+            fal_max_outstanding=_int(env, "FAL_MAX_OUTSTANDING", defaults.fal_max_outstanding),
+            capacity_recheck_seconds=min(
+                MAX_SQS_DELAY_S,
+                _int(env, "CAPACITY_RECHECK_SECONDS", defaults.capacity_recheck_seconds),
+            ),
+            ingest_queue_url=env.get("INGEST_QUEUE_URL", "").strip(),
+            local_time_scale=_scale(env),
             ingest_dlq_url=env.get("INGEST_DLQ_URL", "").strip(),
             ingest_max_receive_count=_int(env, "INGEST_MAX_RECEIVE_COUNT", defaults.ingest_max_receive_count),
             allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
         )
+        try:
+            settings.budget  # noqa: B018 - validate the budget once, at cold start
+        except BudgetError as exc:
+            raise ConfigError(str(exc)) from None
+        return settings
 
 
 def settings_at_cold_start() -> Settings | None:

@@ -3,26 +3,39 @@
 Raises `TransientJobError` when the SQS message should be retried (media not uploaded yet, both
 backends down); permanent problems end the job as failed and return normally, so SQS drops the
 message instead of retrying it into the DLQ.
+
+Backpressure: a job is dispatched only while the jobs outstanding at its backend are below what the
+job budget allows there (`Budget.capacity`). Otherwise it stays `received` (status.json `queued`),
+its message is sent again to the ingest queue with a delay, and the delivery in hand is consumed:
+waiting is never an attempt (the new message starts at receive count 1). An `auto` job waits for
+Modal rather than going to fal because Modal is busy: fal is the fallback for Modal *failing*,
+and a full pool is the normal state of a burst (fal would cost more and take every burst).
+Duplicates are harmless: the job id comes from the event, the dispatch lease lets one delivery
+dispatch, and a waiting duplicate finds the job dispatched and ends.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from secrets import randbelow
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
-from .backends.base import DispatchRequest
+from .backends.base import Backend, Dispatch, DispatchRequest
 from .backends.dispatch import DispatchFailed, dispatch
 from .errors import FieldError, PermanentJobError, TransientJobError, field_error
+from .gpu_urls import service_url_fields
+from .job_store import JobStore
 from .jobs import Job, iso, utcnow
-from .lifecycle import fail_job, finalize_terminal
+from .lifecycle import fail_job, finalize_terminal, request_from_job
 from .media import MediaRef, data_extension, resolve_reference, sniff
 from .naming import job_id as make_job_id
 from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
@@ -37,6 +50,46 @@ logger = Logger(child=True)
 # queue's visibility timeout, so a crashed attempt's redelivery can take over.
 DISPATCH_LEASE_SECONDS = 120
 MEDIA_FIELDS = ("video_url", "image_url")
+# A place taken at a backend counts from the admission record until the job shows in the index:
+# longer than a dispatch (its lease) plus the index's lag.
+ADMISSION_HOLD_SECONDS = DISPATCH_LEASE_SECONDS + 60
+
+
+class BackendBusy(Exception):
+    """The backend has no room for the job now (not a failure: the job waits its turn)."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(f"{backend} is at capacity")
+        self.backend = backend
+
+
+class JobWaiting(Exception):
+    """Raised by `handle_event` for a job that waits for capacity (its lease is released)."""
+
+    def __init__(self, job_id: str, backend: str) -> None:
+        super().__init__(f"job {job_id} waits for {backend}")
+        self.job_id = job_id
+        self.backend = backend
+
+
+class AdmittedBackend:
+    """A backend whose submit first takes one of the `capacity` places ingest may use there."""
+
+    def __init__(self, inner: Backend, store: JobStore, capacity: int) -> None:
+        self._inner = inner
+        self._store = store
+        self._capacity = capacity
+        self.name: Literal["modal", "fal"] = inner.name
+
+    def submit(self, request: DispatchRequest) -> Dispatch:
+        now = int(time.time())
+        if not self._store.admit(self.name, request.job_id, self._capacity, now, ADMISSION_HOLD_SECONDS):
+            raise BackendBusy(self.name)
+        try:
+            return self._inner.submit(request)
+        except Exception:
+            self._store.release_admission(self.name, request.job_id)  # the place was never used
+            raise
 
 
 @dataclass(frozen=True)
@@ -96,13 +149,55 @@ def parse_sqs_body(body: str) -> list[S3ObjectEvent]:
 
 
 class Ingestor:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, sqs: Any = None) -> None:
         self.rt = rt
         self.settings = rt.settings
+        self._sqs = sqs
+        self._lock = threading.Lock()
+
+    @property
+    def sqs(self) -> Any:
+        """SQS client for re-queueing waiting jobs, built on first use (concurrent threads locally)."""
+        if self._sqs is None:
+            with self._lock:
+                if self._sqs is None:
+                    self._sqs = self.rt.session.client("sqs")
+        return self._sqs
 
     def handle_message(self, body: str, receive_count: int = 1) -> list[str]:
-        """Process every S3 record in one SQS message; returns the job ids touched."""
-        return [jid for event in parse_sqs_body(body) if (jid := self.handle_event(event, receive_count))]
+        """Process every S3 record in one SQS message; returns the job ids touched. A message with
+        a job waiting for capacity is sent again with a delay (then this delivery may be deleted)."""
+        touched: list[str] = []
+        waiting: list[JobWaiting] = []
+        for event in parse_sqs_body(body):
+            try:
+                jid = self.handle_event(event, receive_count)
+            except JobWaiting as exc:
+                waiting.append(exc)
+                touched.append(exc.job_id)
+                continue
+            if jid:
+                touched.append(jid)
+        if waiting:
+            self._requeue(body, waiting)
+        return touched
+
+    def _requeue(self, body: str, waiting: list[JobWaiting]) -> None:
+        s = self.settings
+        if not s.ingest_queue_url:
+            raise TransientJobError([field_error(None, "The service has no INGEST_QUEUE_URL configured.")])
+        delay = s.capacity_recheck_seconds
+        # Jitter: a burst's waiting jobs do not all look again at the same moment.
+        delay = random.randint(max(1, delay // 2), delay) if delay > 1 else delay
+        self.sqs.send_message(QueueUrl=s.ingest_queue_url, MessageBody=body, DelaySeconds=delay)
+        logger.info(
+            "waiting for backend capacity",
+            extra={
+                "job_ids": [w.job_id for w in waiting],
+                "backends": sorted({w.backend for w in waiting}),
+                "recheck_s": delay,
+            },
+        )
 
     def handle_event(self, event: S3ObjectEvent, receive_count: int = 1) -> str | None:
         s = self.settings
@@ -125,6 +220,9 @@ class Ingestor:
             return jid
         try:
             self._process(job, event, receive_count)
+        except BackendBusy as exc:
+            self.rt.store.release_dispatch_lease(jid)
+            raise JobWaiting(jid, exc.backend) from None
         except PermanentJobError as exc:
             fail_job(self.rt, jid, exc.errors)
         except TransientJobError as exc:
@@ -287,6 +385,10 @@ class Ingestor:
 
     def _process(self, job: Job, event: S3ObjectEvent, receive_count: int) -> None:
         s = self.settings
+        if job.inputs and job.settings and job.requested_backend and job.webhook_base_url:
+            # Validated on an earlier delivery (it waited for capacity): dispatch what was recorded.
+            self._dispatch(job, request_from_job(job), job.requested_backend, receive_count)
+            return
         raw = self._read_sidecar(event)
         sidecar, refs = self._validate(raw, event)
         self._check_media(refs)
@@ -308,6 +410,7 @@ class Ingestor:
                 "inputs": inputs,
                 "webhook_base_url": s.webhook_base_url,
                 "seed": settings.seed,
+                "service_urls": list(service_url_fields(refs["video_url"], refs["image_url"])),
             },
             iso(utcnow()),
             only_if_absent="backend_call_id",
@@ -321,8 +424,21 @@ class Ingestor:
         )
         if not s.webhook_base_url:
             raise TransientJobError([field_error(None, "The service has no WEBHOOK_BASE_URL configured.")])
+        self._dispatch(job, request, choice, receive_count)
+
+    def _admitted_backends(self) -> dict[str, Backend]:
+        budget, store = self.settings.budget, self.rt.store
+        return {
+            name: AdmittedBackend(backend, store, budget.capacity(backend.name))
+            for name, backend in self.rt.backends.items()
+        }
+
+    def _dispatch(self, job: Job, request: DispatchRequest, choice: str, receive_count: int) -> None:
+        """Submit within the backends' capacity (`BackendBusy` when the first one tried is full)
+        and record the dispatch."""
+        request = replace(request, deadline_unix=self.settings.budget.deadline_unix(time.time()))
         try:
-            outcome = dispatch(request, choice, self.rt.backends)
+            outcome = dispatch(request, choice, self._admitted_backends())
         except DispatchFailed as exc:
             if exc.retryable:
                 raise TransientJobError(exc.errors) from None
@@ -344,7 +460,7 @@ class Ingestor:
             # A callback already moved the job on (running/terminal): keep its state, add our fields.
             self.rt.store.update_fields(job.job_id, fields, iso(utcnow()), only_if_absent="backend_call_id")
         else:
-            write_status(self.rt.s3, s.bucket_name, updated)
+            write_status(self.rt.s3, self.settings.bucket_name, updated)
         logger.info(
             "job dispatched",
             extra={

@@ -9,7 +9,7 @@ from typing import Any
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
-from .jobs import ALLOWED_FROM, Job
+from .jobs import ALLOWED_FROM, TERMINAL, Job
 
 # Nested values are stored as JSON strings: no float→Decimal conversions, and the record
 # stays readable in the console.
@@ -19,6 +19,17 @@ _JSON_FIELDS = ("settings", "inputs", "fal_urls", "progress", "errors")
 # Sparse-by-state GSI the sweeper queries: partition `state`, sort `dispatched_at` (ISO-8601 UTC,
 # sorts as time). Only items that have `dispatched_at` are in it, and a query reads one state.
 DEADLINE_INDEX = "state-dispatched_at"
+# Ingest's capacity check: partition `backend`, sort `state` (keys only). A job counts at a backend
+# exactly while its own record says dispatched/running there: nothing to increment or leak.
+BACKEND_INDEX = "backend-state"
+OUTSTANDING_STATES = ("dispatched", "running")
+# Sparse: `unsettled` is set by every terminal transition and removed once the job is notified and
+# its terminal status.json is written, so the catch-up reads only jobs that still need work.
+UNSETTLED_INDEX = "unsettled-job_id"
+UNSETTLED = "1"
+# Items of the admission record (one per backend) share the table; job ids never contain '#'.
+_ADMISSION_KEY = "admission#{backend}"
+ADMISSION_RETRIES = 5
 
 _SERIALIZER = TypeSerializer()
 _DESERIALIZER = TypeDeserializer()
@@ -142,8 +153,11 @@ class JobStore:
     ) -> Job | None:
         """Move to `target` if allowed from the current state; None when the condition failed.
 
-        A terminal state is never left because no state lists a terminal one as its source.
+        A terminal state is never left because no state lists a terminal one as its source. A
+        terminal one marks the job unsettled until it is notified and its status.json written.
         """
+        if target in TERMINAL:
+            fields = {**fields, "unsettled": UNSETTLED}
         allowed = ALLOWED_FROM[target]
         sources = tuple(x for x in (sources or allowed) if x in allowed)
         values = {f":s{i}": s for i, s in enumerate(sources)}
@@ -232,3 +246,164 @@ class JobStore:
                 break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         return ids[:limit]
+
+    # ------------------------------------------------------------------ settling finished jobs
+    def mark_status_written(self, job_id: str, now_iso: str) -> None:
+        """Record when the terminal status.json was first written (only a terminal job has one)."""
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key=_wire({"job_id": job_id}),
+                UpdateExpression="SET #w = if_not_exists(#w, :now)",
+                ConditionExpression="attribute_exists(job_id)",
+                ExpressionAttributeNames={"#w": "status_written_at"},
+                ExpressionAttributeValues=_wire({":now": now_iso}),
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+
+    def settle(self, job_id: str) -> bool:
+        """Drop the job from the unsettled index once it is notified and its terminal status is
+        written; False while something is still missing."""
+        result = self._update(
+            job_id,
+            {"unsettled": None},
+            "attribute_exists(#n) AND attribute_exists(#w)",
+            {"#n": "notified_at", "#w": "status_written_at"},
+            {},
+        )
+        return result is not None
+
+    def unsettled_terminal(self, limit: int = 100) -> list[str]:
+        """Finished jobs whose notification or terminal status.json is missing (oldest id first).
+        Reads only those: the index holds nothing else."""
+        ids: list[str] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "IndexName": UNSETTLED_INDEX,
+            "KeyConditionExpression": "#u = :u",
+            "ExpressionAttributeNames": {"#u": "unsettled"},
+            "ExpressionAttributeValues": _wire({":u": UNSETTLED}),
+        }
+        while len(ids) < limit:
+            page = self._client.query(**kwargs, Limit=limit - len(ids))
+            ids.extend(str(_unwire(item)["job_id"]) for item in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                break
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return ids[:limit]
+
+    # ------------------------------------------------------------------ backend capacity
+    def outstanding_ids(self, backend: str) -> set[str]:
+        """Jobs dispatched/running at `backend`, from the index (eventually consistent)."""
+        ids: set[str] = set()
+        for state in OUTSTANDING_STATES:
+            kwargs: dict[str, Any] = {
+                "TableName": self._table,
+                "IndexName": BACKEND_INDEX,
+                "KeyConditionExpression": "#b = :b AND #s = :s",
+                "ExpressionAttributeNames": {"#b": "backend", "#s": "state"},
+                "ExpressionAttributeValues": _wire({":b": backend, ":s": state}),
+            }
+            while True:
+                page = self._client.query(**kwargs)
+                ids.update(str(_unwire(item)["job_id"]) for item in page.get("Items", []))
+                if "LastEvaluatedKey" not in page:
+                    break
+                kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return ids
+
+    def outstanding(self, backend: str) -> int:
+        """How many jobs are dispatched/running at `backend` (what ingest compares to capacity)."""
+        return len(self.outstanding_ids(backend))
+
+    def admit(self, backend: str, job_id: str, capacity: int, now: int, hold_s: int) -> bool:
+        """Take one of `capacity` places at `backend` for `job_id`; False when all are taken.
+
+        The index alone would let two ingest invocations both see one free place, and it lags
+        writes: so each admission is also written to a per-backend record under optimistic
+        locking (a version), and counted from there until the job shows in the index (at most
+        `hold_s`). Admitting a job that already has a place (a duplicate delivery) is True.
+        """
+        key = _wire({"job_id": _ADMISSION_KEY.format(backend=backend)})
+        for _ in range(ADMISSION_RETRIES):
+            item = self._client.get_item(TableName=self._table, Key=key, ConsistentRead=True).get("Item")
+            record = _unwire(item) if item else {}
+            version = int(record.get("version", 0))
+            recent = {
+                str(j): int(t) for j, t in dict(record.get("recent") or {}).items() if now - int(t) < hold_s
+            }
+            if job_id in recent:
+                return True
+            taken = self.outstanding_ids(backend)
+            if job_id in taken:
+                return True
+            taken |= self._still_admitted(backend, set(recent) - taken, now)
+            if len(taken) >= capacity:
+                return False
+            recent = {j: t for j, t in recent.items() if j in taken}
+            recent[job_id] = now
+            try:
+                self._client.put_item(
+                    TableName=self._table,
+                    Item={**key, **_wire({"version": version + 1, "recent": recent})},
+                    ConditionExpression="attribute_not_exists(job_id) OR version = :v",
+                    ExpressionAttributeValues=_wire({":v": version}),
+                )
+            except ClientError as exc:
+                if _conditional_failed(exc):
+                    continue  # another admission won the race: count again
+                raise
+            return True
+        return False  # heavy contention: the caller waits like for a full backend
+
+    def _still_admitted(self, backend: str, ids: set[str], now: int) -> set[str]:
+        """Recently admitted jobs not (yet) in the index that still hold their place: unless their
+        record shows otherwise (finished, moved to the other backend, or back in `received`
+        without a dispatch lease), they are being dispatched."""
+        held = set(ids)
+        pending = [_wire({"job_id": j}) for j in sorted(ids)]
+        while pending:
+            batch, pending = pending[:100], pending[100:]
+            request: dict[str, Any] = {
+                self._table: {
+                    "Keys": batch,
+                    "ConsistentRead": True,
+                    "ProjectionExpression": "job_id, #s, #b, #l",
+                    "ExpressionAttributeNames": {
+                        "#s": "state",
+                        "#b": "backend",
+                        "#l": "dispatch_lease_until",
+                    },
+                }
+            }
+            while request:
+                response = self._client.batch_get_item(RequestItems=request)
+                for raw in response.get("Responses", {}).get(self._table, []):
+                    job = _unwire(raw)
+                    state, at = job.get("state"), job.get("backend")
+                    leased = int(job.get("dispatch_lease_until") or 0) >= now
+                    if (
+                        state in TERMINAL
+                        or (at is not None and at != backend)
+                        or (state == "received" and not leased)
+                    ):
+                        held.discard(str(job["job_id"]))
+                request = response.get("UnprocessedKeys") or {}
+        return held
+
+    def release_admission(self, backend: str, job_id: str) -> None:
+        """Give back a place whose submit failed (best effort: it also expires by itself)."""
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key=_wire({"job_id": _ADMISSION_KEY.format(backend=backend)}),
+                UpdateExpression="REMOVE #r.#j ADD version :one",
+                ConditionExpression="attribute_exists(#r)",
+                ExpressionAttributeNames={"#r": "recent", "#j": job_id},
+                ExpressionAttributeValues=_wire({":one": 1}),
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise

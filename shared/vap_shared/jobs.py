@@ -61,6 +61,8 @@ class Job(BaseModel):
     fallback_reason: str | None = None
     settings: dict[str, Any] | None = None
     inputs: dict[str, dict[str, Any]] | None = None
+    # GpuJobRequest fields holding our presigned URLs (what a URL refresh renews).
+    service_urls: list[str] | None = None
     webhook_base_url: str | None = None
     seed: int | None = None
     progress: dict[str, int] | None = None
@@ -69,6 +71,9 @@ class Job(BaseModel):
     error_report_key: str | None = None
     errors: list[FieldError] | None = None
     notified_at: str | None = None
+    # When the terminal status.json was written (a finished job is settled once this and
+    # notified_at are set; the sweeper repairs jobs without it).
+    status_written_at: str | None = None
     received_at: str | None = None
     dispatched_at: str | None = None
     completed_at: str | None = None

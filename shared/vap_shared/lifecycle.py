@@ -6,6 +6,8 @@ that a crash left half-done.
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -55,12 +57,24 @@ def notify_once(rt: Runtime, job: Job) -> bool:
     return True
 
 
+def write_terminal_status(rt: Runtime, job: Job) -> None:
+    """The terminal status.json, recorded on the job; raises if S3 refuses it (so the caller's
+    retry writes it again, exactly like a failed notification)."""
+    write_status(rt.s3, rt.settings.bucket_name, job, required=True)
+    rt.store.mark_status_written(job.job_id, iso(utcnow()))
+
+
 def finalize_terminal(rt: Runtime, job: Job) -> None:
-    """Finish what a crash may have skipped for a job already in a terminal state."""
+    """Finish what a crash may have skipped for a job already in a terminal state: error report,
+    terminal status.json (before the notification: a notified job's status is never stale),
+    the one notification, then leave the unsettled index. Raises while any of it fails."""
     if job.state == "failed" and job.error_report_key:
         put_json(rt.s3, rt.settings.bucket_name, job.error_report_key, error_report(job))
-    write_status(rt.s3, rt.settings.bucket_name, job)
+    # Always written, even if written before: a late non-terminal write (a duplicate callback's
+    # `storing`) may have replaced it.
+    write_terminal_status(rt, job)
     notify_once(rt, job)
+    rt.store.settle(job.job_id)
 
 
 def fail_job(
@@ -132,8 +146,11 @@ def fall_back_or_fail(
     )
     if claimed is None:
         return rt.store.get(job.job_id)
+    # A new dispatch gets a whole budget (its URLs and deadline start now). It does not wait for
+    # capacity: the job already held a place, and the webhook cannot park it in the queue.
+    request = replace(request_from_job(job), deadline_unix=rt.settings.budget.deadline_unix(time.time()))
     try:
-        outcome = dispatch_to(request_from_job(job), target, rt.backends)
+        outcome = dispatch_to(request, target, rt.backends)
     except DispatchFailed as exc:
         return fail_job(
             rt, job.job_id, errors + exc.errors, {"fallback_from": failed_backend, "fallback_reason": reason}

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import UTC, datetime
 
+log = logging.getLogger(__name__)
 
-def parse_event_time(value: str | None) -> datetime:
-    """S3's `eventTime` (`2026-11-25T18:23:01.123Z`) as aware UTC; now if absent/unparseable."""
-    if value:
+
+# The time part of a job id whose event has no usable `eventTime`: fixed, so duplicates of that
+# event (and the sweeper reading it from the dead-letter queue) still name the same job.
+UNKNOWN_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_event_time(value: object) -> datetime:
+    """S3's `eventTime` (`2026-11-25T18:23:01.123Z`) as aware UTC; `UNKNOWN_EVENT_TIME` if absent
+    or unparseable. Never the clock: the job id must follow from the event alone."""
+    if isinstance(value, str) and value:
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
             return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
         except ValueError:
-            pass
-    return datetime.now(UTC)
+            log.warning("S3 event with an unparseable eventTime %r; its job id uses the epoch", value[:64])
+            return UNKNOWN_EVENT_TIME
+    log.warning("S3 event without an eventTime; its job id uses the epoch")
+    return UNKNOWN_EVENT_TIME
 
 
 def job_id(event_time: datetime, bucket: str, key: str, etag: str, sequencer: str | None) -> str:
@@ -59,3 +70,16 @@ def work_input_key(work: str, job_id: str, field: str, ext: str) -> str:
     """Decoded `data:` media; `input-` keeps them apart from the GPU's `video.mp4`."""
     stem = field.removesuffix("_url")
     return f"{work}{job_id}/input-{stem}{ext}"
+
+
+# What a URL refresh may presign for the GPU to PUT under work/<job_id>/ (template.yaml grants
+# exactly these names): request field -> (file name, content type).
+GPU_UPLOADS: dict[str, tuple[str, str]] = {
+    "output_put_url": ("video.mp4", "video/mp4"),
+    "poster_put_url": ("poster.jpg", "image/jpeg"),
+    "preview_put_url": ("preview.webp", "image/webp"),
+}
+
+
+def work_upload_key(work: str, job_id: str, field: str) -> str:
+    return f"{work}{job_id}/{GPU_UPLOADS[field][0]}"

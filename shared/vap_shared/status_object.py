@@ -1,8 +1,10 @@
 """`outputs/<dir>/<name>/<job_id>/status.json`: the job's live state, readable without DynamoDB.
 
 Written on every transition (and on throttled GPU progress) by ingest, the webhook and `vap
-cancel`. Best effort: a failed write is logged and never fails the job; the job table stays the
-source of truth for operators.
+cancel`. Progress writes are best effort (a failed one is logged; the next one catches up). The
+terminal write is not: `lifecycle.finalize_terminal` writes it with `required=True` before it
+notifies, so a failure is retried by the same SQS redelivery / webhook retry / sweeper run that
+retries the notification. The job table stays the source of truth for operators.
 """
 
 from __future__ import annotations
@@ -61,11 +63,18 @@ def progress_worth_writing(previous: dict[str, int] | None, current: dict[str, i
     return bool(step * PROGRESS_BUCKETS // total != prev_step * PROGRESS_BUCKETS // prev_total)
 
 
-def write_status(s3: Any, bucket: str, job: Job | None, phase: Phase | None = None) -> None:
-    """Write the job's status object; never raises."""
+def write_status(
+    s3: Any, bucket: str, job: Job | None, phase: Phase | None = None, *, required: bool = False
+) -> bool:
+    """Write the job's status object; True if written. A failure is logged, and raised only when
+    `required` (the terminal write, whose retry must not be lost)."""
     if job is None or not job.output_prefix:
-        return
+        return False
     try:
         put_json(s3, bucket, status_key(job), status_body(job, phase))
     except Exception:
+        if required:
+            raise
         log.warning("could not write %s", status_key(job), exc_info=True)
+        return False
+    return True

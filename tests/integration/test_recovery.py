@@ -43,12 +43,20 @@ def _dispatched(stack: LocalStack, key: str) -> dict[str, Any] | None:
     return _job(stack, key) if items and items[0]["state"]["S"] == "dispatched" else None
 
 
+# Sweeps run with the job budget shrunk (local only): B 7200 s -> 3 s, so a job is overdue (its
+# backend is asked) 2 s after dispatch and a still-running one is stopped after 4 s.
+OVERDUE_SCALE = 0.0003
+OVERDUE_S = 2
+
+
 @pytest.fixture
 def overdue(stack: LocalStack) -> Iterator[None]:
-    """Jobs count as overdue one second after dispatch."""
     quiet(stack)
-    with stack.environment(JOB_DEADLINE_SECONDS="1"):
-        yield
+    yield
+
+
+def sweep(stack: LocalStack) -> dict[str, Any]:
+    return stack.run_sweeper(time_scale=OVERDUE_SCALE)
 
 
 def test_lost_fal_webhook_is_recovered_by_the_sweeper(
@@ -59,14 +67,14 @@ def test_lost_fal_webhook_is_recovered_by_the_sweeper(
     stack.put_job(key, sidecar(backend="fal"), _media(folder, sample_media))
     job = _wait(lambda: _dispatched(stack, key))
     _wait(lambda: fal.requests[job["backend_call_id"]].status == "COMPLETED")
-    time.sleep(1.1)
-    report = stack.run_sweeper()
+    time.sleep(OVERDUE_S + 0.1)
+    report = sweep(stack)
     assert report["jobs"][job["job_id"]] == "recovered", report
     (note,) = stack.wait_for_notification(key, timeout_s=60)
     assert note.body["status"] == "succeeded" and note.body["backend"] == "fal"
     assert get_json(stack, note.body["metadata_key"])["backend"] == "fal"
     # Another sweep, then (late) the webhook itself: still one notification.
-    assert job["job_id"] not in stack.run_sweeper()["jobs"]
+    assert job["job_id"] not in sweep(stack)["jobs"]
     fal._deliver(fal.requests[job["backend_call_id"]])
     settle(1.0)
     assert len(stack.notifications_for(key)) == 1
@@ -105,8 +113,8 @@ def test_lost_gpu_callback_is_recovered_from_the_gpu_status_endpoint(
         headers={"Modal-Key": stack.modal_token[0], "Modal-Secret": stack.modal_token[1]},
     ).json()
     assert status["state"] == "succeeded", status
-    time.sleep(1.1)
-    report = stack.run_sweeper()
+    time.sleep(OVERDUE_S + 0.1)
+    report = sweep(stack)
     assert report["jobs"][job["job_id"]] == "recovered", report
     (note,) = stack.wait_for_notification(key, timeout_s=60)
     assert note.body["status"] == "succeeded" and note.body["backend"] == "modal"
@@ -122,13 +130,13 @@ def test_fal_never_starting_is_cancelled_and_fails_the_job_with_a_clear_reason(
     key = f"{folder}/slow-fal.json"
     stack.put_job(key, sidecar(backend="fal"), _media(folder, sample_media))
     job = _wait(lambda: _dispatched(stack, key))
-    time.sleep(1.1)
-    assert stack.run_sweeper()["jobs"][job["job_id"]] == "running"  # long, not lost: left alone
-    time.sleep(1.0)  # past twice the deadline: stopped
-    assert stack.run_sweeper()["jobs"][job["job_id"]] == "failed"
+    time.sleep(OVERDUE_S + 0.1)
+    assert sweep(stack)["jobs"][job["job_id"]] == "running"  # long, not lost: left alone
+    time.sleep(OVERDUE_S)  # past the budget and its grace: stopped
+    assert sweep(stack)["jobs"][job["job_id"]] == "failed"
     (note,) = stack.wait_for_notification(key, timeout_s=60)
     assert note.body["status"] == "failed"
-    assert "did not finish within 2 s" in note.body["errors"][0]["message"]
+    assert f"did not finish within {2 * OVERDUE_S} s" in note.body["errors"][0]["message"]
     assert fal.requests[job["backend_call_id"]].cancelled  # removed from fal's queue: never runs
 
 
@@ -137,14 +145,14 @@ def test_a_running_fal_request_past_the_deadline_is_waited_for_not_dropped(
 ) -> None:
     """fal's cancel removes only queued requests: a running one finishes and is billed. The
     sweeper leaves it (no cancel, no failure) and its webhook ends the job."""
-    fal.behaviour.delay_s = 6.0  # IN_PROGRESS well past twice the (1 s) deadline
+    fal.behaviour.delay_s = 4 * OVERDUE_S + 4.0  # IN_PROGRESS well past the (scaled) budget
     key = f"{folder}/running-fal.json"
     stack.put_job(key, sidecar(backend="fal"), _media(folder, sample_media))
     job = _wait(lambda: _dispatched(stack, key))
     _wait(lambda: fal.requests[job["backend_call_id"]].status == "IN_PROGRESS")
-    time.sleep(2.1)  # past twice the deadline
+    time.sleep(2 * OVERDUE_S + 0.2)  # past the budget and its grace
     for _ in range(2):
-        assert stack.run_sweeper()["jobs"][job["job_id"]] == "running"
+        assert sweep(stack)["jobs"][job["job_id"]] == "running"
     request = fal.requests[job["backend_call_id"]]
     assert not request.cancelled
     (note,) = stack.wait_for_notification(key, timeout_s=60)

@@ -1,5 +1,6 @@
 import base64
 import json
+import time
 
 import httpx
 import ingest
@@ -72,7 +73,12 @@ def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st)
     )
     assert "inbox/set/clip.mp4" in body["video_url"] and "X-Amz-Signature" in body["video_url"]
     assert f"work/{job.job_id}/video.mp4" in body["output_put_url"]
-    assert "X-Amz-Expires=900" in body["output_put_url"]
+    # URLs live the job budget; the GPU renews them at start and before upload.
+    assert f"X-Amz-Expires={st.runtime.settings.budget.url_ttl_s}" in body["output_put_url"]
+    assert body["refresh_url"] == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}/urls"
+    assert body["service_urls"] == ["video_url", "image_url", "output_put_url"]
+    deadline = body["deadline_unix"] - st.runtime.settings.budget.total_s
+    assert abs(deadline - time.time()) < 60
     assert body["settings"]["prompt"] == "a horse floats away"
     # The secrets never travel in the request.
     assert "test-stack-secret" not in request.content.decode()
@@ -354,3 +360,40 @@ def test_s3_uri_in_another_bucket_and_absolute_key(st):
     call(ingest.handler, sqs_event(upload_job(st, sidecar=sidecar, media=False)))
     messages = {e["field"]: e["message"] for e in only_job(st).errors}
     assert "someone-elses-bucket" in messages["video_url"] and "absolute path" in messages["image_url"]
+
+
+@pytest.mark.parametrize("event_time", ["not-a-time", "", None])
+def test_a_bad_event_time_still_makes_one_job_per_event(st, monkeypatch, event_time):
+    """The job id follows from the event alone: a malformed or missing eventTime must not make a
+    duplicate delivery (seconds later) a second job, nor may the sidecar be dropped."""
+    from datetime import UTC, datetime, timedelta
+
+    import vap_shared.naming as naming
+
+    class LaterEachCall(datetime):
+        calls = 0
+
+        @classmethod
+        def now(cls, tz=None):  # a clock that moves on between the two deliveries
+            cls.calls += 1
+            return datetime(2026, 11, 25, 18, 0, tzinfo=UTC) + timedelta(minutes=cls.calls)
+
+    monkeypatch.setattr(naming, "datetime", LaterEachCall)
+    event = upload_job(st)
+    record = event["Records"][0]
+    if event_time is None:
+        del record["eventTime"]
+    else:
+        record["eventTime"] = event_time
+    for _ in range(2):
+        assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": []}
+    job = only_job(st)
+    assert job.state == "dispatched"
+    assert job.job_id.startswith("19700101T000000Z-")
+    # The sweeper's dead-letter drain parses the same event to the same id.
+    (parsed,) = parse_sqs_body(json.dumps(event))
+    from vap_shared.naming import job_id as make_job_id
+
+    assert (
+        make_job_id(parsed.event_time, parsed.bucket, parsed.key, parsed.etag, parsed.sequencer) == job.job_id
+    )

@@ -27,14 +27,17 @@ NEEDED: dict[str, set[str]] = {
         "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueAttributes",
+        "sqs:SendMessage",  # a job waiting for backend capacity goes back to its own queue
         # sidecar + media (inbox/), decoded data: media and the GPU's presigned PUT (work/), error.json
         "s3:GetObject",
         "s3:PutObject",
         "s3:ListBucket",  # a missing object reads 404, not 403
-        # conditional create / transitions; no Scan, Query, DeleteItem
+        # conditional create / transitions; no Scan, DeleteItem
         "dynamodb:GetItem",
         "dynamodb:PutItem",
         "dynamodb:UpdateItem",
+        "dynamodb:Query",  # only the backend-state index: jobs outstanding at a backend
+        "dynamodb:BatchGetItem",  # re-reading the few jobs admitted in the last minutes
         "sns:Publish",
         "secretsmanager:GetSecretValue",
     },
@@ -71,8 +74,12 @@ NEEDED: dict[str, set[str]] = {
     },
 }
 
-# The only places a `*` may appear in a resource: objects under one of the bucket's prefixes.
-SCOPED_WILDCARD = re.compile(r"^arn:\$\{AWS::Partition\}:s3:::\$\{Bucket\}/(inbox|work|outputs)/\*$")
+# The only places a `*` may appear in a resource: objects under one of the bucket's prefixes, or
+# the GPU's uploads of any job in work/ (what the webhook and sweeper presign for it).
+SCOPED_WILDCARD = re.compile(
+    r"^arn:\$\{AWS::Partition\}:s3:::\$\{Bucket\}/"
+    r"((inbox|work|outputs)/\*|work/\*/(video\.mp4|poster\.jpg|preview\.webp))$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +224,11 @@ def _query(url: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
 
 
-def test_presign_ttl_parameter_is_short_by_default(cfn: Template) -> None:
-    ttl = cfn["Parameters"]["PresignTtlSeconds"]
-    assert int(ttl["Default"]) <= 3600 and int(ttl["MaxValue"]) <= 7 * 24 * 3600
+def test_url_lifetime_is_the_job_budget_and_bounded(cfn: Template) -> None:
+    # Presigned URLs live the job budget (vap_shared.budget.url_ttl_s): at most a day, never
+    # beyond SigV4's 7 days.
+    budget = cfn["Parameters"]["JobBudgetSeconds"]
+    assert int(budget["Default"]) <= 24 * 3600 and int(budget["MaxValue"]) <= 24 * 3600
 
 
 def test_presigned_urls_are_short_lived_and_scoped_to_one_object(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,7 +262,7 @@ def test_presigned_urls_are_short_lived_and_scoped_to_one_object(monkeypatch: py
             q = _query(url)
             assert _object(url) == path, (name, url)  # exactly one object, no prefix
             assert q["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
-            assert int(q["X-Amz-Expires"]) == st.runtime.settings.presign_ttl_seconds <= 3600
+            assert int(q["X-Amz-Expires"]) == st.runtime.settings.budget.url_ttl_s <= 24 * 3600
             assert "host" in q["X-Amz-SignedHeaders"].split(";")
         # The upload URL also pins the content type, so it cannot store anything but an MP4.
         assert "content-type" in _query(request["output_put_url"])["X-Amz-SignedHeaders"].split(";")

@@ -231,13 +231,17 @@ def _s3_grants(cfn: Template, role: str) -> dict[str, set[str]]:
     return grants
 
 
+GPU_UPLOAD_GRANTS = {"/work/*/video.mp4", "/work/*/poster.jpg", "/work/*/preview.webp"}
+
+
 def test_s3_access_is_scoped_to_prefixes(cfn: Template) -> None:
     ingest = _s3_grants(cfn, "IngestRole")
     assert ingest["s3:GetObject"] == {"/inbox/*", "/work/*"}
     assert ingest["s3:PutObject"] == {"/work/*", "/outputs/*"}
     webhook = _s3_grants(cfn, "WebhookRole")
     assert webhook["s3:GetObject"] == {"/inbox/*", "/work/*"}
-    assert webhook["s3:PutObject"] == {"/outputs/*"}
+    # outputs/, and the GPU uploads it presigns on a URL refresh or a fallback to Modal.
+    assert webhook["s3:PutObject"] == {"/outputs/*", *GPU_UPLOAD_GRANTS}
     for grants in (ingest, webhook):
         assert not {"s3:DeleteObject", "s3:PutBucketPolicy", "s3:PutObjectAcl"} & set(grants)
 
@@ -371,7 +375,7 @@ def test_sweeper_runs_every_5_minutes_with_its_own_role(sam: Template, cfn: Temp
 
 
 def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None:
-    (index,) = props(sam, "JobsTable")["GlobalSecondaryIndexes"]
+    index = props(sam, "JobsTable")["GlobalSecondaryIndexes"][0]
     assert index["IndexName"] == "state-dispatched_at"
     assert index["KeySchema"] == [
         {"AttributeName": "state", "KeyType": "HASH"},
@@ -383,7 +387,7 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
     grants = _s3_grants(cfn, "SweeperRole")
     assert grants == {
         "s3:GetObject": {"/inbox/*", "/work/*"},
-        "s3:PutObject": {"/outputs/*"},
+        "s3:PutObject": {"/outputs/*", *GPU_UPLOAD_GRANTS},
         "s3:AbortMultipartUpload": {"/outputs/*"},
         "s3:ListBucket": {""},
     }
@@ -404,7 +408,10 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
     (query,) = [
         st for lid, st in _statements(cfn) if lid == "SweeperRole" and st["Action"] == "dynamodb:Query"
     ]
-    assert query["Resource"] == {"Fn::Sub": "${JobsTable.Arn}/index/state-dispatched_at"}
+    assert query["Resource"] == [
+        {"Fn::Sub": "${JobsTable.Arn}/index/state-dispatched_at"},
+        {"Fn::Sub": "${JobsTable.Arn}/index/unsettled-job_id"},
+    ]
 
     # SQS: only draining the ingest dead-letter queue (never the ingest queue, never sending).
     def _as_list(value: Any) -> list[Any]:
@@ -430,16 +437,14 @@ def test_sweeper_env_follows_the_contract(sam: Template) -> None:
     names = set(env_of(sam, "SweeperFunction"))
     assert names <= contract, names - contract
     assert names <= code, names - code
-    assert {"BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN", "JOB_DEADLINE_SECONDS", "MODAL_ENDPOINT_URL"} <= names
+    assert {"BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN", "JOB_BUDGET_SECONDS", "MODAL_ENDPOINT_URL"} <= names
     assert {"FAL_QUEUE_URL", "FAL_MEDIA_HOSTS", "MAX_OUTPUT_BYTES", "MODAL_TOKEN_SECRET_ARN"} <= names
     # It never validates sidecars, builds webhook URLs or verifies fal signatures.
     assert not {"WEBHOOK_BASE_URL", "ALLOWED_MEDIA_HOSTS", "MAX_SIDECAR_BYTES", "FAL_JWKS_URL"} & names
-    assert env_of(sam, "SweeperFunction")["JOB_DEADLINE_SECONDS"] == {"Ref": "JobDeadlineSeconds"}
+    assert env_of(sam, "SweeperFunction")["JOB_BUDGET_SECONDS"] == {"Ref": "JobBudgetSeconds"}
     # It drains the ingest dead-letter queue and names the queue's receive count in the error.
     assert env_of(sam, "SweeperFunction")["INGEST_DLQ_URL"] == {"Ref": "IngestDeadLetterQueue"}
     assert env_of(sam, "SweeperFunction")["INGEST_MAX_RECEIVE_COUNT"] == {"Ref": "MaxReceiveCount"}
-    # Only the sweeper reads the deadline and the dead-letter queue.
+    # Only the sweeper reads the dead-letter queue.
     for function in ("IngestFunction", "WebhookFunction"):
-        assert not {"JOB_DEADLINE_SECONDS", "INGEST_DLQ_URL", "INGEST_MAX_RECEIVE_COUNT"} & set(
-            env_of(sam, function)
-        )
+        assert not {"INGEST_DLQ_URL", "INGEST_MAX_RECEIVE_COUNT"} & set(env_of(sam, function))

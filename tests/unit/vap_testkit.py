@@ -155,8 +155,13 @@ def env(**overrides: str) -> dict[str, str]:
         "MAX_SIDECAR_BYTES": "65536",
         "MAX_DATA_URI_BYTES": "4096",
         "MAX_OUTPUT_BYTES": str(50 * 1024 * 1024),
-        "PRESIGN_TTL_SECONDS": "900",
         "JOB_TTL_DAYS": "30",
+        # The smallest budget: the sweeper asks after 1800 s and stops after 3600 s (its tests' clock).
+        "JOB_BUDGET_SECONDS": "3000",
+        # Room for every job a test dispatches (the fakes never finish them); capacity tests set less.
+        "MODAL_CONTAINERS": "50",
+        "FAL_MAX_OUTSTANDING": "100",
+        "CAPACITY_RECHECK_SECONDS": "30",
         "POWERTOOLS_SERVICE_NAME": "vap-test",
     }
     values.update(overrides)
@@ -221,7 +226,8 @@ class Stack:
 
     def job_ids(self) -> list[str]:
         items = self.runtime.store._client.scan(TableName=TABLE)["Items"]
-        return [item["job_id"]["S"] for item in items]
+        # Jobs only: the table also holds one admission record per backend (no `state`).
+        return [item["job_id"]["S"] for item in items if "state" in item]
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -234,6 +240,18 @@ class Stack:
 
 
 _session: boto3.session.Session | None = None
+
+
+def jobs_table_spec() -> dict[str, Any]:
+    """The jobs table's keys and indexes exactly as template.yaml declares them."""
+    from pathlib import Path
+
+    from local_stack.cfn import load_template
+
+    template = load_template(Path(__file__).resolve().parents[2] / "template.yaml")
+    props = template["Resources"]["JobsTable"]["Properties"]
+    keys = ("AttributeDefinitions", "KeySchema", "GlobalSecondaryIndexes", "BillingMode")
+    return {k: props[k] for k in keys}
 
 
 def session() -> boto3.session.Session:
@@ -255,30 +273,12 @@ def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: s
         s3 = session().client("s3")
         s3.create_bucket(Bucket=BUCKET)
         ddb = session().client("dynamodb")
-        ddb.create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
-            AttributeDefinitions=[
-                {"AttributeName": "job_id", "AttributeType": "S"},
-                {"AttributeName": "state", "AttributeType": "S"},
-                {"AttributeName": "dispatched_at", "AttributeType": "S"},
-            ],
-            # As in template.yaml: the sweeper's index.
-            GlobalSecondaryIndexes=[
-                {
-                    "IndexName": "state-dispatched_at",
-                    "KeySchema": [
-                        {"AttributeName": "state", "KeyType": "HASH"},
-                        {"AttributeName": "dispatched_at", "KeyType": "RANGE"},
-                    ],
-                    "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": ["notified_at"]},
-                }
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        ddb.create_table(TableName=TABLE, **jobs_table_spec())
         sns = session().client("sns")
         topic = sns.create_topic(Name="vap-notify")["TopicArn"]
         sqs = session().client("sqs")
+        ingest_queue = sqs.create_queue(QueueName="ingest")["QueueUrl"]
+        monkeypatch.setenv("INGEST_QUEUE_URL", ingest_queue)
         queue_url = sqs.create_queue(QueueName="notify-sub")["QueueUrl"]
         queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
             "QueueArn"

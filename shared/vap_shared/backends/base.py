@@ -31,6 +31,8 @@ class DispatchRequest:
     video: MediaRef
     image: MediaRef
     webhook_base_url: str
+    # dispatch time + the job budget (vap_shared.budget); the GPU never runs past it.
+    deadline_unix: int | None = None
 
 
 class BackendError(Exception):

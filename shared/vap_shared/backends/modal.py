@@ -15,6 +15,7 @@ import httpx
 from pydantic import ValidationError
 
 from ..gpu_contract import CancelResponse, GpuJobRequest, StatusResponse, SubmitResponse
+from ..gpu_urls import refresh_url, service_url_fields
 from ..signing import derive_callback_key
 from .base import (
     SUBMIT_TIMEOUT,
@@ -55,6 +56,9 @@ class ModalJobBuilder:
             callback_key=key.hex(),
             settings=request.settings,
             num_inference_steps=self.num_inference_steps,
+            deadline_unix=request.deadline_unix,
+            refresh_url=refresh_url(request.webhook_base_url, request.job_id),
+            service_urls=service_url_fields(request.video, request.image),
         )
 
 

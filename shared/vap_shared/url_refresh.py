@@ -1,0 +1,81 @@
+"""`POST /callbacks/gpu/{job_id}/urls`: fresh presigned URLs for a GPU run that is still wanted.
+
+Signed like a GPU callback (per-job HMAC key). 200 `UrlRefreshResponse`; 409 when the service no
+longer wants this run (the job finished, fell back to fal, or another call id is recorded): the GPU
+then stops at once; 401 bad signature; 404 unknown job.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aws_lambda_powertools import Logger
+from pydantic import ValidationError
+
+from .gpu_contract import UrlRefreshRequest
+from .gpu_urls import fresh_urls, service_url_fields
+from .jobs import Job
+from .media import MediaRef
+from .runtime import Runtime
+from .s3io import presign_put
+from .signing import SignatureError, derive_callback_key, verify_callback
+from .webhook_logic import Reply
+
+logger = Logger(child=True)
+
+
+def unwanted_reason(job: Job, call_id: str) -> str | None:
+    """Why the service no longer wants run `call_id` of `job` (None: it does)."""
+    if job.terminal:
+        return f"the job has finished ({job.state})"
+    if job.backend not in (None, "modal"):
+        return f"the job has moved to {job.backend}"
+    if job.backend_call_id and job.backend_call_id != call_id:
+        return "another run of the job is recorded"
+    return None
+
+
+def _fields(job: Job) -> tuple[str, ...]:
+    if job.service_urls is not None:
+        return tuple(job.service_urls)
+    inputs = job.inputs or {}
+    if "video_url" in inputs and "image_url" in inputs:
+        return service_url_fields(
+            MediaRef.from_record("video_url", inputs["video_url"]),
+            MediaRef.from_record("image_url", inputs["image_url"]),
+        )
+    return ("output_put_url",)
+
+
+def handle_url_refresh(rt: Runtime, job_id: str, headers: dict[str, str], body: bytes) -> Reply:
+    key = derive_callback_key(rt.stack_secret(), job_id)
+    try:
+        verify_callback(key, headers.get("x-vap-timestamp"), headers.get("x-vap-signature"), body)
+    except SignatureError as exc:
+        logger.warning("rejected URL refresh", extra={"job_id": job_id, "reason": str(exc)})
+        return Reply(401, {"error": "invalid signature"})
+    try:
+        request = UrlRefreshRequest.model_validate_json(body)
+    except ValidationError:
+        return Reply(400, {"error": "body is not a URL refresh request"})
+    if request.job_id != job_id:
+        return Reply(401, {"error": "job id does not match the signed path"})
+    job = rt.store.get(job_id)
+    if job is None:
+        return Reply(404, {"error": "unknown job"})
+    reason = unwanted_reason(job, request.call_id)
+    if reason is not None:
+        logger.info("URL refresh for an unwanted run", extra={"job_id": job_id, "reason": reason})
+        return Reply(409, {"error": f"superseded: {reason}"})
+    s = rt.settings
+    ttl = s.budget.url_ttl_s
+    urls = fresh_urls(
+        job,
+        _fields(job),
+        work_prefix=s.work_prefix,
+        sign_get=rt.sign_get,
+        sign_put=lambda k, content_type: presign_put(rt.s3, s.bucket_name, k, ttl, content_type),
+        expires_at=int(time.time()) + ttl,
+    )
+    logger.info("URLs refreshed", extra={"job_id": job_id, "purpose": request.purpose})
+    return Reply(200, urls.model_dump())

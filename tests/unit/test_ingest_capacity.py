@@ -1,0 +1,146 @@
+"""Backpressure: ingest dispatches only while the jobs outstanding at a backend are below what the
+job budget allows there; the rest wait in the ingest queue (status `queued`), never as attempts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ingest
+import pytest
+from vap_shared.ingest_logic import Ingestor
+from vap_shared.jobs import iso, utcnow
+from vap_testkit import FAL_EXAMPLE, MP4, PNG, FakeServices, Stack, call, s3_event, sqs_event, stack
+
+
+@pytest.fixture
+def services() -> FakeServices:
+    return FakeServices()
+
+
+class DelayRecorder:
+    """The SQS client, recording each re-queue's DelaySeconds and sending it undelayed (so the
+    test can receive it at once)."""
+
+    def __init__(self, sqs: Any) -> None:
+        self._sqs = sqs
+        self.delays: list[int] = []
+
+    def send_message(self, **kwargs: Any) -> Any:
+        self.delays.append(kwargs.pop("DelaySeconds"))
+        return self._sqs.send_message(**kwargs)
+
+
+@pytest.fixture
+def st(monkeypatch: pytest.MonkeyPatch, services: FakeServices) -> Any:
+    # One Modal container: capacity 2 at Modal; fal takes 1.
+    with stack(monkeypatch, services, MODAL_CONTAINERS="1", FAL_MAX_OUTSTANDING="1") as s:
+        recorder = DelayRecorder(s.sqs)
+        ingest._ingestor = Ingestor(s.runtime, sqs=recorder)
+        s.delays = recorder.delays  # type: ignore[attr-defined]
+        yield s
+    ingest.reset()
+
+
+def _upload(st: Stack, n: int, backend: str) -> dict[str, Any]:
+    st.put("inbox/cap/clip.mp4", MP4)
+    st.put("inbox/cap/face.png", PNG)
+    raw = json.dumps({**FAL_EXAMPLE, "video_url": "clip.mp4", "image_url": "face.png", "backend": backend})
+    key = f"inbox/cap/job-{n}.json"
+    return s3_event(key, st.put(key, raw), size=len(raw))
+
+
+def _job(st: Stack, key: str) -> Any:
+    (job,) = [j for j in map(st.store.get, st.job_ids()) if j is not None and j.sidecar_key == key]
+    return job
+
+
+def _requeued(st: Stack) -> list[dict[str, Any]]:
+    url = st.runtime.settings.ingest_queue_url
+    messages = []
+    while got := st.sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, AttributeNames=["All"], WaitTimeSeconds=0
+    ).get("Messages", []):
+        for m in got:
+            messages.append(m)
+            st.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    return messages
+
+
+def _finish(st: Stack, job_id: str) -> None:
+    st.store.transition(job_id, "succeeded", {"completed_at": iso(utcnow())}, iso(utcnow()))
+
+
+def test_a_full_backend_keeps_the_job_queued_and_requeues_its_message(
+    st: Stack, services: FakeServices
+) -> None:
+    events = [_upload(st, n, "modal") for n in range(3)]
+    for event in events[:2]:
+        assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": []}
+    # The third: Modal has 2 outstanding = 2 x 1 container.
+    result = call(ingest.handler, sqs_event(events[2], receive_count=1))
+    assert result == {"batchItemFailures": []}  # this delivery is consumed...
+    (message,) = _requeued(st)  # ...and a fresh one waits in the queue
+    assert json.loads(message["Body"]) == events[2]
+    # Looked at again after CAPACITY_RECHECK_SECONDS (jittered down to half of it).
+    (delay,) = st.delays  # type: ignore[attr-defined]
+    assert 15 <= delay <= 30
+    waiting = _job(st, "inbox/cap/job-2.json")
+    assert waiting.state == "received" and waiting.dispatch_lease_until is None
+    assert st.get_json(waiting.output_prefix + "status.json")["phase"] == "queued"
+    assert len(services.calls("modal.test")) == 2
+    assert st.store.outstanding("modal") == 2
+
+    # A place frees up: the re-queued message dispatches the recorded job without re-validating.
+    _finish(st, _job(st, "inbox/cap/job-0.json").job_id)
+    assert call(ingest.handler, sqs_event(message["Body"])) == {"batchItemFailures": []}
+    assert _job(st, "inbox/cap/job-2.json").state == "dispatched"
+    assert len(services.calls("modal.test")) == 3 and _requeued(st) == []
+
+
+def test_waiting_is_not_an_attempt(st: Stack) -> None:
+    events = [_upload(st, n, "modal") for n in range(3)]
+    for event in events[:2]:
+        call(ingest.handler, sqs_event(event))
+    # Even a delivery at the last allowed attempt only waits: the job is not failed.
+    attempts = st.runtime.settings.ingest_max_attempts
+    assert call(ingest.handler, sqs_event(events[2], receive_count=attempts)) == {"batchItemFailures": []}
+    (message,) = _requeued(st)
+    assert message["Attributes"]["ApproximateReceiveCount"] == "1"
+    assert _job(st, "inbox/cap/job-2.json").state == "received"
+
+
+def test_auto_waits_for_a_busy_modal_instead_of_using_fal(st: Stack, services: FakeServices) -> None:
+    events = [_upload(st, n, "auto") for n in range(3)]
+    for event in events:
+        call(ingest.handler, sqs_event(event))
+    assert len(services.calls("modal.test")) == 2
+    assert services.calls("queue.fal.test") == []
+    assert _job(st, "inbox/cap/job-2.json").state == "received" and len(_requeued(st)) == 1
+
+
+def test_modal_down_still_falls_back_within_fals_capacity(st: Stack, services: FakeServices) -> None:
+    services.modal_status = 503
+    events = [_upload(st, n, "auto") for n in range(2)]
+    for event in events:
+        assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": []}
+    first = _job(st, "inbox/cap/job-0.json")
+    assert first.state == "dispatched" and first.backend == "fal" and first.fallback_from == "modal"
+    # fal holds one: the second waits (Modal is tried again when it comes back).
+    assert _job(st, "inbox/cap/job-1.json").state == "received" and len(_requeued(st)) == 1
+    assert len(services.calls("queue.fal.test")) == 1
+
+
+def test_duplicate_deliveries_of_a_waiting_job_make_one_dispatch(st: Stack, services: FakeServices) -> None:
+    events = [_upload(st, n, "modal") for n in range(3)]
+    for event in events[:2]:
+        call(ingest.handler, sqs_event(event))
+    call(ingest.handler, sqs_event(events[2]))
+    call(ingest.handler, sqs_event(events[2]))  # S3 delivered the event twice
+    waiting = _requeued(st)
+    assert len(waiting) == 2
+    _finish(st, _job(st, "inbox/cap/job-0.json").job_id)
+    for message in waiting:
+        assert call(ingest.handler, sqs_event(message["Body"])) == {"batchItemFailures": []}
+    assert _job(st, "inbox/cap/job-2.json").state == "dispatched"
+    assert len(services.calls("modal.test")) == 3 and _requeued(st) == []
