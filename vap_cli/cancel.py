@@ -105,5 +105,9 @@ def cancel_job(stack: StackInfo, job_id: str, http: httpx.Client | None = None) 
     if updated is None:  # it finished meanwhile
         current = store.get(job_id) or job
         return CancelOutcome(current, False, f"{note}; the job had already {current.state}")
-    write_status(stack.client("s3"), stack.bucket, updated)
+    # The job left the unsettled index only once its terminal status is written; if S3 refuses it
+    # now, the sweeper's catch-up writes it (the job stays in that index until then).
+    if write_status(stack.client("s3"), stack.bucket, updated):
+        store.mark_status_written(job_id, iso(utcnow()))
+        store.settle(job_id)
     return CancelOutcome(updated, True, note)

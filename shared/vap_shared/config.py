@@ -7,7 +7,6 @@ Every time limit comes from the job budget (`vap_shared.budget`), never from a s
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,13 +118,6 @@ class Settings:
     def presign_ttl_seconds(self) -> int:
         """Lifetime of every presigned media URL the service hands a backend: the budget's."""
         return self.budget.url_ttl_s
-
-    @cached_property
-    def job_deadline_seconds(self) -> int:
-        """For the sweeper until it reads `budget.silence_s`/`stop_after_s` itself: it asks the
-        backend after this long and stops a run after twice this, i.e. never before the budget's
-        `stop_after_s` (the GPU side's own deadline plus grace)."""
-        return math.ceil(self.budget.stop_after_s / 2)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

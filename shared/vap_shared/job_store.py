@@ -211,34 +211,16 @@ class JobStore:
         """Undo a claim whose publish failed, so a retry can notify."""
         self._update(job_id, {"notified_at": None}, "attribute_exists(job_id)", {}, {})
 
-    def overdue(
-        self,
-        state: str,
-        dispatched_before_iso: str,
-        limit: int = 100,
-        dispatched_after_iso: str | None = None,
-        unnotified_only: bool = False,
-    ) -> list[str]:
-        """Ids of jobs in `state` dispatched before the given time (oldest first); optionally only
-        those dispatched after a lower bound and never notified (the index projects `notified_at`)."""
+    def overdue(self, state: str, dispatched_before_iso: str, limit: int = 100) -> list[str]:
+        """Ids of jobs in `state` dispatched before the given time (oldest first)."""
         ids: list[str] = []
-        values: dict[str, Any] = {":s": state, ":t": dispatched_before_iso}
-        if dispatched_after_iso is not None:
-            condition = "#state = :s AND #d BETWEEN :f AND :t"
-            values[":f"] = dispatched_after_iso
-        else:
-            condition = "#state = :s AND #d < :t"
-        names = {"#state": "state", "#d": "dispatched_at"}
         kwargs: dict[str, Any] = {
             "TableName": self._table,
             "IndexName": DEADLINE_INDEX,
-            "KeyConditionExpression": condition,
-            "ExpressionAttributeNames": names,
-            "ExpressionAttributeValues": _wire(values),
+            "KeyConditionExpression": "#state = :s AND #d < :t",
+            "ExpressionAttributeNames": {"#state": "state", "#d": "dispatched_at"},
+            "ExpressionAttributeValues": _wire({":s": state, ":t": dispatched_before_iso}),
         }
-        if unnotified_only:
-            kwargs["FilterExpression"] = "attribute_not_exists(#n)"
-            names["#n"] = "notified_at"
         while len(ids) < limit:
             page = self._client.query(**kwargs, Limit=limit)
             ids.extend(str(_unwire(item)["job_id"]) for item in page.get("Items", []))

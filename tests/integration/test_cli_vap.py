@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from stack_helpers import DESCRIPTION, PROMPT, jobs_for, settle
+from vap_shared.job_store import JobStore
 from vap_shared.sidecar import SidecarInvalid, validate_object
 
 from local_stack import LocalStack
@@ -224,6 +225,9 @@ def test_cancel_stops_the_backend_and_marks_the_job(
     assert vap(state, "status", job_id, "--json") == 1
     status = json.loads(capsys.readouterr().out)
     assert status["state"] == "cancelled" and status["errors"][0]["message"].startswith("Cancelled")
+    # Settled: its terminal status is recorded as written, so the sweeper's catch-up skips it.
+    store = JobStore(stack.client("dynamodb"), stack.jobs_table)
+    assert store.get(job_id).status_written_at and job_id not in store.unsettled_terminal(1000)
     assert vap(state, "cancel", job_id) == 0  # idempotent
     assert "already cancelled" in capsys.readouterr().out
     settle(1.0)

@@ -8,6 +8,7 @@ the sweeper before its own deadline.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from vap_shared.budget import (
     BudgetError,
 )
 from vap_shared.config import ConfigError, Settings
+from vap_shared.sweeper.deadline import DeadlineSweep
 
 from local_stack.cfn import load_template
 
@@ -117,9 +119,11 @@ def test_settings_build_the_same_budget_and_the_sweeper_waits_for_it(b: Budget) 
     assert s.budget == b
     # Every presigned URL the service hands out lives the budget.
     assert s.presign_ttl_seconds == b.url_ttl_s
-    # Today's sweeper stops a still-running job after 2 x job_deadline_seconds: never before the
-    # budget's stop time (the GPU side's own deadline + grace).
-    assert 2 * s.job_deadline_seconds >= b.stop_after_s > b.total_s
+    # The sweeper stops a still-running job only after the budget's stop time (the GPU side's own
+    # deadline + grace), and asks about a silent one well before that.
+    sweep = DeadlineSweep(SimpleNamespace(settings=s))  # type: ignore[arg-type]
+    assert sweep.stop_after_s == b.stop_after_s > b.total_s
+    assert sweep.ask_after_s == b.silence_s < b.run_s
 
 
 @pytest.mark.parametrize(

@@ -287,11 +287,6 @@ def test_a_template_without_a_passed_parameter_is_refused(tmp_path: Path, aws: A
     assert modal.calls == [] and sam.calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JobBudgetSeconds/ModalContainers/FalMaxOutstanding land with the budget branch's template; "
-    "remove this marker when they do (strict: it then fails as XPASS)",
-)
 def test_template_declares_every_parameter_deploy_passes() -> None:
     declared = deploy.template_parameters(ROOT / "template.yaml")
     assert set(deploy.DeployOptions("s").overrides(MODAL_URL)) <= declared

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -361,8 +362,16 @@ def test_the_deadline_policy_is_a_function_of_the_numbers(age, action):
     assert deadline_action(age, ask_after_s=1800, stop_after_s=3600) == action
 
 
+def test_a_job_reporting_progress_is_asked_about_only_once_it_falls_silent():
+    # Dispatched 2,000 s ago (past the 1,800 s ask point) but heard from a minute ago: wait.
+    assert deadline_action(2000, ask_after_s=1800, stop_after_s=3600, quiet_s=60) == "wait"
+    assert deadline_action(2000, ask_after_s=1800, stop_after_s=3600, quiet_s=1900) == "ask"
+    # Past the stop point, progress or not.
+    assert deadline_action(4000, ask_after_s=1800, stop_after_s=3600, quiet_s=1) == "stop"
+
+
 def test_the_deadline_sweep_takes_its_limits_from_its_caller(st, services):
-    """E.g. `vap_shared.budget.Budget.silence_s` / `stop_after_s` instead of the settings' D / 2 D."""
+    """Limits given by the caller instead of the budget's `silence_s` / `stop_after_s`."""
     job = dispatch(st, backend="modal")
     services.modal_state = {"state": "running"}
     deadlines = DeadlineSweep(st.runtime, ask_after_s=60, stop_after_s=120)
@@ -379,10 +388,11 @@ def test_the_deadline_sweep_takes_its_limits_from_its_caller(st, services):
 def test_handler_reports_counts(st, services):
     job = dispatch(st, backend="modal")
     services.modal_state = {"state": "queued"}
-    st.runtime.settings.__dict__["job_deadline_seconds"] = 1  # frozen dataclass: test-only override
+    # Test-only override of the (cached) budget the handler's deadline sweep reads: stop after 1 s.
+    st.runtime.settings.__dict__["budget"] = SimpleNamespace(silence_s=1, stop_after_s=1)
     import time
 
-    time.sleep(2.1)  # past twice the deadline: a queued call is stopped
+    time.sleep(1.1)  # past the stop point: a queued call is stopped
     result = call(sweeper.handler, {"source": "aws.events", "detail-type": "Scheduled Event"})
     assert result == {
         "counts": {"failed": 1},

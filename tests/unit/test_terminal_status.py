@@ -14,7 +14,7 @@ import pytest
 import webhook
 from botocore.exceptions import ClientError
 from vap_shared.jobs import utcnow
-from vap_shared.sweeper_logic import Sweeper
+from vap_shared.sweeper import sweep
 from vap_testkit import (
     MP4,
     FakeServices,
@@ -127,7 +127,7 @@ def test_the_sweeper_repairs_the_status_of_a_finished_job_nobody_retried(st: Sta
     with pytest.raises(ClientError):
         call(webhook.handler, _succeed_callback(st, job))
     outage.on = False  # S3 is back, but the GPU side gave up delivering
-    outcomes = Sweeper(st.runtime).sweep(now=utcnow() + timedelta(minutes=5)).outcomes
+    outcomes = sweep(st.runtime, now=utcnow() + timedelta(minutes=5)).outcomes
     assert outcomes == {job.job_id: "notified"}
     assert _status(st, job)["phase"] == "succeeded"
     assert len(st.notifications()) == 1 and st.store.unsettled_terminal() == []

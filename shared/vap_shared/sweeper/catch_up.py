@@ -1,15 +1,25 @@
-"""Notification catch-up: finished jobs whose notification (or report) a crash skipped."""
+"""Notification catch-up: finished jobs whose notification or terminal status.json a crash (or an
+S3/SNS outage nobody retried) left missing. They are the only jobs in the sparse `unsettled` index,
+so a run reads just them, however many jobs have finished."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from ..jobs import iso
+from ..jobs import Job
 from ..lifecycle import finalize_terminal
 from ..runtime import Runtime
 
-# Terminal jobs are re-checked for a missing notification for this long after their dispatch.
-NOTIFY_WINDOW = timedelta(days=1)
+
+def settle_terminal(rt: Runtime, job: Job) -> str:
+    """Finish a terminal job: "done" (nothing was missing), "notified" (the notification went out
+    now, with whatever else was missing) or "repaired" (only the report/status was missing)."""
+    if job.notified_at and job.status_written_at:
+        rt.store.settle(job.job_id)  # a crash between the last write and leaving the index
+        return "done"
+    notified_before = bool(job.notified_at)
+    finalize_terminal(rt, job)
+    return "repaired" if notified_before else "notified"
 
 
 class NotificationCatchUp:
@@ -17,21 +27,14 @@ class NotificationCatchUp:
         self.rt = rt
 
     def candidates(self, now: datetime, limit: int) -> list[str]:
-        """Succeeded/failed jobs dispatched within the window and never notified."""
-        ids: list[str] = []
-        for state in ("succeeded", "failed"):
-            ids += self.rt.store.overdue(
-                state, iso(now), limit, dispatched_after_iso=iso(now - NOTIFY_WINDOW), unnotified_only=True
-            )
-        return ids
+        """Finished jobs still missing their notification or terminal status (sparse index)."""
+        return self.rt.store.unsettled_terminal(limit)
 
     def settle(self, job_id: str) -> str:
-        """ "notified" (error.json, status.json and the one notification), "done" (someone else
-        notified it meanwhile) or "gone"."""
+        """`settle_terminal`'s outcome, or "gone"; a job not terminal (yet) is left to the others."""
         job = self.rt.store.get(job_id)
         if job is None:
             return "gone"
-        if not job.terminal or job.notified_at:
+        if not job.terminal:
             return "done"
-        finalize_terminal(self.rt, job)
-        return "notified"
+        return settle_terminal(self.rt, job)

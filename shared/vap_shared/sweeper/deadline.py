@@ -25,9 +25,10 @@ from ..backends.dispatch import gpu_error_allows_fallback
 from ..errors import FieldError, field_error
 from ..gpu_contract import GpuCallback
 from ..jobs import Job, iso, parse_iso
-from ..lifecycle import fall_back_or_fail, finalize_terminal
+from ..lifecycle import fall_back_or_fail
 from ..runtime import Runtime
 from ..webhook_logic import fal_failure_errors, store_fal_success, store_gpu_success
+from .catch_up import settle_terminal
 from .report import outcome_of
 
 logger = Logger(child=True)
@@ -35,17 +36,21 @@ logger = Logger(child=True)
 DeadlineAction = Literal["wait", "ask", "stop"]
 
 
-def deadline_action(age_s: float, ask_after_s: float, stop_after_s: float) -> DeadlineAction:
+def deadline_action(
+    age_s: float, ask_after_s: float, stop_after_s: float, quiet_s: float | None = None
+) -> DeadlineAction:
     """When to ask a backend about a job and when to stop it, from the numbers alone.
 
-    `age_s`: how long ago the job was dispatched. "wait": too early to ask; "ask": ask the backend,
-    and leave a run it reports as still queued/running; "stop": ask, and stop such a run.
-    (Fed today from `JOB_DEADLINE_SECONDS` D: ask after D, stop after 2 D; ready to be fed from
-    `vap_shared.budget.Budget.silence_s` / `stop_after_s`.)
+    `age_s`: how long ago the job was dispatched; `quiet_s`: how long since anything was heard of
+    it (a progress callback); None = nothing since the dispatch. "wait": too early to ask, or the
+    job is reporting progress; "ask": ask the backend, and leave a run it reports as still
+    queued/running; "stop": ask, and stop such a run. Fed from the job budget:
+    `Budget.silence_s` / `Budget.stop_after_s` (the stop point is past the GPU side's own deadline).
     """
     if age_s >= stop_after_s:
         return "stop"
-    if age_s >= ask_after_s:
+    quiet = age_s if quiet_s is None else min(age_s, quiet_s)
+    if quiet >= ask_after_s:
         return "ask"
     return "wait"
 
@@ -53,9 +58,9 @@ def deadline_action(age_s: float, ask_after_s: float, stop_after_s: float) -> De
 class DeadlineSweep:
     def __init__(self, rt: Runtime, ask_after_s: int | None = None, stop_after_s: int | None = None) -> None:
         self.rt = rt
-        deadline = rt.settings.job_deadline_seconds
-        self.ask_after_s = deadline if ask_after_s is None else ask_after_s
-        self.stop_after_s = 2 * deadline if stop_after_s is None else stop_after_s
+        budget = rt.settings.budget
+        self.ask_after_s = budget.silence_s if ask_after_s is None else ask_after_s
+        self.stop_after_s = budget.stop_after_s if stop_after_s is None else stop_after_s
 
     def candidates(self, now: datetime, limit: int) -> list[str]:
         """Dispatched/running jobs dispatched longer than `ask_after_s` ago, oldest first per state."""
@@ -71,14 +76,15 @@ class DeadlineSweep:
         if job is None:
             return "gone"
         if job.terminal:
-            if job.notified_at:
-                return "done"
-            finalize_terminal(self.rt, job)
-            return "notified"
+            return settle_terminal(self.rt, job)
         dispatched = parse_iso(job.dispatched_at)
         if dispatched is None:
             return "not-due"
-        action = deadline_action((now - dispatched).total_seconds(), self.ask_after_s, self.stop_after_s)
+        heard = parse_iso(job.updated_at)
+        quiet_s = (now - heard).total_seconds() if heard is not None else None
+        action = deadline_action(
+            (now - dispatched).total_seconds(), self.ask_after_s, self.stop_after_s, quiet_s
+        )
         if action == "wait":
             return "not-due"  # moved on since the query (e.g. a fallback re-dispatched it)
         stop = action == "stop"
