@@ -100,7 +100,7 @@ def runtime(modal_url: str, fal_url: str) -> Runtime:
     )
     values = {"signing": "stack-secret", "fal": "fal-key", "modal": json.dumps({"key": "k", "secret": "s"})}
     session = boto3.session.Session(
-        aws_access_key_id="AKIAFAKEFAKEFAKEFAKE", aws_secret_access_key="fake", region_name="eu-west-1"
+        aws_access_key_id="testing-key-id", aws_secret_access_key="fake", region_name="eu-west-1"
     )
     return Runtime.build(settings, session=session, secrets=Secrets(values.__getitem__))
 
