@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from stack_helpers import jobs_for, sidecar
 from test_backend_faults import quiet
+from vap_shared.budget import Budget
 
 from gpu.engine import FakeEngine
 from gpu.local_server import LocalGpuServer, start_local_gpu_server
@@ -74,7 +75,9 @@ class GpuPool:
 @pytest.fixture
 def pool(stack: LocalStack) -> Iterator[GpuPool]:
     key, secret = stack.modal_token
-    server = start_local_gpu_server(0, key, secret, "fake", workers=POOL)
+    # The GPU side derives its limits from the same (scaled) budget, as the Modal app does.
+    budget = Budget(modal_containers=POOL, time_scale=TIME_SCALE)
+    server = start_local_gpu_server(0, key, secret, "fake", workers=POOL, budget=budget)
     server.executor.engine = FakeEngine(step_delay_s=STEP_DELAY_S)
     try:
         yield GpuPool(server, stack)

@@ -118,7 +118,7 @@ def test_list_and_filter(state: Path, finished, capsys) -> None:
     job_id = job_id_from(finished["out"])
     assert vap(state, "list", "--limit", "500") == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["JOB", "STATE", "BACKEND", "NAME", "UPDATED"]
+    assert out.splitlines()[0].split() == ["JOB", "STATE", "BACKEND", "COST", "NAME", "UPDATED"]
     assert any(line.startswith(job_id) and "succeeded" in line for line in out.splitlines())
     assert vap(state, "list", "--status", "failed,cancelled", "--limit", "500") == 0
     assert job_id not in capsys.readouterr().out
