@@ -659,18 +659,29 @@ def _run(
     timings["upload_s"] = time.monotonic() - mark
     sizes = _upload_previews(http, request, outputs, config, timings)
     timings["total_s"] = time.monotonic() - started
+    return _result(spec, engine, len(outputs.video), timings, sizes.get("poster"), sizes.get("preview"))
+
+
+def _result(
+    spec: GenerationSpec,
+    engine: Engine,
+    video_bytes: int,
+    timings: dict[str, float],
+    poster_bytes: int | None,
+    preview_bytes: int | None,
+) -> GpuResult:
     return GpuResult(
         seed=spec.seed,
         width=spec.width,
         height=spec.height,
         num_frames=spec.num_frames,
         fps=spec.fps,
-        bytes=len(outputs.video),
+        bytes=video_bytes,
         steps=spec.steps,
         gpu=engine.device_name,
         timings={k: round(v, 3) for k, v in timings.items()},
-        poster_bytes=sizes.get("poster"),
-        preview_bytes=sizes.get("preview"),
+        poster_bytes=poster_bytes,
+        preview_bytes=preview_bytes,
     )
 
 
@@ -700,18 +711,13 @@ def run_bytes(
     except SafetyViolation as exc:
         raise _fail("safety", str(exc)) from exc
     outputs.timings["total_s"] = time.monotonic() - started
-    result = GpuResult(
-        seed=spec.seed,
-        width=spec.width,
-        height=spec.height,
-        num_frames=spec.num_frames,
-        fps=spec.fps,
-        bytes=len(outputs.video),
-        steps=spec.steps,
-        gpu=engine.device_name,
-        timings={k: round(v, 3) for k, v in outputs.timings.items()},
-        poster_bytes=len(outputs.poster) if outputs.poster is not None else None,
-        preview_bytes=len(outputs.preview) if outputs.preview is not None else None,
+    result = _result(
+        spec,
+        engine,
+        len(outputs.video),
+        outputs.timings,
+        len(outputs.poster) if outputs.poster is not None else None,
+        len(outputs.preview) if outputs.preview is not None else None,
     )
     return result, outputs
 
