@@ -100,7 +100,7 @@ def test_hub_repo_is_fetched_at_the_pinned_revision(saved, monkeypatch):
 
 
 def test_attention_backend_probe():
-    from gpu.vap.loading import backend_works
+    from gpu.vap.attention import backend_works
 
     cpu = torch.device("cpu")
     assert backend_works("native", cpu, torch.float32)
