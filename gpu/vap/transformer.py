@@ -596,7 +596,8 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         x = self.patch_embedding(hidden_states[:rows]).flatten(2).transpose(1, 2).contiguous()
         temb, timestep_proj = self._time_embedding(timestep[:rows], context.dtype)
 
-        ref: torch.Tensor | None = reference.tokens
+        # (the plain computation runs the reference stream per row from the start)
+        ref: torch.Tensor | None = reference.tokens if reuse else reference.tokens.expand(batch, -1, -1)
         ref_rotary = reference.rotary
         first_expert = self.expert_blocks[0] if self.expert_blocks else -1
         for i, block in enumerate(self.blocks):

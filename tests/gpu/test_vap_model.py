@@ -319,3 +319,14 @@ def test_pipeline_with_encoder_offload_gives_the_same_video():
     a = plain(**kwargs, generator=torch.Generator().manual_seed(3)).frames
     b = offloaded(**kwargs, generator=torch.Generator().manual_seed(3)).frames
     assert torch.equal(a, b)
+
+
+def test_rotary_in_pieces_is_bit_identical(monkeypatch):
+    from gpu.vap import rotary
+
+    x = torch.randn(2, 50, 3, 24, dtype=torch.bfloat16)
+    cos, sin = rotary_tables(24, (2, 5, 5))
+    monkeypatch.setattr(rotary, "ROTARY_PIECES", 1)
+    whole = rotary.apply_rotary(x, cos, sin)
+    monkeypatch.setattr(rotary, "ROTARY_PIECES", 7)
+    assert torch.equal(rotary.apply_rotary(x, cos, sin), whole)
