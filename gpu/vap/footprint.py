@@ -65,6 +65,7 @@ def components() -> Components:
 @functools.cache
 def weights() -> Weights:
     c = components()
+    assert c.transformer is not None
     return Weights(
         transformer=module_bytes(c.transformer),
         text_encoder=module_bytes(c.text_encoder),
@@ -216,4 +217,6 @@ class DenoiseModel:
 def denoise_model() -> DenoiseModel:
     """The released transformer, traced at the smallest and largest accepted videos' grids."""
     small, large = latent_grid(9, 480, 832), latent_grid(121, 720, 1280)
-    return DenoiseModel(components().transformer, (small, large))
+    transformer = components().transformer
+    assert transformer is not None
+    return DenoiseModel(transformer, (small, large))

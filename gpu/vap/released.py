@@ -78,7 +78,7 @@ class Components:
     text_encoder: UMT5EncoderModel
     image_encoder: CLIPVisionModel
     vae: AutoencoderKLWan
-    transformer: WanTransformer3DMOTModel
+    transformer: WanTransformer3DMOTModel | None  # None when built without it
     safety_checker: nn.Module
 
 
@@ -104,13 +104,14 @@ def build_transformer(device: str | torch.device = "meta") -> WanTransformer3DMO
     return model.eval()
 
 
-def _safety_checker() -> nn.Module:
+def safety_checker() -> nn.Module:
+    """The SD safety checker's layout (CLIP ViT-L/14 tower, projection, concept embeddings)."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     return StableDiffusionSafetyChecker(CLIPConfig(vision_config=SAFETY_VISION_CONFIG, projection_dim=768))
 
 
-def build_components(device: str | torch.device = "meta") -> Components:
+def build_components(device: str | torch.device = "meta", with_transformer: bool = True) -> Components:
     """Every GPU-resident model of the service at full size and its load dtype."""
 
     def make(dtype: torch.dtype, build: Any) -> Any:
@@ -124,8 +125,8 @@ def build_components(device: str | torch.device = "meta") -> Components:
         text_encoder=make(TEXT_DTYPE, lambda: UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG))),
         image_encoder=make(IMAGE_DTYPE, lambda: CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_CONFIG))),
         vae=make(VAE_DTYPE, AutoencoderKLWan),
-        transformer=build_transformer(device),
-        safety_checker=make(SAFETY_DTYPE, _safety_checker),
+        transformer=build_transformer(device) if with_transformer else None,
+        safety_checker=make(SAFETY_DTYPE, safety_checker),
     )
 
 
