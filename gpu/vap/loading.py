@@ -137,8 +137,10 @@ def load_pipeline(
         # Resolve the pinned snapshot once; every component then loads from local files.
         path_or_repo = snapshot_download(path_or_repo, revision=revision)
     tokenizer = AutoTokenizer.from_pretrained(path_or_repo, subfolder="tokenizer", revision=revision)
+    # Straight to where it will live: the GPU, or host memory when it is lent only to encode.
+    text_device = torch.device("cpu") if offload_encoders else device
     text_encoder = UMT5EncoderModel.from_pretrained(
-        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype, device_map={"": device}
+        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype, device_map={"": text_device}
     ).eval()
     image_encoder = CLIPVisionModel.from_pretrained(
         path_or_repo, subfolder="image_encoder", revision=revision, dtype=torch.float32
@@ -160,9 +162,14 @@ def load_pipeline(
         vae=vae,
         scheduler=_scheduler(path_or_repo, revision),
     )
-    pipe.to(device)
+    # Each component to its place (not pipe.to(device): offloaded encoders never visit the GPU).
+    on_device: list[Any] = [pipe.vae, pipe.transformer]
     if offload_encoders:
         pipe.enable_encoder_offload()
+    else:
+        on_device += [pipe.text_encoder, pipe.image_encoder]
+    for module in on_device:
+        module.to(device)
     if vae_tiling:
         pipe.vae.enable_tiling()
     backend = choose_backend(device, dtype, forced=attention_backend)

@@ -110,9 +110,16 @@ class VAPPipeline(DiffusionPipeline):
     def enable_encoder_offload(self) -> None:
         """Keep the text and image encoders in host memory between videos: they are copied to the
         GPU for the encode step only, so the denoising loop has their ~14 GB (UMT5-XXL + CLIP).
-        Costs one host-to-GPU copy per video (pinned memory, well under a second on an H100)."""
-        if not self._host_encoders:
-            self._host_encoders = [HostResident(self.text_encoder), HostResident(self.image_encoder)]
+        Costs one host-to-GPU copy per video (pinned memory, well under a second on an H100).
+        Calling it again re-homes the encoders (`to()` does, after moving the rest)."""
+        self._host_encoders = [HostResident(self.text_encoder), HostResident(self.image_encoder)]
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """`DiffusionPipeline.to`; encoders kept in host memory are put back there afterwards."""
+        out = super().to(*args, **kwargs)
+        if self._host_encoders:
+            self.enable_encoder_offload()
+        return out
 
     @property
     def encoders_offloaded(self) -> bool:

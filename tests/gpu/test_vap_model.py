@@ -315,7 +315,11 @@ def test_pipeline_with_encoder_offload_gives_the_same_video():
     plain = build_tiny_pipeline(seed=0)
     offloaded = build_tiny_pipeline(seed=0)
     offloaded.enable_encoder_offload()
+    offloaded.to(torch.float32)  # moving the pipeline keeps the encoders host-resident
     assert offloaded.encoders_offloaded and not plain.encoders_offloaded
+    for encoder in offloaded._host_encoders:
+        module_params = {id(p) for p in encoder.module.parameters()}
+        assert module_params <= {id(t) for *_, t in encoder._slots}
     a = plain(**kwargs, generator=torch.Generator().manual_seed(3)).frames
     b = offloaded(**kwargs, generator=torch.Generator().manual_seed(3)).frames
     assert torch.equal(a, b)
