@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import importlib.metadata
 import os
 import platform
@@ -87,6 +88,12 @@ def _sync(device: torch.device) -> None:
 
 def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -280,7 +287,8 @@ def build_pipeline(full: bool, device: torch.device, offload_encoders: bool, tra
     else:
         from gpu.vap import released
 
-        c = released.build_components(device, with_transformer=transformer is None)
+        _free(device)  # the previous pipeline's encoders and VAE
+        c = released.build_components(device, with_transformer=transformer is None, with_safety=False)
         for module in (c.text_encoder, c.image_encoder, c.vae, c.transformer):
             if module is not None:
                 released.random_weights(module)
@@ -644,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-steps", type=int, default=2)
     parser.add_argument("--no-pipeline", action="store_true", help="only the backend table")
     parser.add_argument("--vae", action="store_true", help="also time the VAE decode in fp32 vs bf16")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip optional work past this")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="skip optional work past this")
     parser.add_argument("--write", type=Path, help="write the report into this Markdown file")
     args = parser.parse_args(argv)
     args.compile = {"yes": True, "no": False, "always": "always"}[args.compile]

@@ -65,7 +65,7 @@ def components() -> Components:
 @functools.cache
 def weights() -> Weights:
     c = components()
-    assert c.transformer is not None
+    assert c.transformer is not None and c.safety_checker is not None
     return Weights(
         transformer=module_bytes(c.transformer),
         text_encoder=module_bytes(c.text_encoder),

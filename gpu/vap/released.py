@@ -79,7 +79,7 @@ class Components:
     image_encoder: CLIPVisionModel
     vae: AutoencoderKLWan
     transformer: WanTransformer3DMOTModel | None  # None when built without it
-    safety_checker: nn.Module
+    safety_checker: nn.Module | None
 
 
 def _with_default_dtype(dtype: torch.dtype, build: Any) -> Any:
@@ -111,7 +111,9 @@ def safety_checker() -> nn.Module:
     return StableDiffusionSafetyChecker(CLIPConfig(vision_config=SAFETY_VISION_CONFIG, projection_dim=768))
 
 
-def build_components(device: str | torch.device = "meta", with_transformer: bool = True) -> Components:
+def build_components(
+    device: str | torch.device = "meta", with_transformer: bool = True, with_safety: bool = True
+) -> Components:
     """Every GPU-resident model of the service at full size and its load dtype."""
 
     def make(dtype: torch.dtype, build: Any) -> Any:
@@ -126,7 +128,7 @@ def build_components(device: str | torch.device = "meta", with_transformer: bool
         image_encoder=make(IMAGE_DTYPE, lambda: CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_CONFIG))),
         vae=make(VAE_DTYPE, AutoencoderKLWan),
         transformer=build_transformer(device) if with_transformer else None,
-        safety_checker=make(SAFETY_DTYPE, safety_checker),
+        safety_checker=make(SAFETY_DTYPE, safety_checker) if with_safety else None,
     )
 
 

@@ -334,3 +334,25 @@ def test_rotary_in_pieces_is_bit_identical(monkeypatch):
     whole = rotary.apply_rotary(x, cos, sin)
     monkeypatch.setattr(rotary, "ROTARY_PIECES", 7)
     assert torch.equal(rotary.apply_rotary(x, cos, sin), whole)
+
+
+def test_blocks_trace_whole_for_regional_compile():
+    # fullgraph=True: no graph break in either block type with the per-video inputs as arguments
+    # (dynamo's "eager" backend checks the tracing without a C++ compiler).
+    model = build_tiny_transformer(0).eval()
+    raw = _inputs(2, seed=8)
+    latents, t = raw["hidden_states"][:1].expand(2, -1, -1, -1, -1), torch.tensor(500).expand(2)
+    with torch.no_grad():
+        ref = model.prepare_reference(
+            raw["hidden_states_mot_ref"],
+            raw["encoder_hidden_states_mot_ref"],
+            raw["encoder_hidden_states_image_mot_ref"],
+        )
+        ctx = model.prepare_context(raw["encoder_hidden_states"], raw["encoder_hidden_states_image"])
+        eager = model(latents, t, reference=ref, context=ctx, return_dict=False)[0]
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        try:
+            compiled = model(latents, t, reference=ref, context=ctx, return_dict=False)[0]
+        finally:
+            torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
