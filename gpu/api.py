@@ -36,6 +36,7 @@ from vap_shared.gpu_contract import (
 
 from gpu.engine import Engine
 from gpu.generation import target_size, valid_num_frames
+from gpu.modal_settings import offered_class
 from gpu.runner import JobFailed, RunnerConfig, run_job
 from gpu.safety import SafetyClassifier
 
@@ -254,11 +255,12 @@ def choose_class(
     except does_not_fit as exc:
         raise SubmitRejected(422, f"no offered GPU can run this job: {exc}") from exc
     available = sorted(offered)
-    if choice.modal_gpu not in available:
+    modal_gpu = offered_class(choice.modal_gpu, available)  # "H100!:8" and "H100:8" are one class
+    if modal_gpu is None:
         raise SubmitRejected(
             503, f"this deployment has no {choice.modal_gpu} class (offers {', '.join(available)})"
         )
-    return str(choice.modal_gpu)
+    return modal_gpu
 
 
 def _job_key(job_id: str) -> str:

@@ -1,120 +1,84 @@
-"""Benchmark one VAP denoising step (transformer, CFG as one batch of 2) per attention backend.
+"""The GPU check: speed per attention backend, a full-size pipeline run, memory against the plan.
 
-Full size: the released 14B layout (expert blocks 0, 4, ..., 36) with random bf16 weights built
-directly on the GPU (no download), 480p / 49 frames: 13×30×52 = 20,280 tokens per stream.
-Prints s/step, achieved TFLOP/s against the nominal 2.44e15 FLOP per CFG step, the projected
-50-step time and peak memory. `--tiny` runs the same code path on the CPU with the tiny config
-(the test suite does, so this script can't rot).
+    python -m gpu.bench --full       # one H100/H200, random full-size weights, no download (< 8 min)
+    python -m gpu.bench --smoke      # CPU: the same code on the tiny model, in seconds
 
-    python -m gpu.bench                      # on an H100
-    python -m gpu.bench --compile            # + regional torch.compile of the blocks
-    python -m gpu.bench --tiny               # CPU smoke run
+`--full` builds the released 14B layout (and UMT5-XXL, CLIP ViT-H, the Wan VAE, the safety
+checker) from configs with random weights directly on the GPU, then:
+
+1. one CFG denoising step at 480p/49 frames per attention backend, eager and (time permitting)
+   with regional `torch.compile`: s/step, achieved TFLOP/s and % of the GPU's dense bf16 peak,
+   from the FLOPs counted on the model (`gpu.flops`, steady step). Each backend's kernel is checked
+   against the math kernel (float32) and its step output against the first backend's;
+2. a 2-step end-to-end pipeline at full size (encoders, VAE, transformer, safety checker) with the
+   memory options the plan gives the job's GPU class: time per phase and peak memory;
+3. the largest job the plan sends to each GPU type this device can stand in for, 1 step: its peak
+   memory against the plan's estimate and that GPU's capacity.
+
+It exits 1 when a planned job does not fit, a backend's output disagrees with the math kernel, or
+nothing ran; `--write PATH` writes the report (docs/gpu-benchmarks.md documents its format).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
+from gpu.flops import count_step
+from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
-from gpu.vap.transformer import KEEP_IN_FP32, RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
 
-NOMINAL_STEP_FLOPS = 2.44e15  # 480p/49 frames, CFG batch 2 (docs/model.md)
-H100_TARGET_TFLOPS = 550.0
-
-FULL_CONFIG = RELEASED_14B_CONFIG
+GIB = 2**30
+# Dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of the device name.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0, "A100": 312.0}
+KERNEL_REL_TOL = 1e-2  # bf16 attention vs float32 math: ~3e-3 when right
+MODEL_REL_TOL = 5e-2  # step output vs the first backend after 40 bf16 blocks (information + gross errors)
+EXTRA_BACKENDS = ["_native_flash", "_native_efficient"]  # torch's other SDPA kernels, for comparison
 
 
 @dataclass
 class Shape:
-    frames: int  # pixel frames (4k+1)
+    frames: int
     height: int
     width: int
-    text_tokens: int = 512
-    image_tokens: int = 257
 
     def latent(self) -> tuple[int, int, int]:
         return (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8
 
-
-def step_flops(cfg: dict[str, Any], shape: Shape, batch: int = 2) -> float:
-    """Matmul + attention FLOPs of one step as this implementation computes it (dead work skipped)."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    f, h, w = shape.latent()
-    p = cfg["patch_size"]
-    s = (f // p[0]) * (h // p[1]) * (w // p[2])
-    ctx = shape.text_tokens + shape.image_tokens
-    experts = sorted(cfg["block_idx_with_mot_ref"])
-    per_token = 2 * (6 * d * d + 2 * d * cfg["ffn_dim"])  # self QKVO + cross Q,O + FFN
-    ctx_kv = 2 * 2 * ctx * d * d  # cross-attention K/V over text + image context
-    cross = 4 * s * ctx * d
-    total = 0.0
-    for i in range(cfg["num_layers"]):
-        total += s * per_token + ctx_kv + cross
-        if i not in experts:
-            total += 4 * s * s * d
-        elif i != experts[-1]:
-            total += s * per_token + ctx_kv + cross + 4 * (2 * s) * (2 * s) * d
-        else:  # last expert: reference K/V only, main queries over both streams
-            total += s * 2 * 3 * d * d + 4 * s * (2 * s) * d
-    return batch * total
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}x{self.frames}"
 
 
-def build_random(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> WanTransformer3DMOTModel:
-    """Random weights allocated directly on `device` in `dtype` (fp32 where the checkpoint keeps it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = WanTransformer3DMOTModel(**cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if any(part in KEEP_IN_FP32 for part in name.split(".")):
-                param.data = param.data.float()
-            if name.endswith("bias"):
-                param.zero_()
-            elif param.ndim == 1:  # norm weights
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
-
-
-def inputs(cfg: dict[str, Any], shape: Shape, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    f, h, w = shape.latent()
-    g = torch.Generator(device=device).manual_seed(1)
-
-    def rnd(*s: int) -> torch.Tensor:
-        return torch.randn(*s, generator=g, device=device, dtype=dtype)
-
-    return {
-        "hidden_states": rnd(2, cfg["in_channels"], f, h, w),
-        "timestep": torch.tensor([999, 999], device=device),
-        "encoder_hidden_states": rnd(2, shape.text_tokens, cfg["text_dim"]),
-        "encoder_hidden_states_image": rnd(2, shape.image_tokens, cfg["image_dim"]),
-        "ref": rnd(1, cfg["in_channels"], f, h, w),
-        "ref_text": rnd(2, shape.text_tokens, cfg["text_dim"]),
-        "ref_image": rnd(2, shape.image_tokens, cfg["image_dim"]),
-    }
-
-
-def candidate_backends(device: torch.device) -> list[str]:
-    if device.type != "cuda":
-        return ["native"]
-    names = ["native", "_native_cudnn", "_native_flash", "_native_efficient"]
-    optional = {"flash": "flash_attn", "_flash_3": "flash_attn_interface", "sage": "sageattention"}
-    names += [b for b, mod in optional.items() if importlib.util.find_spec(mod) is not None]
-    return names
+@dataclass
+class Report:
+    mode: str  # "full" (GPU) or "smoke" (CPU, tiny)
+    device: str
+    versions: dict[str, str]
+    shape: Shape
+    flops_steady: int
+    flops_plain: int
+    peak_tflops: float | None
+    backends: list[dict[str, Any]] = field(default_factory=list)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    vae: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -122,153 +86,586 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("diffusers", "transformers", "flash-attn-4", "flash_attn_3", "flash-attn", "kernels"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = (got.float() - want.float()).norm()
+    return float(diff / want.float().norm().clamp_min(1e-30))
+
+
+# -- the transformer step -----------------------------------------------------------------------
+
+
+def build_transformer(
+    cfg: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> WanTransformer3DMOTModel:
+    """Random weights allocated directly on `device` (fp32 where the checkpoint keeps it)."""
+    from gpu.vap.released import build_transformer as released
+    from gpu.vap.released import random_weights
+
+    if cfg == RELEASED_14B_CONFIG:
+        model = released(device)
+        random_weights(model)
+        return model
+    torch.manual_seed(0)
+    return WanTransformer3DMOTModel(**cfg).to(device=device, dtype=dtype).eval()
+
+
+def step_inputs(
+    cfg: dict[str, Any], shape: Shape, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    f, h, w = shape.latent()
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g, device=device, dtype=dtype)
+
+    return {
+        "latents": rnd(1, cfg["in_channels"], f, h, w),
+        "text": rnd(2, 512, cfg["text_dim"]),
+        "image": rnd(2, 257, cfg["image_dim"]),
+        "ref": rnd(1, cfg["in_channels"], f, h, w),
+        "ref_text": rnd(2, 512, cfg["text_dim"]),
+        "ref_image": rnd(2, 257, cfg["image_dim"]),
+    }
+
+
+def time_call(
+    fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
+) -> tuple[float, float, Any]:
+    """(seconds of the warm-up calls, seconds per timed call, last output)."""
+    start = time.perf_counter()
+    out = None
     for _ in range(warmup):
-        step()
+        out = fn()
     _sync(device)
+    warm = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(iters):
-        step()
+        out = fn()
     _sync(device)
-    return (time.perf_counter() - start) / iters
+    return warm, (time.perf_counter() - start) / max(iters, 1), out
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    tiny = bool(args.tiny)
-    device = torch.device("cpu" if tiny else args.device)
-    dtype = torch.float32 if tiny else torch.bfloat16
-    cfg = dict(TINY_TRANSFORMER_CONFIG) if tiny else FULL_CONFIG
-    shape = Shape(9, 32, 32) if tiny else Shape(args.frames, args.height, args.width)
-    model = build_random(cfg, device, dtype)
-    if args.compile:
-        model.compile_repeated_blocks(fullgraph=True)
-    x = inputs(cfg, shape, device, dtype)
+def kernel_check(backend: str, device: torch.device, tokens: int, dtype: torch.dtype) -> float:
+    """Relative error of `backend` against float32 math attention at a realistic size."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    g = torch.Generator(device=device).manual_seed(2)
+    q, k, v = (torch.randn(1, tokens, 8, 128, generator=g, device=device, dtype=dtype) for _ in range(3))
+    want = dispatch_attention_fn(
+        q.float(), k.float(), v.float(), backend=AttentionBackendName("_native_math")
+    )
+    name: Any = backend if backend == FLASH_4 else AttentionBackendName(backend)
+    return rel_err(local_attention(q, k, v, name), want)
+
+
+def bench_backends(
+    model: WanTransformer3DMOTModel,
+    cfg: dict[str, Any],
+    shape: Shape,
+    device: torch.device,
+    dtype: torch.dtype,
+    flops: int,
+    peak: float | None,
+    args: argparse.Namespace,
+    deadline: float,
+    compiled: bool = False,
+    first: torch.Tensor | None = None,
+) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
+    """One row per backend (eager, or regional compile): speed, memory, agreement. `first`: the
+    step output the others are compared with (the first backend that ran)."""
+    x = step_inputs(cfg, shape, device, dtype)
     with torch.no_grad():
         reference = model.prepare_reference(x["ref"], x["ref_text"], x["ref_image"])
+        context = model.prepare_context(x["text"], x["image"])
+    latents, t = x["latents"].expand(2, -1, -1, -1, -1), torch.tensor(999.0, device=device).expand(2)
 
-    def step() -> Any:
+    def step() -> torch.Tensor:
         with torch.no_grad():
-            return model(
-                x["hidden_states"],
-                x["timestep"],
-                x["encoder_hidden_states"],
-                x["encoder_hidden_states_image"],
-                reference=reference,
-                return_dict=False,
-            )[0]
+            out = model(latents, t, reference=reference, context=context, return_dict=False)[0]
+        assert isinstance(out, torch.Tensor)
+        return out
 
-    nominal = NOMINAL_STEP_FLOPS if not tiny else step_flops(cfg, shape)
+    names = args.backends.split(",") if args.backends else candidate_backends(device)
+    if not args.backends:  # torch's other kernels for comparison (on the CPU: math, and FA4's absence)
+        extra = EXTRA_BACKENDS if device.type == "cuda" else ["_native_math", FLASH_4]
+        names += [b for b in extra if b not in names]
     rows: list[dict[str, Any]] = []
-    backends = args.backends.split(",") if args.backends else candidate_backends(device)
-    for backend in backends:
-        row: dict[str, Any] = {"backend": backend}
+    compile_s = 150.0  # expected cost of compiling + timing one backend, until one is measured
+    for backend in names:
+        row: dict[str, Any] = {"backend": backend, "compile": compiled}
+        rows.append(row)
+        if time.monotonic() + (compile_s if compiled else 0.0) > deadline:
+            row["skipped"] = "time budget"
+            continue
+        if backend != "native" and not backend_works(backend, device):
+            row["skipped"] = "unavailable (probe failed)"
+            continue
         try:
+            if not compiled:
+                row["kernel_rel_err"] = kernel_check(backend, device, args.kernel_tokens, dtype)
+                if row["kernel_rel_err"] > KERNEL_REL_TOL:
+                    row["failed"] = f"kernel rel err {row['kernel_rel_err']:.2e} > {KERNEL_REL_TOL}"
             if backend == "native":
                 model.reset_attention_backend()
             else:
                 model.set_attention_backend(backend)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sec = time_step(step, device, args.warmup, args.iters)
-            row.update(
-                s_per_step=sec,
-                tflops=nominal / sec / 1e12,
-                s_50_steps=50 * sec,
-                peak_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
-            )
-        except Exception as exc:  # a backend missing on this machine is a row, not a crash
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-        rows.append(row)
-    return rows
+            if compiled:
+                torch._dynamo.reset()
+                model.compile_repeated_blocks(fullgraph=True)
+            _reset_peak(device)
+            started = time.monotonic()
+            warm, sec, out = time_call(step, device, args.warmup, args.iters)
+            if compiled:
+                compile_s = time.monotonic() - started
+            row.update(warmup_s=warm, s_per_step=sec, tflops=flops / sec / 1e12, s_50_steps=50 * sec)
+            row["peak_gib"] = _peak_gib(device)
+            if peak:
+                row["pct_peak"] = 100 * flops / sec / 1e12 / peak
+            if first is None:
+                first = out.float()
+            else:
+                row["model_rel_err"] = rel_err(out, first)
+                if row["model_rel_err"] > MODEL_REL_TOL:
+                    row["failed"] = f"step output rel err {row['model_rel_err']:.2e} vs the first backend"
+        except Exception as exc:  # a backend that breaks here is a row, not a crash
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+        finally:
+            if compiled:
+                uncompile(model)
+    model.reset_attention_backend()
+    return rows, first
 
 
-def bench_vae(tiny: bool, device: torch.device) -> list[dict[str, Any]]:
-    """VAE decode of one video's latents in fp32 vs bf16: time, peak memory, and how far the bf16
-    frames are from the fp32 ones (random weights: the time is meaningful, the PSNR only a hint)."""
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo `compile_repeated_blocks` (each block's compiled call goes back to eager)."""
+    torch._dynamo.reset()
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+
+
+def build_pipeline(full: bool, device: torch.device, offload_encoders: bool, transformer: Any = None) -> Any:
+    """The VAP pipeline from configs with random weights (full size) or the tiny one (smoke)."""
+    from gpu.vap.pipeline import VAPPipeline
+    from gpu.vap.tiny import build_tiny_pipeline, build_tiny_tokenizer
+
+    if not full:
+        pipe = build_tiny_pipeline(0)
+    else:
+        from gpu.vap import released
+
+        _free(device)  # the previous pipeline's encoders and VAE
+        c = released.build_components(device, with_transformer=transformer is None, with_safety=False)
+        for module in (c.text_encoder, c.image_encoder, c.vae, c.transformer):
+            if module is not None:
+                released.random_weights(module)
+        pipe = VAPPipeline(
+            tokenizer=build_tiny_tokenizer(),  # any ids < 256k work for random UMT5 weights
+            text_encoder=c.text_encoder,
+            image_encoder=c.image_encoder,
+            image_processor=released.image_processor(),
+            transformer=transformer if transformer is not None else c.transformer,  # type: ignore[arg-type]
+            vae=c.vae,
+            scheduler=released.scheduler(),
+        )
+    pipe.to(device)
+    if offload_encoders:
+        pipe.enable_encoder_offload()
+    return pipe
+
+
+def safety_classifier(full: bool, device: torch.device) -> Any:
+    from gpu.safety import DiffusersSafetyClassifier
+
+    if not full:
+        return DiffusersSafetyClassifier.tiny(0)
+    from gpu.vap import released
+
+    checker = released.random_weights(released.safety_checker().to(device=device, dtype=torch.float16))
+    return DiffusersSafetyClassifier(
+        checker, released.image_processor(), device=str(device), dtype=torch.float16
+    )
+
+
+@contextlib.contextmanager
+def _phase(timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    _sync(device)
+    start = time.perf_counter()
+    yield
+    _sync(device)
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def run_pipeline(pipe: Any, safety: Any, shape: Shape, steps: int, device: torch.device) -> dict[str, Any]:
+    """One generation with timings per phase (encode+VAE encode, denoising, decode, safety)."""
+    from gpu.safety import check_image, check_output
+
+    rng = np.random.default_rng(0)
+    size = (shape.width, shape.height)
+    image = Image.fromarray(rng.integers(0, 256, (shape.height, shape.width, 3), dtype=np.uint8))
+    frames = [image.resize(size)] * shape.frames
+    timings: dict[str, float] = {}
+    steps_seen: list[float] = []
+
+    def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        _sync(device)
+        steps_seen.append(time.perf_counter())
+        return kwargs
+
+    _reset_peak(device)
+    start = time.perf_counter()
+    with _phase(timings, "safety_in_s", device):
+        check_image(safety, image)
+    with _phase(timings, "pipeline_s", device), torch.inference_mode():
+        video = pipe(
+            image=image,
+            ref_video=frames,
+            prompt="a woman turns to the camera",
+            prompt_mot_ref="a man turns into a toy character",
+            height=shape.height,
+            width=shape.width,
+            num_frames=shape.frames,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=on_step,
+        ).frames
+    out = (np.clip(video[0], 0, 1) * 255).astype(np.uint8)
+    # A random checker flags at random: only its run time matters here.
+    with _phase(timings, "safety_out_s", device), contextlib.suppress(Exception):
+        check_output(safety, out)
+    total = time.perf_counter() - start
+    if len(steps_seen) >= 2:
+        timings["s_per_step"] = (steps_seen[-1] - steps_seen[0]) / (len(steps_seen) - 1)
+    return {"shape": str(shape), "steps": steps, "total_s": total, **timings, "peak_gib": _peak_gib(device)}
+
+
+def bench_vae(full: bool, device: torch.device) -> list[dict[str, Any]]:
+    """VAE decode of one 480p/49 video's latents in fp32 vs bf16: time, peak memory, and how far the
+    bf16 frames are from the fp32 ones (random weights: the time is meaningful, the PSNR a hint)."""
     from diffusers.models import AutoencoderKLWan
 
+    from gpu.vap.released import random_weights
+
     torch.manual_seed(0)
-    if tiny:
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-        latents = torch.randn(1, 16, 3, 4, 4)
+    if full:
+        vae = random_weights(AutoencoderKLWan().to(device))
+        latents = torch.randn(1, 16, 13, 60, 104, device=device)
     else:
-        vae = AutoencoderKLWan()  # the Wan2.1 VAE layout (as in the checkpoint's vae/config.json)
-        latents = torch.randn(1, 16, 13, 60, 104)
-    vae = vae.to(device).eval()
-    latents = latents.to(device)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).to(device)
+        latents = torch.randn(1, 16, 3, 4, 4, device=device)
     rows: list[dict[str, Any]] = []
     reference: torch.Tensor | None = None
+    decoder: Any = vae
     for dtype in (torch.float32, torch.bfloat16):
-        vae.to(dtype)
+        decoder.to(dtype)
         z = latents.to(dtype)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_peak(device)
 
         def decode(z: torch.Tensor = z) -> torch.Tensor:
-            return vae.decode(z, return_dict=False)[0]
+            return decoder.decode(z, return_dict=False)[0]
 
         with torch.no_grad():
-            sec = time_step(decode, device, warmup=1, iters=1)
-            video = decode().float().clamp(-1, 1)
-        row: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "s": sec}
-        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            _, sec, video = time_call(decode, device, 1, 1)
+        video = video.float().clamp(-1, 1)
+        row: dict[str, Any] = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "s": sec,
+            "peak_gib": _peak_gib(device),
+        }
         if reference is None:
             reference = video
         else:
-            mse = float(((video - reference) / 2).pow(2).mean())  # frames in [0, 1]
-            row["psnr_vs_fp32"] = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-20))).item()
+            mse = float(((video - reference) / 2).pow(2).mean())
+            row["psnr_vs_fp32"] = 10 * float(np.log10(1.0 / max(mse, 1e-20)))
         rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], device_name: str, flops: float) -> None:
-    print(
-        f"device: {device_name}   FLOP/step: {flops:.3g}   target: >= {H100_TARGET_TFLOPS:.0f} TFLOP/s (H100)"
+# -- memory against the plan ----------------------------------------------------------------------
+
+
+def planned_jobs(device: torch.device) -> list[tuple[str, dict[str, Any]]]:
+    """(GPU type, job) for the largest job the plan gives each GPU type this device can stand in for."""
+    from gpu import plan
+
+    if device.type != "cuda":
+        return []
+    capacity = torch.cuda.get_device_properties(device).total_memory / GIB
+    jobs = [j for j in plan.read_table()["jobs"] if j["gpus"] == 1 and j["gpu"]]
+    out = []
+    for gpu in plan.OFFERED:
+        mine = [j for j in jobs if j["gpu"] == gpu.name]
+        if mine and gpu.capacity_gib <= capacity + 0.5:
+            out.append((gpu.name, max(mine, key=lambda j: j["peak_bytes"])))
+    return out
+
+
+def check_memory(
+    name: str, job: dict[str, Any], pipe_factory: Callable[[bool], Any], device: torch.device
+) -> dict[str, Any]:
+    from gpu import plan
+
+    gpu = plan.gpu_type(name)
+    offload = plan.offload_encoders(name, 1)
+    shape = Shape(job["num_frames"], job["height"], job["width"])
+    row: dict[str, Any] = {"gpu": name, "shape": str(shape), "offload_encoders": offload}
+    row["planned_gib"] = job["peak_bytes"] / GIB
+    row["capacity_gib"] = gpu.capacity_gib
+    try:
+        pipe = pipe_factory(offload)
+        result = run_pipeline(pipe, safety_classifier(True, device), shape, 1, device)
+        free, total = torch.cuda.mem_get_info(device)
+        outside = (total - free - torch.cuda.memory_reserved(device)) / GIB  # context, workspaces
+        row.update(
+            measured_gib=result["peak_gib"],
+            reserved_gib=torch.cuda.max_memory_reserved(device) / GIB,
+            outside_torch_gib=outside,
+            total_s=result["total_s"],
+        )
+        row["fits"] = row["reserved_gib"] + outside <= gpu.capacity_gib
+    except torch.cuda.OutOfMemoryError as exc:
+        row.update(fits=False, error=f"OutOfMemoryError: {str(exc)[:160]}")
+    return row
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def render(report: Report) -> str:
+    """The Markdown report (format documented in docs/gpu-benchmarks.md)."""
+    lines = [f"### Run: {report.mode} on {report.device}", ""]
+    lines.append(
+        f"- versions: {', '.join(f'{k} {v}' for k, v in report.versions.items())}; "
+        f"wall time {report.wall_s:.0f} s"
     )
-    print(f"{'backend':<18} {'s/step':>8} {'TFLOP/s':>8} {'50 steps (s)':>12} {'peak GiB':>9}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['backend']:<18} {'error':>8}  {r['error']}")
-            continue
-        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        timing = f"{r['s_per_step']:>8.3f} {r['tflops']:>8.1f} {r['s_50_steps']:>12.1f}"
-        print(f"{r['backend']:<18} {timing} {peak:>9}")
+    lines.append(
+        f"- step shape {report.shape} (CFG batch 2); FLOPs per step counted on the model: "
+        f"{report.flops_steady:.4g} steady (reused step invariants), {report.flops_plain:.4g} plain; "
+        f"device peak {_fmt(report.peak_tflops, '.1f')} dense bf16 TFLOP/s"
+    )
+    lines += [
+        "",
+        "| backend | compile | s/step | TFLOP/s | % of peak | 50 steps (s) | warm-up (s) | peak GiB "
+        "| kernel rel err | step rel err | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.backends:
+        status = r.get("failed") or r.get("error") or r.get("skipped") or "ok"
+        lines.append(
+            f"| {r['backend']} | {'yes' if r['compile'] else 'no'} | {_fmt(r.get('s_per_step'))} "
+            f"| {_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('pct_peak'), '.1f')} "
+            f"| {_fmt(r.get('s_50_steps'), '.1f')} | {_fmt(r.get('warmup_s'), '.1f')} "
+            f"| {_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('kernel_rel_err'), '.1e')} "
+            f"| {_fmt(r.get('model_rel_err'), '.1e')} | {status} |"
+        )
+    p = report.pipeline
+    if p:
+        lines += [
+            "",
+            f"End-to-end pipeline ({p['shape']}, {p['steps']} steps, encoders "
+            f"{'in host memory' if p.get('offload_encoders') else 'resident'}): total {p['total_s']:.1f} s, "
+            f"pipeline {p.get('pipeline_s', 0):.1f} s, s/step {_fmt(p.get('s_per_step'))}, safety "
+            f"{p.get('safety_in_s', 0) + p.get('safety_out_s', 0):.2f} s, "
+            f"peak {_fmt(p.get('peak_gib'), '.1f')} GiB "
+            f"(planned {_fmt(p.get('planned_gib'), '.1f')} GiB with margin)",
+        ]
+    if report.memory:
+        lines += [
+            "",
+            "| planned GPU | largest job | encoders on host | planned GiB | measured peak GiB | reserved GiB "
+            "| outside torch GiB | capacity GiB | fits |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m in report.memory:
+            lines.append(
+                f"| {m['gpu']} | {m['shape']} | {'yes' if m['offload_encoders'] else 'no'} "
+                f"| {m['planned_gib']:.1f} | {_fmt(m.get('measured_gib'), '.1f')} "
+                f"| {_fmt(m.get('reserved_gib'), '.1f')} | {_fmt(m.get('outside_torch_gib'), '.1f')} "
+                f"| {m['capacity_gib']:.1f} | {'yes' if m.get('fits') else 'NO ' + m.get('error', '')} |"
+            )
+    if report.vae:
+        lines += [
+            "",
+            "| VAE decode dtype | s | peak GiB | PSNR vs fp32 (random weights) |",
+            "|---|---|---|---|",
+        ]
+        for v in report.vae:
+            lines.append(
+                f"| {v['dtype']} | {v['s']:.3f} | {_fmt(v.get('peak_gib'), '.1f')} "
+                f"| {_fmt(v.get('psnr_vs_fp32'), '.1f')} |"
+            )
+    lines += ["", "Result: " + ("; ".join(report.problems) if report.problems else "all checks passed"), ""]
+    return "\n".join(lines)
+
+
+UNMEASURED_HEADER = """\
+**GPU figures: unmeasured.** No GPU has run `python -m gpu.bench --full` yet. The run below is
+the CPU smoke run (tiny model, same code): its times say nothing about a GPU.
+"""
+
+
+def write_report(path: Path, report: Report) -> None:
+    """Replace the generated part of the document (after the marker), keeping the prose above."""
+    marker = "<!-- gpu.bench output below: generated, do not edit -->"
+    head = path.read_text().split(marker)[0] if path.exists() else "# GPU benchmarks\n\n"
+    prefix = UNMEASURED_HEADER + "\n" if report.mode == "smoke" else ""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    path.write_text(f"{head.rstrip()}\n\n{marker}\n\n{prefix}_Generated {stamp}._\n\n{render(report)}")
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> Report:
+    from gpu import plan
+
+    started = time.monotonic()
+    deadline = started + args.budget_s
+    full = not args.smoke
+    device = torch.device(args.device if full else "cpu")
+    dtype = torch.bfloat16 if full else torch.float32
+    cfg = RELEASED_14B_CONFIG if full else dict(TINY_TRANSFORMER_CONFIG)
+    shape = Shape(args.frames, args.height, args.width) if full else Shape(9, 32, 48)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (tiny model)"
+    report = Report(
+        mode="full" if full else "smoke",
+        device=name,
+        versions=_versions(),
+        shape=shape,
+        flops_steady=count_step(cfg, shape.frames, shape.height, shape.width, steady=True).total,
+        flops_plain=count_step(cfg, shape.frames, shape.height, shape.width, steady=False).total,
+        peak_tflops=peak_tflops(name),
+    )
+    if full:
+        torch._dynamo.config.cache_size_limit = 64  # block variants × backends
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 VAE / CLIP convs and matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_transformer(cfg, device, dtype)
+    bench = (model, cfg, shape, device, dtype, report.flops_steady, report.peak_tflops, args, deadline)
+    report.backends, first = bench_backends(*bench)
+
+    if not args.no_pipeline and time.monotonic() < deadline:
+        # As served: the probed backend, the memory options the plan gives this job's GPU class.
+        backend = choose_backend(device, dtype)
+        if backend != "native":
+            model.set_attention_backend(backend)
+        offload = plan.choose_gpu(shape.width, shape.height, shape.frames).offload_encoders if full else False
+        pipe = build_pipeline(full, device, offload, transformer=model)
+        result = run_pipeline(pipe, safety_classifier(full, device), shape, args.pipeline_steps, device)
+        result.update(offload_encoders=offload, backend=backend)
+        if full:
+            result["planned_gib"] = plan.choose_gpu(shape.width, shape.height, shape.frames).peak_gib
+        report.pipeline = result
+        del pipe
+        for gpu_name, job in planned_jobs(device):
+            if time.monotonic() + 150 > deadline:
+                report.problems.append(f"largest {gpu_name} job not checked: time budget")
+                continue
+
+            def factory(offload: bool) -> Any:
+                return build_pipeline(full, device, offload, transformer=model)
+
+            row = check_memory(gpu_name, job, factory, device)
+            report.memory.append(row)
+            if not row.get("fits"):
+                report.problems.append(f"largest planned {gpu_name} job {row['shape']} does not fit")
+        model.reset_attention_backend()
+
+    if args.vae:
+        report.vae = bench_vae(full, device)
+    if args.compile and (device.type == "cuda" or args.compile == "always"):
+        compiled, _ = bench_backends(*bench, compiled=True, first=first)
+        report.backends += compiled
+    for r in report.backends:
+        if "failed" in r:
+            report.problems.append(f"{r['backend']} (compile={r['compile']}): {r['failed']}")
+    if not any("s_per_step" in r for r in report.backends):
+        report.problems.append("no attention backend ran")
+    report.wall_s = time.monotonic() - started
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--full", action="store_true", help="full size on the GPU")
+    mode.add_argument("--smoke", "--tiny", action="store_true", help="tiny model on the CPU (same code)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--backends", default="", help="comma list (default: all available)")
+    parser.add_argument("--backends", default="", help="comma list (default: every candidate here)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="yes",
+        default="yes",
+        choices=["yes", "no", "always"],
+        help="also time regional torch.compile (GPU; 'always' also on the CPU)",
+    )
+    parser.add_argument(
+        "--kernel-tokens", type=int, default=0, help="kernel check length (GPU 8192, CPU 256)"
+    )
+    parser.add_argument("--pipeline-steps", type=int, default=2)
+    parser.add_argument("--no-pipeline", action="store_true", help="only the backend table")
     parser.add_argument("--vae", action="store_true", help="also time the VAE decode in fp32 vs bf16")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="skip optional work past this")
+    parser.add_argument("--write", type=Path, help="write the report into this Markdown file")
     args = parser.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
-        parser.error("no CUDA device: use --tiny for the CPU smoke run")
-    rows = run(args)
-    if args.tiny:
-        name, flops = "cpu (tiny config)", step_flops(dict(TINY_TRANSFORMER_CONFIG), Shape(9, 32, 32))
-    else:
-        shape = Shape(args.frames, args.height, args.width)
-        name, flops = torch.cuda.get_device_name(), NOMINAL_STEP_FLOPS
-        print(f"computed here (dead reference work skipped): {step_flops(FULL_CONFIG, shape):.3g} FLOP/step")
-    print_table(rows, name, flops)
-    if args.vae:
-        device = torch.device("cpu" if args.tiny else args.device)
-        print(f"\nVAE decode of one video's latents ({'tiny' if args.tiny else '13x60x104 -> 49x480x832'})")
-        print(f"{'dtype':<10} {'s':>8} {'peak GiB':>9} {'PSNR vs fp32 (random weights)':>30}")
-        for r in bench_vae(bool(args.tiny), device):
-            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-            psnr = f"{r['psnr_vs_fp32']:.1f} dB" if "psnr_vs_fp32" in r else "-"
-            print(f"{r['dtype']:<10} {r['s']:>8.3f} {peak:>9} {psnr:>30}")
-    return 0 if any("error" not in r for r in rows) else 1
+    args.compile = {"yes": True, "no": False, "always": "always"}[args.compile]
+    args.kernel_tokens = args.kernel_tokens or (8192 if args.full else 256)
+    if args.full and not torch.cuda.is_available():
+        parser.error("no CUDA device: use --smoke for the CPU run")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    report = run(args)
+    text = render(report)
+    print(text)
+    if args.write:
+        write_report(args.write, report)
+    return 1 if report.problems else 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@
     python -m gpu.check_parallel --world-size 2 4
 
 For each world size, `SequenceParallelEngine` spawns the ranks and the same work runs split and
-on one process: (1) transformer calls with CFG batch 2, on a token count that divides evenly and
-one that does not; (2) the whole pipeline for a few steps (CFG batch 2, reference stream),
-compared on the final latents; (3) `Engine.generate` (uint8 frames, equal up to one level of
-rounding, else it fails). rel_err = max over (1) and (2) of ‖split − single‖ / ‖single‖.
+on one process: (1) transformer calls with CFG batch 2 (separate rows, raw context), on a token
+count that divides evenly and one that does not; (2) two steps as the pipeline runs them (context
+and reference prepared once, CFG rows as views of one row, so block 0's reference Q/K/V is cached
+on each rank after the split); (3) the whole pipeline for a few steps (CFG batch 2, reference
+stream), compared on the final latents; (4) `Engine.generate` (uint8 frames, equal up to one
+level of rounding, else it fails). rel_err = max over (1)-(3) of ‖split − single‖ / ‖single‖.
 """
 
 from __future__ import annotations
@@ -64,6 +66,24 @@ def _transformer_inputs(
     }
 
 
+def _steady_steps(model: Any, inputs: dict[str, Any]) -> list[torch.Tensor]:
+    """Two calls as the pipeline makes them: per-video context/reference, CFG rows as views."""
+    reference = model.prepare_reference(
+        inputs["hidden_states_mot_ref"],
+        inputs["encoder_hidden_states_mot_ref"],
+        inputs["encoder_hidden_states_image_mot_ref"],
+    )
+    context = model.prepare_context(inputs["encoder_hidden_states"], inputs["encoder_hidden_states_image"])
+    outs = []
+    for t in (900, 700):
+        latents = inputs["hidden_states"][:1] * (t / 1000)
+        rows, timestep = latents.expand(2, -1, -1, -1, -1), torch.tensor(t).expand(2)
+        outs.append(model(rows, timestep, reference=reference, context=context, return_dict=False)[0])
+    if reference.first_expert_qkv is None:
+        raise RuntimeError("block 0's reference Q/K/V were not cached")
+    return outs
+
+
 def _run_all(pipe: Any, engine: Any, steps: int) -> dict[str, Any]:
     """The same work on one process (`pipe`/`engine` plain) or split (the parallel engine's)."""
     cfg = pipe.transformer.config
@@ -72,6 +92,8 @@ def _run_all(pipe: Any, engine: Any, steps: int) -> dict[str, Any]:
         for i, grid in enumerate(GRIDS):
             inputs = _transformer_inputs(grid, i, cfg["text_dim"], cfg["image_dim"])
             out[f"transformer {grid}"] = pipe.transformer(**inputs)[0]
+            for k, step in enumerate(_steady_steps(pipe.transformer, inputs), start=1):
+                out[f"transformer {grid}, steady step {k}"] = step
         out[f"pipeline latents, {steps} steps, CFG"] = pipe(
             image=_frames(1, 1)[0],
             ref_video=_frames(2, FRAMES),

@@ -28,6 +28,7 @@ except ImportError:
 
 import modal
 
+from gpu import plan
 from gpu.modal_settings import GpuClass, forwarded_env, read_settings
 
 SETTINGS = read_settings()
@@ -66,6 +67,10 @@ gpu_image = (
         "ftfy==6.3.1",
         "huggingface-hub==2.4.0",
         "hf-xet==1.8.0",
+        # FlashAttention 4 (gpu.vap.attention's `flash_4`; the load-time probe keeps it off where it
+        # fails). Metadata checked against this torch pin: flash-attn-4, quack-kernels and the
+        # CUTLASS DSL bound no torch version; `cu13` because the torch 2.13.0 wheel is CUDA 13.
+        "flash-attn-4[cu13]==4.0.0b36",
         *_COMMON,
     )
     .env({"HF_HUB_CACHE": HF_CACHE_DIR, "TOKENIZERS_PARALLELISM": "false"})
@@ -122,9 +127,15 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
 
     revision = recorded_revision(SETTINGS.revision or VAP_REVISION)
+    # UMT5 + CLIP in host memory where the plan needs their room on the GPU (one H100).
+    offload = plan.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     if gpu_class.count == 1:
         pipeline = load_pipeline(
-            VAP_REPO_ID, device=device, revision=revision, compile_blocks=SETTINGS.compile_blocks
+            VAP_REPO_ID,
+            device=device,
+            revision=revision,
+            compile_blocks=SETTINGS.compile_blocks,
+            offload_encoders=offload,
         )
         return VideoEngine(pipeline, device)
     # One job over all of the container's GPUs: rank 0 (this process) runs the encoders, the VAE
@@ -136,7 +147,7 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
     from gpu.parallel.loaders import ReleasedTransformer
 
     return SequenceParallelEngine(
-        partial(load_pipeline, VAP_REPO_ID, revision=revision),
+        partial(load_pipeline, VAP_REPO_ID, revision=revision, offload_encoders=offload),
         gpu_class.count,
         transformer_loader=ReleasedTransformer(VAP_REPO_ID, revision),
         startup_timeout_s=SETTINGS.budget.startup_s,
@@ -225,18 +236,27 @@ class VapGeneratorBase:
         }
 
 
+# Host memory (MiB) requested by a class that keeps the encoders in pinned host memory: UMT5-XXL
+# and CLIP (≈13.9 GB pinned, gpu/plan_table.py) plus the process, media and loading headroom.
+OFFLOAD_HOST_MEMORY_MIB = 32 * 1024
+# The caching allocator grows segments instead of stranding fragments: gpu.plan's margin assumes it.
+GPU_ENV = {"HF_HUB_OFFLINE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
 def _define_generator(gpu_class: GpuClass) -> Any:
     """Register the Modal class for one GPU choice. Its name must be a module global: a container
     finds the class it serves by that name (`getattr(module, name)`)."""
     namespace = {"gpu_class": gpu_class, "__module__": __name__}
     user_cls = type(gpu_class.class_name, (VapGeneratorBase,), namespace)
+    offload = plan.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     return app.cls(
         image=gpu_image,
         gpu=gpu_class.modal_gpu,
         volumes={MODELS_DIR: weights},
         secrets=SECRETS,
+        memory=OFFLOAD_HOST_MEMORY_MIB if offload else None,
         # Serving reads only the volume: no hub access (a missing file is a deploy error, not a download).
-        env={"HF_HUB_OFFLINE": "1", **FORWARDED_ENV},
+        env={**GPU_ENV, **FORWARDED_ENV},
         timeout=SETTINGS.timeout_s,
         startup_timeout=SETTINGS.startup_timeout_s,
         scaledown_window=SETTINGS.scaledown_s,

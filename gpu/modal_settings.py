@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from vap_shared.budget import DEFAULT_BUDGET_S, DEFAULT_MODAL_CONTAINERS, Budget, BudgetError
@@ -28,12 +28,14 @@ REVISION = "VAP_REVISION"
 VOLUME = "VAP_MODAL_VOLUME"
 SECRETS = "VAP_MODAL_SECRETS"
 CALLS_DICT = "VAP_MODAL_CALLS_DICT"
+# Read inside the GPU containers by gpu.vap.attention (forces one attention backend, still probed).
+ATTENTION_BACKEND = "VAP_ATTENTION_BACKEND"
 
 # Every environment variable the app module reads. A container sees only what is forwarded, so a
 # name missing here would silently fall back to its default there (the bug this list prevents).
 SETTING_NAMES: tuple[str, ...] = (
     APP, GPUS, MAX_CONTAINERS, MIN_CONTAINERS, SCALEDOWN, BUDGET, STEPS, COMPILE, REVISION, VOLUME,
-    SECRETS, CALLS_DICT,
+    SECRETS, CALLS_DICT, ATTENTION_BACKEND,
 )  # fmt: skip
 
 # Names that used to be read; now derived from VAP_JOB_BUDGET_S or renamed. Setting one is an
@@ -77,6 +79,22 @@ def parse_gpu(modal_gpu: str) -> GpuClass:
     if count not in GPU_COUNTS:
         raise SettingsError(f"{GPUS}: {modal_gpu!r} asks for {count} GPUs; one job uses 1, 2, 4 or 8")
     return GpuClass(modal_gpu=modal_gpu.strip(), gpu_type=match["type"], count=count)
+
+
+def offered_class(modal_gpu: str, offered: Iterable[str]) -> str | None:
+    """The offered Modal GPU string that serves a choice spelled `modal_gpu`: the same GPU type and
+    count. `!` (no upgrade by Modal to a bigger GPU) is the deployment's spelling, not part of the
+    choice: gpu.plan names "H100!:8" where a deployment may offer "H100:8", and the other way
+    round (`read_settings` allows one class per type and count, so the match is unique)."""
+    try:
+        wanted = parse_gpu(modal_gpu)
+    except SettingsError:
+        return None
+    for name in offered:
+        have = parse_gpu(name)
+        if (have.gpu_type, have.count) == (wanted.gpu_type, wanted.count):
+            return have.modal_gpu
+    return None
 
 
 @dataclass(frozen=True)

@@ -71,13 +71,15 @@ class ReleasedTransformer:
 
         from huggingface_hub import snapshot_download
 
-        from gpu.vap.loading import backend_works, load_transformer, pick_attention_backend
+        from gpu.vap.attention import choose_backend
+        from gpu.vap.loading import load_transformer
 
         path = self.path_or_repo
         if not os.path.isdir(path):
             path = snapshot_download(path, revision=self.revision)
         model = load_transformer(path, self.dtype, self.revision, device)
-        backend = self.attention_backend or pick_attention_backend(device)
-        if backend != "native" and backend_works(backend, device, self.dtype):
+        # The same choice as `load_pipeline` (forced / VAP_ATTENTION_BACKEND / probed fastest).
+        backend = choose_backend(device, self.dtype, forced=self.attention_backend)
+        if backend != "native":
             model.set_attention_backend(backend)
         return model

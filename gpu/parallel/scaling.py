@@ -26,7 +26,9 @@ class ModelDims:
     """The released VAP-Wan2.1-I2V-14B transformer (RELEASED_14B_CONFIG)."""
 
     layers: int = 40
-    expert_blocks: int = 10  # blocks 0, 4, ..., 36: joint [main; ref] attention
+    # Blocks 0, 4, ..., 36: joint [main; ref] attention. Block 0 is always the first expert block
+    # here (as in the released config): the one whose work CFG rows share (`step_flops`).
+    expert_blocks: int = 10
     width: int = 5120  # 40 heads × 128
     heads: int = 40
     ffn: int = 13824
@@ -73,39 +75,52 @@ class JobShape:
         return 2 if self.cfg else 1
 
 
-def step_flops(shape: JobShape, dims: ModelDims | None = None) -> float:
-    """FLOPs of one denoising step (one transformer forward at the CFG batch), dead reference work skipped."""
+def step_flops(shape: JobShape, dims: ModelDims | None = None, steady: bool = True) -> float:
+    """FLOPs of one denoising step (one transformer forward at the CFG batch), dead reference work
+    skipped. `steady` (default): as the pipeline runs steps 2..N (`reuse_step_invariants`): the
+    context embedding, every block's context K/V and block 0's reference Q/K/V are computed once
+    per video, and the CFG rows (views of one row) share the patch/time embedding and block 0 up
+    to its cross-attention. `steady=False`: everything recomputed at every step (gpu/flops.py
+    counts both on the model itself)."""
     dims = dims or ModelDims()
     s = r = shape.tokens
     d, f = dims.width, dims.ffn
     ctx = dims.text_tokens + dims.image_tokens
+    context_kv = 0 if steady else 4 * ctx * d * d  # per stream and block: K, V over the context
 
     def stream(n: int, keys: int) -> float:
         """Per-token work of one stream in one block: self-attn projections + core, cross, FFN."""
-        return (
-            8 * n * d * d
-            + 4 * n * keys * d
-            + 4 * n * d * d
-            + 4 * ctx * d * d
-            + 4 * n * ctx * d
-            + 4 * n * d * f
-        )
+        return 8 * n * d * d + 4 * n * keys * d + 4 * n * d * d + context_kv + 4 * n * ctx * d + 4 * n * d * f
 
+    ref_qkv = 6 * r * d * d  # block 0's reference Q, K, V
     plain = (dims.layers - dims.expert_blocks) * stream(s, s)
     experts = (dims.expert_blocks - 1) * (stream(s, s + r) + stream(r, s + r))
     last = stream(s, s + r) + 4 * r * d * d  # the reference only gives keys/values there
     patch = 2 * s * dims.in_channels * dims.patch[0] * dims.patch[1] * dims.patch[2] * d
     out = 2 * s * d * dims.out_channels * dims.patch[0] * dims.patch[1] * dims.patch[2]
-    cond = (
-        2 * (dims.freq_dim * d + d * d + 6 * d * d)
-        + 2 * dims.text_tokens * (dims.text_dim * d + d * d)
-        + 2 * dims.image_tokens * (dims.image_dim * dims.image_dim + dims.image_dim * d)
+    time = 2 * (dims.freq_dim * d + d * d + 6 * d * d)
+    embed_context = 2 * dims.text_tokens * (dims.text_dim * d + d * d) + 2 * dims.image_tokens * (
+        dims.image_dim * dims.image_dim + dims.image_dim * d
     )
-    return float(shape.batch * (plain + experts + last + patch + out + cond))
+    per_row = plain + experts + last + patch + out + time + (0 if steady else embed_context)
+    if not steady:
+        return float(shape.batch * per_row)
+    per_row -= ref_qkv
+    # Block 0 up to its cross-attention: main Q/K/V/O + joint core, reference O + core (its Q/K/V
+    # are per video), or main Q/K/V/O + core and reference K/V if it is the only expert block.
+    if dims.expert_blocks > 1:
+        block0 = 8 * s * d * d + 4 * s * (s + r) * d + 2 * r * d * d + 4 * r * (s + r) * d
+    else:
+        block0 = 8 * s * d * d + 4 * s * (s + r) * d
+    shared = patch + time + block0
+    return float(shape.batch * (per_row - shared) + shared)
 
 
-def all_to_all_bytes_per_gpu(shape: JobShape, gpus: int, dims: ModelDims | None = None) -> float:
-    """Bytes one GPU sends per step (bf16): Q, K, V in and the output back, for every self-attention."""
+def all_to_all_bytes_per_gpu(
+    shape: JobShape, gpus: int, dims: ModelDims | None = None, steady: bool = True
+) -> float:
+    """Bytes one GPU sends per step (bf16): Q, K, V in and the output back, for every self-attention
+    (`steady`: block 0's at one row, the CFG rows being views of one row until its cross-attention)."""
     dims = dims or ModelDims()
     if gpus == 1:
         return 0.0
@@ -115,6 +130,9 @@ def all_to_all_bytes_per_gpu(shape: JobShape, gpus: int, dims: ModelDims | None 
     experts = (dims.expert_blocks - 1) * 4 * (s + r) * row
     last = (2 * s + 2 * (s + r)) * row  # queries/output main only, keys/values main + ref
     elements = plain + experts + last
+    if steady:
+        block0 = 4 * (s + r) if dims.expert_blocks > 1 else 2 * s + 2 * (s + r)
+        elements -= (shape.batch - 1) * block0 * dims.width
     # Each GPU holds 1/N of every tensor and keeps 1/N of that; 2 bytes per element.
     return elements / gpus * (gpus - 1) / gpus * 2.0
 

@@ -1,10 +1,14 @@
 """Sequence parallel for the VAP transformer: each rank runs every block on a slice of the tokens.
 
 The transformer calls three hooks (see `install`):
-- `shard` after the patch embedding: this rank's slice of the main and reference tokens and of
-  their rotary tables. Everything per token (modulation, norms, projections, cross-attention
-  against the replicated text/image context, FFN) then runs on the slice without communication.
-- the attention core of every self-attention (plain blocks: main stream; expert blocks: the joint
+- `shard` after the patch embedding, before the first block: this rank's slice of the main and
+  reference tokens and of their rotary tables. Everything per token (modulation, norms,
+  projections, cross-attention against the context K/V, which every rank holds whole, FFN) then
+  runs on the slice without communication. The first expert block's reference Q/K/V, cached in
+  the `ReferenceContext` for the next steps, is computed after the shard, so each rank caches
+  its own slice. CFG rows that are views of one row stay one row until the first
+  cross-attention on every rank alike (the exchanges carry whatever batch the rows have).
+- `attention_core` of every block (plain blocks: main stream; expert blocks: the joint
   [main; ref] attention): all-to-all of Q/K/V (sequence gathered, heads scattered), attention over
   the full sequence for H/N heads, inverse all-to-all of the output.
 - `gather` after `proj_out` (64 channels per token instead of 5,120): all tokens, in order.
@@ -31,7 +35,8 @@ from gpu.parallel.layout import (
     sequence_to_send,
     split_sizes,
 )
-from gpu.vap.transformer import AttentionCore, WanTransformer3DMOTModel, _qkv, local_attention
+from gpu.vap.attention import local_attention
+from gpu.vap.transformer import VAPBlock, WanTransformer3DMOTModel
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 
@@ -118,48 +123,18 @@ class SequenceParallel:
         return received_heads(back, self.world)
 
 
-class CoreSelfAttnProcessor:
-    """Self-attention processor for diffusers' `WanTransformerBlock.attn1` with a swappable core.
-
-    Same arithmetic as `WanAttnProcessor` for self-attention (QK-norm, rotary, attention, output
-    projection), but the attention itself goes through `core`."""
-
-    _parallel_config = None
-
-    def __init__(self, core: AttentionCore, backend: Any = None) -> None:
-        self.core = core
-        self._attention_backend = backend  # diffusers' `set_attention_backend` sets this too
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: Rotary | None = None,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None:
-            raise ValueError("this processor serves unmasked self-attention with rotary embeddings only")
-        query, key, value = _qkv(attn, hidden_states, rotary_emb)
-        assert query is not None
-        out = self.core(query, key, value, self._attention_backend).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
 def install(model: WanTransformer3DMOTModel, group: dist.ProcessGroup | None = None) -> SequenceParallel:
     """Make `model` run its forward split over the ranks of `group` (call on every rank)."""
     sp = SequenceParallel(group)
     heads = int(model.config["num_attention_heads"])
     if heads % sp.world:
         raise ValueError(f"{heads} attention heads do not split over {sp.world} processes")
-    model.sequence_parallel = sp
-    block: Any
+    blocks: list[VAPBlock] = []
     for block in model.blocks:
-        if hasattr(block, "attention_core"):  # VAP's own blocks expose the seam directly
-            block.attention_core = sp.attention
-        else:  # diffusers' plain Wan block: its self-attention processor
-            old = block.attn1.processor
-            block.attn1.set_processor(
-                CoreSelfAttnProcessor(sp.attention, getattr(old, "_attention_backend", None))
-            )
+        if not isinstance(block, VAPBlock):  # its self-attention would bypass the exchange
+            raise TypeError(f"{type(block).__name__} has no attention_core to split")
+        blocks.append(block)
+    model.sequence_parallel = sp
+    for block in blocks:  # plain and expert blocks alike (VAPExpertBlock is a VAPBlock)
+        block.attention_core = sp.attention
     return sp

@@ -6,6 +6,14 @@ values) that travels over a `multiprocessing` pipe, and its tensors, which trave
 the same object as in the previous call (the text/image context, the reference stream: constant
 over a video) is sent as "cached" and reused by the receivers, so a denoising step moves only
 the latents and the timestep.
+
+Two details keep every rank's forward identical to rank 0's:
+- a tensor that is a broadcast view along some dimensions (stride 0: the pipeline's CFG rows
+  `latents.expand(2, ...)`) travels as one slice and is expanded again on arrival, so the
+  receivers see the same strides (the transformer computes such rows once);
+- a dataclass travels by its init fields only: fields set later (`init=False`, e.g.
+  `ReferenceContext.first_expert_qkv`, which holds the sender's own token slice) are per-process
+  state, rebuilt by each receiver.
 """
 
 from __future__ import annotations
@@ -21,14 +29,23 @@ _CACHED = ("cached",)
 
 def _encode(value: Any, tensors: list[torch.Tensor]) -> tuple[Any, ...]:
     if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return ("tensor", tuple(value.shape), value.dtype)
+        # Broadcast dimensions (stride 0, size > 1) travel as size 1: (sent shape, full shape).
+        sent = value[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                           for st, n in zip(value.stride(), value.shape, strict=True))]  # fmt: skip
+        tensors.append(sent)
+        return ("tensor", tuple(sent.shape), value.dtype, tuple(value.shape))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: _encode(getattr(value, f.name), tensors) for f in dataclasses.fields(value)}
+        fields = {
+            f.name: _encode(getattr(value, f.name), tensors) for f in dataclasses.fields(value) if f.init
+        }
         return ("dataclass", type(value), fields)
     if isinstance(value, tuple | list):
         return (type(value).__name__, [_encode(v, tensors) for v in value])
-    if value is None or isinstance(value, bool | int | float | str):
+    if isinstance(value, dict):
+        if not all(isinstance(k, int | str) for k in value):
+            raise TypeError("cannot send a dict with keys other than int/str to the other ranks")
+        return ("dict", {k: _encode(v, tensors) for k, v in value.items()})
+    if value is None or isinstance(value, bool | int | float | str | torch.dtype):
         return ("value", value)
     raise TypeError(f"cannot send a {type(value).__name__} to the other ranks")
 
@@ -36,12 +53,15 @@ def _encode(value: Any, tensors: list[torch.Tensor]) -> tuple[Any, ...]:
 def _decode(node: tuple[Any, ...], tensors: list[torch.Tensor]) -> Any:
     kind = node[0]
     if kind == "tensor":
-        return tensors.pop(0)
+        tensor = tensors.pop(0)
+        return tensor if tuple(tensor.shape) == node[3] else tensor.expand(node[3])
     if kind == "dataclass":
         return node[1](**{name: _decode(sub, tensors) for name, sub in node[2].items()})
     if kind in ("tuple", "list"):
         items = [_decode(sub, tensors) for sub in node[1]]
         return tuple(items) if kind == "tuple" else items
+    if kind == "dict":
+        return {k: _decode(sub, tensors) for k, sub in node[1].items()}
     return node[1]
 
 
@@ -53,6 +73,8 @@ def _tensor_specs(node: tuple[Any, ...]) -> list[tuple[tuple[int, ...], torch.dt
         return [spec for sub in node[2].values() for spec in _tensor_specs(sub)]
     if kind in ("tuple", "list"):
         return [spec for sub in node[1] for spec in _tensor_specs(sub)]
+    if kind == "dict":
+        return [spec for sub in node[1].values() for spec in _tensor_specs(sub)]
     return []
 
 

@@ -8,7 +8,6 @@ mis-shaped tensor is an error, not a warning.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from gpu.vap.attention import choose_backend
 from gpu.vap.pipeline import VAPPipeline
 from gpu.vap.transformer import WanTransformer3DMOTModel
 
@@ -38,39 +38,6 @@ logger = logging.getLogger(__name__)
 
 class CheckpointMismatch(RuntimeError):
     """The checkpoint's transformer tensors do not match this implementation's names/shapes."""
-
-
-def pick_attention_backend(device: torch.device) -> str:
-    """diffusers attention backend for `device` (override with VAP_ATTENTION_BACKEND).
-
-    Hopper: FlashAttention-3 when installed, else cuDNN SDPA (FA3-class on H100); other CUDA:
-    flash-attn 2 when installed, else cuDNN; CPU: torch SDPA."""
-    forced = os.environ.get("VAP_ATTENTION_BACKEND")
-    if forced:
-        return forced
-    if device.type != "cuda":
-        return "native"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
-        return "_flash_3"
-    if importlib.util.find_spec("flash_attn") is not None:
-        return "flash"
-    return "_native_cudnn"
-
-
-def backend_works(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Probe an attention backend on a small input against the math kernel: a backend that is
-    missing, unsupported or numerically wrong on this device must not serve requests."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
-
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(1, 256, 4, 128, generator=gen, device=device, dtype=dtype) for _ in range(3))
-        want = dispatch_attention_fn(q, k, v, backend=AttentionBackendName("_native_math"))
-        got = dispatch_attention_fn(q, k, v, backend=AttentionBackendName(backend))
-        return bool((got.float() - want.float()).abs().max() < 2e-2)
-    except Exception:  # ImportError, unsupported device/dtype/shape: all mean "don't use it"
-        return False
 
 
 def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -151,20 +118,29 @@ def load_pipeline(
     vae_dtype: torch.dtype | None = None,
     attention_backend: str | None = None,
     compile_blocks: bool = False,
+    offload_encoders: bool = False,
+    vae_tiling: bool = False,
 ) -> VAPPipeline:
     """The released checkpoint (local folder or hub repo at `revision`) on `device`.
 
     `dtype` is for the text encoder and transformer; the CLIP image encoder and the VAE stay
     float32 by default, as in the reference (they cost a few seconds per video; docs/model.md says
-    why bf16 is not the default for the VAE). Hub loaders ignore `revision` for local folders."""
+    why bf16 is not the default for the VAE). Hub loaders ignore `revision` for local folders.
+
+    Memory (`gpu.plan` says which jobs need what, per GPU): `offload_encoders` keeps UMT5 and CLIP
+    in host memory except while they encode (≈14 GB more for the denoising loop, one host-to-GPU
+    copy per video); `vae_tiling` decodes/encodes in spatial tiles (lower VAE peak; tile seams are
+    blended, so frames are not bit-identical to untiled decoding)."""
     device = torch.device(device)
     vae_dtype = vae_dtype or torch.float32
     if not os.path.isdir(path_or_repo):
         # Resolve the pinned snapshot once; every component then loads from local files.
         path_or_repo = snapshot_download(path_or_repo, revision=revision)
     tokenizer = AutoTokenizer.from_pretrained(path_or_repo, subfolder="tokenizer", revision=revision)
+    # Straight to where it will live: the GPU, or host memory when it is lent only to encode.
+    text_device = torch.device("cpu") if offload_encoders else device
     text_encoder = UMT5EncoderModel.from_pretrained(
-        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype, device_map={"": device}
+        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype, device_map={"": text_device}
     ).eval()
     image_encoder = CLIPVisionModel.from_pretrained(
         path_or_repo, subfolder="image_encoder", revision=revision, dtype=torch.float32
@@ -186,13 +162,20 @@ def load_pipeline(
         vae=vae,
         scheduler=_scheduler(path_or_repo, revision),
     )
-    pipe.to(device)
-    backend = attention_backend or pick_attention_backend(device)
-    if backend != "native" and not backend_works(backend, device, dtype):
-        logger.warning("attention backend %s failed its probe on %s; using torch SDPA", backend, device)
-        backend = "native"
+    # Each component to its place (not pipe.to(device): offloaded encoders never visit the GPU).
+    on_device: list[Any] = [pipe.vae, pipe.transformer]
+    if offload_encoders:
+        pipe.enable_encoder_offload()
+    else:
+        on_device += [pipe.text_encoder, pipe.image_encoder]
+    for module in on_device:
+        module.to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    backend = choose_backend(device, dtype, forced=attention_backend)
     if backend != "native":
         pipe.transformer.set_attention_backend(backend)
+    logger.info("attention backend on %s: %s", device, backend)
     if compile_blocks:
         # Regional compile (one graph per block type): fuses the norm/modulation/rotary glue.
         pipe.transformer.compile_repeated_blocks(fullgraph=True)

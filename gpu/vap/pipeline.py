@@ -9,7 +9,8 @@ unchanged: CFG runs as ONE transformer call of batch 2, the reference stream is 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from gpu.vap.offload import HostResident
 from gpu.vap.transformer import WanTransformer3DMOTModel
 
 # The reference's default negative prompt (used for both streams when none is given).
@@ -103,6 +105,32 @@ class VAPPipeline(DiffusionPipeline):
         self.vae_scale_factor_spatial = 2 ** len(vae.config["temperal_downsample"])
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self._interrupt = False
+        self._host_encoders: list[HostResident] = []
+
+    def enable_encoder_offload(self) -> None:
+        """Keep the text and image encoders in host memory between videos: they are copied to the
+        GPU for the encode step only, so the denoising loop has their ~14 GB (UMT5-XXL + CLIP).
+        Costs one host-to-GPU copy per video (pinned memory, well under a second on an H100).
+        Calling it again re-homes the encoders (`to()` does, after moving the rest)."""
+        self._host_encoders = [HostResident(self.text_encoder), HostResident(self.image_encoder)]
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """`DiffusionPipeline.to`; encoders kept in host memory are put back there afterwards."""
+        out = super().to(*args, **kwargs)
+        if self._host_encoders:
+            self.enable_encoder_offload()
+        return out
+
+    @property
+    def encoders_offloaded(self) -> bool:
+        return bool(self._host_encoders)
+
+    @contextmanager
+    def _encoders_on(self, device: torch.device) -> Iterator[None]:
+        with ExitStack() as stack:
+            for encoder in self._host_encoders:
+                stack.enter_context(encoder.on(device))
+            yield
 
     @property
     def interrupt(self) -> bool:
@@ -229,16 +257,19 @@ class VAPPipeline(DiffusionPipeline):
         neg = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         neg_ref = DEFAULT_NEGATIVE_PROMPT if negative_prompt_mot_ref is None else negative_prompt_mot_ref
         captions = [prompt, neg, prompt_mot_ref, neg_ref] if cfg else [prompt, prompt_mot_ref]
-        text = self.encode_text(captions, max_sequence_length).to(tdtype)
+        with self._encoders_on(device):
+            text = self.encode_text(captions, max_sequence_length).to(tdtype)
+            clip = self.encode_images([image, ref_video[0]]).to(tdtype)
         n = 2 if cfg else 1
         text_main, text_ref = text[:n], text[n:]  # each [cond, (uncond)]
-        clip = self.encode_images([image, ref_video[0]]).to(tdtype)
         clip_main = clip[:1].expand(n, -1, -1)
         clip_ref = clip[1:].expand(n, -1, -1)
 
         # 2. VAE conditions and the reference stream (constant over the loop).
         condition, ref_input = self.encode_conditions(image, ref_video, height, width)
         reference = self.transformer.prepare_reference(ref_input.to(tdtype), text_ref, clip_ref)
+        context = self.transformer.prepare_context(text_main, clip_main)
+        del text, text_main, text_ref, clip, clip_main, clip_ref, ref_input  # all in the contexts now
 
         # 3. Noise and schedule.
         timesteps = self._set_timesteps(num_inference_steps)
@@ -254,12 +285,13 @@ class VAPPipeline(DiffusionPipeline):
             if self._interrupt:
                 break
             model_in = torch.cat([latents, condition], dim=1).to(tdtype)
+            # `expand`: the CFG rows are views of one row, which the transformer computes once up
+            # to the first cross-attention.
             pred = self.transformer(
                 model_in.expand(n, -1, -1, -1, -1),
                 t.expand(n),
-                text_main,
-                clip_main,
                 reference=reference,
+                context=context,
                 return_dict=False,
             )[0]
             if cfg:

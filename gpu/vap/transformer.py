@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin, FeedForward
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
@@ -31,6 +30,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformerBlock,
 )
 
+from gpu.vap.attention import FLASH_4, has_module, local_attention
 from gpu.vap.rotary import RotaryCache, apply_rotary
 
 if TYPE_CHECKING:
@@ -41,15 +41,34 @@ if TYPE_CHECKING:
 KEEP_IN_FP32 = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
-# (query, key, value [B, S, H, Dh], backend) -> [B, S_q, H, Dh]: the seam gpu/parallel swaps.
+QKV = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
+# (query, key, value [B, S, H, Dh], backend) -> [B, S_q, H, Dh]: the self-attention seam (sequence
+# parallel swaps it per block; cross-attention keys are the whole context on every process).
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+# The attention code splits image vs text context assuming exactly 512 text tokens (as diffusers').
+TEXT_TOKENS = 512
 
 
-def local_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: Any
-) -> torch.Tensor:
-    """Unmasked self-attention on this process (sequence parallel wraps it in all-to-alls)."""
-    return dispatch_attention_fn(query, key, value, dropout_p=0.0, is_causal=False, backend=backend)
+@dataclass
+class ContextKV:
+    """One block's cross-attention keys/values over one stream's context (`[B, L, H, Dh]` each).
+
+    The context (text + image tokens) is the same at every denoising step, so these are computed
+    once per video instead of once per step."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_img: torch.Tensor
+    value_img: torch.Tensor
+
+
+@dataclass
+class MainContext:
+    """The target stream's step-invariant context: embedded text/image tokens and every block's
+    cross-attention K/V (`WanTransformer3DMOTModel.prepare_context`)."""
+
+    dtype: torch.dtype  # dtype of the raw text states (the time embedding is cast to it)
+    kv: list[ContextKV]
 
 
 @dataclass
@@ -60,6 +79,11 @@ class ReferenceContext:
     timestep_proj: torch.Tensor  # [1, 6, D] modulation from the fixed "clean" timestep
     encoder_hidden_states: torch.Tensor  # [B, 257 + 512, D] image + text context of the reference
     rotary: Rotary
+    kv: dict[int, ContextKV] = field(default_factory=dict)  # per expert block: cross-attention K/V
+    # The first expert block's reference Q/K/V: its input (the tokens, the "clean" modulation)
+    # never changes, so it is computed on the first step (after any sequence split) and reused.
+    # Not an init field: it is this process's state (its token slice), never handed to another.
+    first_expert_qkv: QKV | None = field(default=None, init=False)
 
 
 def _modulation(table: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -67,21 +91,118 @@ def _modulation(table: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, 
     return tuple((table + temb.float()).chunk(6, dim=1))
 
 
+def _modulated_norm(
+    norm: nn.Module, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """`(norm(x.float()) * (1 + scale) + shift).type_as(x)`, the same float32 arithmetic done in
+    place: one float32 copy of the activations alive instead of three."""
+    out = norm(x.float())
+    if scale is not None and shift is not None:
+        out.mul_(1 + scale).add_(shift)
+    return out.type_as(x)
+
+
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """`(x.float() + y.float() * gate).type_as(x)` with one float32 temporary (addition commutes
+    exactly, and bf16 -> fp32 is exact, so the result is bit-identical)."""
+    acc = y * gate  # gate is float32, so this is float32 (bf16 -> fp32 promotion is exact)
+    return acc.add_(x).type_as(x)
+
+
 def _qkv(
-    attn: WanAttention, x: torch.Tensor, rotary: Rotary, need_query: bool = True
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Self-attention Q/K/V as `[B, S, H, Dh]` with QK-norm and rotary applied (diffusers' layout).
+    attn: WanAttention,
+    norm: nn.Module,
+    hidden_states: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    rotary: Rotary,
+    need_query: bool = True,
+) -> QKV:
+    """Self-attention Q/K/V (`[B, S, H, Dh]`, QK-norm and rotary applied, diffusers' layout) of the
+    modulated, normalised `hidden_states`; each intermediate is dropped as soon as it is used.
 
     Uses the fused QKV projection when `fuse_qkv_projections()` was called (one GEMM)."""
+    x = _modulated_norm(norm, hidden_states, scale, shift)
     if need_query and getattr(attn, "fused_projections", False):
         q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
     else:
         q = attn.to_q(x) if need_query else None
         k, v = attn.to_k(x), attn.to_v(x)
+    del x
     key = apply_rotary(attn.norm_k(k).unflatten(2, (attn.heads, -1)), *rotary)
-    value = v.unflatten(2, (attn.heads, -1))
+    del k
     query = None if q is None else apply_rotary(attn.norm_q(q).unflatten(2, (attn.heads, -1)), *rotary)
-    return query, key, value
+    del q
+    return query, key, v.unflatten(2, (attn.heads, -1))
+
+
+def context_kv(attn: WanAttention, context: torch.Tensor) -> ContextKV:
+    """Cross-attention K/V of `attn` over `context` = [image tokens; 512 text tokens] (diffusers'
+    I2V split), with the same projections and norms as `WanAttnProcessor`."""
+    n_img = context.shape[1] - TEXT_TOKENS
+    image, text = context[:, :n_img], context[:, n_img:]
+    if getattr(attn, "fused_projections", False):
+        key, value = attn.to_kv(text).chunk(2, dim=-1)
+        key_img, value_img = attn.to_added_kv(image).chunk(2, dim=-1)
+    else:
+        assert attn.add_k_proj is not None and attn.add_v_proj is not None
+        key, value = attn.to_k(text), attn.to_v(text)
+        key_img, value_img = attn.add_k_proj(image), attn.add_v_proj(image)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(2, (attn.heads, -1))
+
+    return ContextKV(
+        key=heads(attn.norm_k(key)),
+        value=heads(value),
+        key_img=heads(attn.norm_added_k(key_img)),
+        value_img=heads(value_img),
+    )
+
+
+def _cross_attention(attn: WanAttention, x: torch.Tensor, kv: ContextKV) -> torch.Tensor:
+    """`WanAttnProcessor`'s I2V cross-attention with precomputed K/V: text + image attention."""
+    backend = getattr(attn.processor, "_attention_backend", None)
+    query = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+    image = local_attention(query, kv.key_img, kv.value_img, backend).flatten(2, 3).type_as(query)
+    out = local_attention(query, kv.key, kv.value, backend).flatten(2, 3).type_as(query)
+    del query
+    out = out + image
+    del image
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _feed_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' `FeedForward` (proj -> tanh-GELU -> dropout -> proj) with the GELU in place: one
+    [B, S, ffn_dim] activation alive instead of two (same kernel, same result)."""
+    act: Any = ffn.net[0]
+    hidden = act.proj(x)
+    if getattr(act, "approximate", None) == "tanh" and hidden.device.type != "mps":
+        hidden = torch.ops.aten.gelu_(hidden, approximate="tanh")
+    else:
+        hidden = act.gelu(hidden)
+    for module in ffn.net[1:]:
+        hidden = module(hidden)
+    return hidden
+
+
+def _self_attention(
+    attn: WanAttention,
+    core: AttentionCore,
+    norm: nn.Module,
+    hidden_states: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    rotary: Rotary,
+) -> torch.Tensor:
+    """Self-attention of one stream (plain block): Q/K/V, the attention core, output projection;
+    Q/K/V live only in this frame, so they are freed as soon as the core is done."""
+    q, k, v = _qkv(attn, norm, hidden_states, scale, shift, rotary)
+    assert q is not None
+    out = core(q, k, v, getattr(attn.processor, "_attention_backend", None))
+    del q, k, v
+    out = out.flatten(2, 3).type_as(hidden_states)
+    return attn.to_out[1](attn.to_out[0](out))
 
 
 def _cross_and_ffn(
@@ -90,19 +211,60 @@ def _cross_and_ffn(
     norm3: nn.Module,
     ffn: FeedForward,
     hidden_states: torch.Tensor,
-    context: torch.Tensor,
+    kv: ContextKV,
     mod: tuple[torch.Tensor, ...],
 ) -> torch.Tensor:
-    """Steps 2-3 of a Wan block (cross-attention, modulated FFN), same arithmetic as diffusers'."""
+    """Steps 2-3 of a Wan block (cross-attention, modulated FFN), same arithmetic as diffusers'.
+
+    `hidden_states` may still hold one row shared by the CFG batch: from the cross-attention on
+    the rows differ (each has its own context), so it is expanded to the context's batch here."""
     _, _, _, c_shift, c_scale, c_gate = mod
+    hidden_states = hidden_states.expand(kv.key.shape[0], -1, -1)
     normed = norm2(hidden_states.float()).type_as(hidden_states)
-    hidden_states = hidden_states + attn2(normed, context, None, None)
-    normed = (norm3(hidden_states.float()) * (1 + c_scale) + c_shift).type_as(hidden_states)
-    ff = ffn(normed)
-    return (hidden_states.float() + ff.float() * c_gate).type_as(hidden_states)
+    hidden_states = hidden_states + _cross_attention(attn2, normed, kv)
+    del normed
+    normed = _modulated_norm(norm3, hidden_states, c_scale, c_shift)
+    ff = _feed_forward(ffn, normed)
+    del normed
+    return _gated_residual(hidden_states, ff, c_gate)
 
 
-class VAPExpertBlock(WanTransformerBlock):
+class VAPBlock(WanTransformerBlock):
+    """diffusers' `WanTransformerBlock` (same parameters and names) with a forward that takes the
+    step-invariant cross-attention K/V and drops each activation as soon as it is dead."""
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        qk_norm: str = "rms_norm_across_heads",
+        cross_attn_norm: bool = False,
+        eps: float = 1e-6,
+        added_kv_proj_dim: int | None = None,
+    ) -> None:
+        super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+        self.attention_core: AttentionCore = local_attention
+
+    def forward(  # type: ignore[override]
+        self, hidden_states: torch.Tensor, context: ContextKV, temb: torch.Tensor, rotary_emb: Rotary
+    ) -> torch.Tensor:
+        mod = _modulation(self.scale_shift_table, temb)
+        shift, scale, gate = mod[:3]
+        attn_out = _self_attention(
+            self.attn1, self.attention_core, self.norm1, hidden_states, scale, shift, rotary_emb
+        )
+        hidden_states = _gated_residual(hidden_states, attn_out, gate)
+        del attn_out
+        return _cross_and_ffn(self.norm2, self.attn2, self.norm3, self.ffn, hidden_states, context, mod)
+
+
+def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    # A tensor whose batch is 1 (shared by every row) broadcast to `batch` rows (a view).
+    return t if t.shape[0] == batch else t.expand(batch, *t.shape[1:])
+
+
+class VAPExpertBlock(VAPBlock):
     """A Wan block plus the reference-stream expert (`*_mot_ref`) and a joint self-attention."""
 
     def __init__(
@@ -135,52 +297,73 @@ class VAPExpertBlock(WanTransformerBlock):
         self.ffn_mot_ref = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
         self.norm3_mot_ref = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table_mot_ref = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
-        self.attention_core: AttentionCore = local_attention
+
+    def reference_qkv(
+        self, ref_states: torch.Tensor, ref_temb: torch.Tensor, ref_rotary: Rotary, need_query: bool = True
+    ) -> QKV:
+        """The reference stream's Q/K/V for the joint attention (its queries only when its output
+        is needed)."""
+        r_shift, r_scale = _modulation(self.scale_shift_table_mot_ref, ref_temb)[:2]
+        return _qkv(
+            self.attn1_mot_ref, self.norm1_mot_ref, ref_states, r_scale, r_shift, ref_rotary, need_query
+        )
 
     def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        context: ContextKV,
         temb: torch.Tensor,
         rotary_emb: Rotary,
         ref_states: torch.Tensor,
-        ref_context: torch.Tensor,
+        ref_context: ContextKV | None,
         ref_temb: torch.Tensor,
         ref_rotary: Rotary,
         ref_output_needed: bool = True,
+        ref_qkv: QKV | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Both streams; with `ref_output_needed=False` (last expert block) the reference stream
         only contributes keys/values: its queries, output projection, cross-attention and FFN would
-        never reach the model output. (`forward`, so that regional `torch.compile` covers it.)"""
+        never reach the model output. `ref_qkv`: the reference Q/K/V when already known (first
+        expert block). (`forward`, so that regional `torch.compile` covers it.)"""
         mod = _modulation(self.scale_shift_table, temb)
-        rmod = _modulation(self.scale_shift_table_mot_ref, ref_temb)
         shift, scale, gate = mod[:3]
-        r_shift, r_scale, r_gate = rmod[:3]
-
-        x = (self.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
-        xr = (self.norm1_mot_ref(ref_states.float()) * (1 + r_scale) + r_shift).type_as(ref_states)
-        q, k, v = _qkv(self.attn1, x, rotary_emb)
-        qr, kr, vr = _qkv(self.attn1_mot_ref, xr, ref_rotary, need_query=ref_output_needed)
+        q, k, v = _qkv(self.attn1, self.norm1, hidden_states, scale, shift, rotary_emb)
         assert q is not None
-        n_main = q.shape[1]
-        query = q if qr is None else torch.cat([q, qr], dim=1)
+        if ref_qkv is None:
+            ref_qkv = self.reference_qkv(ref_states, ref_temb, ref_rotary, need_query=ref_output_needed)
+        qr, kr, vr = ref_qkv
+        del ref_qkv
+        batch, n_main = q.shape[0], q.shape[1]
+        query = q if qr is None else torch.cat([q, _rows(qr, batch)], dim=1)
+        del q, qr
+        key = torch.cat([k, _rows(kr, batch)], dim=1)
+        del k, kr
+        value = torch.cat([v, _rows(vr, batch)], dim=1)
+        del v, vr
         out = self.attention_core(
-            query,
-            torch.cat([k, kr], dim=1),
-            torch.cat([v, vr], dim=1),
-            getattr(self.attn1.processor, "_attention_backend", None),
+            query, key, value, getattr(self.attn1.processor, "_attention_backend", None)
         )
-        out = out.flatten(2, 3).type_as(q)
+        del query, key, value
+        out = out.flatten(2, 3).type_as(hidden_states)
         attn_out = self.attn1.to_out[1](self.attn1.to_out[0](out[:, :n_main]))
-        hidden_states = (hidden_states.float() + attn_out * gate).type_as(hidden_states)
-        hidden_states = _cross_and_ffn(
-            self.norm2, self.attn2, self.norm3, self.ffn, hidden_states, encoder_hidden_states, mod
-        )
+        hidden_states = _gated_residual(hidden_states, attn_out, gate)
+        del attn_out
         if not ref_output_needed:
+            del out
+            hidden_states = _cross_and_ffn(
+                self.norm2, self.attn2, self.norm3, self.ffn, hidden_states, context, mod
+            )
             return hidden_states, None
 
+        assert ref_context is not None
         ref_out = self.attn1_mot_ref.to_out[1](self.attn1_mot_ref.to_out[0](out[:, n_main:]))
-        ref_states = (ref_states.float() + ref_out * r_gate).type_as(ref_states)
+        del out
+        rmod = _modulation(self.scale_shift_table_mot_ref, ref_temb)
+        ref_states = _gated_residual(_rows(ref_states, batch), ref_out, rmod[2])
+        del ref_out
+        hidden_states = _cross_and_ffn(
+            self.norm2, self.attn2, self.norm3, self.ffn, hidden_states, context, mod
+        )
         ref_states = _cross_and_ffn(
             self.norm2_mot_ref,
             self.attn2_mot_ref,
@@ -199,8 +382,8 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
 
     _supports_gradient_checkpointing = False
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]  # type: ignore[assignment]  # noqa: RUF012
-    _no_split_modules = ["WanTransformerBlock", "VAPExpertBlock"]  # type: ignore[assignment]  # noqa: RUF012
-    _repeated_blocks = ["WanTransformerBlock", "VAPExpertBlock"]  # noqa: RUF012
+    _no_split_modules = ["VAPBlock", "VAPExpertBlock"]  # type: ignore[assignment]  # noqa: RUF012
+    _repeated_blocks = ["VAPBlock", "VAPExpertBlock"]  # noqa: RUF012
     _keep_in_fp32_modules = KEEP_IN_FP32  # type: ignore[assignment]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]  # type: ignore[assignment]  # noqa: RUF012
 
@@ -249,6 +432,10 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         self.expert_blocks: tuple[int, ...] = tuple(experts)
         # Set False only to check that skipping the dead reference work changes nothing.
         self.skip_dead_reference_work = True
+        # Set False only to check (and count) the plain computation: every step recomputes the
+        # context K/V and the first expert block's reference Q/K/V, and CFG rows that are views
+        # of one row are computed twice up to the first cross-attention.
+        self.reuse_step_invariants = True
         self._rotary = RotaryCache(attention_head_dim)
         # Set by gpu.parallel to split the token streams over processes; None: all tokens here.
         self.sequence_parallel: SequenceParallel | None = None
@@ -269,14 +456,27 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
 
         args = (inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
         self.blocks = nn.ModuleList(
-            [VAPExpertBlock(*args) if i in experts else WanTransformerBlock(*args) for i in range(num_layers)]
+            [VAPExpertBlock(*args) if i in experts else VAPBlock(*args) for i in range(num_layers)]
         )
 
         self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
-    # -- reference stream -------------------------------------------------------------------
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' backends, plus `flash_4` (FlashAttention 4 from the `flash-attn-4` package),
+        which every attention of this model reaches through `local_attention`."""
+        if backend != FLASH_4:
+            super().set_attention_backend(backend)
+            return
+        if not has_module("flash_attn.cute"):
+            raise RuntimeError("the flash_4 backend needs the flash-attn-4 package")
+        for module in self.modules():
+            if isinstance(module, WanAttention):
+                processor: Any = module.processor
+                processor._attention_backend = FLASH_4
+
+    # -- step-invariant inputs (once per video) --------------------------------------------
     def prepare_reference(
         self,
         hidden_states_mot_ref: torch.Tensor,
@@ -284,7 +484,9 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         encoder_hidden_states_image_mot_ref: torch.Tensor,
         timestep_mot_ref: float = 1.0,
     ) -> ReferenceContext:
-        """Embed the reference stream once per generation (it does not change between steps).
+        """Embed the reference stream once per generation (it does not change between steps):
+        patch embedding, the "clean" time modulation, its context and each expert block's
+        cross-attention K/V over it, the rotary tables.
 
         `hidden_states_mot_ref`: [1 or B, C_in, F, H, W] reference latents + mask + condition;
         the text/image embeddings carry the CFG batch (cond, uncond)."""
@@ -299,30 +501,75 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
             timestep, encoder_hidden_states_mot_ref, encoder_hidden_states_image_mot_ref
         )
         assert image is not None
-        return ReferenceContext(
+        context = torch.cat([image, text], dim=1)
+        reference = ReferenceContext(
             tokens=tokens,
             timestep_proj=proj.unflatten(1, (6, -1)),
-            encoder_hidden_states=torch.cat([image, text], dim=1),
+            encoder_hidden_states=context,
             rotary=rotary,
         )
+        if self.reuse_step_invariants:
+            reference.kv = self._reference_kv(context)
+        return reference
+
+    def _reference_kv(self, context: torch.Tensor) -> dict[int, ContextKV]:
+        # Only the expert blocks whose reference output is used have a reference cross-attention.
+        return {
+            i: context_kv(block.attn2_mot_ref, context)
+            for i, block in enumerate(self.blocks)
+            if isinstance(block, VAPExpertBlock) and self._ref_output_needed(i)
+        }
+
+    def _ref_output_needed(self, index: int) -> bool:
+        return not (self.skip_dead_reference_work and index == self.expert_blocks[-1])
+
+    def prepare_context(
+        self, encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor
+    ) -> MainContext:
+        """The target stream's context, once per generation: text/image embedding and every
+        block's cross-attention K/V (the pipeline passes it as `context=` at every step)."""
+        emb = self.condition_embedder
+        assert emb.image_embedder is not None
+        image = emb.image_embedder(encoder_hidden_states_image)
+        context = torch.cat([image, emb.text_embedder(encoder_hidden_states)], dim=1)
+        kv = [context_kv(block.attn2, context) for block in self.blocks if isinstance(block, VAPBlock)]
+        return MainContext(dtype=encoder_hidden_states.dtype, kv=kv)
+
+    def _time_embedding(
+        self, timestep: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`WanTimeTextImageEmbedding`'s time branch alone (the text/image branches are per video)."""
+        emb = self.condition_embedder
+        t = emb.timesteps_proj(timestep)
+        t_dtype = next(iter(emb.time_embedder.parameters())).dtype
+        if t.dtype != t_dtype and t_dtype != torch.int8:
+            t = t.to(t_dtype)
+        temb = emb.time_embedder(t).to(dtype)
+        return temb, emb.time_proj(emb.act_fn(temb)).unflatten(1, (6, -1))
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_image: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
         hidden_states_mot_ref: torch.Tensor | None = None,
         encoder_hidden_states_mot_ref: torch.Tensor | None = None,
         encoder_hidden_states_image_mot_ref: torch.Tensor | None = None,
         reference: ReferenceContext | None = None,
         return_dict: bool = True,
+        *,
+        context: MainContext | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Noise prediction for the target stream.
 
         Pass either the raw reference inputs (`*_mot_ref`) or a `reference` from
-        `prepare_reference` (the pipeline computes it once per generation)."""
+        `prepare_reference`, and either the raw context (`encoder_hidden_states*`) or a `context`
+        from `prepare_context` (the pipeline computes both once per generation).
+
+        CFG rows that are views of one row (the pipeline's `expand`: same latents, same timestep)
+        are computed once up to the first cross-attention, where their contexts make them differ."""
         if reference is None:
             if (
                 hidden_states_mot_ref is None
@@ -333,47 +580,64 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
             reference = self.prepare_reference(
                 hidden_states_mot_ref, encoder_hidden_states_mot_ref, encoder_hidden_states_image_mot_ref
             )
+        reuse = self.reuse_step_invariants
+        if context is None or not reuse:
+            if encoder_hidden_states is None or encoder_hidden_states_image is None:
+                raise ValueError("the context inputs (or `context=`) are required")
+            context = self.prepare_context(encoder_hidden_states, encoder_hidden_states_image)
+        ref_kv = (
+            reference.kv if reuse and reference.kv else self._reference_kv(reference.encoder_hidden_states)
+        )
 
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config["patch_size"]
         grid = (frames // p_t, height // p_h, width // p_w)
         rotary = self._rotary.get(grid, 0, hidden_states.device)
 
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
-        temb, timestep_proj, text, image = self.condition_embedder(
-            timestep, encoder_hidden_states, encoder_hidden_states_image
-        )
-        assert image is not None
-        timestep_proj = timestep_proj.unflatten(1, (6, -1))
-        context = torch.cat([image, text], dim=1)
+        # Identical rows cost one row until the first cross-attention (stride 0 = views of one row).
+        shared = reuse and batch > 1 and hidden_states.stride(0) == 0 and timestep.stride(0) == 0
+        rows = 1 if shared else batch
+        x = self.patch_embedding(hidden_states[:rows]).flatten(2).transpose(1, 2).contiguous()
+        temb, timestep_proj = self._time_embedding(timestep[:rows], context.dtype)
 
-        ref: torch.Tensor | None = reference.tokens.expand(batch, -1, -1)
+        # (the plain computation runs the reference stream per row from the start)
+        ref: torch.Tensor | None = reference.tokens if reuse else reference.tokens.expand(batch, -1, -1)
         ref_rotary = reference.rotary
         if self.sequence_parallel is not None:  # this process's slice of both token streams
             x, rotary, ref, ref_rotary = self.sequence_parallel.shard(x, rotary, ref, ref_rotary)
-        last_expert = self.expert_blocks[-1] if self.expert_blocks else -1
+        first_expert = self.expert_blocks[0] if self.expert_blocks else -1
         for i, block in enumerate(self.blocks):
             if isinstance(block, VAPExpertBlock):
                 assert ref is not None
+                needed = self._ref_output_needed(i)
+                ref_qkv = None
+                if i == first_expert:
+                    ref_qkv = reference.first_expert_qkv if reuse else None
+                    # (a cache filled for another token slice is recomputed, never mixed in)
+                    if ref_qkv is None or ref_qkv[1].shape[1] != ref.shape[1]:
+                        ref_qkv = block.reference_qkv(ref, reference.timestep_proj, ref_rotary, needed)
+                        if reuse:
+                            reference.first_expert_qkv = ref_qkv
                 x, ref = block(
                     x,
-                    context,
+                    context.kv[i],
                     timestep_proj,
                     rotary,
                     ref,
-                    reference.encoder_hidden_states,
+                    ref_kv.get(i) if needed else None,
                     reference.timestep_proj,
                     ref_rotary,
-                    ref_output_needed=not (self.skip_dead_reference_work and i == last_expert),
+                    ref_output_needed=needed,
+                    ref_qkv=ref_qkv,
                 )
+                del ref_qkv
             else:
-                x = block(x, context, timestep_proj, rotary)
+                x = block(x, context.kv[i], timestep_proj, rotary)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
-        x = self.proj_out(x)
+        x = self.proj_out(_modulated_norm(self.norm_out, x, scale, shift))
         if self.sequence_parallel is not None:  # all tokens again, in order
             x = self.sequence_parallel.gather(x)
         # Unpatchify [B, F·H·W, p_t·p_h·p_w·C] -> [B, C, F·p_t, H·p_h, W·p_w].

@@ -278,8 +278,8 @@ def choose_gpu(width, height, num_frames, gpus=1):
         raise DoesNotFit("720p x 121 frames does not fit 4 x H100 in this plan")
     if gpus == 2:
         return SimpleNamespace(modal_gpu="B200:2")
-    if gpus > 1:
-        return SimpleNamespace(modal_gpu=f"H100:{gpus}")
+    if gpus > 1:  # gpu.plan pins the type ("H100!:8"); the deployment offers "H100:8"
+        return SimpleNamespace(modal_gpu=f"H100!:{gpus}")
     return SimpleNamespace(modal_gpu="H200" if width * height == 1280 * 720 and num_frames > 81 else "H100!")
 
 
@@ -481,3 +481,32 @@ def test_outcome_to_status_mapping():
 
 def test_constant_time_auth_helper_uses_both_headers():
     assert api.KEY_HEADER == "Modal-Key" and api.SECRET_HEADER == "Modal-Secret"
+
+
+def test_the_real_plan_routes_every_accepted_job_to_a_default_class():
+    """`gpu.plan.choose_gpu` against the classes a default deployment offers: every accepted size,
+    frame count and GPU count lands on one of them (none is refused, none names a missing class)."""
+    from vap_shared.gpu_contract import GenerationSettings
+
+    from gpu.modal_settings import DEFAULT_GPUS
+    from gpu.plan import GPU_COUNTS, accepted_sizes, gpu_frame_counts
+
+    routed: dict[int, set[str]] = {}
+    for resolution, aspect, _, _ in accepted_sizes():
+        for frames in gpu_frame_counts():
+            settings = GenerationSettings(prompt="p", video_description="v", resolution=resolution,
+                                          aspect_ratio=aspect, num_frames=frames)  # fmt: skip
+            for gpus in GPU_COUNTS:
+                routed.setdefault(gpus, set()).add(api.choose_class(settings, gpus, DEFAULT_GPUS))
+    assert routed == {1: {"H100!"}, 2: {"H100:2"}, 4: {"H100:4"}, 8: {"H100:8"}}
+
+
+def test_plan_and_deployment_spellings_of_one_class_match():
+    from gpu.modal_settings import offered_class
+
+    offered = ["H100!", "H200", "H100:2", "H100!:8"]
+    assert offered_class("H100!:2", offered) == "H100:2"
+    assert offered_class("H100:8", offered) == "H100!:8"
+    assert offered_class("H100", offered) == "H100!" and offered_class("H200", offered) == "H200"
+    assert offered_class("H100!:4", offered) is None and offered_class("B200", offered) is None
+    assert offered_class("not a gpu", offered) is None

@@ -76,6 +76,7 @@ DEPLOYER_ENV = {
     "VAP_MODAL_VOLUME": "vap-weights-staging",
     "VAP_MODAL_SECRETS": "huggingface",
     "VAP_MODAL_CALLS_DICT": "vap-calls-staging",
+    "VAP_ATTENTION_BACKEND": "_native_cudnn",  # read only inside the GPU containers (gpu.vap.attention)
     "AWS_PROFILE": "deployer",
     "UNRELATED_SETTING": "x",
 }
@@ -137,6 +138,10 @@ def test_every_deploy_setting_reaches_every_container():
     for name, function in functions.items():
         forwarded = function["env"]
         assert "AWS_PROFILE" not in forwarded and "UNRELATED_SETTING" not in forwarded, name
+        # A setting only the model code reads is invisible to the module's own settings: check it.
+        assert forwarded["VAP_ATTENTION_BACKEND"] == "_native_cudnn", name
+        if function["gpu"] is not None:
+            assert forwarded["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", name
         key = json.dumps(forwarded, sort_keys=True)
         if key in seen:
             continue
@@ -145,6 +150,13 @@ def test_every_deploy_setting_reaches_every_container():
         assert in_container["app"] == deployed["app"], name
         assert in_container["settings"] == deployed["settings"], name
         assert in_container["functions"] == functions, name
+
+
+def test_the_attention_backend_setting_is_the_name_the_model_reads():
+    from gpu.vap.attention import BACKEND_ENV
+
+    assert modal_settings.ATTENTION_BACKEND == BACKEND_ENV
+    assert BACKEND_ENV in modal_settings.SETTING_NAMES
 
 
 def test_removed_and_invalid_settings_are_refused():
@@ -368,6 +380,7 @@ def test_multi_gpu_classes_build_the_sequence_parallel_engine(modal_app, monkeyp
     assert isinstance(engine, Recorder)
     loader, world_size, kwargs = built[0]
     assert world_size == 8
+    assert loader.keywords["offload_encoders"] is False  # 8 GPUs: room for the encoders on rank 0
     # Spawned ranks receive the loaders by pickle: they must survive it.
     import pickle
 
@@ -395,3 +408,24 @@ def test_an_engine_out_of_step_retires_its_container(modal_app, local_generator,
         engine.healthy = False
         generator.generate.local(stub.request(seed=1, steps=2).model_dump(mode="json"))
     assert stopped == [True]
+
+
+def test_gpu_classes_follow_the_plans_encoder_policy(modal_app, monkeypatch):
+    """One H100 keeps UMT5 + CLIP in pinned host memory (gpu.plan): that class loads with
+    `offload_encoders=True` and asks Modal for the host memory; the others keep them on the GPU."""
+    module, functions, _ = modal_app
+    import gpu.engine
+    import gpu.vap.loading
+    from gpu import plan
+
+    assert plan.offload_encoders("H100", 1) and not plan.offload_encoders("H200", 1)
+    memory = {spec.gpus: spec.memory for spec in (f._spec_ for f in functions.values())}
+    assert memory["H100!"] == module.OFFLOAD_HOST_MEMORY_MIB >= 24 * 1024  # 13.9 GB pinned + headroom
+    assert memory["H200"] is None and memory["H100:8"] is None
+
+    loads: list[dict[str, object]] = []
+    monkeypatch.setattr(gpu.vap.loading, "load_pipeline", lambda *args, **kwargs: loads.append(kwargs))
+    monkeypatch.setattr(gpu.engine, "VideoEngine", lambda pipeline, device: "engine")
+    for modal_gpu in ("H100!", "H200"):
+        assert module.load_engine(modal_settings.parse_gpu(modal_gpu), "cuda") == "engine"
+    assert [kwargs["offload_encoders"] for kwargs in loads] == [True, False]

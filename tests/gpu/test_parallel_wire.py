@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpu.parallel.wire import CallSender, _decode, _tensor_specs
-from gpu.vap.transformer import ReferenceContext
+from gpu.vap.transformer import ContextKV, MainContext, ReferenceContext
 
 
 def _reference() -> ReferenceContext:
@@ -57,3 +57,39 @@ def test_header_rebuilds_the_call_and_caches_unchanged_arguments():
 def test_unsupported_argument_is_refused():
     with pytest.raises(TypeError, match="cannot send"):
         CallSender().header({"x": object()})
+
+
+def _rebuild(header, tensors):
+    header = pickle.loads(pickle.dumps(header))
+    queue = [t.contiguous().clone() for t in tensors]  # what a receiver's broadcast buffers hold
+    rebuilt = {name: _decode(node, queue) for name, node in header.items()}
+    assert not queue
+    return rebuilt
+
+
+def test_broadcast_views_travel_as_one_slice_and_arrive_as_views():
+    """The pipeline's CFG rows are `expand`ed views of one row; the transformer computes them once
+    only when it sees stride 0, so every rank must see the same strides as rank 0."""
+    row, t = torch.randn(1, 3, 1, 2, 2), torch.tensor(700)
+    header, tensors = CallSender().header({"hidden_states": row.expand(2, -1, -1, -1, -1),
+                                           "timestep": t.expand(2), "plain": torch.randn(2, 3)})  # fmt: skip
+    assert [tuple(x.shape) for x in tensors] == [(1, 3, 1, 2, 2), (1,), (2, 3)]  # half the bytes
+    got = _rebuild(header, tensors)
+    assert got["hidden_states"].shape == (2, 3, 1, 2, 2) and got["hidden_states"].stride(0) == 0
+    assert torch.equal(got["hidden_states"][1], row[0])
+    assert got["timestep"].stride(0) == 0 and got["timestep"].tolist() == [700, 700]
+    assert got["plain"].stride(0) == 3
+
+
+def test_contexts_travel_but_the_senders_cached_token_slice_does_not():
+    reference = _reference()
+    reference.kv = {0: ContextKV(*(torch.randn(2, 5, 1, 4) for _ in range(4)))}
+    # Rank 0 fills this with ITS slice of the reference tokens; another rank must compute its own.
+    reference.first_expert_qkv = (torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    context = MainContext(dtype=torch.bfloat16, kv=[ContextKV(*(torch.randn(2, 5, 1, 4) for _ in range(4)))])
+    header, tensors = CallSender().header({"reference": reference, "context": context})
+    assert len(tensors) == 5 + 4 + 4  # no first_expert_qkv among them
+    got = _rebuild(header, tensors)
+    assert got["reference"].first_expert_qkv is None
+    assert torch.equal(got["reference"].kv[0].value_img, reference.kv[0].value_img)
+    assert got["context"].dtype is torch.bfloat16 and torch.equal(got["context"].kv[0].key, context.kv[0].key)

@@ -100,7 +100,7 @@ def test_hub_repo_is_fetched_at_the_pinned_revision(saved, monkeypatch):
 
 
 def test_attention_backend_probe():
-    from gpu.vap.loading import backend_works
+    from gpu.vap.attention import backend_works
 
     cpu = torch.device("cpu")
     assert backend_works("native", cpu, torch.float32)
@@ -114,3 +114,10 @@ def test_unusable_backend_falls_back_to_sdpa(saved):
     processors = pipe.transformer.attn_processors.values()
     backends = {getattr(p, "_attention_backend", None) for p in processors}
     assert backends == {None}
+
+
+def test_memory_options_reach_the_pipeline(saved):
+    path, _ = saved
+    pipe = load_pipeline(str(path), device="cpu", dtype=torch.float32, offload_encoders=True, vae_tiling=True)
+    assert pipe.encoders_offloaded and pipe.vae.use_tiling
+    assert not load_pipeline(str(path), device="cpu", dtype=torch.float32).encoders_offloaded

@@ -1,0 +1,78 @@
+"""Keep a module's weights in host memory and lend them to the GPU only while it runs.
+
+The text and image encoders (UMT5-XXL 11.4 GB, CLIP 2.5 GB) run once per video, before the
+denoising loop that needs the GPU memory most. Their weights never change, so the host copy is the
+only one kept: lending copies it to the device (pinned memory: fast, asynchronous), returning just
+drops the device copy — nothing is copied back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+class HostResident:
+    """`module`'s parameters and buffers live in host memory; `on(device)` lends them to `device`.
+
+    The host tensors stay the module's own: lending swaps device copies into the module (one per
+    shared tensor, so tied weights stay tied) and returning swaps the originals back."""
+
+    def __init__(self, module: nn.Module, pin: bool | None = None) -> None:
+        self.module = module.to("cpu")
+        pin = torch.cuda.is_available() if pin is None else pin
+        # (owning submodule, attribute name, is parameter, original host tensor)
+        self._slots: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+        pinned: dict[int, torch.Tensor] = {}
+        for sub in self.module.modules():
+            for table, is_param in ((sub._parameters, True), (sub._buffers, False)):
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    if pin and id(tensor) not in pinned:
+                        pinned[id(tensor)] = tensor
+                        tensor.data = tensor.data.pin_memory()
+                    self._slots.append((sub, name, is_param, tensor))
+
+    @property
+    def nbytes(self) -> int:
+        unique = {id(t): t for *_, t in self._slots}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    def _lend(self, device: torch.device) -> None:
+        copies: dict[int, torch.Tensor] = {}
+        for sub, name, is_param, host in self._slots:
+            copy = copies.get(id(host))
+            if copy is None:
+                data = host.detach().to(device, non_blocking=True)
+                copy = nn.Parameter(data, requires_grad=False) if is_param else data
+                copies[id(host)] = copy
+            self._set(sub, name, is_param, copy)
+
+    def _return(self) -> None:
+        for sub, name, is_param, host in self._slots:
+            self._set(sub, name, is_param, host)
+
+    @staticmethod
+    def _set(sub: nn.Module, name: str, is_param: bool, tensor: torch.Tensor) -> None:
+        if is_param:
+            assert isinstance(tensor, nn.Parameter)
+            sub._parameters[name] = tensor
+        else:
+            sub._buffers[name] = tensor
+
+    @contextmanager
+    def on(self, device: torch.device | str) -> Iterator[nn.Module]:
+        """The module on `device` for the duration of the block; only host copies remain after."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            yield self.module
+            return
+        self._lend(device)
+        try:
+            yield self.module
+        finally:
+            self._return()
