@@ -275,7 +275,7 @@ class Ingestor:
         )
         if self.rt.store.create(job):
             logger.info("job received", extra={"job_id": jid, "key": event.key})
-            metrics.job_received()
+            metrics.job_received(jid)
             write_status(self.rt.s3, s.bucket_name, job)
             return job
         again = self.rt.store.get(jid)
@@ -503,8 +503,8 @@ class Ingestor:
         else:
             write_status(self.rt.s3, self.settings.bucket_name, updated)
         if outcome.fallback_from:
-            metrics.fallback(outcome.fallback_from)
-        metrics.job_dispatched(d.backend, _seconds_since(job.received_at))
+            metrics.fallback(outcome.fallback_from, job.job_id)
+        metrics.job_dispatched(d.backend, _seconds_since(job.received_at), job.job_id)
         logger.info(
             "job dispatched",
             extra={

@@ -130,7 +130,7 @@ def fail_job(
         if updated is None:
             return None
     else:
-        metrics.job_failed(updated.backend, kind, _cost_total(updated.cost))
+        metrics.job_failed(updated.backend, kind, _cost_total(updated.cost), job_id)
     logger.info("job failed", extra={"job_id": job_id, "errors": errors, "kind": kind})
     finalize_terminal(rt, updated)
     return updated
@@ -148,9 +148,11 @@ def succeed_job(rt: Runtime, job_id: str, fields: dict[str, Any]) -> Job | None:
         if updated is None:
             return None
     elif updated.reused_from:
-        metrics.result_reused(_cost_total(updated.cost))
+        metrics.result_reused(_cost_total(updated.cost), job_id)
     else:
-        metrics.job_succeeded(updated.backend, updated.timings()["generation_s"], _cost_total(updated.cost))
+        metrics.job_succeeded(
+            updated.backend, updated.timings()["generation_s"], _cost_total(updated.cost), job_id
+        )
         remember_result(rt, updated)
     finalize_terminal(rt, updated)
     return updated
@@ -245,8 +247,8 @@ def fall_back_or_fail(
     )
     write_status(rt.s3, rt.settings.bucket_name, updated)
     if failed_backend is not None:
-        metrics.fallback(failed_backend)
-    metrics.job_dispatched(dispatch.backend)
+        metrics.fallback(failed_backend, job.job_id)
+    metrics.job_dispatched(dispatch.backend, job_id=job.job_id)
     logger.info(
         "fell back to the other backend",
         extra={"job_id": job.job_id, "from": failed_backend, "to": dispatch.backend, "reason": reason},
