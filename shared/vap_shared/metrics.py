@@ -14,8 +14,10 @@ cardinality), so Logs Insights finds the lines of one job.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -85,6 +87,24 @@ SPECS: Final[dict[str, MetricSpec]] = {s.name: s for s in _SPEC_LIST}
 METRIC_NAMES: Final[tuple[str, ...]] = tuple(SPECS)
 
 
+# Where EMF lines go. None: stdout, which Lambda sends to the function's log group (CloudWatch
+# extracts the metrics there). The local stack collects them instead, like a log group, so they
+# never mix with what a test reads from the process's stdout.
+_output: Callable[[str], None] | None = None
+
+
+def set_output(write: Callable[[str], None] | None) -> None:
+    global _output
+    _output = write
+
+
+def _write(line: str) -> None:
+    if _output is not None:
+        _output(line)
+    else:
+        print(line, flush=True)
+
+
 def namespace() -> str:
     return os.environ.get(NAMESPACE_ENV, "").strip() or DEFAULT_NAMESPACE
 
@@ -144,7 +164,10 @@ def emit(
             metrics.add_dimensions(**{key: given[key] for key in extra})
         if job_id:
             metrics.add_metadata(key="job_id", value=job_id)
-        metrics.flush_metrics()
+        from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+
+        if not is_metrics_disabled():  # Powertools' own switch (POWERTOOLS_METRICS_DISABLED)
+            _write(json.dumps(metrics.serialize_metric_set(), separators=(",", ":")))
     except Exception:
         log.warning("could not emit metrics %s", sorted(values), exc_info=True)
 

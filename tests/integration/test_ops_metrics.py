@@ -1,9 +1,9 @@
 """The job metrics as CloudWatch would read them: the EMF lines the handlers print on the local
-stack, for a succeeded, a failed and a reused job (names, dimensions, values)."""
+stack (collected per stack like the functions' log groups: `LocalStack.metric_log`), for a
+succeeded, a failed and a reused job (names, dimensions, values)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -16,13 +16,10 @@ from local_stack import LocalStack
 pytestmark = pytest.mark.stack
 
 
-def _lines(out: str, job_id: str) -> dict[str, list[tuple[list[list[str]], dict[str, str], float]]]:
+def _lines(stack: LocalStack, job_id: str) -> dict[str, list[tuple[list[list[str]], dict[str, str], float]]]:
     """Metric name -> (dimension sets, dimension values, value) from the EMF lines of one job."""
     found: dict[str, list[tuple[list[list[str]], dict[str, str], float]]] = {}
-    for line in out.splitlines():
-        if not line.startswith("{") or '"CloudWatchMetrics"' not in line:
-            continue
-        doc = json.loads(line)
+    for doc in stack.metric_log.documents():
         if doc.get("job_id") != job_id:
             continue
         (directive,) = doc["_aws"]["CloudWatchMetrics"]
@@ -43,7 +40,7 @@ def _one(found: dict[str, Any], name: str) -> tuple[dict[str, str], float]:
 
 
 def test_emf_lines_of_a_succeeded_a_failed_and_a_reused_job(
-    stack: LocalStack, sample_media: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+    stack: LocalStack, sample_media: dict[str, bytes]
 ) -> None:
     folder = f"inbox/t-{uuid.uuid4().hex[:10]}"
     media = {f"{folder}/{leaf}": data for leaf, data in sample_media.items()}
@@ -55,9 +52,8 @@ def test_emf_lines_of_a_succeeded_a_failed_and_a_reused_job(
     (bad,) = stack.wait_for_notification(f"{folder}/bad.json", timeout_s=120)
     (again,) = stack.wait_for_notification(f"{folder}/again.json", timeout_s=120)
     assert again.body["reused_from"] == ran.body["job_id"]
-    out = capsys.readouterr().out
 
-    succeeded = _lines(out, ran.body["job_id"])
+    succeeded = _lines(stack, ran.body["job_id"])
     assert sorted(succeeded) == sorted(
         [
             "JobsReceived",
@@ -77,21 +73,23 @@ def test_emf_lines_of_a_succeeded_a_failed_and_a_reused_job(
     )
     assert 0 <= _one(succeeded, "QueueToDispatchSeconds")[1] <= ran.body["timings"]["total_s"]
 
-    failed = _lines(out, bad.body["job_id"])
+    failed = _lines(stack, bad.body["job_id"])
     assert sorted(failed) == ["JobCostUSD", "JobsFailed", "JobsReceived"]
     assert _one(failed, "JobsFailed") == ({"backend": "none", "error_kind": "input"}, 1.0)
     assert _one(failed, "JobCostUSD") == ({"backend": "none"}, bad.body["cost"]["total"])
 
-    reused = _lines(out, again.body["job_id"])
+    reused = _lines(stack, again.body["job_id"])
     assert sorted(reused) == ["JobCostUSD", "JobsReceived", "JobsSucceeded", "ResultsReused"]
     assert _one(reused, "ResultsReused") == ({}, 1.0)
     assert _one(reused, "JobsSucceeded") == ({"backend": "reused"}, 1.0)
     assert _one(reused, "JobCostUSD") == ({"backend": "reused"}, again.body["cost"]["total"])
 
 
-def test_every_sweep_reports_its_stuck_jobs(stack: LocalStack, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_sweep_reports_its_stuck_jobs(stack: LocalStack) -> None:
+    before = len([d for d in stack.metric_log.documents() if "StuckJobs" in d])
     report = stack.run_sweeper()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"StuckJobs"' in line]
-    (doc,) = lines
+    lines = [d for d in stack.metric_log.documents() if "StuckJobs" in d]
+    assert len(lines) == before + 1
+    doc = lines[-1]
     assert doc["StuckJobs"] == [float(report["stuck"])]
     assert doc["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [[]]
