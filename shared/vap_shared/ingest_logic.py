@@ -556,17 +556,23 @@ class Ingestor:
         cost = aws_only_cost(self.rt)
         # The new job's own timings: no dispatch, completed now.
         timings = job.model_copy(update={"completed_at": iso(utcnow())}).timings()
-        found = reuse.reuse_or_none(
-            self.rt.s3,
-            self.rt.reuse,
-            s.bucket_name,
-            key,
-            target,
-            iso(utcnow()),
-            timings=timings,
-            cost=cost,
-            video_url=presign_get(self.rt.s3, s.bucket_name, output_key, OUTPUT_URL_TTL),
-        )
+        try:
+            found = reuse.reuse_or_none(
+                self.rt.s3,
+                self.rt.reuse,
+                s.bucket_name,
+                key,
+                target,
+                iso(utcnow()),
+                timings=timings,
+                cost=cost,
+                video_url=presign_get(self.rt.s3, s.bucket_name, output_key, OUTPUT_URL_TTL),
+            )
+        except ClientError:
+            # Reuse only saves a run: if the copy is refused the job runs (its result overwrites
+            # whatever part of the copy was made).
+            logger.warning("could not copy the earlier result", extra={"job_id": job.job_id}, exc_info=True)
+            return False
         if found is None:
             return False
         entry, copied = found

@@ -153,7 +153,8 @@ def test_a_success_is_counted_once_with_its_generation_time_and_cost(
     assert all(d["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "VAP/unit" for d in docs)
     # Each line names its job as a plain property (searchable in Logs Insights), never a dimension.
     assert {d["job_id"] for d in docs} == {job_id}
-    assert all("job_id" not in sum(d["_aws"]["CloudWatchMetrics"][0]["Dimensions"], []) for d in docs)
+    for doc in docs:
+        assert all("job_id" not in dims for dims in doc["_aws"]["CloudWatchMetrics"][0]["Dimensions"])
     assert metric_values(docs, "JobsSucceeded") == [({"backend": "modal"}, 1.0)]
     assert metric_values(docs, "JobCostUSD") == [({"backend": "modal"}, st.store.get(job_id).cost["total"])]
     ((_, generation_s),) = metric_values(docs, "GenerationSeconds")

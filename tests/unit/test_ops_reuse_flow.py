@@ -4,8 +4,10 @@ else is (emulated AWS, fake Modal/fal; the local-stack test runs the same cases 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from ops_flow import POSTER, PREVIEW, gpu_succeeds, submit
 from vap_shared.reuse import ITEM_PREFIX
 from vap_testkit import BUCKET, MP4, FakeServices, Stack, handlers_on, stack
@@ -126,3 +128,18 @@ def test_a_reused_job_in_the_reuse_store_is_not_a_job(st: Stack) -> None:
     items = st.runtime.store._client.scan(TableName=st.runtime.settings.jobs_table)["Items"]
     entries = [i for i in items if i["job_id"]["S"].startswith(ITEM_PREFIX)]
     assert len(entries) == 1 and "state" not in entries[0] and "backend" not in entries[0]
+
+
+def test_a_copy_the_service_cannot_make_runs_the_job_instead(
+    st: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _earlier(st)
+    calls = _backend_calls(st)
+
+    def refused(**kwargs: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "CopyObject")
+
+    monkeypatch.setattr(st.runtime.s3, "copy_object", refused)
+    second = submit(st, "b/pony")
+    job = st.store.get(second)
+    assert job.state == "dispatched" and job.reused_from is None and _backend_calls(st) == calls + 1
