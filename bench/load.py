@@ -180,6 +180,8 @@ def run_load(
         "num_frames": 9,
         "seed": 1,
         "backend": backend,
+        # Identical jobs on purpose: each must run (result reuse would answer all but the first).
+        "reuse": False,
     }
     raw = json.dumps(body).encode()
     keys = [f"{prefix}job-{i:05d}.json" for i in range(jobs)]

@@ -13,6 +13,8 @@ import logging
 import os
 import secrets
 import sys
+import threading
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Any
 import boto3
 import httpx
 from moto.server import ThreadedMotoServer
+from vap_shared import metrics
 from vap_shared.budget import LOCAL_TIME_SCALE_ENV
 
 from local_stack.emulator import Deployer, Deployment, layer_dirs
@@ -63,6 +66,24 @@ class LocalStackConfig:
     state_file: Path | None = None
 
 
+class MetricLog:
+    """The EMF lines the functions print (Lambda sends them to CloudWatch Logs, which turns them into
+    metrics); the newest `limit` are kept. Thread-safe: invocations run concurrently."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._lines: deque[str] = deque(maxlen=limit)
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+
+    def documents(self) -> list[dict[str, Any]]:
+        with self._lock:
+            lines = list(self._lines)
+        return [json.loads(line) for line in lines]
+
+
 @contextmanager
 def _env(values: Mapping[str, str]) -> Iterator[None]:
     """Temporarily set environment variables (handler modules read some at import time)."""
@@ -95,6 +116,8 @@ class LocalStack:
         self._moto: ThreadedMotoServer | None = None
         self._saved_environ: dict[str, str] = {}
         self._saved_path: list[str] = []
+        # The functions' metric lines (EMF), collected as their log groups would hold them.
+        self.metric_log = MetricLog()
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalStack:
@@ -152,6 +175,7 @@ class LocalStack:
         self._subscribe_notifications()
         self.webhook_server = FunctionUrlServer(self.functions[WEBHOOK], webhook_port)
         self.webhook_server.start()
+        metrics.set_output(self.metric_log.write)
         self._start_pollers()
         if cfg.state_file is not None:
             cfg.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +184,7 @@ class LocalStack:
     def stop(self) -> None:
         for poller in self.pollers:
             poller.stop()
+        metrics.set_output(None)
         self.pollers.clear()
         for server in (self.webhook_server, self.notifications, self.fal):
             if server is not None:

@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution")
     p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
     p.add_argument("--backend", help="auto, modal or fal (default: the stack's)")
+    p.add_argument(
+        "--gpus", type=int, choices=(1, 2, 4, 8), help="GPUs for this job on Modal (default: the stack's)"
+    )
+    p.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_const",
+        const=False,
+        default=None,
+        help="run again even if an equal earlier job (same media, settings and seed) has a result",
+    )
     p.add_argument("--name", help="<dir>/<name> in the bucket (default: the image's or sidecar's file name)")
     _waiting(p, "follow the job (queued → dispatched → running step k/N → storing → done) and save the MP4")
     _common(p)

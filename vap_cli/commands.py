@@ -41,8 +41,13 @@ def _errors(status: dict[str, Any]) -> list[str]:
     return [str(e.get("message")) for e in status.get("errors") or []]
 
 
+# Previews stored next to video.mp4 (status.json names them), saved as <name>-<job_id><suffix>.
+PREVIEW_FILES = (("poster_key", ".poster.jpg"), ("preview_key", ".preview.webp"))
+
+
 def download(stack: StackInfo, status: dict[str, Any], out: Path) -> Path:
-    """Save a succeeded job's MP4 (and metadata.json) as <out>/<name>-<job_id>.mp4."""
+    """Save a succeeded job's MP4 (and metadata.json, poster.jpg, preview.webp when it has them) as
+    <out>/<name>-<job_id>.mp4, .metadata.json, .poster.jpg, .preview.webp."""
     out.mkdir(parents=True, exist_ok=True)
     leaf = str(status.get("name") or "job").rsplit("/", 1)[-1]
     target = out / f"{leaf}-{status['job_id']}.mp4"
@@ -50,6 +55,9 @@ def download(stack: StackInfo, status: dict[str, Any], out: Path) -> Path:
     s3.download_file(stack.bucket, status["output_key"], str(target))
     if status.get("metadata_key"):
         s3.download_file(stack.bucket, status["metadata_key"], str(target.with_suffix(".metadata.json")))
+    for field, suffix in PREVIEW_FILES:
+        if status.get(field):
+            s3.download_file(stack.bucket, str(status[field]), str(target.with_suffix(suffix)))
     return target
 
 

@@ -178,7 +178,15 @@ def run(
 ) -> SmokeReport:
     report = SmokeReport()
     started = time.monotonic()
-    settings = {"num_frames": frames, "fps": fps, "aspect_ratio": "16:9", "resolution": "480p", "seed": 7}
+    # reuse: false: a smoke run must exercise the pipeline, not copy an earlier smoke run's result.
+    settings: dict[str, Any] = {
+        "num_frames": frames,
+        "fps": fps,
+        "aspect_ratio": "16:9",
+        "resolution": "480p",
+        "seed": 7,
+        "reuse": False,
+    }
     if backend:
         settings["backend"] = backend
     name = f"smoke/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"

@@ -21,7 +21,17 @@ MEDIA_FIELDS = ("video_url", "image_url")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 # Options that map 1:1 onto sidecar fields (the sidecar's own names).
-SETTING_FIELDS = ("seed", "num_frames", "fps", "aspect_ratio", "resolution", "guidance_scale", "backend")
+SETTING_FIELDS = (
+    "seed",
+    "num_frames",
+    "fps",
+    "aspect_ratio",
+    "resolution",
+    "guidance_scale",
+    "backend",
+    "reuse",
+    "gpus",
+)
 
 
 @dataclass
@@ -181,7 +191,8 @@ def upload(sub: Submission, stack: StackInfo) -> str:
 def coerce_row(row: dict[str, Any]) -> dict[str, Any]:
     """CSV cells are strings: turn the numeric/boolean sidecar fields into their types (JSONL rows
     keep theirs). Empty cells are dropped."""
-    ints = {"seed", "num_frames", "fps"}
+    ints = {"seed", "num_frames", "fps", "gpus"}
+    booleans = {"enable_safety_checker", "reuse"}
     out: dict[str, Any] = {}
     for key, value in row.items():
         if key is None:
@@ -196,7 +207,7 @@ def coerce_row(row: dict[str, Any]) -> dict[str, Any]:
             elif key == "guidance_scale":
                 with contextlib.suppress(ValueError):
                     value = float(value)
-            elif key == "enable_safety_checker" and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            elif key in booleans and value.lower() in ("true", "false", "1", "0", "yes", "no"):
                 value = value.lower() in ("true", "1", "yes")
         out[key] = value
     return out

@@ -48,10 +48,13 @@ def reset() -> None:
     _settings = None
 
 
-def record_handler(record: SQSRecord) -> None:
+def record_handler(record: SQSRecord, lambda_context: LambdaContext | None = None) -> None:
+    """Powertools passes `lambda_context` (it looks for the parameter by name)."""
     receive_count = int(record.attributes.approximate_receive_count or 1)
+    context = lambda_context
+    time_left_s = (lambda: context.get_remaining_time_in_millis() / 1000) if context is not None else None
     try:
-        get_ingestor().handle_message(record.body, receive_count)
+        get_ingestor().handle_message(record.body, receive_count, time_left_s)
     except TransientJobError as exc:
         # Reported as a batch item failure: SQS redelivers after the visibility timeout.
         logger.warning(

@@ -46,4 +46,5 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         "jobs": report.outcomes,
         "dead_letters": report.dead_letters,
         "dead_letters_left": report.dead_letters_left,
+        "stuck": report.stuck,
     }

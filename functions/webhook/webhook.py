@@ -22,6 +22,7 @@ try:
     from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
     from aws_lambda_powertools.utilities.typing import LambdaContext
     from vap_shared.config import Settings, settings_at_cold_start
+    from vap_shared.naming import is_job_id
     from vap_shared.runtime import Runtime
     from vap_shared.url_refresh import handle_url_refresh
     from vap_shared.webhook_logic import Reply, handle_fal_webhook, handle_gpu_callback
@@ -81,7 +82,7 @@ def _handle(
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         return _json(415, {"error": "content type must be application/json"})
-    if not job_id or len(job_id) > 128:
+    if not is_job_id(job_id):  # e.g. `reuse#<key>`: other items of the jobs table are never jobs
         return _json(404, {"error": "unknown job"})
     reply = logic(get_runtime(), job_id, headers, body)
     return _json(reply.status, reply.body)

@@ -25,6 +25,8 @@ from .budget import (
 BackendChoice = Literal["auto", "modal", "fal"]
 _BACKENDS = ("auto", "modal", "fal")
 MAX_SQS_DELAY_S = 900  # SQS DelaySeconds cannot be longer
+# GPUs one job may run on (sequence parallel over 40 attention heads: gpu/parallel).
+GPU_COUNTS = (1, 2, 4, 8)
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _gpu_count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value not in GPU_COUNTS:
+        raise ConfigError(f"{name} must be one of {GPU_COUNTS}, got {value}")
     return value
 
 
@@ -104,6 +113,14 @@ class Settings:
     ingest_dlq_url: str = ""
     ingest_max_receive_count: int = 5
     allow_http_loopback: bool = False
+    # GPUs per job: a sidecar without `gpus` gets default_gpus (never more than max_gpus); a sidecar
+    # asking for more than max_gpus is refused (stack parameters DefaultGpus, MaxGpus).
+    default_gpus: int = 1
+    max_gpus: int = 8
+
+    @property
+    def gpus_by_default(self) -> int:
+        return min(self.default_gpus, self.max_gpus)
 
     @cached_property
     def budget(self) -> Budget:
@@ -170,6 +187,8 @@ class Settings:
             ingest_dlq_url=env.get("INGEST_DLQ_URL", "").strip(),
             ingest_max_receive_count=_int(env, "INGEST_MAX_RECEIVE_COUNT", defaults.ingest_max_receive_count),
             allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
+            default_gpus=_gpu_count(env, "DEFAULT_GPUS", defaults.default_gpus),
+            max_gpus=_gpu_count(env, "MAX_GPUS", defaults.max_gpus),
         )
         try:
             settings.budget  # noqa: B018 - validate the budget once, at cold start

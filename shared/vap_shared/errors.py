@@ -16,19 +16,25 @@ def field_error(field: str | None, message: str) -> FieldError:
 
 
 class PermanentJobError(Exception):
-    """The job cannot succeed as submitted; retrying will not help."""
+    """The job cannot succeed as submitted; retrying will not help.
 
-    def __init__(self, errors: list[FieldError]) -> None:
+    `kind`: whose problem it is, for the metrics (`input`: the request; `internal`: the service's).
+    """
+
+    def __init__(self, errors: list[FieldError], kind: str = "input") -> None:
         super().__init__("; ".join(e["message"] for e in errors))
         self.errors = errors
+        self.kind = kind
 
 
 class TransientJobError(Exception):
     """Something the job needs is not available yet; the SQS message should be retried.
 
-    `errors` describe the problem in case retries run out.
+    `errors` describe the problem in case retries run out; `kind` whose problem it is then
+    (`input`: media never uploaded; `internal`: backends down, a missing setting).
     """
 
-    def __init__(self, errors: list[FieldError]) -> None:
+    def __init__(self, errors: list[FieldError], kind: str = "internal") -> None:
         super().__init__("; ".join(e["message"] for e in errors))
         self.errors = errors
+        self.kind = kind

@@ -12,6 +12,10 @@ Modal rather than going to fal because Modal is busy: fal is the fallback for Mo
 and a full pool is the normal state of a burst (fal would cost more and take every burst).
 Duplicates are harmless: the job id comes from the event, the dispatch lease lets one delivery
 dispatch, and a waiting duplicate finds the job dispatched and ends.
+
+Result reuse: a job whose media bytes, settings and explicit seed equal an earlier succeeded job's
+is answered with a copy of that job's result (no backend call, no capacity taken); see
+`vap_shared.reuse`. The check runs after the media are validated, before anything is dispatched.
 """
 
 from __future__ import annotations
@@ -20,27 +24,31 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from secrets import randbelow
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
+from . import metrics, reuse
 from .backends.base import Backend, Dispatch, DispatchRequest
 from .backends.dispatch import DispatchFailed, dispatch
 from .errors import FieldError, PermanentJobError, TransientJobError, field_error
+from .gpu_contract import GenerationSettings
 from .gpu_urls import service_url_fields
 from .job_store import JobStore
-from .jobs import Job, iso, utcnow
-from .lifecycle import fail_job, finalize_terminal, request_from_job
+from .jobs import Job, iso, parse_iso, utcnow
+from .lifecycle import aws_only_cost, fail_job, finalize_terminal, request_from_job, succeed_job
 from .media import MediaRef, data_extension, resolve_reference, sniff
 from .naming import job_id as make_job_id
 from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
+from .notifier import OUTPUT_URL_TTL
 from .runtime import Runtime
-from .s3io import head, read_limited
+from .s3io import head, presign_get, read_limited
 from .sidecar import SEED_MAX, Sidecar, SidecarInvalid, decode_json_object, validate_object
 from .status_object import write_status
 
@@ -53,6 +61,8 @@ MEDIA_FIELDS = ("video_url", "image_url")
 # A place taken at a backend counts from the admission record until the job shows in the index:
 # longer than a dispatch (its lease) plus the index's lag.
 ADMISSION_HOLD_SECONDS = DISPATCH_LEASE_SECONDS + 60
+
+TimeLeft = Callable[[], float]  # seconds left in this invocation
 
 
 class BackendBusy(Exception):
@@ -164,14 +174,17 @@ class Ingestor:
                     self._sqs = self.rt.session.client("sqs")
         return self._sqs
 
-    def handle_message(self, body: str, receive_count: int = 1) -> list[str]:
+    def handle_message(
+        self, body: str, receive_count: int = 1, time_left_s: TimeLeft | None = None
+    ) -> list[str]:
         """Process every S3 record in one SQS message; returns the job ids touched. A message with
-        a job waiting for capacity is sent again with a delay (then this delivery may be deleted)."""
+        a job waiting for capacity is sent again with a delay (then this delivery may be deleted).
+        `time_left_s`: the invocation's remaining time (bounds hashing media for reuse)."""
         touched: list[str] = []
         waiting: list[JobWaiting] = []
         for event in parse_sqs_body(body):
             try:
-                jid = self.handle_event(event, receive_count)
+                jid = self.handle_event(event, receive_count, time_left_s)
             except JobWaiting as exc:
                 waiting.append(exc)
                 touched.append(exc.job_id)
@@ -199,7 +212,9 @@ class Ingestor:
             },
         )
 
-    def handle_event(self, event: S3ObjectEvent, receive_count: int = 1) -> str | None:
+    def handle_event(
+        self, event: S3ObjectEvent, receive_count: int = 1, time_left_s: TimeLeft | None = None
+    ) -> str | None:
         s = self.settings
         if event.bucket != s.bucket_name:
             logger.warning("skipping an event for another bucket", extra={"bucket": event.bucket})
@@ -219,16 +234,16 @@ class Ingestor:
             logger.info("another invocation is dispatching this job", extra={"job_id": jid})
             return jid
         try:
-            self._process(job, event, receive_count)
+            self._process(job, event, receive_count, time_left_s)
         except BackendBusy as exc:
             self.rt.store.release_dispatch_lease(jid)
             raise JobWaiting(jid, exc.backend) from None
         except PermanentJobError as exc:
-            fail_job(self.rt, jid, exc.errors)
+            fail_job(self.rt, jid, exc.errors, kind=_kind(exc.kind))
         except TransientJobError as exc:
             if receive_count >= s.ingest_max_attempts:
                 gave_up = field_error(None, f"Gave up after {receive_count} attempts.")
-                fail_job(self.rt, jid, [*exc.errors, gave_up])
+                fail_job(self.rt, jid, [*exc.errors, gave_up], kind=_kind(exc.kind))
                 return jid
             self.rt.store.release_dispatch_lease(jid)
             raise
@@ -260,6 +275,7 @@ class Ingestor:
         )
         if self.rt.store.create(job):
             logger.info("job received", extra={"job_id": jid, "key": event.key})
+            metrics.job_received(jid)
             write_status(self.rt.s3, s.bucket_name, job)
             return job
         again = self.rt.store.get(jid)
@@ -316,14 +332,25 @@ class Ingestor:
                 refs[field] = resolved
             else:
                 errors.append(resolved)
+        if sidecar is not None and sidecar.gpus is not None and sidecar.gpus > s.max_gpus:
+            errors.append(
+                field_error(
+                    "gpus",
+                    f"`gpus` is {sidecar.gpus}, but this stack runs a job on at most {s.max_gpus} GPU"
+                    f"{'s' if s.max_gpus > 1 else ''} (its MaxGpus setting); use {s.max_gpus} or fewer.",
+                )
+            )
         if errors or sidecar is None:
             raise PermanentJobError(errors)
         return sidecar, refs
 
-    def _check_media(self, refs: dict[str, MediaRef]) -> None:
+    def _check_media(self, refs: dict[str, MediaRef]) -> dict[str, str]:
+        """Every S3 medium exists, is not empty or too big, and looks like its kind; their ETags
+        (so the reuse hash reads exactly the objects checked here)."""
         s = self.settings
         permanent: list[FieldError] = []
         missing: list[FieldError] = []
+        etags: dict[str, str] = {}
         for field, ref in refs.items():
             if ref.kind != "s3" or not ref.bucket or not ref.key:
                 continue
@@ -345,6 +372,8 @@ class Ingestor:
                 )
                 continue
             size = int(meta.get("ContentLength", 0))
+            if meta.get("ETag"):
+                etags[field] = str(meta["ETag"])
             problem = sniff(field, self._first_bytes(ref.bucket, ref.key)) if size else None
             if problem:
                 permanent.append(field_error(field, problem.replace("the file", f"the object {ref.key}")))
@@ -361,7 +390,8 @@ class Ingestor:
         if permanent:
             raise PermanentJobError(permanent + missing)
         if missing:
-            raise TransientJobError(missing)
+            raise TransientJobError(missing, kind="input")  # never uploaded: the submitter's problem
+        return etags
 
     def _first_bytes(self, bucket: str, key: str) -> bytes:
         response = self.rt.s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-63")
@@ -383,7 +413,9 @@ class Ingestor:
             stored[field] = ref.with_location(s.bucket_name, key)
         return stored
 
-    def _process(self, job: Job, event: S3ObjectEvent, receive_count: int) -> None:
+    def _process(
+        self, job: Job, event: S3ObjectEvent, receive_count: int, time_left_s: TimeLeft | None = None
+    ) -> None:
         s = self.settings
         if job.inputs and job.settings and job.requested_backend and job.webhook_base_url:
             # Validated on an earlier delivery (it waited for capacity): dispatch what was recorded.
@@ -391,10 +423,15 @@ class Ingestor:
             return
         raw = self._read_sidecar(event)
         sidecar, refs = self._validate(raw, event)
-        self._check_media(refs)
-        refs = self._store_data_media(job.job_id, refs)
+        etags = self._check_media(refs)
         choice = sidecar.backend or s.default_backend
+        gpus = sidecar.gpus or s.gpus_by_default
         settings = sidecar.settings()
+        # Before data: media are stored and before a seed is drawn or a backend's place is taken.
+        reuse_key = self._reuse_key(job, sidecar.reuse is not False, settings, refs, etags, time_left_s)
+        if reuse_key is not None and self._answer_from_earlier(job, reuse_key, settings, choice, gpus):
+            return
+        refs = self._store_data_media(job.job_id, refs)
         if settings.seed is None:
             # The seed used is always reported, and fal's output has none: draw it here (or reuse an
             # earlier attempt's) and send it to whichever backend runs the job.
@@ -410,7 +447,9 @@ class Ingestor:
                 "inputs": inputs,
                 "webhook_base_url": s.webhook_base_url,
                 "seed": settings.seed,
-                "service_urls": list(service_url_fields(refs["video_url"], refs["image_url"])),
+                "service_urls": list(service_url_fields(refs["video_url"], refs["image_url"], previews=True)),
+                "gpus": gpus,
+                "reuse_key": reuse_key,
             },
             iso(utcnow()),
             only_if_absent="backend_call_id",
@@ -421,6 +460,7 @@ class Ingestor:
             video=refs["video_url"],
             image=refs["image_url"],
             webhook_base_url=s.webhook_base_url,
+            gpus=gpus,
         )
         if not s.webhook_base_url:
             raise TransientJobError([field_error(None, "The service has no WEBHOOK_BASE_URL configured.")])
@@ -442,7 +482,8 @@ class Ingestor:
         except DispatchFailed as exc:
             if exc.retryable:
                 raise TransientJobError(exc.errors) from None
-            raise PermanentJobError(exc.errors) from None
+            # A 422 is the request's fault; anything else (credentials refused) is the service's.
+            raise PermanentJobError(exc.errors, kind="input" if exc.rejected else "internal") from None
         d = outcome.dispatch
         fields = {
             "backend": d.backend,
@@ -461,6 +502,9 @@ class Ingestor:
             self.rt.store.update_fields(job.job_id, fields, iso(utcnow()), only_if_absent="backend_call_id")
         else:
             write_status(self.rt.s3, self.settings.bucket_name, updated)
+        if outcome.fallback_from:
+            metrics.fallback(outcome.fallback_from, job.job_id)
+        metrics.job_dispatched(d.backend, _seconds_since(job.received_at), job.job_id)
         logger.info(
             "job dispatched",
             extra={
@@ -471,3 +515,93 @@ class Ingestor:
                 "receive_count": receive_count,
             },
         )
+
+    # ------------------------------------------------------------------ result reuse
+    def _reuse_key(
+        self,
+        job: Job,
+        requested: bool,
+        settings: GenerationSettings,
+        refs: dict[str, MediaRef],
+        etags: dict[str, str],
+        time_left_s: TimeLeft | None,
+    ) -> str | None:
+        """The job's reuse key, or None (no explicit seed, `reuse: false`, https media, media too big
+        to hash in time: the job simply runs)."""
+        try:
+            return reuse.key_for_job(
+                self.rt.s3,
+                settings.model_dump(),
+                refs,
+                explicit_seed=settings.seed is not None,
+                reuse_requested=requested,
+                etags=etags,
+                time_left_s=time_left_s,
+            )
+        except reuse.NotReusable as exc:
+            logger.info("result reuse not possible", extra={"job_id": job.job_id, "reason": str(exc)})
+        except ClientError:
+            # Reuse only saves a run: a read that fails here must not fail (or delay) the job.
+            logger.warning("could not hash the media for reuse", extra={"job_id": job.job_id}, exc_info=True)
+        return None
+
+    def _answer_from_earlier(
+        self, job: Job, key: str, settings: GenerationSettings, choice: str, gpus: int
+    ) -> bool:
+        """Copy an equal earlier job's result into this job's folder and end it succeeded (no
+        backend call); False when there is none (or its output was deleted: the entry goes stale)."""
+        s = self.settings
+        target = reuse.Target(job.job_id, job.name, job.sidecar_bucket, job.sidecar_key, job.output_prefix)
+        output_key = target.output_prefix + "video.mp4"
+        cost = aws_only_cost(self.rt)
+        # The new job's own timings: no dispatch, completed now.
+        timings = job.model_copy(update={"completed_at": iso(utcnow())}).timings()
+        try:
+            found = reuse.reuse_or_none(
+                self.rt.s3,
+                self.rt.reuse,
+                s.bucket_name,
+                key,
+                target,
+                iso(utcnow()),
+                timings=timings,
+                cost=cost,
+                video_url=presign_get(self.rt.s3, s.bucket_name, output_key, OUTPUT_URL_TTL),
+            )
+        except ClientError:
+            # Reuse only saves a run: if the copy is refused the job runs (its result overwrites
+            # whatever part of the copy was made).
+            logger.warning("could not copy the earlier result", extra={"job_id": job.job_id}, exc_info=True)
+            return False
+        if found is None:
+            return False
+        entry, copied = found
+        succeed_job(
+            self.rt,
+            job.job_id,
+            {
+                "output_key": copied.output_key,
+                "metadata_key": copied.metadata_key,
+                "bytes": copied.bytes,
+                "poster_key": copied.files.get("poster.jpg"),
+                "preview_key": copied.files.get("preview.webp"),
+                "reused_from": entry.job_id,
+                "reuse_key": key,
+                "cost": cost,
+                "seed": settings.seed,
+                "settings": settings.model_dump(),
+                "requested_backend": choice,
+                "gpus": gpus,
+            },
+        )
+        logger.info("result reused", extra={"job_id": job.job_id, "reused_from": entry.job_id})
+        return True
+
+
+def _kind(value: str) -> metrics.ErrorKind:
+    return cast(metrics.ErrorKind, value if value in metrics.ERROR_KINDS else "internal")
+
+
+def _seconds_since(moment: str | None) -> float | None:
+    start = parse_iso(moment)
+    return (utcnow() - start).total_seconds() if start else None

@@ -13,7 +13,7 @@ from .jobs import ALLOWED_FROM, TERMINAL, Job
 
 # Nested values are stored as JSON strings: no float→Decimal conversions, and the record
 # stays readable in the console.
-_JSON_FIELDS = ("settings", "inputs", "fal_urls", "progress", "errors")
+_JSON_FIELDS = ("settings", "inputs", "fal_urls", "progress", "errors", "cost")
 
 
 # Sparse-by-state GSI the sweeper queries: partition `state`, sort `dispatched_at` (ISO-8601 UTC,

@@ -80,6 +80,19 @@ class Job(BaseModel):
     updated_at: str | None = None
     expires_at: int | None = None
     dispatch_lease_until: int | None = None
+    # GPUs of one container the job asked for (sidecar `gpus` or the stack default), and the GPU
+    # type it ran on (from the result's device name), for the cost estimate.
+    gpus: int | None = None
+    gpu_type: str | None = None
+    # Result reuse (vap_shared.reuse): the job's content key (None: not reusable), and the earlier
+    # job whose result was copied instead of running.
+    reuse_key: str | None = None
+    reused_from: str | None = None
+    # The stored result: its size, previews next to it, and the estimated cost (vap_shared.cost).
+    bytes: int | None = None
+    poster_key: str | None = None
+    preview_key: str | None = None
+    cost: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:

@@ -1,7 +1,9 @@
 """Ending a job: error report / outputs, terminal transition, exactly-once notification, fallback.
 
 Every step is idempotent so a redelivered event, a retried webhook or a sweeper can finish a job
-that a crash left half-done.
+that a crash left half-done. The job metrics of an ending (and the reuse entry of a success) are
+written only by the call whose conditional transition won, so a job is counted once however many
+deliveries race to end it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
+from . import metrics
 from .backends.base import DispatchRequest
 from .backends.dispatch import DispatchFailed, fallback_target
 from .backends.dispatch import dispatch as dispatch_to
@@ -20,6 +23,7 @@ from .gpu_contract import GenerationSettings
 from .jobs import Job, iso, utcnow
 from .media import MediaRef
 from .naming import output_keys
+from .reuse import ReuseEntry
 from .runtime import Runtime
 from .s3io import put_json
 from .status_object import write_status
@@ -77,10 +81,33 @@ def finalize_terminal(rt: Runtime, job: Job) -> None:
     rt.store.settle(job.job_id)
 
 
+def _cost_total(cost: dict[str, Any] | None) -> float | None:
+    total = (cost or {}).get("total")
+    return float(total) if isinstance(total, int | float) and not isinstance(total, bool) else None
+
+
+def aws_only_cost(rt: Runtime) -> dict[str, Any] | None:
+    """The cost of a job no backend billed (or whose run's seconds are unknown): AWS only."""
+    from .cost import estimate
+
+    try:
+        return estimate(rt.prices)
+    except Exception:  # a malformed price must not stop a job from ending
+        logger.warning("could not estimate the job's cost", exc_info=True)
+        return None
+
+
 def fail_job(
-    rt: Runtime, job_id: str, errors: list[FieldError], extra: dict[str, Any] | None = None
+    rt: Runtime,
+    job_id: str,
+    errors: list[FieldError],
+    extra: dict[str, Any] | None = None,
+    kind: metrics.ErrorKind = "internal",
 ) -> Job | None:
-    """Job → failed with `errors`, error.json in the outputs folder, failure notification."""
+    """Job → failed with `errors`, error.json in the outputs folder, failure notification.
+
+    `kind` is the metrics' error kind: `input` (the request: validation, media, a backend's 422),
+    `safety`, `timeout` (the run went past its budget) or `internal` (everything else)."""
     current = rt.store.get(job_id)
     if current is None:
         return None
@@ -93,6 +120,8 @@ def fail_job(
         "error_report_key": report_key,
         "completed_at": iso(utcnow()),
         "dispatch_lease_until": None,
+        # The GPU's failure report carries no timings: a failed run's GPU seconds are not estimated.
+        "cost": current.cost or aws_only_cost(rt),
         **(extra or {}),
     }
     updated = rt.store.transition(job_id, "failed", fields, iso(utcnow()))
@@ -100,21 +129,57 @@ def fail_job(
         updated = rt.store.get(job_id)
         if updated is None:
             return None
-    logger.info("job failed", extra={"job_id": job_id, "errors": errors})
+    else:
+        metrics.job_failed(updated.backend, kind, _cost_total(updated.cost), job_id)
+    logger.info("job failed", extra={"job_id": job_id, "errors": errors, "kind": kind})
     finalize_terminal(rt, updated)
     return updated
 
 
 def succeed_job(rt: Runtime, job_id: str, fields: dict[str, Any]) -> Job | None:
     updated = rt.store.transition(
-        job_id, "succeeded", {**fields, "completed_at": iso(utcnow())}, iso(utcnow())
+        job_id,
+        "succeeded",
+        {**fields, "completed_at": iso(utcnow()), "dispatch_lease_until": None},
+        iso(utcnow()),
     )
     if updated is None:
         updated = rt.store.get(job_id)
         if updated is None:
             return None
+    elif updated.reused_from:
+        metrics.result_reused(_cost_total(updated.cost), job_id)
+    else:
+        metrics.job_succeeded(
+            updated.backend, updated.timings()["generation_s"], _cost_total(updated.cost), job_id
+        )
+        remember_result(rt, updated)
     finalize_terminal(rt, updated)
     return updated
+
+
+def remember_result(rt: Runtime, job: Job) -> bool:
+    """Record a succeeded job's result for reuse (when it has a reuse key); the first success for
+    a key stays. Best effort: reuse saves a run later, it must not fail this one."""
+    if not job.reuse_key or not job.output_key or not job.metadata_key or job.reused_from:
+        return False
+    entry = ReuseEntry(
+        key=job.reuse_key,
+        job_id=job.job_id,
+        output_key=job.output_key,
+        metadata_key=job.metadata_key,
+        bytes=job.bytes or 0,
+        backend=job.backend,
+        created_at=job.completed_at or iso(utcnow()),
+        files=tuple(key.rsplit("/", 1)[-1] for key in (job.poster_key, job.preview_key) if key),
+    )
+    try:
+        recorded = rt.reuse.record(entry, job.expires_at or 0)
+    except Exception:
+        logger.warning("could not record the result for reuse", extra={"job_id": job.job_id}, exc_info=True)
+        return False
+    logger.info("result recorded for reuse", extra={"job_id": job.job_id, "recorded": recorded})
+    return recorded
 
 
 def request_from_job(job: Job) -> DispatchRequest:
@@ -125,17 +190,23 @@ def request_from_job(job: Job) -> DispatchRequest:
         video=MediaRef.from_record("video_url", inputs["video_url"]),
         image=MediaRef.from_record("image_url", inputs["image_url"]),
         webhook_base_url=job.webhook_base_url or "",
+        gpus=job.gpus or 1,
     )
 
 
 def fall_back_or_fail(
-    rt: Runtime, job: Job, errors: list[FieldError], reason: str, allow: bool = True
+    rt: Runtime,
+    job: Job,
+    errors: list[FieldError],
+    reason: str,
+    allow: bool = True,
+    kind: metrics.ErrorKind = "internal",
 ) -> Job | None:
     """After a backend reported failure: re-dispatch once to the other backend when the sidecar
-    allows it (`auto`, not fallen back yet), else fail the job."""
+    allows it (`auto`, not fallen back yet), else fail the job (`kind`: see `fail_job`)."""
     target = fallback_target(job) if allow else None
     if target is None or not job.inputs or not job.webhook_base_url:
-        return fail_job(rt, job.job_id, errors)
+        return fail_job(rt, job.job_id, errors, kind=kind)
     failed_backend = job.backend
     # Claim the one fallback first, so repeated failure deliveries cannot dispatch twice.
     claimed = rt.store.update_fields(
@@ -153,7 +224,11 @@ def fall_back_or_fail(
         outcome = dispatch_to(request, target, rt.backends)
     except DispatchFailed as exc:
         return fail_job(
-            rt, job.job_id, errors + exc.errors, {"fallback_from": failed_backend, "fallback_reason": reason}
+            rt,
+            job.job_id,
+            errors + exc.errors,
+            {"fallback_from": failed_backend, "fallback_reason": reason},
+            kind=kind,
         )
     dispatch = outcome.dispatch
     updated = rt.store.transition(
@@ -171,6 +246,9 @@ def fall_back_or_fail(
         iso(utcnow()),
     )
     write_status(rt.s3, rt.settings.bucket_name, updated)
+    if failed_backend is not None:
+        metrics.fallback(failed_backend, job.job_id)
+    metrics.job_dispatched(dispatch.backend, job_id=job.job_id)
     logger.info(
         "fell back to the other backend",
         extra={"job_id": job.job_id, "from": failed_backend, "to": dispatch.backend, "reason": reason},

@@ -8,12 +8,16 @@ template tests check that every alarm and dashboard widget names a metric and di
 
 Emitting never raises (a metric must not fail a job) and costs one `print` per call. Powertools is
 imported on first use, not at import time, so importing this module adds nothing to a cold start.
+A job's lines also carry its `job_id` as a plain property (not a dimension: no cost, no
+cardinality), so Logs Insights finds the lines of one job.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -83,6 +87,24 @@ SPECS: Final[dict[str, MetricSpec]] = {s.name: s for s in _SPEC_LIST}
 METRIC_NAMES: Final[tuple[str, ...]] = tuple(SPECS)
 
 
+# Where EMF lines go. None: stdout, which Lambda sends to the function's log group (CloudWatch
+# extracts the metrics there). The local stack collects them instead, like a log group, so they
+# never mix with what a test reads from the process's stdout.
+_output: Callable[[str], None] | None = None
+
+
+def set_output(write: Callable[[str], None] | None) -> None:
+    global _output
+    _output = write
+
+
+def _write(line: str) -> None:
+    if _output is not None:
+        _output(line)
+    else:
+        print(line, flush=True)
+
+
 def namespace() -> str:
     return os.environ.get(NAMESPACE_ENV, "").strip() or DEFAULT_NAMESPACE
 
@@ -110,7 +132,12 @@ def _new(ns: str | None) -> EphemeralMetrics:
     return EphemeralMetrics(namespace=ns or namespace(), service="")
 
 
-def emit(values: dict[str, float], dimensions: dict[str, str] | None = None, ns: str | None = None) -> None:
+def emit(
+    values: dict[str, float],
+    dimensions: dict[str, str] | None = None,
+    ns: str | None = None,
+    job_id: str | None = None,
+) -> None:
     """One EMF line: `values` (metric name -> value) under every dimension set their specs declare.
 
     All metrics in one call must declare the same dimension sets (EMF applies a line's sets to all
@@ -135,7 +162,12 @@ def emit(values: dict[str, float], dimensions: dict[str, str] | None = None, ns:
             metrics.add_dimension(name=key, value=given[key])
         for extra in others:
             metrics.add_dimensions(**{key: given[key] for key in extra})
-        metrics.flush_metrics()
+        if job_id:
+            metrics.add_metadata(key="job_id", value=job_id)
+        from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+
+        if not is_metrics_disabled():  # Powertools' own switch (POWERTOOLS_METRICS_DISABLED)
+            _write(json.dumps(metrics.serialize_metric_set(), separators=(",", ":")))
     except Exception:
         log.warning("could not emit metrics %s", sorted(values), exc_info=True)
 
@@ -143,44 +175,49 @@ def emit(values: dict[str, float], dimensions: dict[str, str] | None = None, ns:
 # ---------------------------------------------------------------------------------------------- events
 
 
-def job_received() -> None:
-    emit({JOBS_RECEIVED: 1})
+def job_received(job_id: str | None = None) -> None:
+    emit({JOBS_RECEIVED: 1}, job_id=job_id)
 
 
-def job_dispatched(backend: str, queue_s: float | None = None) -> None:
+def job_dispatched(backend: str, queue_s: float | None = None, job_id: str | None = None) -> None:
     """A dispatch; `queue_s` (sidecar event to dispatch) only on a job's first dispatch."""
     values: dict[str, float] = {JOBS_DISPATCHED: 1}
     if queue_s is not None:
         values[QUEUE_SECONDS] = max(0.0, queue_s)
-    emit(values, {BACKEND: _backend(backend)})
+    emit(values, {BACKEND: _backend(backend)}, job_id=job_id)
 
 
-def fallback(from_backend: str) -> None:
-    emit({FALLBACKS: 1}, {BACKEND: _backend(from_backend)})
+def fallback(from_backend: str, job_id: str | None = None) -> None:
+    emit({FALLBACKS: 1}, {BACKEND: _backend(from_backend)}, job_id=job_id)
 
 
-def job_succeeded(backend: str | None, generation_s: float | None, cost_usd: float | None) -> None:
+def job_succeeded(
+    backend: str | None, generation_s: float | None, cost_usd: float | None, job_id: str | None = None
+) -> None:
     values: dict[str, float] = {JOBS_SUCCEEDED: 1}
     if generation_s is not None:
         values[GENERATION_SECONDS] = max(0.0, generation_s)
     if cost_usd is not None:
         values[JOB_COST_USD] = cost_usd
-    emit(values, {BACKEND: _backend(backend)})
+    emit(values, {BACKEND: _backend(backend)}, job_id=job_id)
 
 
-def job_failed(backend: str | None, kind: str, cost_usd: float | None = None) -> None:
+def job_failed(
+    backend: str | None, kind: str, cost_usd: float | None = None, job_id: str | None = None
+) -> None:
     """A job that ended failed; `kind` is one of ERROR_KINDS (anything else counts as internal)."""
     emit(
         {JOBS_FAILED: 1},
         {BACKEND: _backend(backend), ERROR_KIND: kind if kind in ERROR_KINDS else "internal"},
+        job_id=job_id,
     )
-    if cost_usd:  # a failed run on a GPU is still billed
-        emit({JOB_COST_USD: cost_usd}, {BACKEND: _backend(backend)})
+    if cost_usd:  # what the job cost still counts (its AWS side; a run billed before it failed)
+        emit({JOB_COST_USD: cost_usd}, {BACKEND: _backend(backend)}, job_id=job_id)
 
 
-def result_reused(cost_usd: float | None = None) -> None:
-    emit({RESULTS_REUSED: 1})
-    job_succeeded("reused", None, cost_usd)
+def result_reused(cost_usd: float | None = None, job_id: str | None = None) -> None:
+    emit({RESULTS_REUSED: 1}, job_id=job_id)
+    job_succeeded("reused", None, cost_usd, job_id=job_id)
 
 
 def stuck_jobs(count: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from datetime import UTC, datetime
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,15 @@ def parse_event_time(value: object) -> datetime:
             return UNKNOWN_EVENT_TIME
     log.warning("S3 event without an eventTime; its job id uses the epoch")
     return UNKNOWN_EVENT_TIME
+
+
+# What `job_id` makes, and nothing else: the webhook answers 404 to any other path segment, so the
+# table's other items (`admission#modal`, `reuse#<key>`) can never be addressed as jobs.
+JOB_ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{10}$")
+
+
+def is_job_id(value: str) -> bool:
+    return bool(JOB_ID_PATTERN.fullmatch(value))
 
 
 def job_id(event_time: datetime, bucket: str, key: str, etag: str, sequencer: str | None) -> str:

@@ -1,4 +1,8 @@
-"""SNS notifications (docs/contracts.md: notification format, version "1")."""
+"""SNS notifications (docs/contracts.md: notification format, version "1.1").
+
+1.1 only adds optional fields to 1 (docs/notification.schema.json): on success `video` (fal's
+output File, so code written for fal reads it), `poster_url` and `reused_from`; `cost` whenever
+the job has one."""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import json
 from datetime import timedelta
 from typing import Any
 
+from .fal_output import video_file
 from .jobs import Job, iso, utcnow
 from .s3io import presign_get
 
-OUTPUT_URL_TTL = 3600  # the contract promises a 1 h output_url
+VERSION = "1.1"
+OUTPUT_URL_TTL = 3600  # the contract promises a 1 h output_url (and poster_url)
 # SNS: ASCII, no control characters, fewer than 100 characters.
 _SUBJECT_MAX = 99
 _SUBJECT_VERB = {"succeeded": "ready", "failed": "failed"}
@@ -29,7 +35,7 @@ def subject_line(status: str, sidecar_key: str, job_id: str, inbox_prefix: str =
 
 def build_notification(job: Job, s3: Any, bucket: str) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "version": "1",
+        "version": VERSION,
         "job_id": job.job_id,
         "status": job.state,
         "sidecar_bucket": job.sidecar_bucket,
@@ -44,9 +50,17 @@ def build_notification(job: Job, s3: Any, bucket: str) -> dict[str, Any]:
         body["metadata_key"] = job.metadata_key
         body["output_url"] = presign_get(s3, bucket, job.output_key, OUTPUT_URL_TTL)
         body["output_url_expires_at"] = iso(utcnow() + timedelta(seconds=OUTPUT_URL_TTL))
+        if job.bytes is not None:
+            body["video"] = video_file(body["output_url"], job.bytes, job.name, job.job_id)
+        if job.poster_key:
+            body["poster_url"] = presign_get(s3, bucket, job.poster_key, OUTPUT_URL_TTL)
+        if job.reused_from:
+            body["reused_from"] = job.reused_from
     else:
         body["errors"] = job.errors or [{"field": None, "message": "The job failed for an unknown reason."}]
         body["error_report_key"] = job.error_report_key
+    if job.cost:
+        body["cost"] = job.cost
     return body
 
 

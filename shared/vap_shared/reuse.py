@@ -31,6 +31,7 @@ from typing import Any, Final
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
+from .fal_output import video_file
 from .media import MediaRef
 
 KEY_VERSION: Final = 1  # bump to stop reusing results made before a change of the model or pipeline
@@ -286,10 +287,11 @@ def reused_metadata(
     """The earlier job's metadata.json, made the new job's: its identity, keys, timings and cost.
 
     What was generated and how (`inputs`, `seed`, `backend`, `result`) stays the earlier job's;
-    `reused_from` says where it came from. `video` (a presigned URL) is not carried over: the caller
-    passes a fresh one in `extra`.
+    `reused_from` says where it came from. `video` (a presigned URL) and the previews' keys are not
+    carried over: the caller passes the new job's in `extra`.
     """
-    body = {k: v for k, v in earlier.items() if k not in ("video", "cost", "backend_call_id")}
+    own = ("video", "cost", "backend_call_id", "poster_key", "preview_key")
+    body = {k: v for k, v in earlier.items() if k not in own}
     body.update(
         {
             "job_id": target.job_id,
@@ -344,12 +346,14 @@ def copy_result(
     timings: Mapping[str, Any] | None = None,
     cost: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    video_url: str | None = None,
 ) -> CopiedResult | None:
     """Copy the earlier result into `target`'s folder; None when the earlier output is gone.
 
     Order: the earlier metadata is read first (a miss costs nothing), then the video is copied, then
     posters/previews, then the new metadata.json is written last, as the webhook stores a result.
-    A retry simply copies again (same keys).
+    A retry simply copies again (same keys). `video_url`: a presigned GET of the new video, for
+    the metadata's fal-shaped `video` object.
     """
     earlier = _get_json(s3, bucket, entry.metadata_key)
     if earlier is None:
@@ -365,6 +369,12 @@ def copy_result(
             s3, bucket, source_prefix + name, target.output_prefix + name, content_type
         ):
             files[name] = target.output_prefix + name
+    own: dict[str, Any] = {
+        "poster_key": files.get("poster.jpg"),
+        "preview_key": files.get("preview.webp"),
+    }
+    if video_url:
+        own["video"] = video_file(video_url, entry.bytes, target.name, target.job_id)
     body = reused_metadata(
         earlier,
         target,
@@ -372,7 +382,7 @@ def copy_result(
         output_key=output_key,
         timings=timings,
         cost=cost,
-        extra=extra,
+        extra={**own, **(extra or {})},
     )
     metadata_key = target.output_prefix + "metadata.json"
     s3.put_object(

@@ -13,15 +13,17 @@ import httpx
 
 from .config import Settings
 from .job_store import JobStore  # every route uses the jobs table (and so boto3): loaded at init
-from .naming import work_video_key
+from .naming import GPU_UPLOADS, work_upload_key, work_video_key
 from .s3io import presign_get, presign_put
 
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .backends.fal import FalBackend
     from .backends.modal import ModalBackend
+    from .cost import Prices
     from .fal_webhook import JwksCache
     from .notifier import Notifier
+    from .reuse import ReuseStore
     from .secrets import Secrets
 
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=3.0, pool=3.0)
@@ -128,11 +130,38 @@ class Runtime:
         return self._once("sqs", lambda: self.session.client("sqs"))
 
     @property
+    def dynamodb(self) -> Any:
+        """The low-level DynamoDB client (thread-safe) the job and reuse stores share."""
+        return self._once("dynamodb", lambda: self.session.client("dynamodb"))
+
+    @property
     def store(self) -> JobStore:
         def make() -> JobStore:
-            return JobStore(self.session.client("dynamodb"), self.settings.jobs_table)
+            return JobStore(self.dynamodb, self.settings.jobs_table)
 
         return self._once("store", make)
+
+    @property
+    def reuse(self) -> ReuseStore:
+        """Result reuse entries (items `reuse#<key>` of the jobs table)."""
+
+        def make() -> ReuseStore:
+            from .reuse import ReuseStore
+
+            return ReuseStore(self.dynamodb, self.settings.jobs_table)
+
+        return self._once("reuse", make)
+
+    @property
+    def prices(self) -> Prices:
+        """The stack's prices for cost estimates (MODAL_PRICE_PER_SECOND_*, FAL_PRICE_PER_VIDEO)."""
+
+        def make() -> Prices:
+            from .cost import Prices
+
+            return Prices.from_env()
+
+        return self._once("prices", make)
 
     @property
     def notifier(self) -> Notifier:
@@ -178,6 +207,7 @@ class Runtime:
                     stack_secret=self.stack_secret,
                     sign_get=self.sign_get,
                     output_put_url=self.output_put_url,
+                    upload_put_url=self.gpu_upload_put_url,
                 ),
                 allow_http_loopback=settings.allow_http_loopback,
             )
@@ -219,6 +249,13 @@ class Runtime:
     def output_put_url(self, job_id: str) -> str:
         key = work_video_key(self.settings.work_prefix, job_id)
         return presign_put(self.s3, self.settings.bucket_name, key, self.settings.presign_ttl_seconds)
+
+    def gpu_upload_put_url(self, job_id: str, field: str) -> str:
+        """A presigned PUT for one of the GPU's uploads in work/<job_id>/ (`naming.GPU_UPLOADS`)."""
+        key = work_upload_key(self.settings.work_prefix, job_id, field)
+        return presign_put(
+            self.s3, self.settings.bucket_name, key, self.settings.presign_ttl_seconds, GPU_UPLOADS[field][1]
+        )
 
     def stack_secret(self) -> bytes:
         return self.secrets.signing_secret(self.settings.signing_secret_arn)

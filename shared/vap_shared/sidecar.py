@@ -1,6 +1,7 @@
 """Sidecar parsing: raw bytes → `Sidecar`, or every problem in plain words.
 
-The sidecar is fal's `fal-ai/video-as-prompt` input plus an optional `backend`. Checks are
+The sidecar is fal's `fal-ai/video-as-prompt` input plus the service's own optional `backend`,
+`reuse` and `gpus` (never sent to fal, not generation settings). Checks are
 written by hand (not pydantic's messages) so each problem names the field, what is wrong and
 what is allowed; the pydantic model then guards the result once more.
 """
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import GPU_COUNTS  # the stack caps it further (MaxGpus)
 from .errors import FieldError, field_error
 from .gpu_contract import AspectRatio, GenerationSettings, Resolution
 
@@ -29,6 +31,8 @@ GUIDANCE = (1.0, 20.0)  # > 1 and <= 20
 ASPECT_RATIOS = ("16:9", "9:16")
 RESOLUTIONS = ("480p", "580p", "720p")
 BACKENDS = ("auto", "modal", "fal")
+# The service's own fields: how and where to run, not what to generate (never sent to fal).
+SERVICE_FIELDS = ("backend", "reuse", "gpus")
 MEDIA_ALLOWED = (
     "a key relative to the sidecar's folder (e.g. clip.mp4), an s3://<this bucket>/… URI, "
     "an https:// URL on an allowed host, or a data:<mime>;base64,… URI"
@@ -52,6 +56,10 @@ class Sidecar(BaseModel):
     resolution: Resolution = "480p"
     guidance_scale: float = Field(default=5.0, gt=GUIDANCE[0], le=GUIDANCE[1])
     backend: BackendName | None = None
+    # null/absent = true: an equal earlier job's result may be copied instead of running again.
+    reuse: bool | None = None
+    # GPUs of one container for this job; null/absent = the stack's DefaultGpus.
+    gpus: Literal[1, 2, 4, 8] | None = None
 
     def settings(self) -> GenerationSettings:
         return GenerationSettings(
@@ -202,6 +210,19 @@ def _bool(name: str, value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
+def _nullable_bool(name: str, value: Any) -> tuple[Any, str | None]:
+    return (None, None) if value is None else _bool(name, value)
+
+
+def _gpu_count(name: str, value: Any) -> tuple[Any, str | None]:
+    allowed = "one of " + ", ".join(str(n) for n in GPU_COUNTS) + " (or null for the stack's default)"
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, int) or value not in GPU_COUNTS:
+        return None, f"`{name}` must be {allowed}; got {describe(value)}."
+    return value, None
+
+
 def _enum(options: tuple[str, ...], nullable: bool = False) -> Callable[[str, Any], tuple[Any, str | None]]:
     def check(name: str, value: Any) -> tuple[Any, str | None]:
         if value is None and nullable:
@@ -237,6 +258,8 @@ CHECKS: dict[str, Callable[[str, Any], tuple[Any, str | None]]] = {
     "resolution": _enum(RESOLUTIONS),
     "guidance_scale": _guidance,
     "backend": _enum(BACKENDS, nullable=True),
+    "reuse": _nullable_bool,
+    "gpus": _gpu_count,
 }
 assert set(CHECKS) == set(FIELDS)
 
@@ -285,7 +308,7 @@ def parse_sidecar(raw: bytes, max_bytes: int) -> Sidecar:
 
 def fal_input(sidecar: Sidecar, video_url: str, image_url: str) -> dict[str, Any]:
     """The fal request body: the sidecar's fal fields with the media URLs as resolved."""
-    body = sidecar.model_dump(exclude={"backend"}, exclude_none=True)
+    body = sidecar.model_dump(exclude=set(SERVICE_FIELDS), exclude_none=True)
     body["video_url"] = video_url
     body["image_url"] = image_url
     return body

@@ -46,6 +46,13 @@ def status_body(job: Job, phase: Phase | None = None) -> dict[str, Any]:
         "metadata_key": job.metadata_key if job.state == "succeeded" else None,
         "error_report_key": keys["error"] if job.state == "failed" else None,
         "errors": job.errors if job.state in ("failed", "cancelled") else None,
+        # Previews next to the video (`vap get` saves them), the earlier job a result was copied
+        # from, and the estimated cost (`vap list`/`vap cost` read it from here).
+        "poster_key": job.poster_key if job.state == "succeeded" else None,
+        "preview_key": job.preview_key if job.state == "succeeded" else None,
+        "reused_from": job.reused_from,
+        "gpus": job.gpus,
+        "cost": job.cost,
         "timings": job.timings(),
         "updated_at": iso(utcnow()),
     }

@@ -2,6 +2,12 @@
 
 Every path is idempotent: repeated deliveries store the same objects under the same keys, the
 terminal transition is conditional and the notification is claimed once.
+
+Previews: the GPU uploads `poster.jpg` and `preview.webp` to work/<job_id>/ with the video; they
+are copied next to `video.mp4`. fal results get none: making them would mean decoding H.264 in
+this Lambda, and its layer has no video decoder (no ffmpeg, PyAV or OpenCV; adding one would add
+tens of MB to every function's cold start for an extra). `metadata.json` says so
+(`previews_skipped`).
 """
 
 from __future__ import annotations
@@ -13,21 +19,35 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from pydantic import ValidationError
 
+from . import metrics
 from .backends.dispatch import gpu_error_allows_fallback
 from .backends.fal import fal_detail_errors
+from .cost import GpuRun, estimate, gpu_run_of_result, gpu_type_of
 from .errors import FieldError, field_error
-from .gpu_contract import GpuCallback
+from .fal_output import video_file
+from .gpu_contract import GpuCallback, GpuResult
 from .jobs import Job, iso, utcnow
 from .lifecycle import fail_job, fall_back_or_fail, finalize_terminal, succeed_job
-from .naming import output_keys, work_video_key
+from .naming import GPU_UPLOADS, output_keys, work_upload_key, work_video_key
+from .notifier import OUTPUT_URL_TTL
 from .runtime import Runtime
-from .s3io import StoreError, copy, put_json, stream_url_to_s3, validate_mp4
+from .s3io import StoreError, copy, head, presign_get, put_json, stream_url_to_s3, validate_mp4
 from .signing import SignatureError, derive_callback_key, verify_callback
 from .status_object import progress_worth_writing, write_status
 
 logger = Logger(child=True)
 
 FAL_DOWNLOAD_TIMEOUT_S = 120.0
+METADATA_VERSION = "1.1"  # 1.1 adds cost, video, poster_key, preview_key, previews_skipped, reused_from
+# The GPU's previews are small (a JPEG frame, a WebP of a few frames under ~1 MB); anything larger
+# is not one of them and is not copied.
+MAX_PREVIEW_BYTES = 10 * 1024 * 1024
+# GPU upload field -> the preview's file name next to video.mp4, and the GpuResult size naming it.
+PREVIEWS: dict[str, str] = {"poster_put_url": "poster_bytes", "preview_put_url": "preview_bytes"}
+FAL_PREVIEWS_SKIPPED = (
+    "fal.ai results have no poster.jpg/preview.webp: the webhook would have to decode the H.264 "
+    "video, and its Lambda layer has no video decoder."
+)
 
 
 @dataclass(frozen=True)
@@ -40,10 +60,23 @@ def _ok(**body: Any) -> Reply:
     return Reply(200, {"ok": True, **body})
 
 
-def metadata(job: Job, *, result: dict[str, Any], size: int, call_id: str | None) -> dict[str, Any]:
+def metadata(
+    job: Job,
+    *,
+    result: dict[str, Any],
+    size: int,
+    call_id: str | None,
+    cost: dict[str, Any] | None = None,
+    video: dict[str, Any] | None = None,
+    poster_key: str | None = None,
+    preview_key: str | None = None,
+    previews_skipped: str | None = None,
+) -> dict[str, Any]:
+    """metadata.json. `video` is fal's output `File` (url = a presigned GET like the notification's
+    output_url), so code written against fal's result reads ours; `cost` is `vap_shared.cost`'s."""
     keys = output_keys(job.output_prefix)
-    return {
-        "version": "1",
+    body = {
+        "version": METADATA_VERSION,
         "job_id": job.job_id,
         "sidecar_bucket": job.sidecar_bucket,
         "sidecar_key": job.sidecar_key,
@@ -57,8 +90,51 @@ def metadata(job: Job, *, result: dict[str, Any], size: int, call_id: str | None
         "result": result,
         "output_key": keys["video"],
         "bytes": size,
+        "gpus": job.gpus,
         "timings": {**job.timings(), "completed_at": iso(utcnow()), "backend": result.get("timings", {})},
+        "video": video,
+        "poster_key": poster_key,
+        "preview_key": preview_key,
+        "cost": cost,
     }
+    if previews_skipped:
+        body["previews_skipped"] = previews_skipped
+    return body
+
+
+def _cost(rt: Runtime, gpu_runs: tuple[GpuRun, ...] = (), fal_videos: int = 0) -> dict[str, Any] | None:
+    try:
+        return estimate(rt.prices, gpu_runs, fal_videos)
+    except Exception:  # a malformed price must not stop storing a result
+        logger.warning("could not estimate the job's cost", exc_info=True)
+        return None
+
+
+def _video(rt: Runtime, job: Job, key: str, size: int) -> dict[str, Any]:
+    url = presign_get(rt.s3, rt.settings.bucket_name, key, OUTPUT_URL_TTL)
+    return video_file(url, size, job.name, job.job_id)
+
+
+def _copy_previews(rt: Runtime, job: Job, result: GpuResult | None) -> dict[str, str]:
+    """Copy the GPU's poster/preview from work/<job_id>/ next to the video; upload field -> new
+    key. Missing ones (not asked for, the GPU could not store them) are simply absent."""
+    s = rt.settings
+    copied: dict[str, str] = {}
+    for field, size_attr in PREVIEWS.items():
+        if result is not None and getattr(result, size_attr) is None:
+            continue  # the GPU reports it did not store this one
+        name, content_type = GPU_UPLOADS[field]
+        source = work_upload_key(s.work_prefix, job.job_id, field)
+        found = head(rt.s3, s.bucket_name, source)
+        if found is None:
+            continue
+        if int(found.get("ContentLength", 0)) > MAX_PREVIEW_BYTES:
+            logger.warning("preview too large; not stored", extra={"job_id": job.job_id, "key": source})
+            continue
+        dest = job.output_prefix + name
+        copy(rt.s3, s.bucket_name, source, dest, content_type)
+        copied[field] = dest
+    return copied
 
 
 # ---------------------------------------------------------------- GPU (Modal / local GPU server)
@@ -100,7 +176,14 @@ def handle_gpu_callback(rt: Runtime, job_id: str, headers: dict[str, str], body:
     message = error.message if error else "the GPU reported a failure without details"
     errors: list[FieldError] = [field_error(None, f"Generation failed on Modal: {message}")]
     reason = f"{error.code}: {message}" if error else message
-    updated = fall_back_or_fail(rt, job, errors, reason, allow=gpu_error_allows_fallback(error))
+    updated = fall_back_or_fail(
+        rt,
+        job,
+        errors,
+        reason,
+        allow=gpu_error_allows_fallback(error),
+        kind=metrics.error_kind_of_gpu_code(error.code if error else None),
+    )
     return _ok(state=updated.state if updated else job.state)
 
 
@@ -113,19 +196,40 @@ def _gpu_succeeded(rt: Runtime, job: Job, callback: GpuCallback) -> Reply:
         if exc.retryable:
             return Reply(503, {"error": exc.message})
         errors = [field_error(None, f"The generated video is not usable: {exc.message}.")]
-        updated = fall_back_or_fail(rt, job, errors, exc.message)
+        updated = fall_back_or_fail(rt, job, errors, exc.message, kind="internal")
         return _ok(state=updated.state if updated else job.state)
     keys = output_keys(job.output_prefix)
     write_status(rt.s3, s.bucket_name, job, "storing")
     copy(rt.s3, s.bucket_name, work_key, keys["video"])
+    previews = _copy_previews(rt, job, callback.result)
     result = callback.result.model_dump() if callback.result else {}
+    gpu_type = job.gpu_type or gpu_type_of(result.get("gpu"))
+    runs = (gpu_run_of_result(result, job.gpus or 1, gpu_type),) if callback.result else ()
+    cost = _cost(rt, runs)
     put_json(
         rt.s3,
         s.bucket_name,
         keys["metadata"],
-        metadata(job, result=result, size=size, call_id=callback.call_id),
+        metadata(
+            job,
+            result=result,
+            size=size,
+            call_id=callback.call_id,
+            cost=cost,
+            video=_video(rt, job, keys["video"], size),
+            poster_key=previews.get("poster_put_url"),
+            preview_key=previews.get("preview_put_url"),
+        ),
     )
-    fields: dict[str, Any] = {"output_key": keys["video"], "metadata_key": keys["metadata"]}
+    fields: dict[str, Any] = {
+        "output_key": keys["video"],
+        "metadata_key": keys["metadata"],
+        "bytes": size,
+        "poster_key": previews.get("poster_put_url"),
+        "preview_key": previews.get("preview_put_url"),
+        "cost": cost,
+        "gpu_type": gpu_type,
+    }
     if callback.result:
         fields["seed"] = callback.result.seed
     if not job.backend:
@@ -177,8 +281,14 @@ def handle_fal_webhook(rt: Runtime, job_id: str, headers: dict[str, str], body: 
         return _fal_succeeded(rt, job, request_id, payload if isinstance(payload, dict) else {}, url)
     errors = fal_failure_errors(delivery)
     reason = "; ".join(e["message"] for e in errors)
-    updated = fall_back_or_fail(rt, job, errors, reason)
+    updated = fall_back_or_fail(rt, job, errors, reason, kind=fal_failure_kind(delivery))
     return _ok(state=updated.state if updated else job.state)
+
+
+def fal_failure_kind(delivery: dict[str, Any]) -> metrics.ErrorKind:
+    """fal's validation answer (a 422 `detail`) is the request's fault; any other failure is not."""
+    payload = delivery.get("payload")
+    return "input" if isinstance(payload, dict) and payload.get("detail") is not None else "internal"
 
 
 def fal_failure_errors(delivery: dict[str, Any]) -> list[FieldError]:
@@ -220,14 +330,28 @@ def _fal_succeeded(rt: Runtime, job: Job, request_id: str, payload: dict[str, An
         return _ok(state="failed")
     result = {k: v for k, v in payload.items() if k != "video"}
     result["video"] = {k: v for k, v in (payload.get("video") or {}).items() if k != "url"}
+    cost = _cost(rt, fal_videos=1)
     put_json(
-        rt.s3, s.bucket_name, keys["metadata"], metadata(job, result=result, size=size, call_id=request_id)
+        rt.s3,
+        s.bucket_name,
+        keys["metadata"],
+        metadata(
+            job,
+            result=result,
+            size=size,
+            call_id=request_id,
+            cost=cost,
+            video=_video(rt, job, keys["video"], size),
+            previews_skipped=FAL_PREVIEWS_SKIPPED,
+        ),
     )
     fields: dict[str, Any] = {
         "output_key": keys["video"],
         "metadata_key": keys["metadata"],
         "backend": "fal",
         "backend_call_id": request_id,
+        "bytes": size,
+        "cost": cost,
     }
     if isinstance(payload.get("seed"), int):
         fields["seed"] = payload["seed"]

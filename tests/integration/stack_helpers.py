@@ -20,6 +20,9 @@ def sidecar(**fields: Any) -> dict[str, Any]:
         "image_url": "image.png",
         "num_frames": 9,
         "seed": 7,
+        # Every stack test sends the same media and seed: without this, all but the first job would
+        # be answered by result reuse. Reuse tests pass reuse=None (absent: the default, true).
+        "reuse": False,
     }
     base.update(fields)
     return {k: v for k, v in base.items() if v is not None}

@@ -62,6 +62,7 @@ def submit_args(media: dict[str, Path], name: str, *extra: str) -> list[str]:
         "9",
         "--seed",
         "7",
+        "--no-reuse",  # the stack tests share media and seed; each of these jobs must run
         "--name",
         name,
         *extra,

@@ -26,7 +26,7 @@ def test_sidecar_to_mp4_and_notification(
     (note,) = stack.wait_for_notification(key, timeout_s=240)
     body = note.body
     assert body["status"] == "succeeded", body
-    assert body["version"] == "1"
+    assert body["version"] == "1.1"
     assert body["backend"] == "modal"
     assert body["fallback_from"] is None
     assert body["seed"] == 7

@@ -76,7 +76,17 @@ def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st)
     # URLs live the job budget; the GPU renews them at start and before upload.
     assert f"X-Amz-Expires={st.runtime.settings.budget.url_ttl_s}" in body["output_put_url"]
     assert body["refresh_url"] == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}/urls"
-    assert body["service_urls"] == ["video_url", "image_url", "output_put_url"]
+    assert body["service_urls"] == [
+        "video_url",
+        "image_url",
+        "output_put_url",
+        "poster_put_url",
+        "preview_put_url",
+    ]
+    # The GPU stores a poster and an animated preview next to the video (PUTs pinned to their type).
+    assert f"work/{job.job_id}/poster.jpg" in body["poster_put_url"]
+    assert f"work/{job.job_id}/preview.webp" in body["preview_put_url"]
+    assert body["gpus"] == 1 and job.gpus == 1  # the stack's DefaultGpus
     deadline = body["deadline_unix"] - st.runtime.settings.budget.total_s
     assert abs(deadline - time.time()) < 60
     assert body["settings"]["prompt"] == "a horse floats away"

@@ -3,6 +3,7 @@ README's example, and rejects drift."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -80,16 +81,15 @@ def test_readme_example_matches_shape() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     example = re.search(r"### Notifications.*?```json\n(.*?)```", readme, re.S)
     assert example is not None
-    text = example.group(1).replace("…", "")
-    keys = set(re.findall(r'"([a-z_]+)":', text))
-    assert keys - {
-        "received_at",
-        "dispatched_at",
-        "completed_at",
-        "queue_s",
-        "generation_s",
-        "total_s",
-    } <= set(schema()["properties"])
+    body = json.loads(example.group(1))  # the example is JSON ("…" only inside strings)
+    assert set(body) <= set(schema()["properties"])
+    assert set(body["timings"]) == set(schema()["properties"]["timings"]["properties"])
+    # 1.1's nested objects: fal's File and the cost estimate, as the schema defines them.
+    defs = schema()["$defs"]
+    assert set(body["video"]) == set(defs["fal_file"]["properties"])
+    assert set(body["cost"]) <= set(defs["cost"]["properties"])
+    for item in body["cost"]["items"]:
+        assert set(item) <= set(defs["cost"]["properties"]["items"]["items"]["properties"])
 
 
 def test_subject_is_short_ascii_and_keeps_the_job_id():

@@ -28,7 +28,8 @@ NEEDED: dict[str, set[str]] = {
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueAttributes",
         "sqs:SendMessage",  # a job waiting for backend capacity goes back to its own queue
-        # sidecar + media (inbox/), decoded data: media and the GPU's presigned PUT (work/), error.json
+        # sidecar + media (inbox/), decoded data: media and the GPU's presigned PUT (work/), error.json;
+        # GetObject on outputs/: an earlier job's metadata.json and copy source (result reuse)
         "s3:GetObject",
         "s3:PutObject",
         "s3:ListBucket",  # a missing object reads 404, not 403
@@ -44,12 +45,12 @@ NEEDED: dict[str, set[str]] = {
     "WebhookRole": {
         "logs:CreateLogStream",
         "logs:PutLogEvents",
-        "s3:GetObject",
+        "s3:GetObject",  # inbox/ + work/; outputs/: the presigned output_url/poster_url it signs
         "s3:PutObject",
         "s3:AbortMultipartUpload",  # a failed fal download leaves no partial upload
         "s3:ListBucket",
         "dynamodb:GetItem",
-        "dynamodb:PutItem",
+        "dynamodb:PutItem",  # a succeeded job's reuse entry (`reuse#<key>`, conditional)
         "dynamodb:UpdateItem",
         "sns:Publish",
         "secretsmanager:GetSecretValue",

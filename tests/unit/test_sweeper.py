@@ -399,4 +399,5 @@ def test_handler_reports_counts(st, services):
         "jobs": {job.job_id: "failed"},
         "dead_letters": {},  # no INGEST_DLQ_URL here: nothing drained
         "dead_letters_left": None,
+        "stuck": 1,
     }

@@ -236,10 +236,12 @@ GPU_UPLOAD_GRANTS = {"/work/*/video.mp4", "/work/*/poster.jpg", "/work/*/preview
 
 def test_s3_access_is_scoped_to_prefixes(cfn: Template) -> None:
     ingest = _s3_grants(cfn, "IngestRole")
-    assert ingest["s3:GetObject"] == {"/inbox/*", "/work/*"}
+    # outputs/: an earlier job's result for reuse, and what the presigned URLs it signs read.
+    assert ingest["s3:GetObject"] == {"/inbox/*", "/work/*", "/outputs/*"}
     assert ingest["s3:PutObject"] == {"/work/*", "/outputs/*"}
     webhook = _s3_grants(cfn, "WebhookRole")
-    assert webhook["s3:GetObject"] == {"/inbox/*", "/work/*"}
+    # outputs/: a presigned GET (output_url, poster_url) works only if its signer may read it.
+    assert webhook["s3:GetObject"] == {"/inbox/*", "/work/*", "/outputs/*"}
     # outputs/, and the GPU uploads it presigns on a URL refresh or a fallback to Modal.
     assert webhook["s3:PutObject"] == {"/outputs/*", *GPU_UPLOAD_GRANTS}
     for grants in (ingest, webhook):
@@ -386,7 +388,7 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
     assert index["IndexName"] == DEADLINE_INDEX
     grants = _s3_grants(cfn, "SweeperRole")
     assert grants == {
-        "s3:GetObject": {"/inbox/*", "/work/*"},
+        "s3:GetObject": {"/inbox/*", "/work/*", "/outputs/*"},
         "s3:PutObject": {"/outputs/*", *GPU_UPLOAD_GRANTS},
         "s3:AbortMultipartUpload": {"/outputs/*"},
         "s3:ListBucket": {""},

@@ -82,9 +82,11 @@ def test_the_dispatched_request_names_the_refresh_endpoint(st: Stack, services: 
     (sent,) = services.sent  # type: ignore[attr-defined]
     request = GpuJobRequest.model_validate({k: v for k, v in sent.items() if k != "call_id"})
     assert request.refresh_url == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}/urls"
-    # The user's https image is theirs: an error on it is an input error; ours are not.
-    assert request.service_urls == ("video_url", "output_put_url")
-    assert job.service_urls == ["video_url", "output_put_url"]
+    # The user's https image is theirs: an error on it is an input error; ours are not (the
+    # previews' PUTs included: a refresh renews them too).
+    ours = ("video_url", "output_put_url", "poster_put_url", "preview_put_url")
+    assert request.service_urls == ours
+    assert job.service_urls == list(ours)
 
 
 def test_a_wanted_run_gets_fresh_urls_for_the_jobs_own_objects(st: Stack) -> None:
@@ -99,9 +101,11 @@ def test_a_wanted_run_gets_fresh_urls_for_the_jobs_own_objects(st: Stack) -> Non
     assert _object_and_expiry(urls.video_url) == (f"{BUCKET}/inbox/r/clip.mp4", ttl)
     assert _object_and_expiry(urls.image_url) == (f"{BUCKET}/inbox/r/face.png", ttl)
     assert _object_and_expiry(urls.output_put_url) == (f"{BUCKET}/work/{job.job_id}/video.mp4", ttl)
-    # The PUT pins the content type; nothing was asked for previews.
+    # The PUTs pin the content type; the previews' PUTs are renewed with the video's.
     assert "content-type" in parse_qs(urlsplit(urls.output_put_url).query)["X-Amz-SignedHeaders"][0]
-    assert urls.poster_put_url is None and urls.preview_put_url is None
+    assert urls.poster_put_url and urls.preview_put_url
+    assert _object_and_expiry(urls.poster_put_url) == (f"{BUCKET}/work/{job.job_id}/poster.jpg", ttl)
+    assert _object_and_expiry(urls.preview_put_url) == (f"{BUCKET}/work/{job.job_id}/preview.webp", ttl)
 
 
 def test_pass_through_inputs_stay_and_previews_are_renewed_when_the_request_had_them(st: Stack) -> None:

@@ -88,7 +88,7 @@ def test_gpu_progress_then_success_stores_once_and_notifies_once(st):
     )
     assert meta["result"]["timings"]["generate_s"] == 2.0
     (note,) = st.notifications()
-    assert note["status"] == "succeeded" and note["version"] == "1"
+    assert note["status"] == "succeeded" and note["version"] == "1.1"
     assert note["output_key"] == prefix + "video.mp4" and note["metadata_key"] == prefix + "metadata.json"
     assert "X-Amz-Signature" in note["output_url"] and note["output_url_expires_at"]
     assert note["backend"] == "modal" and note["fallback_from"] is None and note["seed"] == 1234

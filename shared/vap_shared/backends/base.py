@@ -33,6 +33,8 @@ class DispatchRequest:
     webhook_base_url: str
     # dispatch time + the job budget (vap_shared.budget); the GPU never runs past it.
     deadline_unix: int | None = None
+    # GPUs of one Modal container (sidecar `gpus`, capped by the stack); fal has no such choice.
+    gpus: int = 1
 
 
 class BackendError(Exception):

@@ -26,12 +26,14 @@ class DispatchOutcome:
 
 
 class DispatchFailed(Exception):
-    """No backend accepted the job. `retryable` when a later attempt may succeed."""
+    """No backend accepted the job. `retryable` when a later attempt may succeed; `rejected` when a
+    backend refused the request itself (a 422: the user's input, not the service's problem)."""
 
-    def __init__(self, errors: list[FieldError], retryable: bool) -> None:
+    def __init__(self, errors: list[FieldError], retryable: bool, rejected: bool = False) -> None:
         super().__init__("; ".join(e["message"] for e in errors))
         self.errors = errors
         self.retryable = retryable
+        self.rejected = rejected
 
 
 def _failure(failures: list[BackendError]) -> DispatchFailed:
@@ -46,7 +48,7 @@ def _failure(failures: list[BackendError]) -> DispatchFailed:
     retryable = all(f.retryable for f in failures) or (
         any(f.retryable for f in failures) and not any(f.kind == "permanent" for f in failures)
     )
-    return DispatchFailed(errors, retryable)
+    return DispatchFailed(errors, retryable, rejected=any(f.kind == "permanent" for f in failures))
 
 
 def dispatch(request: DispatchRequest, choice: str, backends: Mapping[str, Backend]) -> DispatchOutcome:

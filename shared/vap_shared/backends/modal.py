@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
 
-from ..gpu_contract import CancelResponse, GpuJobRequest, StatusResponse, SubmitResponse
+from ..gpu_contract import CancelResponse, GpuCount, GpuJobRequest, StatusResponse, SubmitResponse
 from ..gpu_urls import refresh_url, service_url_fields
 from ..signing import derive_callback_key
 from .base import (
@@ -38,15 +38,25 @@ SUBMIT_ATTEMPTS = 2
 
 @dataclass(frozen=True)
 class ModalJobBuilder:
-    """What a submit sends besides the endpoint: presigned URLs, the callback URL and its key."""
+    """What a submit sends besides the endpoint: presigned URLs, the callback URL and its key.
+
+    `upload_put_url(job_id, field)` presigns the GPU's optional uploads (`poster_put_url`,
+    `preview_put_url`: work/<job_id>/poster.jpg, preview.webp); without it no previews are asked for.
+    """
 
     stack_secret: Callable[[], bytes]
     sign_get: UrlSigner
     output_put_url: Callable[[str], str]
     num_inference_steps: int | None = None
+    upload_put_url: Callable[[str, str], str] | None = None
 
     def build(self, request: DispatchRequest) -> GpuJobRequest:
         key = derive_callback_key(self.stack_secret(), request.job_id)
+        previews = self.upload_put_url is not None
+        poster = preview = None
+        if self.upload_put_url is not None:
+            poster = self.upload_put_url(request.job_id, "poster_put_url")
+            preview = self.upload_put_url(request.job_id, "preview_put_url")
         return GpuJobRequest(
             job_id=request.job_id,
             video_url=media_url(request.video, self.sign_get),
@@ -58,7 +68,10 @@ class ModalJobBuilder:
             num_inference_steps=self.num_inference_steps,
             deadline_unix=request.deadline_unix,
             refresh_url=refresh_url(request.webhook_base_url, request.job_id),
-            service_urls=service_url_fields(request.video, request.image),
+            service_urls=service_url_fields(request.video, request.image, previews=previews),
+            gpus=cast(GpuCount, request.gpus),
+            poster_put_url=poster,
+            preview_put_url=preview,
         )
 
 

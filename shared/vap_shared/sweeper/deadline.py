@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from aws_lambda_powertools import Logger
 
+from .. import metrics
 from ..backends.base import BackendError
 from ..backends.dispatch import gpu_error_allows_fallback
 from ..errors import FieldError, field_error
@@ -27,7 +28,7 @@ from ..gpu_contract import GpuCallback
 from ..jobs import Job, iso, parse_iso
 from ..lifecycle import fall_back_or_fail
 from ..runtime import Runtime
-from ..webhook_logic import fal_failure_errors, store_fal_success, store_gpu_success
+from ..webhook_logic import fal_failure_errors, fal_failure_kind, store_fal_success, store_gpu_success
 from .catch_up import settle_terminal
 from .report import outcome_of
 
@@ -120,7 +121,14 @@ class DeadlineSweep:
             message = error.message if error else "the GPU reported a failure without details"
             errors: list[FieldError] = [field_error(None, f"Generation failed on Modal: {message}")]
             reason = f"{error.code}: {message}" if error else message
-            updated = fall_back_or_fail(self.rt, job, errors, reason, allow=gpu_error_allows_fallback(error))
+            updated = fall_back_or_fail(
+                self.rt,
+                job,
+                errors,
+                reason,
+                allow=gpu_error_allows_fallback(error),
+                kind=metrics.error_kind_of_gpu_code(error.code if error else None),
+            )
             return outcome_of(updated)
         if not stop:
             return "running"
@@ -128,7 +136,9 @@ class DeadlineSweep:
             self.rt.modal.cancel(call_id)
         except BackendError as exc:
             logger.warning("could not cancel the Modal call", extra={"call_id": call_id, "error": exc.reason})
-        return self._give_up(job, self._overdue_message("Modal"), f"timeout: still {status.state}")
+        return self._give_up(
+            job, self._overdue_message("Modal"), f"timeout: still {status.state}", kind="timeout"
+        )
 
     # ------------------------------------------------------------------ fal queue API
     def _fal(self, job: Job, request_id: str, stop: bool) -> str:
@@ -161,7 +171,8 @@ class DeadlineSweep:
         else:
             delivery["error"] = f"the result request answered HTTP {result.http_status}"
         errors = fal_failure_errors(delivery)
-        updated = fall_back_or_fail(self.rt, job, errors, "; ".join(e["message"] for e in errors))
+        reason = "; ".join(e["message"] for e in errors)
+        updated = fall_back_or_fail(self.rt, job, errors, reason, kind=fal_failure_kind(delivery))
         return outcome_of(updated)
 
     def _stop_fal(self, job: Job, request_id: str, fal_status: str) -> str:
@@ -179,7 +190,9 @@ class DeadlineSweep:
         if answer == "ALREADY_COMPLETED":  # it started (or finished) since the status request
             logger.info("overdue fal request started before it was cancelled", extra={"job_id": job.job_id})
             return "running"
-        return self._give_up(job, self._overdue_message("fal.ai"), f"timeout: still {fal_status}")
+        return self._give_up(
+            job, self._overdue_message("fal.ai"), f"timeout: still {fal_status}", kind="timeout"
+        )
 
     # ------------------------------------------------------------------ endings
     def _overdue_message(self, backend: str) -> str:
@@ -188,6 +201,7 @@ class DeadlineSweep:
             "(its result never arrived); the job was stopped."
         )
 
-    def _give_up(self, job: Job, message: str, reason: str) -> str:
+    def _give_up(self, job: Job, message: str, reason: str, kind: metrics.ErrorKind = "internal") -> str:
+        """`kind` `timeout`: stopped past the budget; `internal`: lost, unknown or unreachable."""
         errors = [field_error(None, message if message.endswith(".") else message + ".")]
-        return outcome_of(fall_back_or_fail(self.rt, job, errors, reason))
+        return outcome_of(fall_back_or_fail(self.rt, job, errors, reason, kind=kind))

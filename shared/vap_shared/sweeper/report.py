@@ -20,6 +20,8 @@ class SweepReport:
     # Ingest dead letters: what happened to each message (counts), and how many were left.
     dead_letters: dict[str, int] = field(default_factory=dict)
     dead_letters_left: int | None = None
+    # Overdue jobs this run settled (recovered, fell back, failed): the StuckJobs metric.
+    stuck: int = 0
 
     def count(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -9,6 +9,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
+from .. import metrics
 from ..jobs import utcnow
 from ..runtime import Runtime
 from .catch_up import NotificationCatchUp
@@ -17,6 +18,10 @@ from .deadline import DeadlineSweep
 from .report import MAX_JOBS_PER_RUN, SweepReport, TimeLeft, out_of_time
 
 logger = Logger(child=True)
+
+# Deadline-sweep outcomes that settled a stuck job (its result or failure never arrived): a result
+# recovered, a fallback, a failure (also after stopping an overdue run). The `StuckJobs` metric.
+STUCK_OUTCOMES = frozenset({"recovered", "fell-back", "failed"})
 
 
 def sweep(
@@ -42,11 +47,12 @@ def sweep(
             logger.exception("draining the ingest dead-letter queue failed")
     deadline = deadlines or DeadlineSweep(rt)
     catch_up = NotificationCatchUp(rt)
-    work: list[tuple[str, Callable[[], str]]] = [
-        (job_id, partial(deadline.settle, job_id, now)) for job_id in deadline.candidates(now, limit)
+    work: list[tuple[str, bool, Callable[[], str]]] = [
+        (job_id, True, partial(deadline.settle, job_id, now)) for job_id in deadline.candidates(now, limit)
     ]
-    work += [(job_id, partial(catch_up.settle, job_id)) for job_id in catch_up.candidates(now, limit)]
-    for job_id, settle in work[:limit]:
+    work += [(job_id, False, partial(catch_up.settle, job_id)) for job_id in catch_up.candidates(now, limit)]
+    stuck = 0
+    for job_id, overdue, settle in work[:limit]:
         if out_of_time(time_left_ms):
             logger.warning("out of time; the next run continues", extra={"left": len(work)})
             break
@@ -56,6 +62,9 @@ def sweep(
             # One bad job must not stop the others; it is picked up again next run.
             logger.exception("sweeping a job failed", extra={"job_id": job_id})
             report.outcomes[job_id] = "error"
+        stuck += overdue and report.outcomes[job_id] in STUCK_OUTCOMES
+    report.stuck = stuck
+    metrics.stuck_jobs(stuck)  # every run, 0 too: the alarm and dashboard see the sweeper running
     if report.outcomes or report.dead_letters:
         logger.info("sweep done", extra={"counts": report.count(), "dead_letters": report.dead_letters})
     return report
