@@ -238,29 +238,54 @@ def plan_choice() -> tuple[ChooseGpu, type[Exception]]:
     return plan.choose_gpu, plan.DoesNotFit
 
 
+def gpus_within(
+    width: int, height: int, frames: int, steps: int, gpus: int, run_limit_s: float | None
+) -> list[int]:
+    """GPU counts to try for a job, fewest first: the requested count, then larger ones, keeping
+    only those whose ESTIMATED generation time (`gpu.parallel.scaling`, no torch) fits the run
+    limit; the requested count alone when none does (or there is no limit)."""
+    if run_limit_s is None:
+        return [gpus]
+    from gpu.parallel.scaling import GPU_COUNTS, JobShape, estimate
+
+    shape = JobShape(width, height, frames, steps)
+    fitting = [n for n in GPU_COUNTS if n >= gpus and estimate(shape, n).total_s <= run_limit_s]
+    return fitting or [gpus]
+
+
 def choose_class(
     settings: GenerationSettings,
     gpus: int,
     offered: Iterable[str],
     choose: tuple[ChooseGpu, type[Exception]] | None = None,
+    *,
+    steps: int = 50,
+    run_limit_s: float | None = None,
 ) -> str:
     """The offered Modal GPU string (one class each) that `gpu.plan.choose_gpu` picks for a job of
-    these settings on `gpus` GPUs. Raises `SubmitRejected`: 422 when no offered GPU can run it,
-    503 when the plan names a GPU this deployment has no class for."""
+    these settings. With `run_limit_s`, a job too slow for one run on `gpus` GPUs goes to the fewest
+    offered GPUs that finish it in time (the sidecar's `gpus` is a minimum). Raises
+    `SubmitRejected`: 422 when no offered GPU can run it, 503 when the plan names a GPU this
+    deployment has no class for."""
     choose_gpu, does_not_fit = choose or plan_choice()
     width, height = target_size(settings.aspect_ratio, settings.resolution)
     frames = valid_num_frames(settings.num_frames)
-    try:
-        choice = choose_gpu(width, height, frames, gpus=gpus)
-    except does_not_fit as exc:
-        raise SubmitRejected(422, f"no offered GPU can run this job: {exc}") from exc
     available = sorted(offered)
-    modal_gpu = offered_class(choice.modal_gpu, available)  # "H100!:8" and "H100:8" are one class
-    if modal_gpu is None:
-        raise SubmitRejected(
-            503, f"this deployment has no {choice.modal_gpu} class (offers {', '.join(available)})"
-        )
-    return modal_gpu
+    counts = gpus_within(width, height, frames, steps, gpus, run_limit_s)
+    modal_gpu: str | None = None
+    for count in counts:
+        try:
+            choice = choose_gpu(width, height, frames, gpus=count)
+        except does_not_fit as exc:
+            if count == counts[-1]:
+                raise SubmitRejected(422, f"no offered GPU can run this job: {exc}") from exc
+            continue
+        modal_gpu = offered_class(choice.modal_gpu, available)  # "H100!:8" and "H100:8" are one class
+        if modal_gpu is not None:
+            return modal_gpu
+    raise SubmitRejected(
+        503, f"this deployment has no {choice.modal_gpu} class (offers {', '.join(available)})"
+    )
 
 
 def _job_key(job_id: str) -> str:
@@ -292,6 +317,8 @@ class ModalExecutor:
         registry: CallRegistry,
         *,
         choose: tuple[ChooseGpu, type[Exception]] | None = None,
+        default_steps: int = 50,
+        run_limit_s: float | None = None,
         wait_s: float = 20.0,
         poll_s: float = 0.25,
         stale_s: float = 120.0,
@@ -301,6 +328,8 @@ class ModalExecutor:
         self._spawners = dict(spawners)  # Modal gpu string ("H100!", "H100:8") -> that class's spawn
         self._registry = registry
         self._choose = choose
+        # A job too slow for one run on the GPUs it asked for is routed to more (see `choose_class`).
+        self._default_steps, self._run_limit_s = default_steps, run_limit_s
         self._wait_s, self._poll_s, self._stale_s = wait_s, poll_s, stale_s
         self._clock, self._sleep = clock, sleep
 
@@ -308,7 +337,14 @@ class ModalExecutor:
 
     def route(self, request: GpuJobRequest) -> str:
         """The Modal GPU string of the class that runs `request` (raises `SubmitRejected`)."""
-        return choose_class(request.settings, request.gpus, self._spawners, self._choose)
+        return choose_class(
+            request.settings,
+            request.gpus,
+            self._spawners,
+            self._choose,
+            steps=request.num_inference_steps or self._default_steps,
+            run_limit_s=self._run_limit_s,
+        )
 
     def submit(self, request: GpuJobRequest) -> str:
         modal_gpu = self.route(request)

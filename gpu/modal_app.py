@@ -277,7 +277,10 @@ def build_executor() -> Any:
     from gpu.api import ModalExecutor
 
     spawners = {modal_gpu: cls().generate.spawn for modal_gpu, cls in GENERATORS.items()}
-    return ModalExecutor(spawners, calls)
+    budget = SETTINGS.budget
+    # What one run leaves for generating: Modal's timeout less the runner's and the upload's margins.
+    run_limit_s = budget.run_s - budget.runner_margin_s - budget.upload_margin_s
+    return ModalExecutor(spawners, calls, default_steps=SETTINGS.default_steps, run_limit_s=run_limit_s)
 
 
 @app.function(image=web_image, env=FORWARDED_ENV, timeout=60, scaledown_window=SETTINGS.scaledown_s)

@@ -510,3 +510,38 @@ def test_plan_and_deployment_spellings_of_one_class_match():
     assert offered_class("H100", offered) == "H100!" and offered_class("H200", offered) == "H200"
     assert offered_class("H100!:4", offered) is None and offered_class("B200", offered) is None
     assert offered_class("not a gpu", offered) is None
+
+
+def test_a_job_too_slow_for_one_run_goes_to_more_gpus_within_the_budget():
+    """With the default budget's run limit, every accepted job routes to a class whose ESTIMATED
+    generation fits one run: the default job stays on one H100, 720p/121 frames (estimated over the
+    limit on one GPU) moves to the fewest GPUs that finish it; the sidecar's `gpus` is a minimum."""
+    from vap_shared.budget import Budget
+    from vap_shared.gpu_contract import GenerationSettings
+
+    from gpu.generation import target_size
+    from gpu.modal_settings import DEFAULT_GPUS, parse_gpu
+    from gpu.parallel.scaling import JobShape, estimate
+    from gpu.plan import accepted_sizes, gpu_frame_counts
+
+    budget = Budget()
+    limit = budget.run_s - budget.runner_margin_s - budget.upload_margin_s
+
+    def route(resolution: str, aspect: str, frames: int, gpus: int = 1) -> int:
+        settings = GenerationSettings(prompt="p", video_description="v", resolution=resolution,
+                                      aspect_ratio=aspect, num_frames=frames)  # fmt: skip
+        return parse_gpu(api.choose_class(settings, gpus, DEFAULT_GPUS, run_limit_s=limit)).count
+
+    assert route("480p", "16:9", 49) == 1
+    slow = JobShape(1280, 720, 121, 50)
+    assert estimate(slow, 1).total_s > limit  # the premise: one GPU would time out
+    assert route("720p", "16:9", 121) == 2
+    assert route("480p", "16:9", 49, gpus=4) == 4  # never fewer than asked
+    for resolution, aspect, _, _ in accepted_sizes():
+        width, height = target_size(aspect, resolution)  # type: ignore[arg-type]
+        for frames in gpu_frame_counts():
+            count = route(resolution, aspect, frames)
+            assert estimate(JobShape(width, height, frames, 50), count).total_s <= limit
+    # Without a limit (e.g. the local server) the requested count is kept.
+    settings = GenerationSettings(prompt="p", video_description="v", resolution="720p", num_frames=121)
+    assert parse_gpu(api.choose_class(settings, 1, DEFAULT_GPUS)).count == 1

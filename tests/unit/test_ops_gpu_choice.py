@@ -28,8 +28,8 @@ def test_the_table_has_every_gpu_count_for_each_job_and_says_it_is_an_estimate()
     assert [row.split("|")[3].strip() for row in rows[:4]] == ["1", "2", "4", "8"]
     assert "ESTIMATES, not measurements" in gpu_choice.section()
     # More GPUs: shorter, never cheaper (the GPU-seconds multiply by the count).
-    for _, shape, hw in gpu_choice.JOBS:
-        estimates = scaling.table(shape, hw)
+    for _, shape in gpu_choice.JOBS:
+        estimates = scaling.table(shape, gpu_choice.hardware(shape))
         assert [e.total_s for e in estimates] == sorted((e.total_s for e in estimates), reverse=True)
         assert [e.cost_usd for e in estimates] == sorted(e.cost_usd for e in estimates)
 
