@@ -213,16 +213,28 @@ class JobStore:
 
     def overdue(self, state: str, dispatched_before_iso: str, limit: int = 100) -> list[str]:
         """Ids of jobs in `state` dispatched before the given time (oldest first)."""
+        return self._query_ids(
+            DEADLINE_INDEX,
+            "#state = :s AND #d < :t",
+            {"#state": "state", "#d": "dispatched_at"},
+            {":s": state, ":t": dispatched_before_iso},
+            limit,
+        )
+
+    def _query_ids(
+        self, index: str, condition: str, names: dict[str, str], values: dict[str, Any], limit: int
+    ) -> list[str]:
+        """Job ids from one index query, following pages until `limit` (keys only: one read each)."""
         ids: list[str] = []
         kwargs: dict[str, Any] = {
             "TableName": self._table,
-            "IndexName": DEADLINE_INDEX,
-            "KeyConditionExpression": "#state = :s AND #d < :t",
-            "ExpressionAttributeNames": {"#state": "state", "#d": "dispatched_at"},
-            "ExpressionAttributeValues": _wire({":s": state, ":t": dispatched_before_iso}),
+            "IndexName": index,
+            "KeyConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": _wire(values),
         }
         while len(ids) < limit:
-            page = self._client.query(**kwargs, Limit=limit)
+            page = self._client.query(**kwargs, Limit=limit - len(ids))
             ids.extend(str(_unwire(item)["job_id"]) for item in page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 break
@@ -260,21 +272,7 @@ class JobStore:
     def unsettled_terminal(self, limit: int = 100) -> list[str]:
         """Finished jobs whose notification or terminal status.json is missing (oldest id first).
         Reads only those: the index holds nothing else."""
-        ids: list[str] = []
-        kwargs: dict[str, Any] = {
-            "TableName": self._table,
-            "IndexName": UNSETTLED_INDEX,
-            "KeyConditionExpression": "#u = :u",
-            "ExpressionAttributeNames": {"#u": "unsettled"},
-            "ExpressionAttributeValues": _wire({":u": UNSETTLED}),
-        }
-        while len(ids) < limit:
-            page = self._client.query(**kwargs, Limit=limit - len(ids))
-            ids.extend(str(_unwire(item)["job_id"]) for item in page.get("Items", []))
-            if "LastEvaluatedKey" not in page:
-                break
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        return ids[:limit]
+        return self._query_ids(UNSETTLED_INDEX, "#u = :u", {"#u": "unsettled"}, {":u": UNSETTLED}, limit)
 
     # ------------------------------------------------------------------ backend capacity
     def outstanding_ids(self, backend: str) -> set[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 from aws_lambda_powertools import Logger
-from pydantic import ValidationError
 
 from .gpu_contract import UrlRefreshRequest
 from .gpu_urls import fresh_urls, service_url_fields
@@ -18,8 +17,7 @@ from .jobs import Job
 from .media import MediaRef
 from .runtime import Runtime
 from .s3io import presign_put
-from .signing import SignatureError, derive_callback_key, verify_callback
-from .webhook_logic import Reply
+from .webhook_logic import Reply, superseded_run, verified_gpu_message
 
 logger = Logger(child=True)
 
@@ -28,11 +26,7 @@ def unwanted_reason(job: Job, call_id: str) -> str | None:
     """Why the service no longer wants run `call_id` of `job` (None: it does)."""
     if job.terminal:
         return f"the job has finished ({job.state})"
-    if job.backend not in (None, "modal"):
-        return f"the job has moved to {job.backend}"
-    if job.backend_call_id and job.backend_call_id != call_id:
-        return "another run of the job is recorded"
-    return None
+    return superseded_run(job, call_id)
 
 
 def _fields(job: Job) -> tuple[str, ...]:
@@ -48,21 +42,10 @@ def _fields(job: Job) -> tuple[str, ...]:
 
 
 def handle_url_refresh(rt: Runtime, job_id: str, headers: dict[str, str], body: bytes) -> Reply:
-    key = derive_callback_key(rt.stack_secret(), job_id)
-    try:
-        verify_callback(key, headers.get("x-vap-timestamp"), headers.get("x-vap-signature"), body)
-    except SignatureError as exc:
-        logger.warning("rejected URL refresh", extra={"job_id": job_id, "reason": str(exc)})
-        return Reply(401, {"error": "invalid signature"})
-    try:
-        request = UrlRefreshRequest.model_validate_json(body)
-    except ValidationError:
-        return Reply(400, {"error": "body is not a URL refresh request"})
-    if request.job_id != job_id:
-        return Reply(401, {"error": "job id does not match the signed path"})
-    job = rt.store.get(job_id)
-    if job is None:
-        return Reply(404, {"error": "unknown job"})
+    verified = verified_gpu_message(rt, job_id, headers, body, UrlRefreshRequest)
+    if isinstance(verified, Reply):
+        return verified
+    request, job = verified
     reason = unwanted_reason(job, request.call_id)
     if reason is not None:
         logger.info("URL refresh for an unwanted run", extra={"job_id": job_id, "reason": reason})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
 from pydantic import ValidationError
@@ -25,7 +25,7 @@ from .backends.fal import fal_detail_errors
 from .cost import GpuRun, estimate, gpu_run_of_result, gpu_type_of
 from .errors import FieldError, field_error
 from .fal_output import video_file
-from .gpu_contract import GpuCallback, GpuResult
+from .gpu_contract import GpuCallback, GpuResult, UrlRefreshRequest
 from .jobs import Job, iso, utcnow
 from .lifecycle import fail_job, fall_back_or_fail, finalize_terminal, succeed_job
 from .naming import GPU_UPLOADS, output_keys, work_upload_key, work_video_key
@@ -140,29 +140,52 @@ def _copy_previews(rt: Runtime, job: Job, result: GpuResult | None) -> dict[str,
 # ---------------------------------------------------------------- GPU (Modal / local GPU server)
 
 
-def handle_gpu_callback(rt: Runtime, job_id: str, headers: dict[str, str], body: bytes) -> Reply:
+GpuMessage = TypeVar("GpuMessage", GpuCallback, UrlRefreshRequest)
+
+
+def verified_gpu_message(
+    rt: Runtime, job_id: str, headers: dict[str, str], body: bytes, model: type[GpuMessage]
+) -> tuple[GpuMessage, Job] | Reply:
+    """A body the job's GPU run signed (per-job HMAC, timestamp window) for the job in the path,
+    parsed as `model`, and the job; else the reply that refuses it (401/400/404)."""
     key = derive_callback_key(rt.stack_secret(), job_id)
     try:
         verify_callback(key, headers.get("x-vap-timestamp"), headers.get("x-vap-signature"), body)
     except SignatureError as exc:
-        logger.warning("rejected GPU callback", extra={"job_id": job_id, "reason": str(exc)})
+        logger.warning("rejected a GPU request", extra={"job_id": job_id, "reason": str(exc)})
         return Reply(401, {"error": "invalid signature"})
     try:
-        callback = GpuCallback.model_validate_json(body)
+        message = model.model_validate_json(body)
     except ValidationError:
-        return Reply(400, {"error": "body is not a valid GPU callback"})
-    if callback.job_id != job_id:
+        return Reply(400, {"error": f"body is not a valid {model.__name__}"})
+    if message.job_id != job_id:
         return Reply(401, {"error": "job id does not match the signed path"})
     job = rt.store.get(job_id)
     if job is None:
         return Reply(404, {"error": "unknown job"})
+    return message, job
+
+
+def superseded_run(job: Job, call_id: str) -> str | None:
+    """Why a GPU run `call_id` of `job` no longer counts (None: it does): the job fell back to
+    another backend, or another run is recorded."""
+    if job.backend not in (None, "modal"):
+        return f"the job has moved to {job.backend}"
+    if job.backend_call_id and job.backend_call_id != call_id:
+        return "another run of the job is recorded"
+    return None
+
+
+def handle_gpu_callback(rt: Runtime, job_id: str, headers: dict[str, str], body: bytes) -> Reply:
+    verified = verified_gpu_message(rt, job_id, headers, body, GpuCallback)
+    if isinstance(verified, Reply):
+        return verified
+    callback, job = verified
     if job.terminal:
         finalize_terminal(rt, job)
         return _ok(state=job.state, note="already finished")
     # A callback from a superseded dispatch (the job fell back to fal) changes nothing.
-    if (job.backend not in (None, "modal")) or (
-        job.backend_call_id and job.backend_call_id != callback.call_id
-    ):
+    if superseded_run(job, callback.call_id) is not None:
         return _ok(state=job.state, note="stale callback ignored")
     if callback.event == "progress":
         progress = callback.progress.model_dump() if callback.progress else None

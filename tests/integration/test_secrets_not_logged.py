@@ -86,7 +86,7 @@ def test_a_full_run_logs_no_secret(
     ]
     text = "\n".join([captured.out, captured.err, *records])
     assert len(records) > 10, "the run should have logged something to search"
-    assert "rejected GPU callback" in text and "job dispatched" in text
+    assert "rejected a GPU request" in text and "job dispatched" in text
     assert job_id in text
     job_ids = [n.body["job_id"] for n in notes.values()]
     leaked = {name: value for name, value in _secrets(stack, job_ids).items() if value and value in text}
