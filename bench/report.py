@@ -14,7 +14,9 @@ from bench.cost import GENERATION_S, MODAL_H100_PER_S, CostResult
 from bench.large_output import TransferResult
 from bench.per_job import PerJobResult
 
-COLD_TARGET_MS = 300.0
+# A ratio, not milliseconds: both sides are measured round-robin in one run, so a slower or busier
+# machine moves them together (an absolute 300 ms would read MISSED on a slower machine).
+COLD_TARGET_RATIO = 2.0  # x a bare `import boto3`
 PACKAGE_TARGET_MB = 20.0
 GB_S_TARGET = 1.0
 RSS_TARGET_MB = 150.0
@@ -60,8 +62,8 @@ def rows(r: Results) -> list[Row]:
                     f"{m.median_ms:.0f} ({m.median_import_ms:.0f} + {m.median_clients_ms:.0f}){later}",
                     f"boto3 import {floor.median_ms:.0f}; boto3 + 4 clients {clients.median_ms:.0f}",
                     f"{m.median_ms / floor.median_ms:.1f}x / {m.median_ms / clients.median_ms:.1f}x",
-                    f"<= {COLD_TARGET_MS:.0f}",
-                    m.median_ms <= COLD_TARGET_MS,
+                    f"<= {COLD_TARGET_RATIO:.0f}x boto3 import",
+                    m.median_ms <= COLD_TARGET_RATIO * floor.median_ms,
                 )
             )
         if r.cold.layer_mb is not None and r.cold.boto3_mb is not None:
