@@ -33,11 +33,12 @@ def missed_notes(r: Results) -> dict[str, str]:
         extra = (handler.median_ms - floor.median_ms) if handler and floor else 0.0
         note = (
             f"Cause: the handlers import boto3 (every route uses the jobs table), Powertools (Logger; "
-            f"the batch processor in ingest, the resolver in the webhook, both pulling in asyncio and "
-            f"its event classes), pydantic (models built at import) and httpx: {extra:+.0f} ms against "
+            f"the batch processor in ingest, pulling in asyncio and its event classes; the webhook "
+            f"routes its three paths itself), pydantic (models built at import) and httpx: "
+            f"{extra:+.0f} ms against "
             f"boto3 + four clients (import self-time leaders besides botocore: {heavy}). Clients, the "
             f"backends and the fal verifier (PyNaCl) are already built on first use. Fix (handler/layer "
-            f"owners): replace Powertools' batch/resolver with the few dozen lines the handlers use; or "
+            f"owners): replace Powertools' batch processor with the few dozen lines ingest uses; or "
             f"take imports off the cold path with Lambda SnapStart (Python 3.12+) or provisioned "
             f"concurrency. On Lambda (1,024 MB ≈ 0.6 vCPU) expect slower imports than here."
         )

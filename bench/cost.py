@@ -1,7 +1,8 @@
 """Cost per video, computed: Modal H100 GPU seconds + AWS requests, versus fal's price per video.
 
-The generation time is an estimate (no GPU here): docs/model.md's target of <= 4 minutes warm for
-50 steps at 480p/49 frames (4.4 s/step), and the README's 4-6 minutes for the reference code.
+The generation time is an estimate (no GPU here): `gpu.parallel.scaling`'s for the default job on
+one H100 (the model's counted FLOPs at 60 % of peak, the README's cost table), beside 4-6 minutes
+for the reference code.
 AWS request counts come from the per-job benchmark (calls made inside the handlers) plus the
 requests that happen outside them (user uploads, S3 -> SQS, the event source mapping, the GPU's
 presigned GET/PUT), at us-east-1 list prices (November 2026), free tiers ignored.
@@ -11,9 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gpu.parallel.scaling import JobShape, estimate
+
 MODAL_H100_PER_S = 0.001097
 FAL_PER_VIDEO = 1.00
-GENERATION_S = {"target (docs/model.md)": 240.0, "reference code, low": 300.0, "reference code, high": 360.0}
+GENERATION_S = {
+    "estimate (gpu.parallel.scaling, 60 % of H100 peak)": estimate(JobShape(), 1).total_s,
+    "reference code, low": 300.0,
+    "reference code, high": 360.0,
+}
 # Model load on a cold container (README: +$0.05-0.15); not per video when the container is warm.
 COLD_EXTRA = (0.05, 0.15)
 

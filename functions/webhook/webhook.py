@@ -10,6 +10,7 @@ import base64
 import binascii
 import gc
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,6 @@ _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:
     from aws_lambda_powertools import Logger
-    from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
     from aws_lambda_powertools.utilities.typing import LambdaContext
     from vap_shared.config import Settings, settings_at_cold_start
     from vap_shared.naming import is_job_id
@@ -55,8 +55,19 @@ def reset() -> None:
     _settings = None
 
 
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return Response(status_code=status, content_type="application/json", body=json.dumps(body))
+Logic = Callable[[Runtime, str, dict[str, str], bytes], Reply]
+# Three POST routes: a few lines here instead of Powertools' resolver, whose import (asyncio, every
+# event class) was the webhook's largest avoidable cold-start cost.
+ROUTES: tuple[tuple[re.Pattern[str], Logic], ...] = (
+    (re.compile(r"/callbacks/gpu/([^/]+)"), handle_gpu_callback),
+    (re.compile(r"/callbacks/gpu/([^/]+)/urls"), handle_url_refresh),
+    (re.compile(r"/callbacks/fal/([^/]+)"), handle_fal_webhook),
+)
+
+
+def _json(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """A Function URL (payload 2.0) response."""
+    return {"statusCode": status, "headers": {"Content-Type": "application/json"}, "body": json.dumps(body)}
 
 
 def _raw_body(event: dict[str, Any]) -> bytes:
@@ -66,9 +77,7 @@ def _raw_body(event: dict[str, Any]) -> bytes:
     return body.encode("utf-8")
 
 
-def _handle(
-    event: dict[str, Any], job_id: str, logic: Callable[[Runtime, str, dict[str, str], bytes], Reply]
-) -> Response:
+def _handle(event: dict[str, Any], job_id: str, logic: Logic) -> dict[str, Any]:
     headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -88,26 +97,23 @@ def _handle(
     return _json(reply.status, reply.body)
 
 
-def build_app() -> LambdaFunctionUrlResolver:
-    """A resolver per invocation: it keeps the current event on itself, and the local stack runs
-    concurrent invocations as threads of one process (cheap: three routes)."""
-    app = LambdaFunctionUrlResolver()
-
-    @app.post("/callbacks/gpu/<job_id>")
-    def gpu_callback(job_id: str) -> Response:
-        return _handle(app.current_event.raw_event, job_id, handle_gpu_callback)
-
-    @app.post("/callbacks/gpu/<job_id>/urls")
-    def gpu_url_refresh(job_id: str) -> Response:
-        return _handle(app.current_event.raw_event, job_id, handle_url_refresh)
-
-    @app.post("/callbacks/fal/<job_id>")
-    def fal_webhook(job_id: str) -> Response:
-        return _handle(app.current_event.raw_event, job_id, handle_fal_webhook)
-
-    return app
+def route(event: dict[str, Any]) -> tuple[str, Logic] | None:
+    """The job id and logic for the event's method and path; None for anything else."""
+    method = str(((event.get("requestContext") or {}).get("http") or {}).get("method", "")).upper()
+    if method != "POST":
+        return None
+    path = str(event.get("rawPath") or "")
+    for pattern, logic in ROUTES:
+        match = pattern.fullmatch(path)
+        if match:
+            return match.group(1), logic
+    return None
 
 
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return build_app().resolve(event, context)
+    found = route(event)
+    if found is None:
+        return _json(404, {"error": "not found"})
+    job_id, logic = found
+    return _handle(event, job_id, logic)

@@ -217,6 +217,11 @@ def test_unknown_job_404_size_413_content_type_415(st):
         == 415
     )
     assert post(url_event("/nope", b"{}", {"content-type": "application/json"}))[0] == 404
+    # Only POST reaches a route; a trailing path segment is not a job id.
+    get = url_event("/callbacks/gpu/j", b"{}", {"content-type": "application/json"})
+    get["requestContext"]["http"]["method"] = "GET"
+    assert post(get)[0] == 404
+    assert post(url_event("/callbacks/fal/j/extra", b"{}", {"content-type": "application/json"}))[0] == 404
 
 
 def test_terminal_job_is_a_no_op(st):
