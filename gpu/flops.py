@@ -8,7 +8,7 @@ running a CFG step (batch 2):
 - `steady=True`: as the pipeline runs steps 2..N: context K/V, the first expert block's reference
   Q/K/V and the reference embedding reused, CFG rows shared up to the first cross-attention;
 - `steady=False`: every step computes everything (only the dead reference work after the last
-  expert block skipped): the count in ../shared/notes/gpu-perf.md (2.377e15 at 480p/49).
+  expert block skipped): the count in the project's GPU performance notes (2.377e15 at 480p/49).
 
 `analytic_step_flops` is the same count written out from the layer shapes, independently of the
 model code; a test holds the two equal on the tiny model.

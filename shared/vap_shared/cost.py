@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 # Defaults: Modal's list prices per GPU-second (H100 $3.95/h, H200 $4.54/h) and fal's price for
-# fal-ai/video-as-prompt in third-party tables (../shared/notes/fal.md, "unverified").
+# fal-ai/video-as-prompt in third-party price tables (unverified on fal's own page).
 DEFAULT_MODAL_PER_SECOND: Final[Mapping[str, float]] = {"H100": 0.001097, "H200": 0.001261}
 DEFAULT_FAL_PER_VIDEO: Final = 1.00
 # Lambda, S3, DynamoDB, SQS, SNS and Secrets Manager for one job at us-east-1 list prices, as

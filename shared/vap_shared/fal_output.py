@@ -1,7 +1,7 @@
 """Our result in fal's output shape: `{"video": {url, content_type, file_name, file_size}}`.
 
 fal-ai/video-as-prompt answers `{"video": File}` with File = `url` (required), `content_type`,
-`file_name`, `file_size` (../shared/reference/fal-video-as-prompt-api.txt, "Output" and "File").
+`file_name`, `file_size` (fal's API page for the endpoint, "Output" and "File").
 The notification and `metadata.json` carry the same `video` object, so code written against fal's
 result reads ours unchanged; `url` is the presigned `output_url` (it expires like it).
 """
