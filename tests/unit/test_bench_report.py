@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import cost
+from bench.cost import GENERATION_S
 from bench.per_job import PerJobResult, Recorder, summarize
 from bench.report import Results, markdown, rows, table
 
@@ -58,7 +59,8 @@ def test_summary_gb_seconds_and_percentiles():
     assert j.notify_p99_ms == pytest.approx(100)
     assert j.gb_s_per_job_measured == pytest.approx(0.35)
     assert j.gb_s_per_job_production == pytest.approx(0.35 + 8 * 0.05)
-    assert j.gb_s_waiting_design == pytest.approx(240)
+    # A function waiting on the GPU for the estimated generation, at 1 GB.
+    assert j.gb_s_waiting_design == pytest.approx(next(iter(GENERATION_S.values())))
 
 
 def test_report_lists_missed_targets():
