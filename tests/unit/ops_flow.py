@@ -8,24 +8,18 @@ from typing import Any
 
 import ingest
 import webhook
-from vap_testkit import MP4, PNG, Stack, call, gpu_callback_event, s3_event, sqs_event
+from vap_testkit import MP4, PNG, Stack, call, gpu_callback_event, gpu_result, s3_event, sqs_event, url_event
 
 PROMPT = "A chestnut horse inflates like a balloon and floats away."
 DESCRIPTION = "A sneaker inflates into a smooth beige sphere and floats up."
 POSTER = b"\xff\xd8\xff\xe0" + b"jpeg" * 50
 PREVIEW = b"RIFF\x00\x00\x00\x00WEBPVP8X" + b"webp" * 50
 
-RESULT: dict[str, Any] = {
-    "seed": 42,
-    "width": 480,
-    "height": 832,
-    "num_frames": 49,
-    "fps": 16,
-    "bytes": len(MP4),
-    "steps": 4,
-    "gpu": "NVIDIA H100 80GB HBM3",
-    "timings": {"download_s": 1.0, "generate_s": 200.0, "encode_s": 5.0, "upload_s": 2.0, "total_s": 210.0},
-}
+RESULT: dict[str, Any] = gpu_result(
+    42,
+    gpu="NVIDIA H100 80GB HBM3",
+    timings={"download_s": 1.0, "generate_s": 200.0, "encode_s": 5.0, "upload_s": 2.0, "total_s": 210.0},
+)
 
 
 def submit(
@@ -120,8 +114,6 @@ def metric_values(docs: list[dict[str, Any]], name: str) -> list[tuple[dict[str,
 
 def fal_delivers(st: Stack, job_id: str, payload: dict[str, Any], status: str = "OK") -> int:
     """fal's signed webhook for the job's request."""
-    from vap_testkit import url_event
-
     job = st.store.get(job_id)
     delivery = {
         "request_id": job.backend_call_id,

@@ -23,6 +23,7 @@ from vap_testkit import (
     MP4,
     call,
     gpu_callback_event,
+    gpu_result,
     handlers_on,
     s3_event,
     sqs_event,
@@ -32,17 +33,7 @@ from vap_testkit import (
 )
 
 NAME = "inbox/set/job.json"
-RESULT = {
-    "seed": 7,
-    "width": 480,
-    "height": 832,
-    "num_frames": 49,
-    "fps": 16,
-    "bytes": len(MP4),
-    "steps": 4,
-    "gpu": "cpu",
-    "timings": {"total_s": 1.0},
-}
+RESULT = gpu_result(7, timings={"total_s": 1.0})
 
 
 class Injected(RuntimeError):

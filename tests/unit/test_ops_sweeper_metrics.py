@@ -10,7 +10,7 @@ from ops_flow import emf, metric_values
 from test_sweeper import SweepServices, dispatch
 from vap_shared.jobs import utcnow
 from vap_shared.sweeper import sweep
-from vap_testkit import MP4, Stack, handlers_on, stack
+from vap_testkit import MP4, Stack, gpu_result, handlers_on, stack
 
 LATER = timedelta(seconds=3600)  # past the stop point of the tests' 3000 s budget
 
@@ -39,17 +39,7 @@ def test_settled_overdue_jobs_are_counted_as_stuck(
     st.put(f"work/{recovered.job_id}/video.mp4", MP4, "video/mp4")
     services.modal_state = {
         "state": "succeeded",
-        "result": {
-            "seed": 1,
-            "width": 480,
-            "height": 832,
-            "num_frames": 49,
-            "fps": 16,
-            "bytes": len(MP4),
-            "steps": 4,
-            "gpu": "cpu",
-            "timings": {"total_s": 2.0},
-        },
+        "result": gpu_result(1),
     }
     capsys.readouterr()
     report = sweep(st.runtime, now=utcnow() + LATER)

@@ -19,23 +19,14 @@ from vap_testkit import (
     MP4,
     FakeServices,
     call,
+    gpu_result,
     handlers_on,
     sqs_event,
     stack,
     upload_fal_example,
 )
 
-RESULT = {
-    "seed": 99,
-    "width": 480,
-    "height": 832,
-    "num_frames": 49,
-    "fps": 16,
-    "bytes": len(MP4),
-    "steps": 4,
-    "gpu": "cpu",
-    "timings": {"total_s": 2.0},
-}
+RESULT = gpu_result(99)
 LATER = timedelta(seconds=3600)  # past the default 1800 s deadline
 
 

@@ -21,6 +21,7 @@ from vap_testkit import (
     Stack,
     call,
     gpu_callback_event,
+    gpu_result,
     handlers_on,
     s3_event,
     sqs_event,
@@ -28,16 +29,7 @@ from vap_testkit import (
     upload_fal_example,
 )
 
-RESULT = {
-    "seed": 7,
-    "width": 480,
-    "height": 832,
-    "num_frames": 49,
-    "fps": 16,
-    "bytes": len(MP4),
-    "steps": 4,
-    "gpu": "cpu",
-}
+RESULT = gpu_result(7)
 
 
 class StatusOutage:

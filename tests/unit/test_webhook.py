@@ -11,6 +11,7 @@ from vap_testkit import (
     FakeServices,
     call,
     gpu_callback_event,
+    gpu_result,
     handlers_on,
     sqs_event,
     stack,
@@ -46,17 +47,10 @@ def callback(job, event, **extra):
     }
 
 
-RESULT = {
-    "seed": 1234,
-    "width": 480,
-    "height": 832,
-    "num_frames": 49,
-    "fps": 16,
-    "bytes": len(MP4),
-    "steps": 4,
-    "gpu": "cpu",
-    "timings": {"download_s": 0.1, "generate_s": 2.0, "encode_s": 0.2, "upload_s": 0.1, "total_s": 2.4},
-}
+RESULT = gpu_result(
+    1234,
+    timings={"download_s": 0.1, "generate_s": 2.0, "encode_s": 0.2, "upload_s": 0.1, "total_s": 2.4},
+)
 
 
 def post(event):

@@ -394,6 +394,22 @@ def gpu_callback_event(st: Stack, job_id: str, payload: dict[str, Any], **kw: An
     return url_event(f"/callbacks/gpu/{job_id}", body, headers, **kw)
 
 
+def gpu_result(seed: int, **overrides: Any) -> dict[str, Any]:
+    """The `result` of a succeeded GPU callback for the default 480p/49-frame job on the test MP4."""
+    result: dict[str, Any] = {
+        "seed": seed,
+        "width": 480,
+        "height": 832,
+        "num_frames": 49,
+        "fps": 16,
+        "bytes": len(MP4),
+        "steps": 4,
+        "gpu": "cpu",
+        "timings": {"total_s": 2.0},
+    }
+    return {**result, **overrides}
+
+
 class Context:
     function_name = "test"
     memory_limit_in_mb = 256
