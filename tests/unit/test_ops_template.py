@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from template_kit import transformed_template
 from vap_shared import cost, metrics
 
-from local_stack.cfn import Resolver, Template, load_template, parameter_defaults, translate_sam
+from local_stack.cfn import Resolver, Template, load_template, parameter_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
@@ -30,12 +31,7 @@ def sam() -> Template:
 
 @pytest.fixture(scope="module")
 def cfn(sam: Template) -> Template:
-    uris = {
-        k: f"s3://artifacts/{k}.zip"
-        for k, r in sam["Resources"].items()
-        if {"CodeUri", "ContentUri"} & set(r.get("Properties", {}))
-    }
-    return translate_sam(sam, "us-east-1", uris)
+    return transformed_template(sam)
 
 
 def of_type(template: Template, kind: str) -> dict[str, dict[str, Any]]:

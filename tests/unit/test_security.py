@@ -11,9 +11,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from template_kit import transformed_template
 from vap_testkit import BUCKET, FAL_EXAMPLE, MP4, PNG, FakeServices, call, s3_event, sqs_event, stack
 
-from local_stack.cfn import Template, load_template, translate_sam
+from local_stack.cfn import Template
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,13 +86,7 @@ SCOPED_WILDCARD = re.compile(
 
 @pytest.fixture(scope="module")
 def cfn() -> Template:
-    sam = load_template(ROOT / "template.yaml")
-    uris = {
-        k: f"s3://artifacts/{k}.zip"
-        for k, r in sam["Resources"].items()
-        if {"CodeUri", "ContentUri"} & set(r.get("Properties", {}))
-    }
-    return translate_sam(sam, "us-east-1", uris)
+    return transformed_template()
 
 
 def _as_list(value: Any) -> list[Any]:

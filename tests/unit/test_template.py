@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from template_kit import transformed_template
 
-from local_stack.cfn import Resolver, Template, load_template, translate_sam
+from local_stack.cfn import Resolver, Template, load_template
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
@@ -28,12 +29,7 @@ def sam() -> Template:
 
 @pytest.fixture(scope="module")
 def cfn(sam: Template) -> Template:
-    uris = {
-        k: f"s3://artifacts/{k}.zip"
-        for k, r in sam["Resources"].items()
-        if {"CodeUri", "ContentUri"} & set(r.get("Properties", {}))
-    }
-    return translate_sam(sam, "us-east-1", uris)
+    return transformed_template(sam)
 
 
 def resources_of(template: Template, kind: str) -> dict[str, dict[str, Any]]:

@@ -11,8 +11,9 @@ from typing import Any
 
 import botocore.session
 import pytest
+from template_kit import transformed_template
 
-from local_stack.cfn import Resolver, Template, load_template, parameter_defaults, translate_sam
+from local_stack.cfn import Resolver, Template, parameter_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
@@ -79,13 +80,7 @@ def test_bucket_name_rules(name: str, valid: bool) -> None:
 
 @pytest.fixture(scope="module")
 def cfn() -> Template:
-    sam = load_template(TEMPLATE)
-    uris = {
-        k: f"s3://artifacts/{k}.zip"
-        for k, r in sam["Resources"].items()
-        if {"CodeUri", "ContentUri"} & set(r.get("Properties", {}))
-    }
-    return translate_sam(sam, "us-east-1", uris)
+    return transformed_template()
 
 
 def _resolver(
