@@ -208,8 +208,11 @@ class JobStore:
         return result is not None
 
     def release_notification(self, job_id: str) -> None:
-        """Undo a claim whose publish failed, so a retry can notify."""
-        self._update(job_id, {"notified_at": None}, "attribute_exists(job_id)", {}, {})
+        """Undo a claim whose publish failed, so a retry can notify. The job goes back into the
+        unsettled index: another invocation may have settled it while this publish was failing."""
+        self._update(
+            job_id, {"notified_at": None, "unsettled": UNSETTLED}, "attribute_exists(job_id)", {}, {}
+        )
 
     def overdue(self, state: str, dispatched_before_iso: str, limit: int = 100) -> list[str]:
         """Ids of jobs in `state` dispatched before the given time (oldest first)."""

@@ -132,6 +132,18 @@ def test_a_job_leaves_the_unsettled_index_once_notified_and_status_written(store
     assert store.unsettled_terminal() == []
 
 
+def test_a_released_notification_claim_puts_a_settled_job_back_in_the_index(store: JobStore) -> None:
+    # Invocation A claims and publishes; B sees the claim and settles; A's publish fails and it
+    # releases its claim. The catch-up must still find the job, or its notification is lost.
+    _finish(store, "j1")
+    store.mark_status_written("j1", NOW)
+    assert store.claim_notification("j1", NOW)
+    assert store.settle("j1") and store.unsettled_terminal() == []
+    store.release_notification("j1")
+    assert store.unsettled_terminal() == ["j1"]
+    assert store.claim_notification("j1", NOW)  # the catch-up's retry can notify
+
+
 def test_outstanding_counts_dispatched_and_running_jobs_per_backend(store: JobStore) -> None:
     store.create(Job(job_id="received"))
     for job_id, backend, state in [
