@@ -27,7 +27,7 @@ from vap_testkit import (
 )
 
 RESULT = gpu_result(99)
-LATER = timedelta(seconds=3600)  # past the default 1800 s deadline
+LATER = timedelta(seconds=3600)  # the stop point of the tests' 3000 s budget (budget + 600 s)
 
 
 @dataclass
@@ -194,6 +194,20 @@ def test_modal_lost_unreachable_or_refused_fails_clearly(st, services, state, st
     assert sweep(st) == {job.job_id: "failed"}
     assert expected in st.store.get(job.job_id).errors[0]["message"]
     assert len(st.notifications()) == 1
+
+
+@pytest.mark.parametrize("backend", ["modal", "fal"])
+def test_a_backend_that_cannot_be_asked_before_the_stop_point_is_asked_again(st, services, backend):
+    # The job may be running fine: a 5xx from the status API is no reason to pay for it twice.
+    job = dispatch(st, backend="auto" if backend == "modal" else "fal")
+    services.modal_state, services.modal_status_code = {"state": "running"}, 503
+    services.fal_state, services.fal_status_code = {"status": "IN_PROGRESS"}, 503
+    assert sweep(st, later=timedelta(seconds=2000)) == {job.job_id: "unreachable"}
+    after = st.store.get(job.job_id)
+    assert after.state == "dispatched" and after.backend == backend and not st.notifications()
+    assert services.cancels == []
+    # Still unreachable at the stop point: then it is lost (fallback or a clear failure).
+    assert sweep(st)[job.job_id] in ("fell-back", "failed")
 
 
 def test_modal_down_in_auto_mode_falls_back_to_fal(st, services):

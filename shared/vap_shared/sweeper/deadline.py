@@ -5,7 +5,8 @@ For a job past the ask point it asks the backend what happened:
 - finished with a result → the result is stored and notified exactly as the webhook would have
   (same keys, same conditional transition, notify-once);
 - failed → the other backend once (`auto` sidecars) or a failure notification with the reason;
-- unknown to the backend, or the backend cannot be asked → fall back once or fail clearly;
+- unknown to the backend, or refusing us → fall back once or fail clearly; cannot be asked for now
+  (timeout, 5xx) → asked again next run, and treated as lost only from the stop point;
 - still queued/running: left alone until the stop point (the callback is not lost, the run is just
   long), then cancelled and fallen back once or failed. A fal request that is already running is
   never dropped: fal's cancel removes only queued requests, a running one is billed and its webhook
@@ -100,6 +101,8 @@ class DeadlineSweep:
         try:
             status = self.rt.modal.status(call_id)
         except BackendError as exc:
+            if self._ask_again(job, exc, stop):
+                return "unreachable"
             return self._give_up(job, f"Modal could not be asked about the job: {exc.reason}", exc.reason)
         if status is None:
             return self._give_up(job, "Modal has no record of the job's call", "call unknown to Modal")
@@ -153,6 +156,8 @@ class DeadlineSweep:
                 return self._stop_fal(job, request_id, status.status)
             result = fal.result(request_id, job.fal_urls)
         except BackendError as exc:
+            if self._ask_again(job, exc, stop):
+                return "unreachable"
             return self._give_up(job, f"fal.ai could not be asked about the job: {exc.reason}", exc.reason)
         url = result.video_url
         if url:
@@ -193,6 +198,19 @@ class DeadlineSweep:
         return self._give_up(
             job, self._overdue_message("fal.ai"), f"timeout: still {fal_status}", kind="timeout"
         )
+
+    @staticmethod
+    def _ask_again(job: Job, exc: BackendError, stop: bool) -> bool:
+        """A status request that failed transiently before the stop point is asked again next
+        run: giving up on a job that may be running fine would pay for it twice (fallback) or
+        fail it for a blip of the backend's API."""
+        if stop or not exc.retryable:
+            return False
+        logger.warning(
+            "backend could not be asked about an overdue job; asking again next run",
+            extra={"job_id": job.job_id, "backend": exc.backend, "error": exc.reason},
+        )
+        return True
 
     # ------------------------------------------------------------------ endings
     def _overdue_message(self, backend: str) -> str:
