@@ -165,7 +165,7 @@ def deployed(name: str, profile: str | None, region: str | None) -> StackInfo:
         error = exc.response.get("Error", {})
         if error.get("Code") == "ValidationError" and "does not exist" in str(error.get("Message", "")):
             raise CliError(
-                f"The stack {name!r} was not found in {info.region}: deploy it (`sam deploy --guided`), or "
+                f"The stack {name!r} was not found in {info.region}: deploy it (`make deploy STACK=…`), or "
                 "check --stack / --region / --profile."
             ) from None
         if error.get("Code") in ("ExpiredToken", "ExpiredTokenException", "InvalidClientTokenId"):

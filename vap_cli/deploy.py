@@ -110,16 +110,18 @@ class DeployResult:
 # ---------------------------------------------------------------------------------------------- Modal
 
 
-def weights_present(modal: Runner, options: DeployOptions) -> bool:
+def weights_check(modal: Runner, options: DeployOptions) -> tuple[bool, str]:
+    """Whether the volume holds the weights, and what Modal said when it could not be listed (no
+    such volume yet, or no Modal token on this machine: only Modal's words tell them apart)."""
     done = modal(["modal", "volume", "ls", options.volume, "/", "--json"])
     if done.returncode != 0:
-        return False  # no such volume yet (or no Modal token): reported with the fix below
+        return False, done.output.strip()[-500:] or f"exit status {done.returncode}"
     start = done.output.find("[")
     try:
         entries = json.loads(done.output[start:]) if start >= 0 else []
     except ValueError:
-        return False
-    return any(isinstance(e, dict) and e.get("filename") == WEIGHTS_MARKER for e in entries)
+        return False, ""
+    return any(isinstance(e, dict) and e.get("filename") == WEIGHTS_MARKER for e in entries), ""
 
 
 def modal_endpoint(output: str) -> str:
@@ -136,15 +138,22 @@ def modal_endpoint(output: str) -> str:
 
 def deploy_modal(modal: Runner, options: DeployOptions) -> str:
     env = options.modal_env()
-    if not weights_present(modal, options):
+    present, modal_said = weights_check(modal, options)
+    if not present:
         if not options.download_weights:
+            listing = (
+                f"`modal volume ls {options.volume}` failed ({modal_said}); if Modal is not logged in on "
+                "this machine, run `.venv/bin/modal token new` first. Otherwise the"
+                if modal_said
+                else "The"
+            )
             raise DeployError(
-                f"The Modal volume {options.volume!r} has no weights ({WEIGHTS_MARKER} is missing). Fill it "
-                "once (about 66 GB, up to an hour): `make deploy ... DOWNLOAD_WEIGHTS=1`, or "
+                f"{listing} Modal volume {options.volume!r} has no weights ({WEIGHTS_MARKER} is missing). "
+                "Fill it once (about 66 GB, up to an hour): `make deploy ... DOWNLOAD_WEIGHTS=1`, or "
                 f"`modal run {MODAL_APP_FILE}::download_weights`. Nothing was deployed."
             )
         fill = modal(["modal", "run", f"{MODAL_APP_FILE}::download_weights"], env)
-        if fill.returncode != 0 or not weights_present(modal, options):
+        if fill.returncode != 0 or not weights_check(modal, options)[0]:
             raise DeployError("Downloading the weights into the Modal volume failed (see the output above).")
     done = modal(["modal", "deploy", MODAL_APP_FILE], env)
     if done.returncode != 0:
@@ -265,12 +274,26 @@ def summary(options: DeployOptions, result: DeployResult) -> str:
     return "\n".join(lines)
 
 
+# Parameters `make deploy` sets itself, so both sides get the same value: never via --parameter.
+OWN_PARAMETERS = {
+    "ModalEndpointUrl": "--modal-url (or let the Modal step find it)",
+    "JobBudgetSeconds": "JOB_BUDGET_S= (--job-budget-s)",
+    "ModalContainers": "MODAL_CONTAINERS= (--modal-containers)",
+    "FalMaxOutstanding": "FAL_MAX_OUTSTANDING= (--fal-max-outstanding)",
+}
+
+
 def _pairs(values: Sequence[str]) -> dict[str, str]:
     pairs = {}
     for value in values:
         key, sep, rest = value.partition("=")
         if not sep or not key:
             raise argparse.ArgumentTypeError(f"--parameter wants KEY=VALUE, got {value!r}")
+        if key in OWN_PARAMETERS:
+            raise argparse.ArgumentTypeError(
+                f"{key} is set by deploy itself (the Modal app gets the same value): use "
+                f"{OWN_PARAMETERS[key]}, not --parameter"
+            )
         pairs[key] = rest
     return pairs
 

@@ -233,6 +233,25 @@ def test_missing_weights_stop_before_anything_is_deployed(tmp_path: Path, templa
     modal = Recorder({("modal", "volume", "ls"): ok("Volume 'vap-weights' not found\n", rc=1)})
     with pytest.raises(deploy.DeployError, match="no weights"):
         deploy.deploy(options(tmp_path, template), modal, sam, aws, io.StringIO())
+    # Not logged in to Modal: the answer quotes Modal and names the login, not only the download.
+    modal = Recorder({("modal", "volume", "ls"): ok("Token missing. Could not authenticate client.\n", rc=1)})
+    with pytest.raises(deploy.DeployError, match=r"\(Token missing\..*modal token new") as raised:
+        deploy.deploy(options(tmp_path, template), modal, sam, aws, io.StringIO())
+    assert "DOWNLOAD_WEIGHTS=1" in str(raised.value) and sam.calls == []
+
+
+def test_settings_deploy_sets_itself_are_refused_as_extra_parameters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A --parameter JobBudgetSeconds would be overwritten by the budget given to Modal (or the
+    # reverse): the two sides must agree, so only the dedicated setting is accepted.
+    for key, flag in (("JobBudgetSeconds", "JOB_BUDGET_S="), ("ModalEndpointUrl", "--modal-url")):
+        modal, sam = Recorder({}), Recorder({})
+        code = deploy.main(
+            ["--stack", "vap", "--parameter", f"{key}=3600"], modal=modal, sam=sam, aws=object()
+        )
+        assert code == 1 and modal.calls == [] and sam.calls == []
+        assert key in capsys.readouterr().err and flag in deploy.OWN_PARAMETERS[key]
 
 
 def test_download_weights_fills_the_volume_first(tmp_path: Path, template: Path, aws: Any) -> None:
