@@ -19,6 +19,8 @@ Two details keep every rank's forward identical to rank 0's:
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,21 +80,32 @@ def _tensor_specs(node: tuple[Any, ...]) -> list[tuple[tuple[int, ...], torch.dt
     return []
 
 
+def _reference_to(value: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(value)
+    except TypeError:  # tuples: small (rotary tables of views), held strongly
+        return lambda: value
+
+
 class CallSender:
     """Rank 0: turns named arguments into a header and broadcasts their tensors."""
 
     def __init__(self) -> None:
-        self._last: dict[str, Any] = {}  # strong references: an id can't be reused while cached
+        # Weak references where the type allows: the cache must not keep the reference stream and
+        # the context (GBs at 720p) alive once the pipeline drops them for the VAE decode. A dead
+        # reference answers None, so a reused id can't pass for the cached object.
+        self._last: dict[str, Callable[[], Any]] = {}
 
     def header(self, arguments: dict[str, Any]) -> tuple[dict[str, tuple[Any, ...]], list[torch.Tensor]]:
         header: dict[str, tuple[Any, ...]] = {}
         tensors: list[torch.Tensor] = []
         for name, value in arguments.items():
             if isinstance(value, torch.Tensor | tuple) or dataclasses.is_dataclass(value):
-                if name in self._last and self._last[name] is value:
+                cached = self._last.get(name)
+                if cached is not None and cached() is value:
                     header[name] = _CACHED
                     continue
-                self._last[name] = value
+                self._last[name] = _reference_to(value)
             header[name] = _encode(value, tensors)
         return header, tensors
 

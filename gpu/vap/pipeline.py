@@ -306,6 +306,8 @@ class VAPPipeline(DiffusionPipeline):
                 if outputs:
                     latents = outputs.pop("latents", latents)
 
+        # The loop's constants are dead: free them (GBs at 720p) before the VAE decode's peak.
+        del reference, context, condition
         if output_type == "latent":
             video: Any = latents
         else:

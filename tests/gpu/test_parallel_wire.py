@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -52,6 +54,21 @@ def test_header_rebuilds_the_call_and_caches_unchanged_arguments():
     sender.reset()
     header4, _ = sender.header(first)
     assert ("cached",) not in header4.values()
+
+
+def test_the_senders_cache_keeps_no_argument_alive():
+    # The pipeline frees the reference stream and the context before the VAE decode; a strong
+    # reference here would keep them (GBs at 720p) on rank 0's GPU through the decode's peak.
+    sender = CallSender()
+    reference, text = _reference(), torch.randn(2, 5, 3)
+    watch = [weakref.ref(reference), weakref.ref(text)]
+    sender.header({"reference": reference, "encoder_hidden_states": text})
+    del reference, text
+    gc.collect()
+    assert [w() for w in watch] == [None, None]
+    # A new object afterwards is sent in full, never taken for the dead cached one.
+    header, _ = sender.header({"reference": _reference(), "encoder_hidden_states": torch.randn(2, 5, 3)})
+    assert ("cached",) not in header.values()
 
 
 def test_unsupported_argument_is_refused():

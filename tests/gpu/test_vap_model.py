@@ -287,6 +287,44 @@ def test_precomputed_context_equals_raw_inputs():
     torch.testing.assert_close(pre, raw, rtol=0, atol=0)
 
 
+def test_the_loop_constants_are_freed_before_the_vae_decode(monkeypatch):
+    # gpu.plan sizes the decode phase as the VAE alone: the reference stream and the context
+    # (GBs at 720p) must be dead by then.
+    import weakref
+
+    pipe = build_tiny_pipeline(seed=0)
+    made: list[weakref.ref] = []
+    for name in ("prepare_reference", "prepare_context"):
+        original = getattr(pipe.transformer, name)
+
+        def recording(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            made.append(weakref.ref(out))
+            return out
+
+        monkeypatch.setattr(pipe.transformer, name, recording)
+    alive_at_decode: list[int] = []
+    decode = pipe.vae.decode
+
+    def checking_decode(*args, **kwargs):
+        alive_at_decode.append(sum(r() is not None for r in made))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "decode", checking_decode)
+    pipe(
+        image=_frames(1, 1)[0],
+        ref_video=_frames(2, F),
+        prompt="a woman turns to the camera",
+        prompt_mot_ref="a man turns into a toy character",
+        height=H,
+        width=W,
+        num_frames=F,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert len(made) == 2 and alive_at_decode == [0]
+
+
 def test_encoders_live_on_the_host_between_videos():
     from gpu.vap.offload import HostResident
 
