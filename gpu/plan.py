@@ -99,11 +99,12 @@ def _phases(width: int, height: int, frames: int, gpus: int) -> dict[str, int]:
     # at the longest accepted video bounds every shorter one at that size. Transposed sizes
     # allocate the same, so one orientation is measured (footprint.vae).
     vae = footprint.vae(MAX_FRAMES, min(width, height), max(width, height))
-    tokens = math.ceil(footprint.tokens_per_stream(frames, height, width) / gpus)
+    tokens = footprint.tokens_per_stream(frames, height, width)
     return {
         "encode": enc.peak,
         "vae_encode": enc.outputs + vae.encode + 2 * vae.latents,
-        "denoise": footprint.denoise_model().peak(tokens),
+        "denoise": footprint.denoise_model().peak(math.ceil(tokens / gpus))
+        + footprint.sequence_exchange(tokens, gpus),
         "vae_decode": vae.decode,
     }
 

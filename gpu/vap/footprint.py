@@ -48,6 +48,22 @@ def tokens_per_stream(num_frames: int, height: int, width: int) -> int:
     return f * (h // 2) * (w // 2)  # patch 1×2×2
 
 
+def sequence_exchange(tokens: int, gpus: int, batch: int = 2) -> int:
+    """Bytes one GPU of a sequence-parallel job holds for the Ulysses all-to-alls, on top of the
+    single-GPU trace at its share of the tokens (`tokens` per stream, whole video): for each of Q,
+    K and V of the joint main + reference attention, a contiguous send copy and the received
+    tensor, each the size of the local Q. All six counted live at once (the send copies stay until
+    their exchange is waited on): an upper bound. `batch`: the CFG rows."""
+    if gpus == 1:
+        return 0
+    transformer = components().transformer
+    assert transformer is not None
+    cfg = transformer.config
+    dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    local_rows = 2 * -(-tokens // gpus)  # main + reference slices
+    return 6 * batch * local_rows * dim * transformer.dtype.itemsize
+
+
 @dataclass(frozen=True)
 class Weights:
     transformer: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,27 @@ def test_requested_frames_map_to_the_gpu_frame_count_and_gpus_multiply():
         if j["width"] == 1280 and j["num_frames"] == 121
     }
     assert denoise[8] < denoise[4] < denoise[2] < denoise[1]  # each GPU holds 1/N of the tokens
-    assert denoise[8] < denoise[1] / 4  # (the contexts and their K/V stay whole on every GPU)
+    # (the contexts and their K/V stay whole on every GPU, and each holds its all-to-all buffers)
+    assert denoise[8] < denoise[1] / 3
+
+
+@pytest.mark.slow
+def test_sequence_parallel_jobs_count_the_all_to_all_buffers():
+    from gpu.vap import footprint
+
+    tokens = footprint.tokens_per_stream(121, 720, 1280)
+    assert footprint.sequence_exchange(tokens, 1) == 0
+    # Q, K, V each sent (a contiguous copy) and received: six tensors of the local joint Q, for
+    # 2 CFG rows of main + reference tokens, 40 heads x 128, bf16.
+    local = 2 * math.ceil(tokens / 2)
+    assert footprint.sequence_exchange(tokens, 2) == 6 * 2 * local * 5120 * 2
+    (row,) = [
+        j
+        for j in plan.read_table()["jobs"]
+        if (j["width"], j["height"], j["num_frames"], j["gpus"]) == (1280, 720, 121, 2)
+    ]
+    expected = footprint.denoise_model().peak(math.ceil(tokens / 2)) + footprint.sequence_exchange(tokens, 2)
+    assert row["phases"]["denoise"] == expected
 
 
 def test_every_planned_job_fits_its_gpu_and_the_encoder_policy_is_consistent():
