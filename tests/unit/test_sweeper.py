@@ -253,6 +253,18 @@ def test_overdue_fal_request_that_is_running_is_waited_for_not_dropped(st, servi
     assert note["status"] == "succeeded" and note["backend"] == "fal"
 
 
+def test_a_fal_request_running_far_past_the_stop_point_is_abandoned(st, services):
+    # A request that never finishes must not keep its job (and its place at fal) forever.
+    job = dispatch(st, backend="fal")
+    services.fal_state, services.fal_status_code = {"status": "IN_PROGRESS"}, 202
+    assert sweep(st, later=2 * LATER) == {job.job_id: "running"}
+    assert sweep(st, later=3 * LATER) == {job.job_id: "failed"}
+    after = st.store.get(job.job_id)
+    assert "fal.ai was still IN_PROGRESS 10800 s after it was sent" in after.errors[0]["message"]
+    (note,) = st.notifications()
+    assert note["status"] == "failed"
+
+
 @pytest.mark.parametrize(
     ("answer", "outcome"),
     [

@@ -9,8 +9,9 @@ For a job past the ask point it asks the backend what happened:
   (timeout, 5xx) → asked again next run, and treated as lost only from the stop point;
 - still queued/running: left alone until the stop point (the callback is not lost, the run is just
   long), then cancelled and fallen back once or failed. A fal request that is already running is
-  never dropped: fal's cancel removes only queued requests, a running one is billed and its webhook
-  will come, so it is left for a later run.
+  not dropped at the stop point: fal's cancel removes only queued requests, a running one is
+  billed and its webhook will come, so it is left for a later run, up to the abandon point
+  (ABANDON_AFTER_STOPS x the stop point), where a request still "running" is taken as stuck.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from .report import outcome_of
 logger = Logger(child=True)
 
 DeadlineAction = Literal["wait", "ask", "stop"]
+# A fal request still running this many times the stop point after its dispatch is stuck: its job
+# fails (and frees its place at fal) rather than waiting for a webhook that will not come.
+ABANDON_AFTER_STOPS = 3
 
 
 def deadline_action(
@@ -93,7 +97,8 @@ class DeadlineSweep:
         if job.backend == "modal" and job.backend_call_id:
             return self._modal(job, job.backend_call_id, stop)
         if job.backend == "fal" and job.backend_call_id:
-            return self._fal(job, job.backend_call_id, stop)
+            abandon = (now - dispatched).total_seconds() >= ABANDON_AFTER_STOPS * self.stop_after_s
+            return self._fal(job, job.backend_call_id, stop, abandon)
         return self._give_up(job, "no backend call was recorded for the job", "the dispatch was lost")
 
     # ------------------------------------------------------------------ Modal / GPU API
@@ -144,7 +149,7 @@ class DeadlineSweep:
         )
 
     # ------------------------------------------------------------------ fal queue API
-    def _fal(self, job: Job, request_id: str, stop: bool) -> str:
+    def _fal(self, job: Job, request_id: str, stop: bool, abandon: bool = False) -> str:
         fal = self.rt.fal
         try:
             status = fal.status(request_id, job.fal_urls)
@@ -153,7 +158,7 @@ class DeadlineSweep:
             if status.status != "COMPLETED":
                 if not stop:
                     return "running"
-                return self._stop_fal(job, request_id, status.status)
+                return self._stop_fal(job, request_id, status.status, abandon)
             result = fal.result(request_id, job.fal_urls)
         except BackendError as exc:
             if self._ask_again(job, exc, stop):
@@ -180,10 +185,19 @@ class DeadlineSweep:
         updated = fall_back_or_fail(self.rt, job, errors, reason, kind=fal_failure_kind(delivery))
         return outcome_of(updated)
 
-    def _stop_fal(self, job: Job, request_id: str, fal_status: str) -> str:
+    def _stop_fal(self, job: Job, request_id: str, fal_status: str, abandon: bool) -> str:
         """Past the stop point. fal's cancel removes only a queued request: one already running
         finishes and is billed, and its webhook will come, so the job is left for a later run
-        rather than failed or sent to the other backend."""
+        rather than failed or sent to the other backend, until the abandon point."""
+        if abandon:
+            logger.warning("fal request still unfinished at the abandon point", extra={"job_id": job.job_id})
+            return self._give_up(
+                job,
+                f"Generation on fal.ai was still {fal_status} {ABANDON_AFTER_STOPS * self.stop_after_s} s "
+                "after it was sent (its result never arrived); the job was stopped.",
+                f"timeout: still {fal_status} at the abandon point",
+                kind="timeout",
+            )
         if fal_status == "IN_PROGRESS":
             logger.info("overdue fal request is running; waiting for it", extra={"job_id": job.job_id})
             return "running"
