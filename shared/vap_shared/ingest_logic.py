@@ -418,7 +418,13 @@ class Ingestor:
     ) -> None:
         s = self.settings
         if job.inputs and job.settings and job.requested_backend and job.webhook_base_url:
-            # Validated on an earlier delivery (it waited for capacity): dispatch what was recorded.
+            # Validated on an earlier delivery (it waited for capacity): dispatch what was recorded,
+            # unless an equal job finished meanwhile (bursts of equal jobs are what reuse is for).
+            recorded = GenerationSettings.model_validate(job.settings)
+            if job.reuse_key and self._answer_from_earlier(
+                job, job.reuse_key, recorded, job.requested_backend, job.gpus or 1
+            ):
+                return
             self._dispatch(job, request_from_job(job), job.requested_backend, receive_count)
             return
         raw = self._read_sidecar(event)

@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import ingest
 import pytest
 from botocore.exceptions import ClientError
 from ops_flow import POSTER, PREVIEW, gpu_succeeds, submit
+from test_ingest_capacity import DelayRecorder
+from vap_shared.ingest_logic import Ingestor
 from vap_shared.reuse import ITEM_PREFIX
-from vap_testkit import BUCKET, MP4, FakeServices, Stack, handlers_on, stack
+from vap_testkit import BUCKET, MP4, FakeServices, Stack, call, handlers_on, sqs_event, stack
 
 from tests.notification_schema import problems
 
@@ -143,3 +146,24 @@ def test_a_copy_the_service_cannot_make_runs_the_job_instead(
     second = submit(st, "b/pony")
     job = st.store.get(second)
     assert job.state == "dispatched" and job.reused_from is None and _backend_calls(st) == calls + 1
+
+
+def test_an_equal_job_that_waited_for_capacity_reuses_the_result_that_came_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One Modal container: 2 jobs at the GPU, the third equal one waits in the ingest queue.
+    with stack(monkeypatch, FakeServices(), MODAL_CONTAINERS="1") as st, handlers_on(st):
+        ingest._ingestor = Ingestor(st.runtime, sqs=DelayRecorder(st.sqs))  # re-queued undelayed
+        first, second, third = (submit(st, f"burst/take-{n}") for n in range(3))
+        states = [st.store.get(j).state for j in (first, second, third)]
+        assert states == ["dispatched", "dispatched", "received"]
+        url = st.runtime.settings.ingest_queue_url
+        (waiting,) = st.sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0).get("Messages", [])
+        assert gpu_succeeds(st, first)["status"] == 200
+        calls = _backend_calls(st)
+        # Its turn comes: the result of the equal job that finished meanwhile is copied, no run.
+        assert call(ingest.handler, sqs_event(waiting["Body"])) == {"batchItemFailures": []}
+        job = st.store.get(third)
+        assert job.state == "succeeded" and job.reused_from == first
+        assert _backend_calls(st) == calls
+        assert st.s3.get_object(Bucket=BUCKET, Key=job.output_prefix + "video.mp4")["Body"].read() == MP4
