@@ -35,8 +35,9 @@ from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
 from . import metrics, reuse
-from .backends.base import Backend, Dispatch, DispatchRequest
+from .backends.base import SUBMIT_TIMEOUT, Backend, Dispatch, DispatchRequest
 from .backends.dispatch import DispatchFailed, dispatch
+from .backends.modal import SUBMIT_ATTEMPTS
 from .errors import FieldError, PermanentJobError, TransientJobError, field_error
 from .gpu_contract import GenerationSettings
 from .gpu_urls import service_url_fields
@@ -63,6 +64,10 @@ MEDIA_FIELDS = ("video_url", "image_url")
 ADMISSION_HOLD_SECONDS = DISPATCH_LEASE_SECONDS + 60
 
 TimeLeft = Callable[[], float]  # seconds left in this invocation
+# The longest a dispatch takes once the media are hashed: Modal's submit (tried twice) and then
+# fal's, each up to its connect + read timeout, plus a few seconds of DynamoDB/S3. Hashing for
+# reuse stops while this much of the invocation is left (the job then simply runs).
+DISPATCH_RESERVE_S = (SUBMIT_ATTEMPTS + 1) * ((SUBMIT_TIMEOUT.connect or 0) + (SUBMIT_TIMEOUT.read or 0)) + 5
 
 
 class BackendBusy(Exception):
@@ -543,6 +548,7 @@ class Ingestor:
                 reuse_requested=requested,
                 etags=etags,
                 time_left_s=time_left_s,
+                reserve_s=DISPATCH_RESERVE_S,
             )
         except reuse.NotReusable as exc:
             logger.info("result reuse not possible", extra={"job_id": job.job_id, "reason": str(exc)})

@@ -132,11 +132,14 @@ def key_for_job(
     reuse_requested: bool = True,
     etags: Mapping[str, str] | None = None,
     time_left_s: Callable[[], float] | None = None,
+    reserve_s: float = 15.0,
 ) -> str:
     """The reuse key of a validated job, or `NotReusable` with the reason.
 
     `explicit_seed`: the sidecar named a seed (a drawn one does not count). `refs` are the resolved
     media (`data:` ones still holding their bytes); `etags` the ETags ingest saw for S3 media.
+    Hashing stops (no reuse) once `time_left_s()` is down to `reserve_s`, the time the caller keeps
+    for the dispatch itself.
     """
     if not reuse_requested:
         raise NotReusable("the sidecar says reuse: false")
@@ -145,8 +148,7 @@ def key_for_job(
     for ref in refs.values():
         if ref.kind == "https":
             media_digest(s3, ref)  # raises with the reason
-    # Keep a few seconds of the invocation for the dispatch itself.
-    deadline = time.monotonic() + max(0.0, time_left_s() - 15.0) if time_left_s else None
+    deadline = time.monotonic() + max(0.0, time_left_s() - reserve_s) if time_left_s else None
     digests = {
         field: media_digest(s3, ref, (etags or {}).get(field), deadline)
         for field, ref in sorted(refs.items())

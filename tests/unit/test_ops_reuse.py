@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -252,6 +253,23 @@ def test_data_media_hash_like_the_same_bytes_in_s3(env: Env) -> None:
     }
     assert key_for_job(env.s3, SETTINGS, data_refs, explicit_seed=True) == key_of(env, s3_refs)
     assert digest_bytes(VIDEO) == "sha256:" + hashlib.sha256(VIDEO).hexdigest()
+
+
+def test_hashing_keeps_the_time_a_dispatch_needs(env: Env) -> None:
+    from vap_shared.ingest_logic import DISPATCH_RESERVE_S
+
+    from local_stack.cfn import load_template
+
+    refs = upload(env, "balloon/horse")
+    # With no more than the dispatch's reserve left, the media are not hashed (the job just runs).
+    with pytest.raises(NotReusable, match="too long"):
+        key_of(env, refs, time_left_s=lambda: DISPATCH_RESERVE_S, reserve_s=DISPATCH_RESERVE_S)
+    assert key_of(env, refs, time_left_s=lambda: DISPATCH_RESERVE_S + 30, reserve_s=DISPATCH_RESERVE_S)
+    # The reserve covers Modal's submit twice and fal's once, and still leaves the ingest function
+    # time to hash.
+    assert DISPATCH_RESERVE_S >= 3 * 13
+    template = load_template(Path(__file__).resolve().parents[2] / "template.yaml")
+    assert template["Resources"]["IngestFunction"]["Properties"]["Timeout"] >= DISPATCH_RESERVE_S + 10
 
 
 def test_https_media_are_never_reused(env: Env) -> None:
