@@ -22,7 +22,8 @@ $(SAM_STAMP): requirements/sam.txt
 
 venv: $(STAMP) $(SAM_STAMP)
 
-# The whole suite: lint, types, template checks, unit, model and local-stack tests.
+# The whole suite: lint, types, template checks (cfn-lint, sam validate/build), the layer check,
+# unit, model (slow ones too) and local-stack tests, `make smoke` against the local stack included.
 test: venv lint typecheck
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/pytest
 
@@ -83,5 +84,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# Keeps .local/vap-reference (make parity's reference checkout: it is never downloaded by make).
 clean:
-	rm -rf .local .aws-sam .pytest_cache .mypy_cache .ruff_cache
+	find .local -mindepth 1 -maxdepth 1 ! -name vap-reference -exec rm -rf {} + 2>/dev/null || true
+	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache

@@ -424,8 +424,8 @@ class LocalStack:
         """Invoke the sweeper now, as its EventBridge schedule would (the schedule itself does not
         run locally); returns its report `{"counts": ..., "jobs": {job_id: outcome}}`. Deadlines
         follow the job budget; `time_scale` runs this one sweep with every budget duration
-        multiplied by it (local only, `VAP_LOCAL_TIME_SCALE`): e.g. 0.0001 makes a job overdue one
-        second after its dispatch and stops a still-running one after two."""
+        multiplied by it (local only, `VAP_LOCAL_TIME_SCALE`): e.g. 0.0003 makes a job overdue one
+        second after its dispatch and stops a still-running one after four."""
         if time_scale is not None:
             sweeper = self.functions[SWEEPER]  # only the sweeper starts afresh with the scale
             try:
