@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, SHARED, dir_size, median, python313
+from vap_cli import layer as lambda_layer
 
 CHILD = Path(__file__).resolve().parent / "cold_child.py"
 FUNCTION_DIRS = {
@@ -32,13 +33,13 @@ FUNCTION_DIRS = {
 MODES = ("floor", "floor_clients", *FUNCTION_DIRS)
 # cryptography and what only it pulls in (top-level names in the layer, dist-info included).
 CRYPTOGRAPHY_DISTS = ("cryptography", "cffi", "_cffi_backend", "pycparser")
+# The same wheels `make layer` / `make deploy` ship (vap_cli.layer), so the sizes are that layer's.
 LAMBDA_PLATFORM = [
-    "--platform",
-    "manylinux2014_aarch64",
+    *(arg for platform in lambda_layer.PLATFORMS for arg in ("--platform", platform)),
     "--implementation",
     "cp",
     "--python-version",
-    "3.13",
+    ".".join(map(str, lambda_layer.PYTHON_VERSION)),
 ]
 
 # What the template gives the functions (values are placeholders: nothing is called at cold start).

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.common import SHARED, percentile
-from bench.cost import GENERATION_S
+from bench.cost import GENERATION_S_ESTIMATE
 
 PRODUCTION_PROGRESS_CALLBACKS = 9  # gpu/runner.py: every 5 of 50 steps, not the last, >= 2 s apart
 
@@ -277,7 +277,7 @@ def summarize(
         mean_ms=dict(sorted(mean_ms.items())),
         gb_s_per_job_measured=measured,
         gb_s_per_job_production=production,
-        gb_s_waiting_design=next(iter(GENERATION_S.values())) * max(memory.values()) / 1024,
+        gb_s_waiting_design=GENERATION_S_ESTIMATE * max(memory.values()) / 1024,
         api_calls_per_job={k: v / jobs for k, v in sorted(rec.api_calls.items())},
         api_calls_per_invocation={
             k: v / len(by_kind[k.split(" ")[0]]) for k, v in sorted(rec.api_calls_by_kind.items())

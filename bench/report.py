@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.cold_start import ColdStartResult
 from bench.common import ROOT, machine
-from bench.cost import GENERATION_S, MODAL_H100_PER_S, CostResult
+from bench.cost import GENERATION_S, GENERATION_S_ESTIMATE, MODAL_H100_PER_S, CostResult
 from bench.large_output import TransferResult
 from bench.per_job import PerJobResult
 
@@ -154,7 +154,7 @@ def rows(r: Results) -> list[Row]:
     return out
 
 
-GENERATION_S_LABEL = f"{next(iter(GENERATION_S.values())):.0f} s x 1 GB"
+GENERATION_S_LABEL = f"{GENERATION_S_ESTIMATE:.0f} s x 1 GB"
 
 
 def table(rs: list[Row], markdown: bool = False) -> str:
@@ -340,7 +340,7 @@ def details(r: Results) -> list[str]:
             f"{j.gb_s_per_job_measured:.3f} as run here (2 local steps: 1 progress callback per job); "
             f"**{j.gb_s_per_job_production:.3f}** with production's 9 progress callbacks (50 steps, one "
             f"every 5). A design that keeps a 1 GB function waiting through a "
-            f"{next(iter(GENERATION_S.values())):.0f} s generation: {j.gb_s_waiting_design:.0f} GB-s.",
+            f"{GENERATION_S_ESTIMATE:.0f} s generation: {j.gb_s_waiting_design:.0f} GB-s.",
             "",
             f"AWS calls made inside the handlers, per job: {calls}. Per invocation:",
             "",

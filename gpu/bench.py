@@ -39,13 +39,12 @@ import torch
 from PIL import Image
 
 from gpu.flops import count_step
+from gpu.parallel.scaling import PEAK_TFLOPS
 from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
 from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
 
 GIB = 2**30
-# Dense bf16 tensor-core peak (no sparsity), TFLOP/s, by a substring of the device name.
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0, "A100": 312.0}
 KERNEL_REL_TOL = 1e-2  # bf16 attention vs float32 math: ~3e-3 when right
 MODEL_REL_TOL = 5e-2  # step output vs the first backend after 40 bf16 blocks (information + gross errors)
 EXTRA_BACKENDS = ["_native_flash", "_native_efficient"]  # torch's other SDPA kernels, for comparison

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
+
 from gpu.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
 
 GIB = 2**30
@@ -46,10 +48,10 @@ class GpuType:
     modal: str  # Modal's gpu= name ("!" pins the type: plain "H100" may be upgraded)
 
 
-# Cheapest first. B200 is not offered: every accepted job fits an H200.
+# Cheapest first. B200 is not offered: every accepted job fits an H100 (H200 is the next size up).
 OFFERED: tuple[GpuType, ...] = (
-    GpuType("H100", 81559 / 1024, 0.001097, "H100!"),
-    GpuType("H200", 143771 / 1024, 0.001261, "H200"),
+    GpuType("H100", 81559 / 1024, DEFAULT_MODAL_PER_SECOND["H100"], "H100!"),
+    GpuType("H200", 143771 / 1024, DEFAULT_MODAL_PER_SECOND["H200"], "H200"),
 )
 
 

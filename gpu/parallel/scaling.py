@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
+
 from gpu.generation import LANDSCAPE_SIZES
 
 GPU_COUNTS = (1, 2, 4, 8)
@@ -42,19 +44,25 @@ class ModelDims:
     freq_dim: int = 256
 
 
+# Dense bf16 tensor-core peak per GPU (SXM parts), TFLOP/s: what "% of peak" is measured against.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0, "A100": 312.0}
+
+
 @dataclass(frozen=True)
 class Hardware:
     name: str = "H100"
-    peak_tflops: float = 989.0  # dense bf16 (H100 and H200 SXM)
+    peak_tflops: float = PEAK_TFLOPS["H100"]
     efficiency: float = 0.6  # fraction of peak the transformer reaches (issue 10 targets >= 0.63)
     all_to_all_gb_s: float = 350.0  # effective per-GPU all-to-all bandwidth over NVLink
-    price_per_gpu_s: float = 0.001097  # Modal list price (H100 ≈ $3.95/h)
+    price_per_gpu_s: float = DEFAULT_MODAL_PER_SECOND["H100"]  # Modal list price
     # Once-per-video work on rank 0 (VAE fp32 convs on TF32 tensor cores, encoders): effective rate.
     serial_tflops: float = 150.0
 
 
 H100 = Hardware()
-H200 = Hardware(name="H200", price_per_gpu_s=0.001261)
+H200 = Hardware(
+    name="H200", peak_tflops=PEAK_TFLOPS["H200"], price_per_gpu_s=DEFAULT_MODAL_PER_SECOND["H200"]
+)
 
 
 @dataclass(frozen=True)
