@@ -27,8 +27,10 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))
 
 import modal
+from vap_shared.gpu_contract import GenerationSettings
 
 from gpu import plan
+from gpu.generation import target_size
 from gpu.modal_settings import GpuClass, forwarded_env, read_settings
 
 SETTINGS = read_settings()
@@ -243,6 +245,19 @@ OFFLOAD_HOST_MEMORY_MIB = 32 * 1024
 GPU_ENV = {"HF_HUB_OFFLINE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
+def _default_job_gpu() -> str:
+    """The GPU class a sidecar with every default setting runs on (today one H100)."""
+    defaults = GenerationSettings(prompt="-", video_description="-")
+    width, height = target_size(defaults.aspect_ratio, defaults.resolution)
+    return plan.choose_gpu(width, height, defaults.num_frames).modal_gpu
+
+
+def warm_containers(gpu_class: GpuClass) -> int:
+    """`VAP_MODAL_MIN_CONTAINERS` for the default job's class only: warm GPUs are billed while idle,
+    and one per class would keep 1 + 1 + 2 + 4 + 8 GPUs warm with the default choices."""
+    return SETTINGS.min_containers if gpu_class.modal_gpu == _default_job_gpu() else 0
+
+
 def _define_generator(gpu_class: GpuClass) -> Any:
     """Register the Modal class for one GPU choice. Its name must be a module global: a container
     finds the class it serves by that name (`getattr(module, name)`)."""
@@ -260,7 +275,7 @@ def _define_generator(gpu_class: GpuClass) -> Any:
         timeout=SETTINGS.timeout_s,
         startup_timeout=SETTINGS.startup_timeout_s,
         scaledown_window=SETTINGS.scaledown_s,
-        min_containers=SETTINGS.min_containers,
+        min_containers=warm_containers(gpu_class),
         max_containers=SETTINGS.max_containers,
         retries=0,  # no blind re-run: callbacks of a failed attempt are already out; the caller decides
     )(user_cls)

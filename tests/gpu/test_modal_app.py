@@ -2,6 +2,7 @@
 choice, settings that reach the containers, methods that run `run_job`, and the `modal run` trial."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -150,6 +151,14 @@ def test_every_deploy_setting_reaches_every_container():
         assert in_container["app"] == deployed["app"], name
         assert in_container["settings"] == deployed["settings"], name
         assert in_container["functions"] == functions, name
+
+
+def test_warm_containers_are_kept_only_for_the_default_jobs_gpu(modal_app, monkeypatch):
+    # One warm container per class would bill 1 + 1 + 2 + 4 + 8 idle GPUs with the default choices.
+    module = modal_app[0]
+    monkeypatch.setattr(module, "SETTINGS", dataclasses.replace(module.SETTINGS, min_containers=1))
+    warm = {g.modal_gpu: module.warm_containers(g) for g in module.SETTINGS.gpus}
+    assert warm == {"H100!": 1, "H200": 0, "H100:2": 0, "H100:4": 0, "H100:8": 0}
 
 
 def test_the_attention_backend_setting_is_the_name_the_model_reads():
