@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import socket
 import threading
 import time
@@ -68,21 +69,24 @@ def _init_group(rank: int, world: int, port: int, device_type: str, timeout_s: f
     return device
 
 
-def _same_weights(model: torch.nn.Module, device: torch.device) -> None:
-    """Collective: every rank must hold the same weights, or the split forward is silently wrong."""
+def _weights_fingerprint(model: torch.nn.Module) -> list[float]:
+    """Parameter count, sum and absolute sum (float64): equal on every rank, or the split forward
+    is silently wrong."""
     with torch.no_grad():
         params = list(model.parameters())
         total = sum((p.detach().double().sum() for p in params), torch.zeros((), dtype=torch.float64))
         absolute = sum(
             (p.detach().double().abs().sum() for p in params), torch.zeros((), dtype=torch.float64)
         )
-        mine = torch.stack(
-            [torch.tensor(float(len(params)), dtype=torch.float64), total.cpu(), absolute.cpu()]
-        )
-    everyone = [torch.empty_like(mine).to(device) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine.to(device))
-    if not all(torch.allclose(other.cpu(), everyone[0].cpu(), rtol=1e-6, atol=0.0) for other in everyone):
-        raise RuntimeError(f"ranks loaded different transformer weights: {[o.tolist() for o in everyone]}")
+    return [float(len(params)), float(total), float(absolute)]
+
+
+def _check_same_weights(mine: list[float], followers: list[list[float]]) -> None:
+    # Compared on rank 0 from what each follower sent with its "ready": no collective at startup,
+    # where ranks that loaded first would wait on rank 0's longer load within the group's timeout.
+    for theirs in followers:
+        if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0) for a, b in zip(mine, theirs, strict=True)):
+            raise RuntimeError(f"ranks loaded different transformer weights: {[mine, *followers]}")
 
 
 def _follower_main(
@@ -106,8 +110,7 @@ def _follower_main(
     except BaseException:
         ready.send(traceback.format_exc())
         raise
-    ready.send(None)
-    _same_weights(model, device)
+    ready.send(_weights_fingerprint(model))
     receiver = CallReceiver(device)
     parent = mp.parent_process()
     with torch.inference_mode():
@@ -185,6 +188,7 @@ class SequenceParallelEngine:
         self.world_size = world_size
         self._lock = threading.Lock()
         self._broken: str | None = None
+        deadline = time.monotonic() + startup_timeout_s  # for every rank's load, this one's included
         ctx = mp.get_context("spawn")
         port = _free_port()
         follower_loader = transformer_loader or TransformerOf(pipeline_loader)
@@ -204,9 +208,9 @@ class SequenceParallelEngine:
         try:
             device = _init_group(0, world_size, port, device_type, timeout_s)
             pipeline = pipeline_loader(device)
-            self._wait_ready(ready, startup_timeout_s)
+            fingerprints = self._wait_ready(ready, deadline)
+            _check_same_weights(_weights_fingerprint(pipeline.transformer), fingerprints)
             install(pipeline.transformer)
-            _same_weights(pipeline.transformer, device)
         except BaseException:
             self._stop_followers()
             raise
@@ -215,17 +219,20 @@ class SequenceParallelEngine:
         self._inner = VideoEngine(pipeline, device, negative_prompt)
         self.device_name = f"{world_size}x {device_name(device)}"
 
-    def _wait_ready(self, ready: list[Connection], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait_ready(self, ready: list[Connection], deadline: float) -> list[list[float]]:
+        """Each follower's weights fingerprint, once it has loaded; `deadline`: time.monotonic()."""
+        fingerprints = []
         for rank, (conn, proc) in enumerate(zip(ready, self._procs, strict=True), start=1):
             while not conn.poll(_POLL_S):
                 if not proc.is_alive():
                     raise RuntimeError(f"rank {rank} exited while loading (exit code {proc.exitcode})")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"rank {rank} did not load within {timeout_s:.0f} s")
-            error = conn.recv()
-            if error is not None:
-                raise RuntimeError(f"rank {rank} failed to load:\n{error}")
+                    raise TimeoutError(f"rank {rank} did not load within the startup time")
+            answer = conn.recv()
+            if isinstance(answer, str):
+                raise RuntimeError(f"rank {rank} failed to load:\n{answer}")
+            fingerprints.append(answer)
+        return fingerprints
 
     @property
     def healthy(self) -> bool:

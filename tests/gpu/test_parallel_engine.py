@@ -16,7 +16,7 @@ import torch
 from gpu.engine import VideoEngine
 from gpu.generation import GenerationSpec
 from gpu.parallel.engine import SequenceParallelEngine
-from gpu.parallel.loaders import TinyPipeline
+from gpu.parallel.loaders import TinyPipeline, TransformerOf
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +110,30 @@ def test_follower_that_cannot_load_fails_startup_with_its_error():
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # a later engine can start in this process
+
+
+def test_followers_with_other_weights_fail_startup():
+    with pytest.raises(RuntimeError, match="different transformer weights"):
+        SequenceParallelEngine(
+            TinyPipeline(0), 2, transformer_loader=TransformerOf(TinyPipeline(1)), device_type="cpu",
+            threads_per_rank=1,
+        )  # fmt: skip
+
+
+class _SlowPipeline:
+    """Rank 0 loads more than the followers (encoders, VAE): here, longer than the group timeout."""
+
+    def __call__(self, device):
+        time.sleep(4)
+        return TinyPipeline(0)(device)
+
+
+def test_rank_0_may_load_longer_than_the_collective_timeout_within_the_startup_time():
+    engine = SequenceParallelEngine(
+        _SlowPipeline(), 2, transformer_loader=TransformerOf(TinyPipeline(0)), device_type="cpu",
+        threads_per_rank=1, timeout_s=2, startup_timeout_s=60,
+    )  # fmt: skip
+    try:
+        assert engine.healthy
+    finally:
+        engine.close()
