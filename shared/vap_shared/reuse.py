@@ -31,6 +31,7 @@ from typing import Any, Final
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
+from . import s3io
 from .fal_output import video_file
 from .media import MediaRef
 
@@ -324,14 +325,9 @@ def _get_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
 
 
 def _copy(s3: Any, bucket: str, source: str, dest: str, content_type: str) -> bool:
+    """False when the source is gone."""
     try:
-        s3.copy_object(
-            Bucket=bucket,
-            Key=dest,
-            CopySource={"Bucket": bucket, "Key": source},
-            MetadataDirective="REPLACE",
-            ContentType=content_type,
-        )
+        s3io.copy(s3, bucket, source, dest, content_type)
     except ClientError as exc:
         if _missing(exc):
             return False
@@ -387,12 +383,7 @@ def copy_result(
         extra={**own, **(extra or {})},
     )
     metadata_key = target.output_prefix + "metadata.json"
-    s3.put_object(
-        Bucket=bucket,
-        Key=metadata_key,
-        Body=json.dumps(body, indent=2, sort_keys=True, default=str).encode("utf-8"),
-        ContentType="application/json",
-    )
+    s3io.put_json(s3, bucket, metadata_key, body)
     return CopiedResult(output_key, metadata_key, entry.bytes, files, body)
 
 
