@@ -61,10 +61,6 @@ class MetricSpec:
     dimension_sets: tuple[tuple[str, ...], ...]
     description: str
 
-    @property
-    def dimensions(self) -> frozenset[str]:
-        return frozenset(d for s in self.dimension_sets for d in s)
-
 
 _SPEC_LIST = (
     MetricSpec(JOBS_RECEIVED, "Count", (_TOTAL,), "sidecars that became a job"),
