@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,15 +50,9 @@ def _run(model: WanTransformer3DMOTModel, inputs: dict[str, torch.Tensor]) -> to
         return model(**inputs, return_dict=False)[0]
 
 
-def test_tiny_pipeline_end_to_end(pipe):
-    steps: list[int] = []
-
-    def on_step(p, i, t, kwargs):
-        steps.append(i)
-        assert set(kwargs) == {"latents"}
-        return {}
-
-    out = pipe(
+def _generate(pipe: Any, **overrides: Any) -> Any:
+    """A 2-step generation of the test clip with the tiny pipeline (seed 0)."""
+    kwargs: dict[str, Any] = dict(
         image=_frames(1, 1)[0],
         ref_video=_frames(2, F),
         prompt="a woman turns to the camera",
@@ -66,10 +61,20 @@ def test_tiny_pipeline_end_to_end(pipe):
         width=W,
         num_frames=F,
         num_inference_steps=2,
-        guidance_scale=5.0,
         generator=torch.Generator().manual_seed(0),
-        callback_on_step_end=on_step,
     )
+    return pipe(**{**kwargs, **overrides})
+
+
+def test_tiny_pipeline_end_to_end(pipe):
+    steps: list[int] = []
+
+    def on_step(p, i, t, kwargs):
+        steps.append(i)
+        assert set(kwargs) == {"latents"}
+        return {}
+
+    out = _generate(pipe, guidance_scale=5.0, callback_on_step_end=on_step)
     frames = out.frames
     assert isinstance(frames, np.ndarray)
     assert frames.shape == (1, F, H, W, 3)
@@ -311,17 +316,7 @@ def test_the_loop_constants_are_freed_before_the_vae_decode(monkeypatch):
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(pipe.vae, "decode", checking_decode)
-    pipe(
-        image=_frames(1, 1)[0],
-        ref_video=_frames(2, F),
-        prompt="a woman turns to the camera",
-        prompt_mot_ref="a man turns into a toy character",
-        height=H,
-        width=W,
-        num_frames=F,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-    )
+    _generate(pipe)
     assert len(made) == 2 and alive_at_decode == [0]
 
 
