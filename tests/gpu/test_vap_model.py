@@ -66,6 +66,21 @@ def _generate(pipe: Any, **overrides: Any) -> Any:
     return pipe(**{**kwargs, **overrides})
 
 
+def _latent_kwargs(steps: int) -> dict[str, Any]:
+    """A short 5-frame generation that stops at the latents (comparisons between two runs)."""
+    return dict(
+        image=_frames(1, 1)[0],
+        ref_video=_frames(2, 5),
+        prompt="a dog runs",
+        prompt_mot_ref="a cat walks",
+        height=H,
+        width=W,
+        num_frames=5,
+        num_inference_steps=steps,
+        output_type="latent",
+    )
+
+
 def test_tiny_pipeline_end_to_end(pipe):
     steps: list[int] = []
 
@@ -84,17 +99,7 @@ def test_tiny_pipeline_end_to_end(pipe):
 
 
 def test_pipeline_is_deterministic_per_seed(pipe):
-    kwargs = dict(
-        image=_frames(1, 1)[0],
-        ref_video=_frames(2, 5),
-        prompt="a dog runs",
-        prompt_mot_ref="a cat walks",
-        height=H,
-        width=W,
-        num_frames=5,
-        num_inference_steps=1,
-        output_type="latent",
-    )
+    kwargs = _latent_kwargs(steps=1)
     a = pipe(**kwargs, generator=torch.Generator().manual_seed(3)).frames
     b = pipe(**kwargs, generator=torch.Generator().manual_seed(3)).frames
     c = pipe(**kwargs, generator=torch.Generator().manual_seed(4)).frames
@@ -334,17 +339,7 @@ def test_encoders_live_on_the_host_between_videos():
 
 
 def test_pipeline_with_encoder_offload_gives_the_same_video():
-    kwargs = dict(
-        image=_frames(1, 1)[0],
-        ref_video=_frames(2, 5),
-        prompt="a dog runs",
-        prompt_mot_ref="a cat walks",
-        height=H,
-        width=W,
-        num_frames=5,
-        num_inference_steps=2,
-        output_type="latent",
-    )
+    kwargs = _latent_kwargs(steps=2)
     plain = build_tiny_pipeline(seed=0)
     offloaded = build_tiny_pipeline(seed=0)
     offloaded.enable_encoder_offload()
