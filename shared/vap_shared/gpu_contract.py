@@ -71,6 +71,7 @@ class UrlRefreshRequest(_Wire):
     call_id: str
     purpose: Literal["start", "upload"]
     sent_at: int
+    attempt: int = Field(default=1, ge=1)  # as `GpuCallback.attempt`
 
 
 class UrlRefreshResponse(_Wire):
@@ -100,6 +101,9 @@ class GpuResult(_Wire):
     content_type: str = "video/mp4"
     steps: int
     gpu: str
+    # GPUs the run really used (routing may give a job more than its sidecar's `gpus`); the cost is
+    # priced on this. None from a GPU side that predates the field: the dispatched count then.
+    gpu_count: GpuCount | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     # Sizes of the previews stored next to the video (issue 11); None = not asked for or not stored.
     poster_bytes: int | None = None
@@ -117,6 +121,10 @@ class GpuCallback(_Wire):
     call_id: str
     event: Literal["progress", "succeeded", "failed"]
     sent_at: int
+    # Which execution of the call sent this: Modal runs a preempted input again (same call id) on a
+    # fresh container; the re-run counts 2, 3, ... A callback from an attempt older than the newest
+    # one the service has heard from is superseded (ignored).
+    attempt: int = Field(default=1, ge=1)
     progress: GpuProgress | None = None
     result: GpuResult | None = None
     error: GpuError | None = None
