@@ -80,6 +80,13 @@ class Job(BaseModel):
     updated_at: str | None = None
     expires_at: int | None = None
     dispatch_lease_until: int | None = None
+    # The backend ingest is about to submit to, written before the submit: a redelivery after a
+    # kill between the submit and the `dispatched` write finds the call instead of submitting again.
+    dispatch_intent: BackendName | None = None
+    dispatch_intent_at: str | None = None
+    # The newest attempt of the GPU call heard from (Modal re-runs a preempted input; callbacks of
+    # older attempts are superseded).
+    gpu_attempt: int | None = None
     # GPUs of one container the job asked for (sidecar `gpus` or the stack default), and the GPU
     # type it ran on (from the result's device name), for the cost estimate.
     gpus: int | None = None
