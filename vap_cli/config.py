@@ -55,6 +55,8 @@ class StackInfo:
     fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
     fal_endpoint_id: str = DEFAULT_FAL_ENDPOINT_ID
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES
+    # The CloudFormation stack's outputs (deployed stacks; the local one's when its emulator has them).
+    outputs: dict[str, str] = field(default_factory=dict)
     _clients: dict[str, Any] = field(default_factory=dict)
 
     def client(self, service: str) -> Any:
@@ -187,6 +189,7 @@ def _describe_stack(info: StackInfo) -> dict[str, Any]:
 def _apply_stack_description(info: StackInfo, description: dict[str, Any]) -> None:
     outputs = {o["OutputKey"]: o.get("OutputValue", "") for o in description.get("Outputs", [])}
     parameters = {p["ParameterKey"]: p.get("ParameterValue", "") for p in description.get("Parameters", [])}
+    info.outputs = outputs
     if info.kind == "deployed":
         info.bucket = outputs.get("BucketName", "")
         info.topic_arn = outputs.get("TopicArn")
