@@ -79,7 +79,7 @@ local: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m local_stack.demo
 
-# Orchestration benchmarks (issue 6): cold starts (python3.13: pyenv 3.13.0 or $$VAP_BENCH_PYTHON313),
+# Orchestration benchmarks: cold starts (python3.13: pyenv 3.13.0 or $$VAP_BENCH_PYTHON313),
 # 200 jobs on the local stack, a 500 MiB output, cost per video; prints the table and writes
 # docs/benchmarks.md. Options: make bench BENCH_ARGS="--jobs 20 --size-mb 50 --no-write".
 bench: $(STAMP)

@@ -1,6 +1,6 @@
 """`make deploy`'s orchestration with `modal` and `sam` replaced by recorders: the exact commands, the
 environment of `modal deploy`, the parameter overrides of `sam deploy`, the deploy template, and the
-secrets report (issue 9). What the recorders answer is produced by modal 1.6.4's own output code."""
+secrets report. What the recorders answer is produced by modal 1.6.4's own output code."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Issue 11 end to end on the local stack: previews next to the video, fal's `video` object, the
-estimated cost (metadata, notification, status.json, `vap list`/`vap cost`), result reuse, and the
-EMF lines the handlers print. Every notification is checked against schema 1.1 (conftest)."""
+"""A finished job's results end to end on the local stack: previews next to the video, fal's
+`video` object, the estimated cost (metadata, notification, status.json, `vap list`/`vap cost`),
+result reuse, and the EMF lines the handlers print. Every notification is checked against schema
+1.1 (conftest)."""
 
 from __future__ import annotations
 
