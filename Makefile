@@ -56,6 +56,7 @@ parity: $(STAMP)
 # Deploy: Modal app (weights checked) + the AWS stack wired to it, one command (README "Deploy"):
 #   make deploy STACK=vap [REGION=… PROFILE=…] [JOB_BUDGET_S=7200 MODAL_CONTAINERS=2
 #       FAL_MAX_OUTSTANDING=20] [DOWNLOAD_WEIGHTS=1] [DEPLOY_ARGS="--parameter DefaultBackend=fal"]
+#   (DEPLOY_ARGS reaches the shell as written: quote a value with spaces, "--parameter 'K=a b'".)
 AWS_ARGS = $(if $(REGION),--region "$(REGION)") $(if $(PROFILE),--profile "$(PROFILE)")
 deploy: venv
 	$(if $(STACK),,$(error make deploy needs STACK=<stack name>))
@@ -78,7 +79,7 @@ local: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m local_stack.demo
 
-# Orchestration benchmarks (issue 6): cold starts (python3.13: pyenv 3.13.0 or $$VAP_BENCH_PYTHON313),
+# Orchestration benchmarks: cold starts (python3.13: pyenv 3.13.0 or $$VAP_BENCH_PYTHON313),
 # 200 jobs on the local stack, a 500 MiB output, cost per video; prints the table and writes
 # docs/benchmarks.md. Options: make bench BENCH_ARGS="--jobs 20 --size-mb 50 --no-write".
 bench: $(STAMP)

@@ -1,1 +1,1 @@
-"""Orchestration benchmarks (issue 6): `python -m bench` / `make bench`; see docs/benchmarks.md."""
+"""Orchestration benchmarks: `python -m bench` / `make bench`; see docs/benchmarks.md."""

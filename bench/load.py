@@ -1,4 +1,4 @@
-"""Load benchmark (issue 4): drop N sidecars at once into the local stack.
+"""Load benchmark: drop N sidecars at once into the local stack.
 
 Checks that every job reaches a terminal state (none lost), none is notified twice, and ingest's
 dispatch concurrency never exceeds the configured cap (`MaxConcurrency`, the SQS event source's

@@ -210,7 +210,7 @@ def markdown(r: Results, missed_notes: dict[str, str]) -> str:
         "# Orchestration benchmarks",
         "",
         "Written by `make bench` (`python -m bench`); rerun it to refresh. Everything around the GPU:",
-        "cold starts, per-job overhead, memory when storing large outputs, cost per video (issue 6).",
+        "cold starts, per-job overhead, memory when storing large outputs, cost per video.",
         "",
         f"**Last run:** {now}, commit `{_commit()}`, options `{_options(r.args)}`, "
         f"sections took {', '.join(f'{k} {v:.0f} s' for k, v in r.seconds.items())}.",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from . import commands, costs
+from . import commands, costs, logs, urls
 from .errors import EXIT_JOB_FAILED, EXIT_STACK, CliError
 
 EPILOG = """\
@@ -113,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help="folder (default .)")
     _common(p)
     p.set_defaults(func=commands.get)
+
+    p = sub.add_parser("url", help="a fresh presigned URL for a finished job's video (or --file poster, …)")
+    p.add_argument("job", metavar="JOB|NAME")
+    p.add_argument("--file", choices=tuple(urls.FILES), default="video", help="which result (default video)")
+    p.add_argument(
+        "--expires",
+        type=int,
+        default=urls.DEFAULT_EXPIRES_S,
+        help="seconds (default 3600; less if your credentials expire sooner)",
+    )
+    _common(p)
+    p.set_defaults(func=urls.url)
+
+    p = sub.add_parser("logs", help="the stack's log group names (deployed stacks), e.g. for `aws logs tail`")
+    p.add_argument("function", nargs="?", help="ingest, webhook, sweeper, …: print only its log group")
+    _common(p)
+    p.set_defaults(func=logs.logs)
     return parser
 
 

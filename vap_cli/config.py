@@ -55,6 +55,8 @@ class StackInfo:
     fal_queue_url: str = DEFAULT_FAL_QUEUE_URL
     fal_endpoint_id: str = DEFAULT_FAL_ENDPOINT_ID
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES
+    # The CloudFormation stack's outputs (deployed stacks; the local one's when its emulator has them).
+    outputs: dict[str, str] = field(default_factory=dict)
     _clients: dict[str, Any] = field(default_factory=dict)
 
     def client(self, service: str) -> Any:
@@ -132,11 +134,9 @@ def local(path: Path) -> StackInfo:
         jobs_table=state.get("jobs_table"),
         topic_arn=state.get("topic_arn"),
         modal_endpoint_url=state.get("gpu_url"),
-        modal_token_secret=f"{name}/modal-token",
-        fal_key_secret=f"{name}/fal-key",
         fal_queue_url=str(state.get("fal_url") or DEFAULT_FAL_QUEUE_URL),
     )
-    # The emulated CloudFormation knows the parameters (e.g. MaxSidecarBytes).
+    # The emulated CloudFormation knows the parameters (e.g. MaxSidecarBytes) and the secrets' ARNs.
     with contextlib.suppress(ClientError, BotoCoreError):
         _apply_stack_description(info, _describe_stack(info))
     return info
@@ -187,13 +187,15 @@ def _describe_stack(info: StackInfo) -> dict[str, Any]:
 def _apply_stack_description(info: StackInfo, description: dict[str, Any]) -> None:
     outputs = {o["OutputKey"]: o.get("OutputValue", "") for o in description.get("Outputs", [])}
     parameters = {p["ParameterKey"]: p.get("ParameterValue", "") for p in description.get("Parameters", [])}
+    info.outputs = outputs
+    # By ARN: CloudFormation names the secrets (`<logical id>-<random>`), so no name can be guessed.
+    info.modal_token_secret = outputs.get("ModalTokenSecretArn") or info.modal_token_secret
+    info.fal_key_secret = outputs.get("FalKeySecretArn") or info.fal_key_secret
     if info.kind == "deployed":
         info.bucket = outputs.get("BucketName", "")
         info.topic_arn = outputs.get("TopicArn")
         info.jobs_table = outputs.get("JobsTable")
         info.modal_endpoint_url = parameters.get("ModalEndpointUrl") or None
-        info.modal_token_secret = outputs.get("ModalTokenSecretArn") or f"{info.name}/modal-token"
-        info.fal_key_secret = outputs.get("FalKeySecretArn") or f"{info.name}/fal-key"
         info.fal_queue_url = parameters.get("FalQueueUrl") or DEFAULT_FAL_QUEUE_URL
         info.fal_endpoint_id = parameters.get("FalEndpointId") or DEFAULT_FAL_ENDPOINT_ID
     raw = parameters.get("MaxSidecarBytes", "")

@@ -1,6 +1,8 @@
 """`make deploy`: the GPU side on Modal, then the AWS stack wired to it, in one command.
 
-1. The budget/pool settings are checked (vap_shared.budget) before anything is touched.
+1. The budget/pool settings (vap_shared.budget) and every parameter override (against the template's
+   own constraints, and whether `sam deploy` can pass it as written) are checked before anything is
+   touched.
 2. Weights: the Modal volume must hold what `download_weights` records (`--download-weights` fills it).
 3. `modal deploy gpu/modal_app.py` with the budget and pool in its environment; its output names the
    endpoint URL.
@@ -168,6 +170,78 @@ def template_parameters(path: Path) -> set[str]:
     return set(load_template(path).get("Parameters", {}))
 
 
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def parameter_problem(name: str, spec: dict[str, Any], value: str) -> str | None:
+    """What CloudFormation would refuse about `value` for the parameter `spec` (its type, bounds,
+    allowed values and pattern), with the template's ConstraintDescription when it has one; checked
+    before Modal or AWS is touched, so a typo costs nothing."""
+    problem = None
+    if spec.get("Type") == "Number":
+        number = _number(value)
+        if number is None:
+            problem = f"{name} must be a number, got {value!r}"
+        elif "MinValue" in spec and number < float(spec["MinValue"]):
+            problem = f"{name}={value} is below its minimum {spec['MinValue']}"
+        elif "MaxValue" in spec and number > float(spec["MaxValue"]):
+            problem = f"{name}={value} is above its maximum {spec['MaxValue']}"
+    elif "MinLength" in spec and len(value) < int(spec["MinLength"]):
+        problem = f"{name} must be at least {spec['MinLength']} characters"
+    elif "MaxLength" in spec and len(value) > int(spec["MaxLength"]):
+        problem = f"{name} must be at most {spec['MaxLength']} characters"
+    if problem is None and "AllowedValues" in spec:
+        allowed = [str(v) for v in spec["AllowedValues"]]
+        matches = value in allowed or (
+            spec.get("Type") == "Number" and _number(value) in [_number(a) for a in allowed]
+        )
+        if not matches:
+            problem = f"{name}={value!r} is not one of {', '.join(allowed)}"
+    if problem is None and "AllowedPattern" in spec and not re.fullmatch(str(spec["AllowedPattern"]), value):
+        problem = f"{name}={value!r} does not match {spec['AllowedPattern']}"
+    if problem and spec.get("ConstraintDescription"):
+        problem += f": {' '.join(str(spec['ConstraintDescription']).split())}"
+    return problem
+
+
+def check_overrides(path: Path, overrides: dict[str, str]) -> None:
+    declared = load_template(path).get("Parameters", {})
+    missing = sorted(set(overrides) - set(declared))
+    if missing:
+        raise DeployError(f"template.yaml has no parameter(s) {missing}; nothing was deployed.")
+    problems = [
+        p for name in sorted(overrides) if (p := parameter_problem(name, declared[name], overrides[name]))
+    ]
+    if problems:
+        raise DeployError(
+            "Invalid parameters, nothing was deployed:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+# How `sam deploy --parameter-overrides` reads one argument (samcli.cli.types.CfnParameterOverridesType):
+# `KEY=VALUE` with an unquoted VALUE ends at the first space and must not be empty, so each value is
+# passed double-quoted with its `"` escaped. SAM then strips the quotes and turns `\"`, `\'` and `\ `
+# into the bare character; it has no escape for a backslash itself, so a backslash right before a
+# space, a quote or the end cannot be passed, nor a value that itself reads as `ParameterKey=...`
+# (SAM's other form, which it looks for first).
+_UNPASSABLE = re.compile(r"\\(?=[ \"']|\Z)|ParameterKey=")
+
+
+def sam_override(key: str, value: str) -> str:
+    """One `--parameter-overrides` argument that SAM reads back as exactly `key` = `value`."""
+    if _UNPASSABLE.search(value):
+        raise DeployError(
+            f"{key}: sam deploy cannot pass this value as written (a backslash before a space, a quote or "
+            f"the end, or the text 'ParameterKey='): {value!r}; nothing was deployed."
+        )
+    escaped = value.replace('"', '\\"')
+    return f'{key}="{escaped}"'
+
+
 def build_template(options: DeployOptions) -> Path:
     """The deploy template: template.yaml with the layer built by vap_cli.layer (checked) and the
     functions' folders as absolute paths, so `sam deploy` packages them without `sam build`."""
@@ -192,7 +266,7 @@ def build_template(options: DeployOptions) -> Path:
 
 
 def sam_deploy_command(options: DeployOptions, template: Path, modal_url: str) -> list[str]:
-    overrides = [f"{k}={v}" for k, v in sorted(options.overrides(modal_url).items())]
+    overrides = [sam_override(k, v) for k, v in sorted(options.overrides(modal_url).items())]
     command = [
         "sam", "deploy", "--template-file", str(template), "--stack-name", options.stack,
         "--capabilities", "CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND", "--resolve-s3",
@@ -239,9 +313,10 @@ def secrets_report(aws: Any, outputs: dict[str, str]) -> list[SecretStatus]:
 
 def deploy(options: DeployOptions, modal: Runner, sam: Runner, aws: Any, out: TextIO) -> DeployResult:
     options.budget()  # invalid settings fail before anything is touched
-    missing = set(options.overrides("https://x.modal.run")) - template_parameters(options.template)
-    if missing:
-        raise DeployError(f"template.yaml has no parameter(s) {sorted(missing)}; nothing was deployed.")
+    planned = options.overrides(options.modal_url or "https://x.modal.run")
+    check_overrides(options.template, planned)
+    for key, value in planned.items():
+        sam_override(key, value)
     if options.modal_url:
         modal_url = options.modal_url
         out.write(f"Modal: using {modal_url} (no Modal steps)\n")
@@ -289,6 +364,10 @@ def _pairs(values: Sequence[str]) -> dict[str, str]:
         key, sep, rest = value.partition("=")
         if not sep or not key:
             raise argparse.ArgumentTypeError(f"--parameter wants KEY=VALUE, got {value!r}")
+        if not key.isascii() or not key.isalnum():
+            raise argparse.ArgumentTypeError(
+                f"--parameter {key!r}: a template parameter name is A-Z, a-z, 0-9"
+            )
         if key in OWN_PARAMETERS:
             raise argparse.ArgumentTypeError(
                 f"{key} is set by deploy itself (the Modal app gets the same value): use "
@@ -314,7 +393,12 @@ def main(
     parser.add_argument("--volume", default="vap-weights", help="Modal volume with the weights")
     parser.add_argument("--modal-url", help="use this endpoint and skip the Modal steps")
     parser.add_argument("--download-weights", action="store_true", help="fill the volume first if empty")
-    parser.add_argument("--parameter", action="append", default=[], help="more overrides, KEY=VALUE")
+    parser.add_argument(
+        "--parameter",
+        action="append",
+        default=[],
+        help="more overrides, KEY=VALUE (KEY= sets an empty value; a value may hold spaces)",
+    )
     args = parser.parse_args(argv)
     try:
         options = DeployOptions(

@@ -59,7 +59,7 @@ class GpuJobRequest(_Wire):
     # Which URL fields are the service's own presigned S3 URLs: a 403/expiry on one of them is the
     # service's problem (`internal`, retryable), never the user's input error.
     service_urls: tuple[ServiceUrlField, ...] = ()
-    # Optional previews uploaded next to the video (issue 11): a middle frame and a small animation.
+    # Optional previews uploaded next to the video: a middle frame and a small animation.
     poster_put_url: str | None = None
     preview_put_url: str | None = None
 
@@ -105,7 +105,7 @@ class GpuResult(_Wire):
     # priced on this. None from a GPU side that predates the field: the dispatched count then.
     gpu_count: GpuCount | None = None
     timings: dict[str, float] = Field(default_factory=dict)
-    # Sizes of the previews stored next to the video (issue 11); None = not asked for or not stored.
+    # Sizes of the previews stored next to the video; None = not asked for or not stored.
     poster_bytes: int | None = None
     preview_bytes: int | None = None
 

@@ -47,9 +47,9 @@ from .lifecycle import aws_only_cost, fail_job, finalize_terminal, request_from_
 from .media import MediaRef, data_extension, resolve_reference, sniff
 from .naming import job_id as make_job_id
 from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
-from .notifier import OUTPUT_URL_TTL
+from .notifier import presign_output
 from .runtime import Runtime
-from .s3io import head, presign_get, read_limited
+from .s3io import head, read_limited
 from .sidecar import SEED_MAX, Sidecar, SidecarInvalid, decode_json_object, validate_object
 from .status_object import write_status
 
@@ -578,7 +578,7 @@ class Ingestor:
                 iso(utcnow()),
                 timings=timings,
                 cost=cost,
-                video_url=presign_get(self.rt.s3, s.bucket_name, output_key, OUTPUT_URL_TTL),
+                video_url=presign_output(self.rt.s3, s.bucket_name, output_key)[0],
             )
         except ClientError:
             # Reuse only saves a run: if the copy is refused the job runs (its result overwrites

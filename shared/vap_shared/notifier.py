@@ -7,15 +7,18 @@ the job has one."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime
 from typing import Any
 
 from .fal_output import video_file
 from .jobs import Job, iso, utcnow
 from .s3io import presign_get
+from .url_lifetime import url_lifetime
 
 VERSION = "1.1"
-OUTPUT_URL_TTL = 3600  # the contract promises a 1 h output_url (and poster_url)
+# The longest a result URL lives (output_url, poster_url, metadata.json's video.url): 1 h, or less
+# when the credentials signing it expire sooner (vap_shared.url_lifetime); `vap url JOB` signs anew.
+OUTPUT_URL_TTL = 3600
 # SNS: ASCII, no control characters, fewer than 100 characters.
 _SUBJECT_MAX = 99
 _SUBJECT_VERB = {"succeeded": "ready", "failed": "failed"}
@@ -33,6 +36,13 @@ def subject_line(status: str, sidecar_key: str, job_id: str, inbox_prefix: str =
     return (head + name + tail)[:_SUBJECT_MAX]
 
 
+def presign_output(s3: Any, bucket: str, key: str) -> tuple[str, datetime]:
+    """A GET URL for a result object, and when it really stops working."""
+    now = utcnow()
+    lifetime = url_lifetime(s3, OUTPUT_URL_TTL, now)
+    return presign_get(s3, bucket, key, lifetime.seconds), lifetime.expires_at(now)
+
+
 def build_notification(job: Job, s3: Any, bucket: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "version": VERSION,
@@ -48,12 +58,12 @@ def build_notification(job: Job, s3: Any, bucket: str) -> dict[str, Any]:
     if job.state == "succeeded" and job.output_key:
         body["output_key"] = job.output_key
         body["metadata_key"] = job.metadata_key
-        body["output_url"] = presign_get(s3, bucket, job.output_key, OUTPUT_URL_TTL)
-        body["output_url_expires_at"] = iso(utcnow() + timedelta(seconds=OUTPUT_URL_TTL))
+        body["output_url"], expires_at = presign_output(s3, bucket, job.output_key)
+        body["output_url_expires_at"] = iso(expires_at)
         if job.bytes is not None:
             body["video"] = video_file(body["output_url"], job.bytes, job.name, job.job_id)
         if job.poster_key:
-            body["poster_url"] = presign_get(s3, bucket, job.poster_key, OUTPUT_URL_TTL)
+            body["poster_url"] = presign_output(s3, bucket, job.poster_key)[0]
         if job.reused_from:
             body["reused_from"] = job.reused_from
     else:

@@ -29,9 +29,9 @@ from .gpu_contract import GpuCallback, GpuResult, UrlRefreshRequest
 from .jobs import Job, iso, utcnow
 from .lifecycle import fail_job, fall_back_or_fail, finalize_terminal, succeed_job
 from .naming import GPU_UPLOADS, output_keys, work_upload_key, work_video_key
-from .notifier import OUTPUT_URL_TTL
+from .notifier import presign_output
 from .runtime import Runtime
-from .s3io import StoreError, copy, head, presign_get, put_json, stream_url_to_s3, validate_mp4
+from .s3io import StoreError, copy, head, put_json, stream_url_to_s3, validate_mp4
 from .signing import SignatureError, derive_callback_key, verify_callback
 from .status_object import progress_worth_writing, write_status
 
@@ -111,7 +111,7 @@ def _cost(rt: Runtime, gpu_runs: tuple[GpuRun, ...] = (), fal_videos: int = 0) -
 
 
 def _video(rt: Runtime, job: Job, key: str, size: int) -> dict[str, Any]:
-    url = presign_get(rt.s3, rt.settings.bucket_name, key, OUTPUT_URL_TTL)
+    url, _ = presign_output(rt.s3, rt.settings.bucket_name, key)
     return video_file(url, size, job.name, job.job_id)
 
 

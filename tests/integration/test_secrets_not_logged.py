@@ -22,7 +22,8 @@ pytestmark = pytest.mark.stack
 
 def _secrets(stack: LocalStack, job_ids: list[str]) -> dict[str, str]:
     sm = stack.client("secretsmanager")
-    signing = sm.get_secret_value(SecretId=f"{stack.config.stack_name}/signing-secret")["SecretString"]
+    assert stack.deployment is not None
+    signing = sm.get_secret_value(SecretId=stack.deployment.secret_arns["SigningSecret"])["SecretString"]
     found = {
         "fal key": stack.fal_key,
         "modal token key": stack.modal_token[0],

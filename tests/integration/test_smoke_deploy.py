@@ -1,4 +1,4 @@
-"""`make smoke` and the deploy's secrets report against the local stack (issue 9: both are tested on
+"""`make smoke` and the deploy's secrets report against the local stack (both are tested on
 the local stack; `make deploy`'s modal/sam commands are tested with recorders in tests/unit)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a backend's answer to a submit means for the job (issue 9, defect 5).
+"""What a backend's answer to a submit means for the job.
 
 Only a validation rejection of the request itself (422) is permanent. A 404/405/410 or a non-JSON
 (HTML) answer from Modal is a stopped app or a wrong `ModalEndpointUrl`: an `auto` job falls back to

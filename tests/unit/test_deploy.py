@@ -1,6 +1,6 @@
 """`make deploy`'s orchestration with `modal` and `sam` replaced by recorders: the exact commands, the
 environment of `modal deploy`, the parameter overrides of `sam deploy`, the deploy template, and the
-secrets report (issue 9). What the recorders answer is produced by modal 1.6.4's own output code."""
+secrets report. What the recorders answer is produced by modal 1.6.4's own output code."""
 
 from __future__ import annotations
 
@@ -180,8 +180,9 @@ def test_deploy_runs_modal_then_sam_with_the_same_budget_and_reports_secrets(
             ["sam", "deploy", "--template-file", str(built), "--stack-name", "VapProd",
              "--capabilities", "CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND", "--resolve-s3",
              "--no-confirm-changeset", "--no-fail-on-empty-changeset", "--parameter-overrides",
-             "DefaultBackend=auto", "FalMaxOutstanding=7", "JobBudgetSeconds=5400", "ModalContainers=3",
-             f"ModalEndpointUrl={MODAL_URL}", "--region", "eu-west-1", "--profile", "ops"],
+             'DefaultBackend="auto"', 'FalMaxOutstanding="7"', 'JobBudgetSeconds="5400"',
+             'ModalContainers="3"', f'ModalEndpointUrl="{MODAL_URL}"', "--region", "eu-west-1",
+             "--profile", "ops"],
             {"SAM_CLI_TELEMETRY": "0"},
         )
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""fal webhook keys and sender (issue 9, defect 9).
+"""fal webhook keys and sender.
 
 fal's docs promise only the `x` field of a JWKS entry (a 32-byte Ed25519 public key, base64url)
 and fal's own verifier tries every key: an entry is used unless `kty`/`crv` say it is not Ed25519.

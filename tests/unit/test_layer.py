@@ -1,6 +1,6 @@
 """The Lambda layer (arm64, python3.13) is built and checked on every run, on any machine: pip's
-cross-platform install of shared/requirements.txt + vap_shared, then what Lambda would load (issue 9,
-"CI covers what a fresh machine can"). Needs PyPI, as `make venv` does."""
+cross-platform install of shared/requirements.txt + vap_shared, then what Lambda would load (CI
+covers what a fresh machine can). Needs PyPI, as `make venv` does."""
 
 from __future__ import annotations
 

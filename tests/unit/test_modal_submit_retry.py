@@ -1,4 +1,4 @@
-"""A read timeout on Modal's `POST /submit` (issue 9, defect 6), against a real local HTTP server.
+"""A read timeout on Modal's `POST /submit`, against a real local HTTP server.
 
 The submit may have reached Modal (which may have queued the job), so falling back to fal at once
 could run the job on two GPUs. The client asks Modal once more with the same job id (the GPU API

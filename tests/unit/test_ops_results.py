@@ -1,4 +1,4 @@
-"""What a finished job carries since issue 11's wiring: previews next to the video, fal's `video`
+"""What a finished job carries: previews next to the video, fal's `video`
 object, the estimated cost, notification 1.1, and the job metrics the handlers print (EMF)."""
 
 from __future__ import annotations

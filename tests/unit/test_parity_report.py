@@ -1,5 +1,5 @@
 """`make parity`: runnable from the project's own requirements, figures written by the check (never
-copied by hand), and a clear failure when the reference code is not on the machine (issue 9)."""
+copied by hand), and a clear failure when the reference code is not on the machine."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The README's commands exist: every `make TARGET` it names is a Makefile target, and its Deploy
-section is the deploy command, the secrets step and the smoke check (issue 9)."""
+section is the deploy command, the secrets step and the smoke check."""
 
 from __future__ import annotations
 

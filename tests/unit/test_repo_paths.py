@@ -1,4 +1,4 @@
-"""No file in the repository names a path of the machine it was written on (issue 9: a fresh clone
+"""No file in the repository names a path of the machine it was written on (a fresh clone
 elsewhere must behave the same; reference material outside the repo is found relative to it)."""
 
 from __future__ import annotations

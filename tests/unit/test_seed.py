@@ -1,4 +1,4 @@
-"""The seed used is always reported (issue 9, defect 7): fal's output carries no seed, so ingest
+"""The seed used is always reported: fal's output carries no seed, so ingest
 draws one when the sidecar has none, records it, and sends it to whichever backend runs the job."""
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def test_bucket_is_private_encrypted_and_owner_enforced(sam: Template) -> None:
     }
     assert bucket["OwnershipControls"]["Rules"] == [{"ObjectOwnership": "BucketOwnerEnforced"}]
     expiring = [r for r in bucket["LifecycleConfiguration"]["Rules"] if r.get("ExpirationInDays")]
-    assert [r["Prefix"] for r in expiring] == ["work/"]
+    assert [r["Prefix"] for r in expiring] == ["inbox/", "work/", "outputs/"]  # test_storage_retention.py
 
 
 def test_bucket_policy_denies_plain_http(sam: Template) -> None:

@@ -1,5 +1,5 @@
 """template.yaml on a real account: the names a user chooses never break the deploy, and the
-defaults fit a new account (issue 9, defect 4)."""
+defaults fit a new account."""
 
 from __future__ import annotations
 

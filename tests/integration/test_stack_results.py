@@ -1,6 +1,7 @@
-"""Issue 11 end to end on the local stack: previews next to the video, fal's `video` object, the
-estimated cost (metadata, notification, status.json, `vap list`/`vap cost`), result reuse, and the
-EMF lines the handlers print. Every notification is checked against schema 1.1 (conftest)."""
+"""A finished job's results end to end on the local stack: previews next to the video, fal's
+`video` object, the estimated cost (metadata, notification, status.json, `vap list`/`vap cost`),
+result reuse, and the EMF lines the handlers print. Every notification is checked against schema
+1.1 (conftest)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import json
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from stack_helpers import get_json, sidecar
 from vap_shared.fal_output import FalFile
+from vap_shared.notifier import OUTPUT_URL_TTL
 
 from local_stack import LocalStack
 from local_stack.notifications import Notification
@@ -68,7 +71,10 @@ def test_the_gpu_stores_a_poster_and_a_preview_next_to_the_video(stack: LocalSta
     assert len(data) < 1024 * 1024
     # The notification's poster URL serves the poster, and lives as long as output_url.
     assert httpx.get(body["poster_url"], timeout=30).content[:3] == b"\xff\xd8\xff"
-    assert "X-Amz-Expires=3600" in body["poster_url"] and "X-Amz-Expires=3600" in body["output_url"]
+    (lifetime,) = {
+        int(parse_qs(urlsplit(body[f]).query)["X-Amz-Expires"][0]) for f in ("poster_url", "output_url")
+    }
+    assert lifetime <= OUTPUT_URL_TTL  # and no longer than the signing credentials (test_url_lifetime.py)
     metadata = get_json(stack, body["metadata_key"])
     assert metadata["poster_key"] == prefix + "poster.jpg"
     assert metadata["preview_key"] == prefix + "preview.webp"
