@@ -190,12 +190,17 @@ class Browser:
     def page(self, width: int = 1280, height: int = 900) -> Page:
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        page = Page(self, session)
+        page = Page(self, session, target)
         self._pages[session] = page
         for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
             self.call(domain, session=session)
         page.viewport(width, height)
         return page
+
+    def close_pages(self) -> None:
+        """Close every tab opened (their looping videos would keep decoding in the background)."""
+        for page in list(self._pages.values()):
+            page.close()
 
     def close(self) -> None:
         if self._closed:
@@ -231,8 +236,8 @@ class Browser:
 class Page:
     """One tab: navigate, evaluate, screenshot; collects what the page logs as errors."""
 
-    def __init__(self, browser: Browser, session: str) -> None:
-        self.browser, self.session = browser, session
+    def __init__(self, browser: Browser, session: str, target: str) -> None:
+        self.browser, self.session, self.target = browser, session, target
         self.errors: list[str] = []
         self._loaded = threading.Event()
 
@@ -255,6 +260,10 @@ class Page:
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout_s: float = 0) -> dict[str, Any]:
         return self.browser.call(method, params, self.session, timeout_s)
+
+    def close(self) -> None:
+        if self.browser._pages.pop(self.session, None) is not None:
+            self.browser.call("Target.closeTarget", {"targetId": self.target})
 
     def viewport(self, width: int, height: int) -> None:
         self.call(

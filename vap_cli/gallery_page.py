@@ -210,6 +210,7 @@ def render(jobs: list[GalleryJob], links: Mapping[MediaSource, Link], info: Page
             f'<span class="runs">{count}</span></h2><div class="cards">{cards}</div></section>'
         )
     expires = _when(info.links_expire_at) if info.links_expire_at else ""
+    expires_ms = int(info.links_expire_at.timestamp() * 1000) if info.links_expire_at else ""
     where = (
         f"links valid until {_e(expires)}"
         if info.links_expire_at
@@ -224,7 +225,7 @@ def render(jobs: list[GalleryJob], links: Mapping[MediaSource, Link], info: Page
         f'<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{STYLE}</style></head>\n"
-        f'<body data-expires="{_e(expires)}"><header><h1>{_e(title)}</h1>'
+        f'<body data-expires="{_e(expires)}" data-expires-ms="{expires_ms}"><header><h1>{_e(title)}</h1>'
         f'<p class="meta">{_e(info.stack)} · {_e(info.filters)} · written {_e(_when(info.generated_at))} · '
         f"{where}</p>"
         f"{CONTROLS}</header>\n"

@@ -125,15 +125,18 @@ SCRIPT = """
   sort.addEventListener("change", function () { desc = descending[sort.value]; apply(); });
   direction.addEventListener("click", function () { desc = !desc; apply(); });
 
-  // A medium that does not load (a link that expired, a file missing beside the page) says so.
+  // A medium that does not load (a link that expired, an object deleted since, a file missing
+  // beside the page) says so in its place.
+  var expires = document.body.getAttribute("data-expires");
+  var expiresMs = Number(document.body.getAttribute("data-expires-ms"));
   function broken(element) {
     var figure = element.closest("figure");
     if (!figure || figure.querySelector(".slot")) { return; }
     var note = document.createElement("div");
-    note.className = "slot errors";
-    note.textContent = "Could not load this file" +
-      (document.body.getAttribute("data-expires") ? " (the links expired at " +
-        document.body.getAttribute("data-expires") + "; run vap gallery again)" : "") + ".";
+    note.className = "slot errors broken";
+    note.textContent = expiresMs && Date.now() > expiresMs ?
+      "Could not load this file: the links expired at " + expires + "; run vap gallery again." :
+      "Could not load this file: it is no longer there, or not readable.";
     element.replaceWith(note);
   }
   document.querySelectorAll("video, img").forEach(function (element) {

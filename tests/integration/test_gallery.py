@@ -98,9 +98,15 @@ def gallery(state: Path, jobs: dict[str, Any], out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def chromium() -> Iterator[Browser]:
     with Browser() as opened:
         yield opened
+
+
+@pytest.fixture
+def browser(chromium: Browser) -> Iterator[Browser]:
+    yield chromium
+    chromium.close_pages()
 
 
 def open_page(browser: Browser, page_file: Path) -> Page:
@@ -199,6 +205,19 @@ def test_a_downloaded_gallery_plays_from_its_own_folder(
     page = open_page(browser, page_file)
     assert_all_media_play(page, 4)
     assert page.errors == []
+
+    # A file gone from beside the page: its player is replaced by a note saying so.
+    gone = next(s for s in sources if s.endswith("-video.mp4"))
+    (page_file.parent / gone).unlink()
+    page.close()
+    page = open_page(browser, page_file)
+    found = media_state(page, timeout_s=30)
+    assert gone not in " ".join(v["src"] for v in found["videos"]) and len(found["videos"]) == 6
+    notes = page.evaluate(
+        "Array.from(document.querySelectorAll('.broken')).map(function (e) { return e.textContent; })"
+    )
+    assert notes == ["Could not load this file: it is no longer there, or not readable."]
+    assert [e for e in page.errors if gone in e], page.errors  # and the browser reports it too
 
 
 def test_status_and_limit_choose_the_cards(state: Path, jobs: dict[str, Any], tmp_path: Path) -> None:
