@@ -6,7 +6,8 @@ SAM_VENV := .tools/sam
 STAMP := $(VENV)/.installed
 SAM_STAMP := $(SAM_VENV)/.installed
 
-.PHONY: venv test test-fast lint typecheck local demo bench validate layer parity deploy smoke clean
+.PHONY: venv browser test test-fast lint typecheck local demo bench validate layer parity deploy smoke clean \
+	gallery-screenshot
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,9 +23,18 @@ $(SAM_STAMP): requirements/sam.txt
 
 venv: $(STAMP) $(SAM_STAMP)
 
+# Headless Chromium for the gallery's browser test: Debian's chromium-headless-shell (plus a font),
+# installed with apt-get (sudo unless root) when no Chromium is on PATH and VAP_CHROMIUM is unset.
+APT = $(if $(filter 0,$(shell id -u)),,sudo) apt-get
+browser:
+	@test -n "$$VAP_CHROMIUM" || command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "make browser: install Chromium or set VAP_CHROMIUM" >&2; exit 1; }; \
+		$(APT) update -q && $(APT) install -y -q --no-install-recommends chromium-headless-shell fonts-liberation; }
+
 # The whole suite: lint, types, template checks (cfn-lint, sam validate/build), the layer check,
-# unit, model (slow ones too) and local-stack tests, `make smoke` against the local stack included.
-test: venv lint typecheck
+# unit, model (slow ones too) and local-stack tests, `make smoke` against the local stack included,
+# `vap gallery` in headless Chromium (`make browser` installs it).
+test: venv browser lint typecheck
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/pytest
 
 test-fast: venv
@@ -84,6 +94,10 @@ demo: $(STAMP)
 # docs/benchmarks.md. Options: make bench BENCH_ARGS="--jobs 20 --size-mb 50 --no-write".
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The README's gallery picture: the demo's jobs on the local stack, `vap gallery`, headless Chromium.
+gallery-screenshot: $(STAMP) browser
+	$(BIN)/python -m vap_cli.gallery_shot
 
 # Keeps .local/vap-reference (make parity's reference checkout: it is never downloaded by make).
 clean:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from . import commands, costs, logs, urls
+from . import commands, costs, gallery, logs, urls
 from .errors import EXIT_JOB_FAILED, EXIT_STACK, CliError
 
 EPILOG = """\
@@ -130,6 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("function", nargs="?", help="ingest, webhook, sweeper, …: print only its log group")
     _common(p)
     p.set_defaults(func=logs.logs)
+
+    p = sub.add_parser("gallery", help="an HTML page showing each job's inputs and output side by side")
+    p.add_argument("--prefix", help="only names starting with this (e.g. balloon/ or balloon/horse)")
+    p.add_argument("--since", help="only jobs uploaded since: 7d, 24h, 30m, 2w or a date (default: all)")
+    p.add_argument("--status", action="append", help="only these states (repeat or comma-separate)")
+    p.add_argument("--limit", type=int, default=100, help="the newest N jobs that match (default 100)")
+    p.add_argument("--out", default="gallery", help="folder for index.html (and media/; default gallery)")
+    p.add_argument(
+        "--download", action="store_true", help="save the media beside the page (offline, zippable)"
+    )
+    p.add_argument(
+        "--expires",
+        default=gallery.DEFAULT_EXPIRES,
+        help="lifetime of the presigned media links: 1d, 12h, 30m or seconds (default 1d; at most 7d "
+        "and what your credentials allow)",
+    )
+    p.add_argument("--open", action="store_true", help="open the page in your browser")
+    _common(p)
+    p.set_defaults(func=gallery.gallery)
     return parser
 
 
