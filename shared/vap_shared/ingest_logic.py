@@ -62,8 +62,6 @@ from .gpu_urls import service_url_fields
 from .jobs import Job, iso, parse_iso, utcnow
 from .lifecycle import aws_only_cost, fail_job, finalize_terminal, request_from_job, succeed_job
 from .media import MediaRef, data_extension, resolve_reference
-from .media_probe import media_problem
-from .media_source import BytesSource, S3RangeSource, SourceChanged
 from .naming import job_id as make_job_id
 from .naming import output_prefix, sidecar_name, work_input_key
 from .notifier import OUTPUT_URL_TTL
@@ -476,6 +474,10 @@ class Ingestor:
         """Every S3 medium exists, is not empty or too big, and is an intact file of its kind (its
         structure checked by a few ranged reads: `media_probe`), and every `data:` medium too; the S3
         media's ETags (so the reuse hash reads exactly the objects checked here)."""
+        # Loaded on first use: it adds nothing to the cold start of an invocation with no job to check.
+        from .media_probe import media_problem
+        from .media_source import BytesSource, S3RangeSource, SourceChanged
+
         s = self.settings
         permanent: list[FieldError] = []
         missing: list[FieldError] = []
