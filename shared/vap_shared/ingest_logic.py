@@ -99,6 +99,8 @@ DISPATCH_RESERVE_S = SUBMIT_WORST_S["modal"] + SUBMIT_WORST_S["fal"] + RECORD_WR
 CHECKS_S = 6.0
 # What a record needs to start: the function's Timeout must leave room for it (a template test).
 RECORD_START_S = CHECKS_S + DISPATCH_RESERVE_S + HAND_BACK_S
+# A record an invocation's whole time could not submit comes back after this long (not at once).
+MISCONFIGURED_RETRY_S = 60
 
 
 class BackendBusy(Exception):
@@ -241,7 +243,7 @@ class Invocation:
             self.ingestor.hand_back(delivery, counted=False, delay=0, reason=reason)
             return []
         self.started += 1
-        return self.ingestor.handle_delivery(delivery, self.time_left_s)
+        return self.ingestor.handle_delivery(delivery, self.time_left_s, first=self.started == 1)
 
 
 class Ingestor:
@@ -270,10 +272,13 @@ class Ingestor:
         delivery = Delivery("", body, tuple(parse_sqs_body(body)), receive_count)
         return self.handle_delivery(delivery, time_left_s)
 
-    def handle_delivery(self, delivery: Delivery, time_left_s: TimeLeft | None = None) -> list[str]:
+    def handle_delivery(
+        self, delivery: Delivery, time_left_s: TimeLeft | None = None, first: bool = False
+    ) -> list[str]:
         """Process every S3 record of one message; returns the job ids touched. A message with a job
         that waits for capacity, or that this invocation has no time left to dispatch, is handed back
-        (then this delivery may be deleted). `time_left_s`: the invocation's remaining time."""
+        (then this delivery may be deleted). `time_left_s`: the invocation's remaining time; `first`:
+        this is the invocation's first record."""
         touched: list[str] = []
         waiting: list[JobWaiting] = []
         for event in delivery.events:
@@ -284,10 +289,19 @@ class Ingestor:
                 touched.append(exc.job_id)
                 continue
             except HandBack as exc:
+                delay = 0
+                if first and not exc.counted:
+                    # A whole invocation too short for one submit: the function's Timeout is below
+                    # what a dispatch needs. Say so, and do not spin on the queue meanwhile.
+                    logger.error(
+                        "the ingest function's timeout leaves no room for a backend submit",
+                        extra={"job_id": exc.job_id, "needed_s": RECORD_START_S},
+                    )
+                    delay = MISCONFIGURED_RETRY_S
                 # The message's later records (if any) are handed back with it: they are
                 # idempotent for those already done.
                 self.hand_back(
-                    delivery, counted=exc.counted, delay=0, reason=exc.reason, job_ids=[exc.job_id]
+                    delivery, counted=exc.counted, delay=delay, reason=exc.reason, job_ids=[exc.job_id]
                 )
                 return [*touched, exc.job_id]
             if jid:

@@ -13,7 +13,13 @@ from typing import Any
 import httpx
 import ingest
 import pytest
-from vap_shared.ingest_logic import ATTEMPTS_ATTRIBUTE, RECORD_START_S, SUBMIT_WORST_S, Ingestor
+from vap_shared.ingest_logic import (
+    ATTEMPTS_ATTRIBUTE,
+    MISCONFIGURED_RETRY_S,
+    RECORD_START_S,
+    SUBMIT_WORST_S,
+    Ingestor,
+)
 from vap_testkit import FAL_EXAMPLE, MP4, PNG, FakeServices, Stack, s3_event, stack
 
 TIMEOUT_S = 60.0  # the ingest function's Timeout in template.yaml
@@ -203,14 +209,31 @@ def test_no_time_for_the_fallback_hands_the_job_back_as_one_attempt(
     assert job.state == "dispatched" and job.backend == "modal" and submits(st, "queue.fal.test") == 0
 
 
-def test_a_submit_that_cannot_finish_is_not_started(st: Stack, clock: Clock, services: SlowServices) -> None:
-    """Even an invocation's first record submits only when the submit and its write fit."""
+def test_a_submit_that_cannot_finish_is_not_started(st: Stack, clock: Clock) -> None:
+    """Even an invocation's first record submits only when the submit and its write fit. A whole
+    invocation too short for a submit is a misconfigured Timeout: the record comes back later, not
+    at once (no spinning on the queue)."""
+
+    class Sends:
+        def __init__(self, sqs: Any) -> None:
+            self.sqs = sqs
+            self.sent: list[dict[str, Any]] = []
+
+        def send_message(self, **kwargs: Any) -> Any:
+            self.sent.append(kwargs)
+            return self.sqs.send_message(**{**kwargs, "DelaySeconds": 0})
+
+    sends = Sends(st.sqs)
+    ingest._ingestor = Ingestor(st.runtime, sqs=sends)
     context = LambdaContext(clock, timeout_s=SUBMIT_WORST_S["modal"])
     result = ingest.handler({"Records": [record(upload(st, 0), 0)]}, context)
     assert result == {"batchItemFailures": []}
     assert submits(st, "modal.test") == 0
     (job,) = jobs(st)
     assert job.state == "received" and job.dispatch_intent is None and job.dispatch_lease_until is None
+    (sent,) = sends.sent
+    assert sent["DelaySeconds"] == MISCONFIGURED_RETRY_S
+    assert sent["MessageAttributes"][ATTEMPTS_ATTRIBUTE]["StringValue"] == "0"
     (message,) = handed_back(st)
     assert message["MessageAttributes"][ATTEMPTS_ATTRIBUTE]["StringValue"] == "0"
 
