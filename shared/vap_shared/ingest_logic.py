@@ -265,13 +265,6 @@ class Ingestor:
     def invocation(self, time_left_s: TimeLeft | None) -> Invocation:
         return Invocation(self, time_left_s)
 
-    def handle_message(
-        self, body: str, receive_count: int = 1, time_left_s: TimeLeft | None = None
-    ) -> list[str]:
-        """One message body, as a delivery with no earlier attempts (tests, tools)."""
-        delivery = Delivery("", body, tuple(parse_sqs_body(body)), receive_count)
-        return self.handle_delivery(delivery, time_left_s)
-
     def handle_delivery(
         self, delivery: Delivery, time_left_s: TimeLeft | None = None, first: bool = False
     ) -> list[str]:
