@@ -124,19 +124,6 @@ def invoke(clock: Clock, *records: dict[str, Any]) -> tuple[dict[str, Any], floa
     return result, clock.now - started
 
 
-def handed_back(st: Stack) -> list[dict[str, Any]]:
-    """Messages ingest sent back to its queue (received and deleted, as the next poll would)."""
-    url = st.runtime.settings.ingest_queue_url
-    out = []
-    while got := st.sqs.receive_message(
-        QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"], WaitTimeSeconds=0
-    ).get("Messages", []):
-        for m in got:
-            out.append(m)
-            st.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-    return out
-
-
 def as_records(messages: list[dict[str, Any]], start: int = 100) -> list[dict[str, Any]]:
     """Re-sent messages as their next delivery (receive count 1, the attributes they carry)."""
     records = []
@@ -169,7 +156,7 @@ def test_a_slow_backend_and_a_full_batch_never_outrun_the_timeout(
         result, ran = invoke(clock, *pending)
         assert ran <= TIMEOUT_S, f"round {rounds} ran {ran:.0f} s: Lambda would have killed it"
         assert result == {"batchItemFailures": []}  # nothing is retried toward the DLQ
-        back = handed_back(st)
+        back = st.handed_back()
         assert all(m["MessageAttributes"][ATTEMPTS_ATTRIBUTE]["StringValue"] == "0" for m in back)
         pending = as_records(back, start=100 * rounds)
     assert rounds > 1
@@ -185,7 +172,7 @@ def test_modal_timing_out_falls_back_within_the_invocation_and_hands_the_rest_ba
     assert result == {"batchItemFailures": []} and ran <= TIMEOUT_S
     (dispatched,) = [j for j in jobs(st) if j.state == "dispatched"]
     assert dispatched.backend == "fal" and dispatched.fallback_from == "modal"
-    assert len(handed_back(st)) == 4 and submits(st, "queue.fal.test") == 1
+    assert len(st.handed_back()) == 4 and submits(st, "queue.fal.test") == 1
 
 
 def test_no_time_for_the_fallback_hands_the_job_back_as_one_attempt(
@@ -201,7 +188,7 @@ def test_no_time_for_the_fallback_hands_the_job_back_as_one_attempt(
     assert result == {"batchItemFailures": []}
     (job,) = jobs(st)
     assert job.state == "received" and job.dispatch_intent == "modal" and submits(st, "queue.fal.test") == 0
-    (message,) = handed_back(st)
+    (message,) = st.handed_back()
     assert message["MessageAttributes"][ATTEMPTS_ATTRIBUTE]["StringValue"] == "1"
     services.modal_times_out = False
     result, _ = invoke(clock, *as_records([message]))
@@ -234,7 +221,7 @@ def test_a_submit_that_cannot_finish_is_not_started(st: Stack, clock: Clock) -> 
     (sent,) = sends.sent
     assert sent["DelaySeconds"] == MISCONFIGURED_RETRY_S
     assert sent["MessageAttributes"][ATTEMPTS_ATTRIBUTE]["StringValue"] == "0"
-    (message,) = handed_back(st)
+    (message,) = st.handed_back()
     assert message["MessageAttributes"][ATTEMPTS_ATTRIBUTE]["StringValue"] == "0"
 
 
@@ -242,12 +229,12 @@ def test_records_start_only_with_room_for_their_worst_case(st: Stack, clock: Clo
     """A fast batch runs whole; a record is left for another invocation once less than
     RECORD_START_S is left (the first always starts)."""
     result, _ = invoke(clock, *[record(upload(st, n), n) for n in range(3)])
-    assert result == {"batchItemFailures": []} and handed_back(st) == []
+    assert result == {"batchItemFailures": []} and st.handed_back() == []
     assert [j.state for j in jobs(st)] == ["dispatched"] * 3
     context = LambdaContext(clock, timeout_s=RECORD_START_S - 1)
     ingest.handler({"Records": [record(upload(st, n), n) for n in range(3, 5)]}, context)
     assert [j.state for j in jobs(st)] == ["dispatched"] * 4  # the fifth was not even looked at
-    (message,) = handed_back(st)
+    (message,) = st.handed_back()
     assert "job-4.json" in message["Body"]
 
 
@@ -287,7 +274,7 @@ def test_waiting_for_capacity_carries_the_attempts_made_but_adds_none(
                 invoke(clock, record(upload(st, n, "modal"), n))
             result, _ = invoke(clock, record(upload(st, 2, "modal"), 2, receive_count=3, attempts=1))
             assert result == {"batchItemFailures": []}
-            (message,) = handed_back(st)
+            (message,) = st.handed_back()
             # Attempts 1 (an earlier message) + 2 (this message's first two receives): 3 made; this
             # third receive only waited.
             assert message["MessageAttributes"][ATTEMPTS_ATTRIBUTE]["StringValue"] == "3"

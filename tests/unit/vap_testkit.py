@@ -217,6 +217,23 @@ class Stack:
                 out.append(body)
                 self.sqs.delete_message(QueueUrl=self.notify_queue_url, ReceiptHandle=m["ReceiptHandle"])
 
+    def handed_back(self) -> list[dict[str, Any]]:
+        """Messages ingest sent back to its own queue (with their attributes), received and deleted as
+        the next poll would."""
+        url = self.runtime.settings.ingest_queue_url
+        out: list[dict[str, Any]] = []
+        while got := self.sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+            WaitTimeSeconds=0,
+        ).get("Messages", []):
+            for m in got:
+                out.append(m)
+                self.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+        return out
+
     def serialize_moto(self) -> None:
         """DynamoDB applies each conditional write atomically and S3 objects are safe to copy
         concurrently; moto's in-process backends lock neither, so concurrent tests serialise
