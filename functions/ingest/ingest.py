@@ -66,23 +66,23 @@ def delivery_of(record: SQSRecord) -> Delivery:
 
 
 def handle_record(invocation: Invocation, record: SQSRecord) -> None:
-    delivery = delivery_of(record)
+    attempt: int | None = None
     try:
+        delivery = delivery_of(record)
+        attempt = delivery.attempt
         invocation.handle(delivery)
     except TransientJobError as exc:
         # Expected (media not uploaded yet, backends down): a batch item failure, SQS redelivers
         # after the visibility timeout.
         logger.warning(
-            "will retry",
-            extra={"message_id": record.message_id, "attempt": delivery.attempt, "reason": str(exc)},
+            "will retry", extra={"message_id": record.message_id, "attempt": attempt, "reason": str(exc)}
         )
         raise
     except Exception as exc:
         # Unexpected: also a batch item failure, which Lambda's Errors metric does not count.
         metrics.ingest_record_crashed(type(exc).__name__)
         logger.exception(
-            "record crashed; SQS will retry it",
-            extra={"message_id": record.message_id, "attempt": delivery.attempt},
+            "record crashed; SQS will retry it", extra={"message_id": record.message_id, "attempt": attempt}
         )
         raise
 
