@@ -270,3 +270,13 @@ def test_the_read_budget_bounds_a_probe() -> None:
             return super().read(offset, length)
 
     assert media_problem("video_url", Spread(box(b"ftyp", b"isom", bytes(4)) + many)) is None
+
+
+def test_the_limits_are_the_gpu_sides() -> None:
+    """Ingest refuses exactly what the GPU side would refuse after a cold start."""
+    from vap_shared.image_probe import MAX_IMAGE_PIXELS
+
+    from gpu import media as gpu_media
+
+    assert MAX_SOURCE_FRAMES == gpu_media.MAX_SOURCE_FRAMES
+    assert MAX_IMAGE_PIXELS == gpu_media.MAX_IMAGE_PIXELS
