@@ -10,8 +10,6 @@ files a probe cannot judge within its read budget pass; the GPU side decodes the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from aws_lambda_powertools import Logger
 
 from .image_probe import ImageFacts, check_gif, check_jpeg, check_png, check_webp
@@ -23,13 +21,6 @@ logger = Logger(child=True)
 
 SNIFF_BYTES = 64
 _ISO_BMFF = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
-
-
-@dataclass(frozen=True)
-class Checked:
-    """What the check learnt (None for a format it does not look into)."""
-
-    facts: VideoFacts | ImageFacts | None
 
 
 def media_problem(field: str, src: ByteSource) -> str | None:
@@ -49,20 +40,21 @@ def media_problem(field: str, src: ByteSource) -> str | None:
     return None
 
 
-def check(field: str, head: bytes, src: ByteSource) -> Checked:
-    """Raises `MediaDamaged` or `ProbeBudgetExceeded`; `head` is the file's first bytes."""
+def check(field: str, head: bytes, src: ByteSource) -> VideoFacts | ImageFacts | None:
+    """What the structure says (None: a format not looked into); raises `MediaDamaged` or
+    `ProbeBudgetExceeded`. `head` is the file's first bytes."""
     if field == "video_url":
         if head[4:8] in _ISO_BMFF:
-            return Checked(check_mp4(src))
+            return check_mp4(src)
         if head.startswith((b"GIF87a", b"GIF89a")):
-            return Checked(check_gif(src))
-        return Checked(None)
+            return check_gif(src)
+        return None
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return Checked(check_png(src))
+        return check_png(src)
     if head.startswith(b"\xff\xd8\xff"):
-        return Checked(check_jpeg(src))
+        return check_jpeg(src)
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return Checked(check_webp(src))
+        return check_webp(src)
     if head.startswith((b"GIF87a", b"GIF89a")):
-        return Checked(check_gif(src))
-    return Checked(None)
+        return check_gif(src)
+    return None
