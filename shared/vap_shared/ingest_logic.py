@@ -1,17 +1,36 @@
 """Ingest: one S3 "sidecar created" event → validated, dispatched job (or a clear failure).
 
 Raises `TransientJobError` when the SQS message should be retried (media not uploaded yet, both
-backends down); permanent problems end the job as failed and return normally, so SQS drops the
-message instead of retrying it into the DLQ.
+backends down): a real attempt that failed, counted toward `INGEST_MAX_ATTEMPTS`. Permanent problems
+end the job as failed and return normally, so SQS drops the message instead of retrying it into the
+DLQ.
+
+Time: Lambda kills an invocation at its timeout, and a killed batch comes back whole with every
+receive count raised. So a record starts only while the time left covers its worst case
+(`RECORD_START_S`: checks, both backends' submits, the record write), except an invocation's first
+record, and each backend submit starts only while the time left covers that submit and the write
+after it. What did not start is handed back: its message body is sent again to the ingest queue
+and the delivery is consumed. A hand-back carries the attempts already made in a message attribute
+(`ATTEMPTS_ATTRIBUTE`), so a delivery's attempt number is `attempts before + receive count` and
+only real attempts count toward `INGEST_MAX_ATTEMPTS` (and toward the queue's `maxReceiveCount`,
+which sees one message's deliveries).
+
+Dispatch intent: before each submit the backend is recorded on the job (`dispatch_intent`), so a
+redelivery after a kill between a submit and the `dispatched` write does not submit blindly: for
+Modal it re-submits the same job id (the GPU API answers a repeated job id with the same call id,
+so that is the lookup) and does not fall back to fal while attempts remain (the first submit may
+have queued the job there); for fal, which has no lookup by our id, the job becomes `dispatched` at
+fal with no `backend_call_id` and waits for its first fal delivery (the webhook URL's per-job token
+proves it; the sweeper's deadlines bound it). A fal submit whose answer was lost (read timeout) is
+treated the same way: fal never gets a job twice from ingest.
 
 Backpressure: a job is dispatched only while the jobs outstanding at its backend are below what the
 job budget allows there (`Budget.capacity`). Otherwise it stays `received` (status.json `queued`),
-its message is sent again to the ingest queue with a delay, and the delivery in hand is consumed:
-waiting is never an attempt (the new message starts at receive count 1). An `auto` job waits for
-Modal rather than going to fal because Modal is busy: fal is the fallback for Modal *failing*,
-and a full pool is the normal state of a burst (fal would cost more and take every burst).
-Duplicates are harmless: the job id comes from the event, the dispatch lease lets one delivery
-dispatch, and a waiting duplicate finds the job dispatched and ends.
+its message is handed back with a delay, uncounted: waiting is never an attempt. An `auto` job
+waits for Modal rather than going to fal because Modal is busy: fal is the fallback for Modal
+*failing*, and a full pool is the normal state of a burst (fal would cost more and take every
+burst). Duplicates are harmless: the job id comes from the event, the dispatch lease lets one
+delivery dispatch, and a waiting duplicate finds the job dispatched and ends.
 
 Result reuse: a job whose media bytes, settings and explicit seed equal an earlier succeeded job's
 is answered with a copy of that job's result (no backend call, no capacity taken); see
@@ -20,54 +39,68 @@ is answered with a copy of that job's result (no backend call, no capacity taken
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from secrets import randbelow
 from typing import Any, Literal, cast
-from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
 from . import metrics, reuse
-from .backends.base import SUBMIT_TIMEOUT, Backend, Dispatch, DispatchRequest
+from .backends.base import REQUEST_WORST_S, Backend, BackendError, Dispatch, DispatchRequest
 from .backends.dispatch import DispatchFailed, dispatch
 from .backends.modal import SUBMIT_ATTEMPTS
 from .errors import FieldError, PermanentJobError, TransientJobError, field_error
 from .gpu_contract import GenerationSettings
 from .gpu_urls import service_url_fields
-from .job_store import JobStore
 from .jobs import Job, iso, parse_iso, utcnow
 from .lifecycle import aws_only_cost, fail_job, finalize_terminal, request_from_job, succeed_job
-from .media import MediaRef, data_extension, resolve_reference, sniff
+from .media import MediaRef, data_extension, resolve_reference
 from .naming import job_id as make_job_id
-from .naming import output_prefix, parse_event_time, sidecar_name, work_input_key
+from .naming import output_prefix, sidecar_name, work_input_key
 from .notifier import presign_output
 from .runtime import Runtime
+from .s3_events import S3ObjectEvent
+from .s3_events import parse_sqs_body as parse_sqs_body  # the sweeper's dead-letter drain reads it here
 from .s3io import head, read_limited
 from .sidecar import SEED_MAX, Sidecar, SidecarInvalid, decode_json_object, validate_object
 from .status_object import write_status
 
 logger = Logger(child=True)
 
-# Longer than a dispatch can take (two backend submits with tight timeouts), shorter than the
-# queue's visibility timeout, so a crashed attempt's redelivery can take over.
+# Longer than an invocation (the function's 60 s timeout), shorter than the queue's visibility
+# timeout, so a killed attempt's redelivery can take over.
 DISPATCH_LEASE_SECONDS = 120
 MEDIA_FIELDS = ("video_url", "image_url")
 # A place taken at a backend counts from the admission record until the job shows in the index:
 # longer than a dispatch (its lease) plus the index's lag.
 ADMISSION_HOLD_SECONDS = DISPATCH_LEASE_SECONDS + 60
+# The SQS message attribute a hand-back carries: real attempts made before this message.
+ATTEMPTS_ATTRIBUTE = "vap_attempts"
 
 TimeLeft = Callable[[], float]  # seconds left in this invocation
-# The longest a dispatch takes once the media are hashed: Modal's submit (tried twice) and then
-# fal's, each up to its connect + read timeout, plus a few seconds of DynamoDB/S3. Hashing for
+# Worst cases, in seconds of the invocation. A submit: each request's connect + read timeout (Modal
+# is asked twice with the same job id when an answer is lost).
+SUBMIT_WORST_S: dict[str, float] = {"modal": SUBMIT_ATTEMPTS * REQUEST_WORST_S, "fal": REQUEST_WORST_S}
+# After a submit: the `dispatched` write, status.json, metrics (and a backend secret's first read).
+RECORD_WRITE_S = 5.0
+# Re-sending the records an invocation hands back (one SQS send each).
+HAND_BACK_S = 2.0
+# A whole dispatch once the media are checked: Modal, then fal, then the write. Hashing media for
 # reuse stops while this much of the invocation is left (the job then simply runs).
-DISPATCH_RESERVE_S = (SUBMIT_ATTEMPTS + 1) * ((SUBMIT_TIMEOUT.connect or 0) + (SUBMIT_TIMEOUT.read or 0)) + 5
+DISPATCH_RESERVE_S = SUBMIT_WORST_S["modal"] + SUBMIT_WORST_S["fal"] + RECORD_WRITE_S
+# Reading the sidecar, checking the media (a few small S3 reads), the job record's first writes.
+CHECKS_S = 6.0
+# What a record needs to start: the function's Timeout must leave room for it (a template test).
+RECORD_START_S = CHECKS_S + DISPATCH_RESERVE_S + HAND_BACK_S
+# A record an invocation's whole time could not submit comes back after this long (not at once).
+MISCONFIGURED_RETRY_S = 60
 
 
 class BackendBusy(Exception):
@@ -87,80 +120,130 @@ class JobWaiting(Exception):
         self.backend = backend
 
 
-class AdmittedBackend:
-    """A backend whose submit first takes one of the `capacity` places ingest may use there."""
+class OutOfTime(Exception):
+    """Too little of the invocation is left to submit to `backend` and record it. `counted`: a
+    backend already failed in this delivery, which makes it a real attempt."""
 
-    def __init__(self, inner: Backend, store: JobStore, capacity: int) -> None:
+    def __init__(self, backend: str, counted: bool) -> None:
+        super().__init__(f"too little time left to submit to {backend}")
+        self.backend = backend
+        self.counted = counted
+
+
+class HandBack(Exception):
+    """Raised by `handle_event` for a job whose delivery is handed back (its lease is released)."""
+
+    def __init__(self, job_id: str, reason: str, counted: bool) -> None:
+        super().__init__(f"job {job_id}: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+        self.counted = counted
+
+
+class SubmitUnconfirmed(Exception):
+    """fal may have queued the job but its answer was lost: fal has no lookup by our id, so the job
+    is recorded as dispatched at fal without a request id instead of being submitted again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobMovedOn(Exception):
+    """The job left `received` before its submit (a callback, a cancel): nothing is submitted."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One SQS message as ingest sees it (typed by the handler from Powertools' `SQSRecord`)."""
+
+    message_id: str
+    body: str
+    events: tuple[S3ObjectEvent, ...]
+    receive_count: int = 1
+    # Real attempts made by the messages this one was handed back from.
+    attempts_before: int = 0
+
+    @property
+    def attempt(self) -> int:
+        """This delivery's attempt number (what `INGEST_MAX_ATTEMPTS` bounds)."""
+        return self.attempts_before + self.receive_count
+
+
+@dataclass
+class _SubmitGuard:
+    """One delivery's dispatch of one job: every submit is timed, admitted and announced (intent)."""
+
+    ingestor: Ingestor
+    job: Job
+    time_left_s: TimeLeft | None
+    intent: str | None = None
+    failures: list[BackendError] = dataclasses.field(default_factory=list)
+
+    def submit(self, inner: Backend, capacity: int, request: DispatchRequest) -> Dispatch:
+        name, store, jid = inner.name, self.ingestor.rt.store, self.job.job_id
+        needed = SUBMIT_WORST_S[name] + RECORD_WRITE_S + HAND_BACK_S
+        if self.time_left_s is not None and self.time_left_s() < needed:
+            raise OutOfTime(name, counted=bool(self.failures))
+        if not store.admit(name, jid, capacity, int(time.time()), ADMISSION_HOLD_SECONDS):
+            raise BackendBusy(name)
+        before = self.intent
+        first = self.failures[0] if self.failures else None
+        fallback = (first.backend, first.reason) if first else (None, None)
+        if not store.set_dispatch_intent(jid, name, iso(utcnow()), *fallback):
+            store.release_admission(name, jid)
+            raise JobMovedOn(jid)
+        self.intent = name
+        try:
+            return inner.submit(request)
+        except BackendError as exc:
+            store.release_admission(name, jid)  # the place was never used
+            if exc.may_have_arrived and name == "fal":
+                raise SubmitUnconfirmed(exc.reason) from None
+            if not exc.may_have_arrived:
+                self._restore(before)  # it certainly did not arrive: the earlier intent stands
+            self.failures.append(exc)
+            raise
+        except Exception:
+            store.release_admission(name, jid)
+            self._restore(before)  # raised before anything was sent (a signer, a secret)
+            raise
+
+    def _restore(self, before: str | None) -> None:
+        self.intent = before
+        self.ingestor.rt.store.set_dispatch_intent(self.job.job_id, before, iso(utcnow()))
+
+
+class _GuardedBackend:
+    """A backend as `dispatch` sees it during one ingest dispatch."""
+
+    def __init__(self, inner: Backend, guard: _SubmitGuard, capacity: int) -> None:
         self._inner = inner
-        self._store = store
+        self._guard = guard
         self._capacity = capacity
         self.name: Literal["modal", "fal"] = inner.name
 
     def submit(self, request: DispatchRequest) -> Dispatch:
-        now = int(time.time())
-        if not self._store.admit(self.name, request.job_id, self._capacity, now, ADMISSION_HOLD_SECONDS):
-            raise BackendBusy(self.name)
-        try:
-            return self._inner.submit(request)
-        except Exception:
-            self._store.release_admission(self.name, request.job_id)  # the place was never used
-            raise
+        return self._guard.submit(self._inner, self._capacity, request)
 
 
-@dataclass(frozen=True)
-class S3ObjectEvent:
-    bucket: str
-    key: str
-    etag: str
-    sequencer: str | None
-    event_time: datetime
-    event_name: str
-    size: int | None
+class Invocation:
+    """One ingest invocation: its records, each started only while the time left covers a record's
+    worst case (the first always starts: it has the whole invocation)."""
 
+    def __init__(self, ingestor: Ingestor, time_left_s: TimeLeft | None) -> None:
+        self.ingestor = ingestor
+        self.time_left_s = time_left_s
+        self.started = 0
 
-def parse_sqs_body(body: str) -> list[S3ObjectEvent]:
-    """S3 notification records in an SQS message body (real S3 or moto shape). Test events and
-    non-S3 messages give an empty list."""
-    try:
-        message = json.loads(body)
-    except ValueError:
-        logger.warning("skipping an SQS message that is not JSON")
-        return []
-    if not isinstance(message, dict):
-        return []
-    if message.get("Event") == "s3:TestEvent":
-        logger.info("skipping s3:TestEvent")
-        return []
-    # An SNS envelope (if someone routes S3 → SNS → SQS without raw delivery).
-    if message.get("Type") == "Notification" and isinstance(message.get("Message"), str):
-        return parse_sqs_body(message["Message"])
-    events: list[S3ObjectEvent] = []
-    for record in message.get("Records") or []:
-        if not isinstance(record, dict) or record.get("eventSource") != "aws:s3":
-            continue
-        name = str(record.get("eventName", ""))
-        if not name.startswith("ObjectCreated"):
-            continue
-        s3 = record.get("s3") or {}
-        obj = s3.get("object") or {}
-        bucket = (s3.get("bucket") or {}).get("name")
-        key = obj.get("key")
-        if not bucket or not key:
-            continue
-        size = obj.get("size")
-        events.append(
-            S3ObjectEvent(
-                bucket=str(bucket),
-                # Keys are URL-encoded ('+' for space; moto also encodes '/').
-                key=unquote_plus(str(key)),
-                etag=str(obj.get("eTag") or obj.get("etag") or "").strip('"'),
-                sequencer=obj.get("sequencer"),
-                event_time=parse_event_time(record.get("eventTime")),
-                event_name=name,
-                size=int(size) if isinstance(size, int) else None,
-            )
-        )
-    return events
+    def handle(self, delivery: Delivery) -> list[str]:
+        left = self.time_left_s() if self.time_left_s is not None else None
+        if self.started and left is not None and left < RECORD_START_S:
+            reason = f"not started: {left:.0f} s left"
+            self.ingestor.hand_back(delivery, counted=False, delay=0, reason=reason)
+            return []
+        self.started += 1
+        return self.ingestor.handle_delivery(delivery, self.time_left_s, first=self.started == 1)
 
 
 class Ingestor:
@@ -172,53 +255,92 @@ class Ingestor:
 
     @property
     def sqs(self) -> Any:
-        """SQS client for re-queueing waiting jobs, built on first use (concurrent threads locally)."""
+        """SQS client for handing messages back, built on first use (concurrent threads locally)."""
         if self._sqs is None:
             with self._lock:
                 if self._sqs is None:
                     self._sqs = self.rt.session.client("sqs")
         return self._sqs
 
-    def handle_message(
-        self, body: str, receive_count: int = 1, time_left_s: TimeLeft | None = None
+    def invocation(self, time_left_s: TimeLeft | None) -> Invocation:
+        return Invocation(self, time_left_s)
+
+    def handle_delivery(
+        self, delivery: Delivery, time_left_s: TimeLeft | None = None, first: bool = False
     ) -> list[str]:
-        """Process every S3 record in one SQS message; returns the job ids touched. A message with
-        a job waiting for capacity is sent again with a delay (then this delivery may be deleted).
-        `time_left_s`: the invocation's remaining time (bounds hashing media for reuse)."""
+        """Process every S3 record of one message; returns the job ids touched. A message with a job
+        that waits for capacity, or that this invocation has no time left to dispatch, is handed back
+        (then this delivery may be deleted). `time_left_s`: the invocation's remaining time; `first`:
+        this is the invocation's first record."""
         touched: list[str] = []
         waiting: list[JobWaiting] = []
-        for event in parse_sqs_body(body):
+        for event in delivery.events:
             try:
-                jid = self.handle_event(event, receive_count, time_left_s)
+                jid = self.handle_event(event, delivery.attempt, time_left_s)
             except JobWaiting as exc:
                 waiting.append(exc)
                 touched.append(exc.job_id)
                 continue
+            except HandBack as exc:
+                delay = 0
+                if first and not exc.counted:
+                    # A whole invocation too short for one submit: the function's Timeout is below
+                    # what a dispatch needs. Say so, and do not spin on the queue meanwhile.
+                    logger.error(
+                        "the ingest function's timeout leaves no room for a backend submit",
+                        extra={"job_id": exc.job_id, "needed_s": RECORD_START_S},
+                    )
+                    delay = MISCONFIGURED_RETRY_S
+                # The message's later records (if any) are handed back with it: they are
+                # idempotent for those already done.
+                self.hand_back(
+                    delivery, counted=exc.counted, delay=delay, reason=exc.reason, job_ids=[exc.job_id]
+                )
+                return [*touched, exc.job_id]
             if jid:
                 touched.append(jid)
         if waiting:
-            self._requeue(body, waiting)
+            delay = self.settings.capacity_recheck_seconds
+            # Jitter: a burst's waiting jobs do not all look again at the same moment.
+            delay = random.randint(max(1, delay // 2), delay) if delay > 1 else delay
+            backends = ", ".join(sorted({w.backend for w in waiting}))
+            self.hand_back(
+                delivery,
+                counted=False,
+                delay=delay,
+                reason=f"waiting for backend capacity ({backends})",
+                job_ids=[w.job_id for w in waiting],
+            )
         return touched
 
-    def _requeue(self, body: str, waiting: list[JobWaiting]) -> None:
+    def hand_back(
+        self, delivery: Delivery, *, counted: bool, delay: int, reason: str, job_ids: list[str] | None = None
+    ) -> None:
+        """Send the message body again to the ingest queue (after `delay` s), carrying the attempts
+        made so far: this delivery's own if `counted`, else only the earlier ones."""
         s = self.settings
         if not s.ingest_queue_url:
             raise TransientJobError([field_error(None, "The service has no INGEST_QUEUE_URL configured.")])
-        delay = s.capacity_recheck_seconds
-        # Jitter: a burst's waiting jobs do not all look again at the same moment.
-        delay = random.randint(max(1, delay // 2), delay) if delay > 1 else delay
-        self.sqs.send_message(QueueUrl=s.ingest_queue_url, MessageBody=body, DelaySeconds=delay)
+        attempts = max(0, delivery.attempt if counted else delivery.attempt - 1)
+        self.sqs.send_message(
+            QueueUrl=s.ingest_queue_url,
+            MessageBody=delivery.body,
+            DelaySeconds=delay,
+            MessageAttributes={ATTEMPTS_ATTRIBUTE: {"DataType": "Number", "StringValue": str(attempts)}},
+        )
         logger.info(
-            "waiting for backend capacity",
+            "handed back to the ingest queue",
             extra={
-                "job_ids": [w.job_id for w in waiting],
-                "backends": sorted({w.backend for w in waiting}),
-                "recheck_s": delay,
+                "message_id": delivery.message_id,
+                "job_ids": job_ids or [],
+                "reason": reason,
+                "attempts": attempts,
+                "delay_s": delay,
             },
         )
 
     def handle_event(
-        self, event: S3ObjectEvent, receive_count: int = 1, time_left_s: TimeLeft | None = None
+        self, event: S3ObjectEvent, attempt: int = 1, time_left_s: TimeLeft | None = None
     ) -> str | None:
         s = self.settings
         if event.bucket != s.bucket_name:
@@ -239,15 +361,21 @@ class Ingestor:
             logger.info("another invocation is dispatching this job", extra={"job_id": jid})
             return jid
         try:
-            self._process(job, event, receive_count, time_left_s)
+            self._process(job, event, attempt, time_left_s)
         except BackendBusy as exc:
             self.rt.store.release_dispatch_lease(jid)
             raise JobWaiting(jid, exc.backend) from None
+        except OutOfTime as exc:
+            self.rt.store.release_dispatch_lease(jid)
+            raise HandBack(jid, str(exc), exc.counted) from None
+        except JobMovedOn:
+            self.rt.store.release_dispatch_lease(jid)
+            logger.info("the job left `received` before its submit", extra={"job_id": jid})
         except PermanentJobError as exc:
             fail_job(self.rt, jid, exc.errors, kind=_kind(exc.kind))
         except TransientJobError as exc:
-            if receive_count >= s.ingest_max_attempts:
-                gave_up = field_error(None, f"Gave up after {receive_count} attempts.")
+            if attempt >= s.ingest_max_attempts:
+                gave_up = field_error(None, f"Gave up after {attempt} attempts.")
                 fail_job(self.rt, jid, [*exc.errors, gave_up], kind=_kind(exc.kind))
                 return jid
             self.rt.store.release_dispatch_lease(jid)
@@ -350,8 +478,13 @@ class Ingestor:
         return sidecar, refs
 
     def _check_media(self, refs: dict[str, MediaRef]) -> dict[str, str]:
-        """Every S3 medium exists, is not empty or too big, and looks like its kind; their ETags
-        (so the reuse hash reads exactly the objects checked here)."""
+        """Every S3 medium exists, is not empty or too big, and is an intact file of its kind (its
+        structure checked by a few ranged reads: `media_probe`), and every `data:` medium too; the S3
+        media's ETags (so the reuse hash reads exactly the objects checked here)."""
+        # Loaded on first use: it adds nothing to the cold start of an invocation with no job to check.
+        from .media_probe import media_problem
+        from .media_source import BytesSource, S3RangeSource, SourceChanged
+
         s = self.settings
         permanent: list[FieldError] = []
         missing: list[FieldError] = []
@@ -377,12 +510,10 @@ class Ingestor:
                 )
                 continue
             size = int(meta.get("ContentLength", 0))
-            if meta.get("ETag"):
-                etags[field] = str(meta["ETag"])
-            problem = sniff(field, self._first_bytes(ref.bucket, ref.key)) if size else None
-            if problem:
-                permanent.append(field_error(field, problem.replace("the file", f"the object {ref.key}")))
-            elif size == 0:
+            etag = str(meta.get("ETag") or "")
+            if etag:
+                etags[field] = etag
+            if size == 0:
                 permanent.append(field_error(field, f"`{field}`: the object {ref.key} is empty (0 bytes)."))
             elif size > s.max_input_bytes:
                 permanent.append(
@@ -392,15 +523,26 @@ class Ingestor:
                         "bytes are allowed.",
                     )
                 )
+            else:
+                source = S3RangeSource(self.rt.s3, ref.bucket, ref.key, size, etag or None)
+                try:
+                    problem = media_problem(field, source)
+                except SourceChanged:
+                    changed = f"`{field}`: the object {ref.key} was replaced while it was being checked."
+                    raise TransientJobError([field_error(field, changed)], kind="input") from None
+                if problem:
+                    permanent.append(field_error(field, problem.replace("the file", f"the object {ref.key}")))
+        for field, ref in refs.items():
+            if ref.kind == "data" and ref.data is not None:
+                problem = media_problem(field, BytesSource(ref.data))
+                if problem:
+                    message = problem.replace("the file", "the data: URI's content")
+                    permanent.append(field_error(field, message))
         if permanent:
             raise PermanentJobError(permanent + missing)
         if missing:
             raise TransientJobError(missing, kind="input")  # never uploaded: the submitter's problem
         return etags
-
-    def _first_bytes(self, bucket: str, key: str) -> bytes:
-        response = self.rt.s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-63")
-        return bytes(response["Body"].read())
 
     def _store_data_media(self, jid: str, refs: dict[str, MediaRef]) -> dict[str, MediaRef]:
         s = self.settings
@@ -419,18 +561,24 @@ class Ingestor:
         return stored
 
     def _process(
-        self, job: Job, event: S3ObjectEvent, receive_count: int, time_left_s: TimeLeft | None = None
+        self, job: Job, event: S3ObjectEvent, attempt: int, time_left_s: TimeLeft | None = None
     ) -> None:
         s = self.settings
+        if job.dispatch_intent == "fal":
+            # An earlier delivery sent the job to fal and was stopped before it recorded the answer:
+            # fal cannot be asked about it, and asking again would run it twice.
+            self._record_unconfirmed(job, "an earlier delivery was stopped after its fal submit")
+            return
         if job.inputs and job.settings and job.requested_backend and job.webhook_base_url:
-            # Validated on an earlier delivery (it waited for capacity): dispatch what was recorded,
-            # unless an equal job finished meanwhile (bursts of equal jobs are what reuse is for).
+            # Validated on an earlier delivery (it waited for capacity, ran out of time, or was
+            # stopped): dispatch what was recorded, unless an equal job finished meanwhile (bursts of
+            # equal jobs are what reuse is for).
             recorded = GenerationSettings.model_validate(job.settings)
             if job.reuse_key and self._answer_from_earlier(
                 job, job.reuse_key, recorded, job.requested_backend, job.gpus or 1
             ):
                 return
-            self._dispatch(job, request_from_job(job), job.requested_backend, receive_count)
+            self._dispatch(job, request_from_job(job), job.requested_backend, attempt, time_left_s)
             return
         raw = self._read_sidecar(event)
         sidecar, refs = self._validate(raw, event)
@@ -475,55 +623,92 @@ class Ingestor:
         )
         if not s.webhook_base_url:
             raise TransientJobError([field_error(None, "The service has no WEBHOOK_BASE_URL configured.")])
-        self._dispatch(job, request, choice, receive_count)
+        self._dispatch(job, request, choice, attempt, time_left_s)
 
-    def _admitted_backends(self) -> dict[str, Backend]:
-        budget, store = self.settings.budget, self.rt.store
-        return {
-            name: AdmittedBackend(backend, store, budget.capacity(backend.name))
+    def _dispatch(
+        self, job: Job, request: DispatchRequest, choice: str, attempt: int, time_left_s: TimeLeft | None
+    ) -> None:
+        """Submit within the backends' capacity and the invocation's time (`BackendBusy` when the
+        first backend tried is full, `OutOfTime` when a submit would not finish) and record it."""
+        s = self.settings
+        if job.dispatch_intent == "modal" and choice == "auto" and attempt < s.ingest_max_attempts:
+            # An earlier delivery may have queued the job at Modal: re-submitting the same job id
+            # finds that call; falling back to fal now could run the job twice. The last attempt
+            # falls back as usual.
+            choice = "modal"
+        request = replace(request, deadline_unix=s.budget.deadline_unix(time.time()))
+        guard = _SubmitGuard(self, job, time_left_s, intent=job.dispatch_intent)
+        backends = {
+            name: _GuardedBackend(backend, guard, s.budget.capacity(backend.name))
             for name, backend in self.rt.backends.items()
         }
-
-    def _dispatch(self, job: Job, request: DispatchRequest, choice: str, receive_count: int) -> None:
-        """Submit within the backends' capacity (`BackendBusy` when the first one tried is full)
-        and record the dispatch."""
-        request = replace(request, deadline_unix=self.settings.budget.deadline_unix(time.time()))
         try:
-            outcome = dispatch(request, choice, self._admitted_backends())
+            outcome = dispatch(request, choice, backends)
+        except SubmitUnconfirmed as exc:
+            self._record_unconfirmed(job, exc.reason)
+            return
         except DispatchFailed as exc:
             if exc.retryable:
                 raise TransientJobError(exc.errors) from None
             # A 422 is the request's fault; anything else (credentials refused) is the service's.
             raise PermanentJobError(exc.errors, kind="input" if exc.rejected else "internal") from None
         d = outcome.dispatch
-        fields = {
-            "backend": d.backend,
-            "backend_call_id": d.call_id,
-            "fal_urls": d.urls or None,
-            "fallback_from": outcome.fallback_from,
-            "fallback_reason": outcome.fallback_reason,
-            "dispatched_at": iso(utcnow()),
-            "dispatch_lease_until": None,
-        }
-        updated = self.rt.store.transition(
-            job.job_id, "dispatched", fields, iso(utcnow()), sources=("received",)
+        self._record_dispatch(
+            job,
+            {
+                "backend": d.backend,
+                "backend_call_id": d.call_id,
+                "fal_urls": d.urls or None,
+                "fallback_from": outcome.fallback_from,
+                "fallback_reason": outcome.fallback_reason,
+                "dispatched_at": iso(utcnow()),
+                "dispatch_lease_until": None,
+                "dispatch_intent": None,
+                "dispatch_intent_at": None,
+            },
+            attempt,
         )
+
+    def _record_unconfirmed(self, job: Job, reason: str) -> None:
+        """The job is at fal (or may be) without a recorded request id: `dispatched` there, waiting
+        for its first fal delivery."""
+        current = self.rt.store.get(job.job_id) or job
+        logger.warning(
+            "fal may have the job but its request id is unknown; waiting for its webhook",
+            extra={"job_id": job.job_id, "reason": reason},
+        )
+        self._record_dispatch(
+            current,
+            {
+                "backend": "fal",
+                "backend_call_id": None,
+                "fal_urls": None,
+                "dispatched_at": current.dispatch_intent_at or iso(utcnow()),
+                "dispatch_lease_until": None,
+            },
+            None,
+        )
+
+    def _record_dispatch(self, job: Job, fields: dict[str, Any], attempt: int | None) -> None:
+        store = self.rt.store
+        updated = store.transition(job.job_id, "dispatched", fields, iso(utcnow()), sources=("received",))
         if updated is None:
             # A callback already moved the job on (running/terminal): keep its state, add our fields.
             self.rt.store.update_fields(job.job_id, fields, iso(utcnow()), only_if_absent="backend_call_id")
         else:
             write_status(self.rt.s3, self.settings.bucket_name, updated)
-        if outcome.fallback_from:
-            metrics.fallback(outcome.fallback_from, job.job_id)
-        metrics.job_dispatched(d.backend, _seconds_since(job.received_at), job.job_id)
+        fallback_from = fields.get("fallback_from", job.fallback_from)
+        if fallback_from:
+            metrics.fallback(fallback_from, job.job_id)
+        metrics.job_dispatched(fields["backend"], _seconds_since(job.received_at), job.job_id)
         logger.info(
             "job dispatched",
             extra={
                 "job_id": job.job_id,
-                "backend": d.backend,
-                "call_id": d.call_id,
-                "fallback_from": outcome.fallback_from,
-                "receive_count": receive_count,
+                "backend": fields["backend"],
+                "call_id": fields["backend_call_id"],
+                "fallback_from": fallback_from,
+                "attempt": attempt,
             },
         )
 

@@ -196,6 +196,28 @@ class JobStore:
     def release_dispatch_lease(self, job_id: str) -> None:
         self._update(job_id, {"dispatch_lease_until": None}, "attribute_exists(job_id)", {}, {})
 
+    def set_dispatch_intent(
+        self,
+        job_id: str,
+        backend: str | None,
+        now_iso: str,
+        fallback_from: str | None = None,
+        fallback_reason: str | None = None,
+    ) -> bool:
+        """Record, before a submit, the backend a `received` job is about to be sent to (and, for a
+        fallback, the backend that failed and why), or clear it (`backend` None) after a submit that
+        certainly did not arrive. False when the job is no longer `received` (a callback moved it
+        on, or it was cancelled): then nothing is submitted."""
+        fields: dict[str, Any] = {
+            "dispatch_intent": backend,
+            "dispatch_intent_at": now_iso if backend else None,
+            "fallback_from": fallback_from,
+            "fallback_reason": fallback_reason,
+            "updated_at": now_iso,
+        }
+        condition, names, values = "#state = :received", {"#state": "state"}, {":received": "received"}
+        return self._update(job_id, fields, condition, names, values) is not None
+
     def claim_notification(self, job_id: str, now_iso: str) -> bool:
         """True exactly once per job: the caller then publishes."""
         result = self._update(

@@ -41,6 +41,7 @@ QUEUE_SECONDS: Final = "QueueToDispatchSeconds"
 GENERATION_SECONDS: Final = "GenerationSeconds"
 JOB_COST_USD: Final = "JobCostUSD"
 STUCK_JOBS: Final = "StuckJobs"
+INGEST_RECORD_CRASHES: Final = "IngestRecordCrashes"
 
 # Dimension names and their values.
 BACKEND: Final = "backend"
@@ -78,6 +79,12 @@ _SPEC_LIST = (
     MetricSpec(GENERATION_SECONDS, "Seconds", (_TOTAL, (BACKEND,)), "dispatch to stored result"),
     MetricSpec(JOB_COST_USD, "None", (_TOTAL, (BACKEND,)), "estimated cost of a finished job, USD"),
     MetricSpec(STUCK_JOBS, "Count", (_TOTAL,), "jobs a sweep had to settle (result or failure never came)"),
+    MetricSpec(
+        INGEST_RECORD_CRASHES,
+        "Count",
+        (_TOTAL,),
+        "ingest records that raised unexpectedly (a bug or an AWS error; SQS retries them)",
+    ),
 )
 SPECS: Final[dict[str, MetricSpec]] = {s.name: s for s in _SPEC_LIST}
 METRIC_NAMES: Final[tuple[str, ...]] = tuple(SPECS)
@@ -133,8 +140,10 @@ def emit(
     dimensions: dict[str, str] | None = None,
     ns: str | None = None,
     job_id: str | None = None,
+    properties: dict[str, str] | None = None,
 ) -> None:
-    """One EMF line: `values` (metric name -> value) under every dimension set their specs declare.
+    """One EMF line: `values` (metric name -> value) under every dimension set their specs declare;
+    `job_id` and `properties` are plain properties of the line (not dimensions).
 
     All metrics in one call must declare the same dimension sets (EMF applies a line's sets to all
     of its metrics). Never raises: a broken metric is logged and dropped.
@@ -160,6 +169,8 @@ def emit(
             metrics.add_dimensions(**{key: given[key] for key in extra})
         if job_id:
             metrics.add_metadata(key="job_id", value=job_id)
+        for key, value in (properties or {}).items():
+            metrics.add_metadata(key=key, value=value)
         from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 
         if not is_metrics_disabled():  # Powertools' own switch (POWERTOOLS_METRICS_DISABLED)
@@ -219,3 +230,10 @@ def result_reused(cost_usd: float | None = None, job_id: str | None = None) -> N
 def stuck_jobs(count: int) -> None:
     """Once per sweep, also when 0, so the alarm and dashboard see the sweeper is running."""
     emit({STUCK_JOBS: count})
+
+
+def ingest_record_crashed(error: str) -> None:
+    """An ingest record raised something other than an expected retry (media not uploaded yet, both
+    backends down): Lambda's `Errors` cannot see it (a batch item failure is not a function error).
+    `error` (the exception's type) is a plain property, not a dimension."""
+    emit({INGEST_RECORD_CRASHES: 1}, properties={"error": error})

@@ -144,19 +144,19 @@ def test_crash_before_dispatch_is_redelivered_and_dispatched_once(st, monkeypatc
 
 
 def test_crash_after_dispatch_before_the_record_is_written(st, monkeypatch):
-    """The GPU got the job but the record still says `received`: the redelivery dispatches again
-    (a second GPU run, the price of at-least-once), and only the recorded call may finish it."""
+    """The GPU got the job but the record still says `received` (its dispatch intent says Modal):
+    the redelivery submits the same job id again, which the GPU API answers with the same call, so
+    the job runs once and that call finishes it."""
     event = upload(st)
     crash_once(monkeypatch, job_store.JobStore, "transition", when=lambda self, jid, target, *a, **k: True)
     assert deliver(event) == ["m-0"]
     first = the_job(st)
     assert first.state == "received" and first.backend_call_id is None and len(modal_submits(st)) == 1
+    assert first.dispatch_intent == "modal" and first.dispatch_intent_at
     assert deliver(event, receive_count=2) == []
     job = the_job(st)
-    assert job.state == "dispatched" and job.backend_call_id == "fc-2"
-    # The first run's callback is stale (another call is recorded); the second one finishes the job.
-    assert post(gpu_done(st, job, call_id="fc-1")) == 200
-    assert the_job(st).state == "dispatched" and st.notifications() == []
+    assert job.state == "dispatched" and job.backend_call_id == "fc-1" and job.dispatch_intent is None
+    assert len(modal_submits(st)) == 2 and set(st.services.modal_calls.values()) == {"fc-1"}
     assert post(gpu_done(st, job)) == 200
     assert_exactly_once(st)
 

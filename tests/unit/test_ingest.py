@@ -230,7 +230,7 @@ def test_empty_media_is_permanent(st):
 
 
 def test_data_uri_media_is_stored_in_work(st):
-    video = base64.b64encode(b"\x00\x00\x00\x18ftypmp42").decode()
+    video = base64.b64encode(MP4).decode()
     image = base64.b64encode(PNG).decode()
     sidecar = {
         **FAL_EXAMPLE,
@@ -350,6 +350,42 @@ def test_media_that_is_not_a_video_or_image(st, video, image, field, needle):
     assert st.services.requests == []
 
 
+@pytest.mark.parametrize(
+    ("video", "image", "field", "needle"),
+    [
+        (
+            MP4[: len(MP4) - 300],
+            None,
+            "video_url",
+            "`video_url`: the MP4 is truncated: its `mdat` box runs to",
+        ),
+        (MP4[:200], None, "video_url", "`video_url`: the MP4 is truncated: its `moov` box runs to"),
+        (None, PNG[:-12], "image_url", "`image_url`: the PNG is truncated"),
+    ],
+)
+def test_damaged_media_fail_at_ingest_without_reaching_a_backend(st, video, image, field, needle):
+    st.put("inbox/set/clip.mp4", video or MP4)
+    st.put("inbox/set/face.png", image or PNG)
+    call(ingest.handler, sqs_event(upload_job(st, media=False)))
+    job = only_job(st)
+    assert job.state == "failed" and [e["field"] for e in job.errors] == [field]
+    (error,) = job.errors
+    assert error["message"].startswith(needle) and "\n" not in error["message"]
+    assert st.services.requests == []
+    (note,) = st.notifications()
+    assert note["errors"] == job.errors
+
+
+def test_a_damaged_data_uri_fails_naming_its_field(st):
+    video = base64.b64encode(MP4[:-50]).decode()
+    sidecar = {**FAL_EXAMPLE, "video_url": f"data:video/mp4;base64,{video}"}
+    call(ingest.handler, sqs_event(upload_job(st, sidecar=sidecar, media=False)))
+    (error,) = only_job(st).errors
+    assert error["field"] == "video_url" and "the MP4 is truncated" in error["message"]
+    assert "the data: URI's content has" in error["message"]
+    assert st.services.requests == []
+
+
 def test_huge_media_is_refused(monkeypatch):
     with stack(monkeypatch, MAX_INPUT_BYTES="1000") as st:
         ingest._ingestor = Ingestor(st.runtime)
@@ -407,3 +443,29 @@ def test_a_bad_event_time_still_makes_one_job_per_event(st, monkeypatch, event_t
     assert (
         make_job_id(parsed.event_time, parsed.bucket, parsed.key, parsed.etag, parsed.sequencer) == job.job_id
     )
+
+
+def _crash_lines(out: str) -> list[dict]:
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
+    return [line for line in lines if "IngestRecordCrashes" in line]
+
+
+def test_a_record_that_crashes_is_retried_and_counted_for_the_alarm(st, monkeypatch, capsys):
+    """Lambda's Errors metric cannot see a batch item failure: the handler counts it itself."""
+    event = upload_job(st)
+
+    def boom(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(Ingestor, "handle_event", boom)
+    capsys.readouterr()
+    assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": [{"itemIdentifier": "m-0"}]}
+    (line,) = _crash_lines(capsys.readouterr().out)
+    assert line["IngestRecordCrashes"] == [1.0] and line["error"] == "KeyError"
+
+
+def test_an_expected_retry_is_not_a_crash(st, capsys):
+    event = upload_job(st, media=False)  # media not uploaded yet: retried, not a crash
+    capsys.readouterr()
+    assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": [{"itemIdentifier": "m-0"}]}
+    assert _crash_lines(capsys.readouterr().out) == []

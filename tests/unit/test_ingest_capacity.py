@@ -55,18 +55,6 @@ def _job(st: Stack, key: str) -> Any:
     return job
 
 
-def _requeued(st: Stack) -> list[dict[str, Any]]:
-    url = st.runtime.settings.ingest_queue_url
-    messages = []
-    while got := st.sqs.receive_message(
-        QueueUrl=url, MaxNumberOfMessages=10, AttributeNames=["All"], WaitTimeSeconds=0
-    ).get("Messages", []):
-        for m in got:
-            messages.append(m)
-            st.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-    return messages
-
-
 def _finish(st: Stack, job_id: str) -> None:
     st.store.transition(job_id, "succeeded", {"completed_at": iso(utcnow())}, iso(utcnow()))
 
@@ -80,7 +68,7 @@ def test_a_full_backend_keeps_the_job_queued_and_requeues_its_message(
     # The third: Modal has 2 outstanding = 2 x 1 container.
     result = call(ingest.handler, sqs_event(events[2], receive_count=1))
     assert result == {"batchItemFailures": []}  # this delivery is consumed...
-    (message,) = _requeued(st)  # ...and a fresh one waits in the queue
+    (message,) = st.handed_back()  # ...and a fresh one waits in the queue
     assert json.loads(message["Body"]) == events[2]
     # Looked at again after CAPACITY_RECHECK_SECONDS (jittered down to half of it).
     (delay,) = st.delays  # type: ignore[attr-defined]
@@ -95,7 +83,7 @@ def test_a_full_backend_keeps_the_job_queued_and_requeues_its_message(
     _finish(st, _job(st, "inbox/cap/job-0.json").job_id)
     assert call(ingest.handler, sqs_event(message["Body"])) == {"batchItemFailures": []}
     assert _job(st, "inbox/cap/job-2.json").state == "dispatched"
-    assert len(services.calls("modal.test")) == 3 and _requeued(st) == []
+    assert len(services.calls("modal.test")) == 3 and st.handed_back() == []
 
 
 def test_waiting_is_not_an_attempt(st: Stack) -> None:
@@ -105,7 +93,7 @@ def test_waiting_is_not_an_attempt(st: Stack) -> None:
     # Even a delivery at the last allowed attempt only waits: the job is not failed.
     attempts = st.runtime.settings.ingest_max_attempts
     assert call(ingest.handler, sqs_event(events[2], receive_count=attempts)) == {"batchItemFailures": []}
-    (message,) = _requeued(st)
+    (message,) = st.handed_back()
     assert message["Attributes"]["ApproximateReceiveCount"] == "1"
     assert _job(st, "inbox/cap/job-2.json").state == "received"
 
@@ -116,7 +104,7 @@ def test_auto_waits_for_a_busy_modal_instead_of_using_fal(st: Stack, services: F
         call(ingest.handler, sqs_event(event))
     assert len(services.calls("modal.test")) == 2
     assert services.calls("queue.fal.test") == []
-    assert _job(st, "inbox/cap/job-2.json").state == "received" and len(_requeued(st)) == 1
+    assert _job(st, "inbox/cap/job-2.json").state == "received" and len(st.handed_back()) == 1
 
 
 def test_modal_down_still_falls_back_within_fals_capacity(st: Stack, services: FakeServices) -> None:
@@ -127,7 +115,7 @@ def test_modal_down_still_falls_back_within_fals_capacity(st: Stack, services: F
     first = _job(st, "inbox/cap/job-0.json")
     assert first.state == "dispatched" and first.backend == "fal" and first.fallback_from == "modal"
     # fal holds one: the second waits (Modal is tried again when it comes back).
-    assert _job(st, "inbox/cap/job-1.json").state == "received" and len(_requeued(st)) == 1
+    assert _job(st, "inbox/cap/job-1.json").state == "received" and len(st.handed_back()) == 1
     assert len(services.calls("queue.fal.test")) == 1
 
 
@@ -137,10 +125,10 @@ def test_duplicate_deliveries_of_a_waiting_job_make_one_dispatch(st: Stack, serv
         call(ingest.handler, sqs_event(event))
     call(ingest.handler, sqs_event(events[2]))
     call(ingest.handler, sqs_event(events[2]))  # S3 delivered the event twice
-    waiting = _requeued(st)
+    waiting = st.handed_back()
     assert len(waiting) == 2
     _finish(st, _job(st, "inbox/cap/job-0.json").job_id)
     for message in waiting:
         assert call(ingest.handler, sqs_event(message["Body"])) == {"batchItemFailures": []}
     assert _job(st, "inbox/cap/job-2.json").state == "dispatched"
-    assert len(services.calls("modal.test")) == 3 and _requeued(st) == []
+    assert len(services.calls("modal.test")) == 3 and st.handed_back() == []

@@ -83,6 +83,18 @@ def test_success_dispatch_and_reuse_lines(capsys: pytest.CaptureFixture[str]) ->
     assert stuck["StuckJobs"] == [0.0]
 
 
+def test_ingest_record_crash_line(capsys: pytest.CaptureFixture[str]) -> None:
+    metrics.ingest_record_crashed("ClientError")
+    (line,) = emf_lines(capsys.readouterr().out)
+    assert directive(line) == {
+        "Namespace": "VAP/teststack",
+        "Dimensions": [[]],
+        "Metrics": [{"Name": "IngestRecordCrashes", "Unit": "Count"}],
+    }
+    # The exception type is a plain property for Logs Insights, not a dimension.
+    assert line["IngestRecordCrashes"] == [1.0] and line["error"] == "ClientError"
+
+
 def test_every_line_matches_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
     metrics.job_received()
     metrics.job_dispatched("modal", 1.0)
@@ -91,6 +103,7 @@ def test_every_line_matches_the_spec(capsys: pytest.CaptureFixture[str]) -> None
     metrics.fallback("modal")
     metrics.result_reused(0.0006)
     metrics.stuck_jobs(2)
+    metrics.ingest_record_crashed("ClientError")
     seen: set[str] = set()
     for doc in emf_lines(capsys.readouterr().out):
         d = directive(doc)

@@ -162,6 +162,16 @@ EXPECTED: dict[str, tuple[Any, ...]] = {
         "GreaterThanThreshold",
         "alarm-ingest-queue-backlog",
     ),
+    "IngestRecordCrashesAlarm": (
+        NAMESPACE,
+        metrics.INGEST_RECORD_CRASHES,
+        {},
+        "Sum",
+        300,
+        1,
+        "GreaterThanOrEqualToThreshold",
+        "alarm-ingest-record-crashes",
+    ),
     "StuckJobsAlarm": (
         NAMESPACE,
         metrics.STUCK_JOBS,

@@ -16,6 +16,7 @@ import boto3
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from media_kit import mp4, png
 from moto import mock_aws
 from vap_shared.config import Settings
 from vap_shared.runtime import Runtime
@@ -31,8 +32,9 @@ MODAL_URL = "https://modal.test"
 FAL_QUEUE = "https://queue.fal.test"
 JWKS_URL = "https://jwks.test/.well-known/jwks.json"
 WEBHOOK_BASE = "https://hooks.test"
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
-MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + b"\x00" * 2000
+# Structurally complete media (ingest checks an upload's MP4 boxes / PNG header before dispatch).
+PNG = png()
+MP4 = mp4()
 
 FAL_EXAMPLE: dict[str, Any] = {
     "prompt": "A chestnut-colored horse stands on a grassy hill against a backdrop of distant, snow-dusted "
@@ -85,11 +87,13 @@ class FakeServices:
     modal_status: int = 202
     modal_error: type[Exception] | None = None
     fal_status: int = 200
+    fal_error: type[Exception] | None = None
     fal_body: dict[str, Any] | None = None
     cdn_body: bytes = MP4
     cdn_status: int = 200
     requests: list[httpx.Request] = field(default_factory=list)
     counter: int = 0
+    modal_calls: dict[str, str] = field(default_factory=dict)  # job id -> call id (GPU API's memory)
     on_modal_submit: Callable[[dict[str, Any]], None] | None = None
 
     def calls(self, host: str) -> list[httpx.Request]:
@@ -106,11 +110,21 @@ class FakeServices:
                 or request.headers.get("modal-secret") != MODAL_SECRET
             ):
                 return httpx.Response(401)
+            if request.url.path == "/submit" and self.modal_status < 300:
+                # Like the GPU API: a repeated job id is answered with that job's call, nothing new runs.
+                job_id = json.loads(request.content).get("job_id", "")
+                if job_id in self.modal_calls:
+                    return httpx.Response(self.modal_status, json={"call_id": self.modal_calls[job_id]})
             self.counter += 1
+            call_id = f"fc-{self.counter}"
+            if self.modal_status < 300 and request.url.path == "/submit":
+                self.modal_calls[json.loads(request.content).get("job_id", "")] = call_id
             if self.on_modal_submit and self.modal_status < 300:
-                self.on_modal_submit({**json.loads(request.content), "call_id": f"fc-{self.counter}"})
-            return httpx.Response(self.modal_status, json={"call_id": f"fc-{self.counter}"})
+                self.on_modal_submit({**json.loads(request.content), "call_id": call_id})
+            return httpx.Response(self.modal_status, json={"call_id": call_id})
         if host == "queue.fal.test":
+            if self.fal_error:
+                raise self.fal_error("boom", request=request)
             if request.headers.get("authorization") != f"Key {FAKE_FAL_API_KEY}":
                 return httpx.Response(401)
             self.counter += 1
@@ -202,6 +216,23 @@ class Stack:
                 }
                 out.append(body)
                 self.sqs.delete_message(QueueUrl=self.notify_queue_url, ReceiptHandle=m["ReceiptHandle"])
+
+    def handed_back(self) -> list[dict[str, Any]]:
+        """Messages ingest sent back to its own queue (with their attributes), received and deleted as
+        the next poll would."""
+        url = self.runtime.settings.ingest_queue_url
+        out: list[dict[str, Any]] = []
+        while got := self.sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+            WaitTimeSeconds=0,
+        ).get("Messages", []):
+            for m in got:
+                out.append(m)
+                self.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+        return out
 
     def serialize_moto(self) -> None:
         """DynamoDB applies each conditional write atomically and S3 objects are safe to copy

@@ -43,13 +43,22 @@ class BackendError(Exception):
     fallback, no retry)."""
 
     def __init__(
-        self, backend: str, kind: ErrorKind, reason: str, errors: list[FieldError] | None = None
+        self,
+        backend: str,
+        kind: ErrorKind,
+        reason: str,
+        errors: list[FieldError] | None = None,
+        *,
+        may_have_arrived: bool = False,
     ) -> None:
         super().__init__(f"{backend}: {reason}")
         self.backend = backend
         self.kind = kind
         self.reason = reason
         self.errors = errors or []
+        # The request was sent but its answer was lost (a read timeout, a dropped connection): the
+        # backend may have queued the job.
+        self.may_have_arrived = may_have_arrived
 
     @property
     def may_fall_back(self) -> bool:
@@ -69,6 +78,10 @@ class Backend(Protocol):
 UrlSigner = Callable[[str, str], str]  # (bucket, key) -> presigned GET URL
 
 SUBMIT_TIMEOUT = httpx.Timeout(10.0, connect=3.0, pool=3.0)
+# The longest one submit request can take before it fails: connecting, then waiting for the answer.
+REQUEST_WORST_S = (SUBMIT_TIMEOUT.connect or 0.0) + (SUBMIT_TIMEOUT.read or 0.0)
+# Errors after which a request may have reached the backend (so it may have queued the job).
+MAY_HAVE_ARRIVED = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.RemoteProtocolError)
 
 
 def media_url(ref: MediaRef, sign: UrlSigner) -> str:
@@ -81,9 +94,13 @@ def media_url(ref: MediaRef, sign: UrlSigner) -> str:
 
 
 def classify_http_error(backend: str, exc: httpx.HTTPError) -> BackendError:
+    arrived = isinstance(exc, MAY_HAVE_ARRIVED)
     if isinstance(exc, httpx.TimeoutException):
-        return BackendError(backend, "transient", f"timed out ({type(exc).__name__})")
-    return BackendError(backend, "transient", f"connection failed ({type(exc).__name__})")
+        reason = f"timed out ({type(exc).__name__})"
+        return BackendError(backend, "transient", reason, may_have_arrived=arrived)
+    return BackendError(
+        backend, "transient", f"connection failed ({type(exc).__name__})", may_have_arrived=arrived
+    )
 
 
 def classify_status(backend: str, response: httpx.Response, action: str | None = None) -> BackendError:

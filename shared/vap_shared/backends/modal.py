@@ -18,6 +18,7 @@ from ..gpu_contract import CancelResponse, GpuCount, GpuJobRequest, StatusRespon
 from ..gpu_urls import refresh_url, service_url_fields
 from ..signing import derive_callback_key
 from .base import (
+    MAY_HAVE_ARRIVED,
     SUBMIT_TIMEOUT,
     BackendError,
     Dispatch,
@@ -30,9 +31,8 @@ from .base import (
     service_url,
 )
 
-# Errors after which the submit may have reached the GPU API (so Modal may have queued the job):
-# the submit is retried with the same job id, which the GPU API answers with the same call id.
-MAY_HAVE_ARRIVED = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+# After an error that may have reached the GPU API (base.MAY_HAVE_ARRIVED: Modal may have queued the
+# job) the submit is retried with the same job id, which the GPU API answers with the same call id.
 SUBMIT_ATTEMPTS = 2
 
 
