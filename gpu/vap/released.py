@@ -2,7 +2,7 @@
 
 Shapes as in `ByteDance/Video-As-Prompt-Wan2.1-14B` (Wan2.1-I2V-14B's encoders and VAE) and the
 safety checker the service runs (`CompVis/stable-diffusion-safety-checker`), with the dtypes the
-service loads them in (`gpu.vap.loading`, `gpu.modal_app`). On the meta device they cost nothing
+service loads them in (`gpu.vap.loading`, `gpu.service.modal_app`). On the meta device they cost nothing
 (the memory plan and the FLOP count use them that way); on a GPU, `random_weights` fills them so
 the benchmark can run the whole pipeline without downloading 66 GB.
 
@@ -70,7 +70,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 TEXT_DTYPE = torch.bfloat16  # UMT5 and the transformer
 IMAGE_DTYPE = torch.float32  # CLIP (as the reference)
 VAE_DTYPE = torch.float32  # docs/model.md: why not bf16
-SAFETY_DTYPE = torch.float16  # gpu/modal_app.py loads the checker in fp16
+SAFETY_DTYPE = torch.float16  # gpu/service/modal_app.py loads the checker in fp16
 
 
 @dataclass

@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from gpu.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES
 from gpu.parallel.layout import (
     bounds,
     heads_to_send,
@@ -15,6 +14,7 @@ from gpu.parallel.layout import (
     sequence_to_send,
     split_sizes,
 )
+from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES
 
 
 def _attention(q, k, v):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpu.parallel.scaling import (
+from gpu.tools.scaling import (
     H100,
     H200,
     JobShape,
@@ -66,7 +66,7 @@ def test_default_job_figures_match_the_notes():
 
 
 def test_all_to_all_volume_formula_matches_what_the_tiny_run_sends():
-    # `python -m gpu.check_parallel --world-size 2 4` reports 3024 elements sent by rank 0 per forward
+    # `python -m gpu.tools.check_parallel --world-size 2 4` reports 3024 elements sent by rank 0 per forward
     # at world 2 (tiny model: 3 blocks, experts 0-1, 4 heads × 6, 48×32 px, 9 frames, CFG rows shared
     # in block 0: 3888 if they were not).
     tiny = ModelDims(layers=3, expert_blocks=2, width=24, heads=4)

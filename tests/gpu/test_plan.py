@@ -1,4 +1,4 @@
-"""gpu/plan.py: every accepted job has a GPU it fits, measured from the model; `choose_gpu`."""
+"""gpu/tools/plan.py: every accepted job has a GPU it fits, measured from the model; `choose_gpu`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu import plan
-from gpu.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.tools import plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ def test_plan_covers_every_accepted_size_and_all_fit():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # --check: the committed table choose_gpu reads is what the model gives today.
     run = subprocess.run(
-        [sys.executable, "-m", "gpu.plan", "--check"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "gpu.tools.plan", "--check"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines() if line.endswith((" yes", " NO"))]
@@ -122,7 +122,7 @@ def test_sizes_and_counts_the_service_does_not_offer_are_errors():
 def test_choosing_needs_no_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from gpu.plan import choose_gpu; print(choose_gpu(832, 480, 49).modal_gpu)"
+        "from gpu.tools.plan import choose_gpu; print(choose_gpu(832, 480, 49).modal_gpu)"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

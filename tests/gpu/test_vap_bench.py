@@ -1,14 +1,14 @@
-"""gpu/bench.py: the CPU smoke run goes through the same code as `--full` on a GPU."""
+"""gpu/tools/bench.py: the CPU smoke run goes through the same code as `--full` on a GPU."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpu import bench
+from gpu.tools import bench
 
 pytestmark = pytest.mark.slow
 
-MARKER = "<!-- gpu.bench output below: generated, do not edit -->"
+MARKER = "<!-- gpu.tools.bench output below: generated, do not edit -->"
 
 
 def test_smoke_run_reports_every_section_and_writes_the_document(tmp_path, capsys):

@@ -1,10 +1,10 @@
-"""gpu/flops.py: the FLOP counter (FlopCounterMode on the meta device) against the layer shapes."""
+"""gpu/tools/flops.py: the FLOP counter (FlopCounterMode on the meta device) against the layer shapes."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpu.flops import analytic_step_flops, count_step
+from gpu.tools.flops import analytic_step_flops, count_step
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
 from gpu.vap.transformer import RELEASED_14B_CONFIG
 

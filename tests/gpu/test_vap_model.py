@@ -298,7 +298,7 @@ def test_precomputed_context_equals_raw_inputs():
 
 
 def test_the_loop_constants_are_freed_before_the_vae_decode(monkeypatch):
-    # gpu.plan sizes the decode phase as the VAE alone: the reference stream and the context
+    # gpu.tools.plan sizes the decode phase as the VAE alone: the reference stream and the context
     # (GBs at 720p) must be dead by then.
     import weakref
 

@@ -1,12 +1,12 @@
 """The Modal app: VAP on the GPU each job needs, behind the GPU HTTP API (docs/gpu.md: deploy steps).
 
-    modal run gpu/modal_app.py::download_weights   # once: fill the weights volume
-    modal deploy gpu/modal_app.py                  # the API URL is printed; use it as ModalEndpointUrl
-    modal run gpu/modal_app.py --video clip.mp4 --image img.jpg --prompt "…" --video-description "…"
-                                                   # one video from local files, no AWS (saved locally)
+    modal run gpu/service/modal_app.py::download_weights   # once: fill the weights volume
+    modal deploy gpu/service/modal_app.py   # the API URL is printed; use it as ModalEndpointUrl
+    modal run gpu/service/modal_app.py --video clip.mp4 --image img.jpg --prompt "…" --video-description "…"
+                                            # one video from local files, no AWS (saved locally)
 
 Builds offline without a token (tests import it); only deploy/run/spawn talk to Modal. Settings are
-read from the deployer's environment (`gpu.modal_settings`) and forwarded to every function, since
+read from the deployer's environment (`gpu.service.modal_settings`) and forwarded to every function, since
 Modal re-imports this file in each container with only what is forwarded.
 """
 
@@ -17,21 +17,22 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-try:  # `modal deploy gpu/modal_app.py` imports this file by path: make `gpu` and `vap_shared` importable
+# `modal deploy gpu/service/modal_app.py` imports this file by path: make `gpu` and `vap_shared` importable.
+try:
     import gpu  # noqa: F401
 except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 try:
     import vap_shared  # noqa: F401
 except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
 import modal
 from vap_shared.gpu_contract import GenerationSettings
 
-from gpu import plan
-from gpu.generation import target_size
-from gpu.modal_settings import GpuClass, forwarded_env, read_settings
+from gpu.service.generation import target_size
+from gpu.service.modal_settings import GpuClass, forwarded_env, read_settings
+from gpu.tools import plan
 
 SETTINGS = read_settings()
 # Every setting the deployer set, handed to every function: a container re-imports this module
@@ -100,7 +101,7 @@ def download_weights() -> None:
     """Fill the volume with the pinned VAP checkpoint and safety checker (run once per revision)."""
     from huggingface_hub import HfApi, snapshot_download
 
-    from gpu.safety import SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION
+    from gpu.service.safety import SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION
 
     requested = SETTINGS.revision or VAP_REVISION
@@ -125,7 +126,7 @@ def recorded_revision(default: str) -> str:
 def load_engine(gpu_class: GpuClass, device: str) -> Any:
     """The engine for one container: the pipeline on one GPU, or the sequence-parallel engine of
     `gpu.parallel` over all of the container's GPUs."""
-    from gpu.engine import VideoEngine
+    from gpu.service.engines.single import VideoEngine
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
 
     revision = recorded_revision(SETTINGS.revision or VAP_REVISION)
@@ -145,8 +146,8 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
     # stays off here until a GPU run has checked it with the all-to-all attention.
     from functools import partial
 
-    from gpu.parallel.engine import SequenceParallelEngine
-    from gpu.parallel.loaders import ReleasedTransformer
+    from gpu.service.engines.loaders import ReleasedTransformer
+    from gpu.service.engines.sequence_parallel import SequenceParallelEngine
 
     return SequenceParallelEngine(
         partial(load_pipeline, VAP_REPO_ID, revision=revision, offload_encoders=offload),
@@ -167,8 +168,8 @@ class VapGeneratorBase:
         import httpx
         import torch
 
-        from gpu.runner import RunnerConfig
-        from gpu.safety import DiffusersSafetyClassifier
+        from gpu.service.runner.run import RunnerConfig
+        from gpu.service.safety import DiffusersSafetyClassifier
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = load_engine(self.gpu_class, device)
@@ -183,7 +184,7 @@ class VapGeneratorBase:
         """Run one `GpuJobRequest`; returns {"result": GpuResult} or {"error": GpuError} (as JSON)."""
         from vap_shared.gpu_contract import GpuError, GpuJobRequest
 
-        from gpu.runner import JobFailed, run_job, send_callback
+        from gpu.service.runner.run import JobFailed, run_job, send_callback
 
         request = GpuJobRequest.model_validate(payload)
         call_id = modal.current_function_call_id() or ""
@@ -216,11 +217,11 @@ class VapGeneratorBase:
 
     @modal.method()
     def trial(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """One video from media bytes (`modal run gpu/modal_app.py …`): no URLs, no callbacks; the
+        """One video from media bytes (`modal run gpu/service/modal_app.py …`): no URLs, no callbacks; the
         MP4, poster and preview come back in the answer."""
         from vap_shared.gpu_contract import GenerationSettings
 
-        from gpu.runner import JobFailed, run_bytes
+        from gpu.service.runner.run import JobFailed, run_bytes
 
         settings = GenerationSettings.model_validate(payload["settings"])
         try:
@@ -239,9 +240,9 @@ class VapGeneratorBase:
 
 
 # Host memory (MiB) requested by a class that keeps the encoders in pinned host memory: UMT5-XXL
-# and CLIP (≈13.9 GB pinned, gpu/plan_table.py) plus the process, media and loading headroom.
+# and CLIP (≈13.9 GB pinned, gpu/tools/plan_table.py) plus the process, media and loading headroom.
 OFFLOAD_HOST_MEMORY_MIB = 32 * 1024
-# The caching allocator grows segments instead of stranding fragments: gpu.plan's margin assumes it.
+# The caching allocator grows segments instead of stranding fragments: gpu.tools.plan's margin assumes it.
 GPU_ENV = {"HF_HUB_OFFLINE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
@@ -288,8 +289,8 @@ for _gpu_class in SETTINGS.gpus:
 
 
 def build_executor() -> Any:
-    """The API's executor: submit spawns on the class `gpu.plan.choose_gpu` names."""
-    from gpu.api import ModalExecutor
+    """The API's executor: submit spawns on the class `gpu.tools.plan.choose_gpu` names."""
+    from gpu.service.api.app import ModalExecutor
 
     spawners = {modal_gpu: cls().generate.spawn for modal_gpu, cls in GENERATORS.items()}
     budget = SETTINGS.budget
@@ -302,12 +303,12 @@ def build_executor() -> Any:
 @modal.concurrent(max_inputs=100)
 @modal.asgi_app(requires_proxy_auth=True)  # Modal's proxy checks Modal-Key/Modal-Secret
 def api() -> Any:
-    from gpu.api import create_app
+    from gpu.service.api.app import create_app
 
     return create_app(build_executor())
 
 
-# --- trying the GPU side alone: `modal run gpu/modal_app.py --video … --image … --prompt …` -------
+# --- trying the GPU side alone: `modal run gpu/service/modal_app.py --video … --image … --prompt …` -------
 
 
 def remote_trial(modal_gpu: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -338,7 +339,7 @@ def main(
     preview.webp and result.json (seed, size, timings) under --out."""
     from vap_shared.gpu_contract import GenerationSettings
 
-    from gpu.api import choose_class
+    from gpu.service.api.app import choose_class
 
     settings = GenerationSettings(
         prompt=prompt, video_description=video_description, seed=seed, num_frames=num_frames, fps=fps,

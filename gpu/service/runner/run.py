@@ -40,9 +40,9 @@ from vap_shared.gpu_contract import (
 )
 from vap_shared.signing import signed_headers
 
-from gpu.engine import Engine
-from gpu.generation import DEFAULT_STEPS, GenerationSpec, build_spec
-from gpu.media import (
+from gpu.service.engines.single import Engine
+from gpu.service.generation import DEFAULT_STEPS, GenerationSpec, build_spec
+from gpu.service.media import (
     MediaError,
     decode_sampled_frames,
     encode_mp4,
@@ -51,7 +51,7 @@ from gpu.media import (
     poster_jpeg,
     preview_webp,
 )
-from gpu.safety import SafetyClassifier, SafetyViolation, check_image, check_output
+from gpu.service.safety import SafetyClassifier, SafetyViolation, check_image, check_output
 
 log = logging.getLogger(__name__)
 # httpx logs every request's full URL at INFO; ours are presigned (the query is a credential for
@@ -493,7 +493,7 @@ class _Progress:
 
 @dataclass
 class Outputs:
-    """What one generation produced, ready to upload (or to hand back, `gpu.modal_app`'s trial)."""
+    """What one generation produced, ready to upload (or to hand back, `gpu.service.modal_app`'s trial)."""
 
     video: bytes
     poster: bytes | None
@@ -695,7 +695,7 @@ def run_bytes(
     config: RunnerConfig | None = None,
     safety: SafetyClassifier | None = None,
 ) -> tuple[GpuResult, Outputs]:
-    """One generation from media bytes, nothing sent anywhere (`modal run gpu/modal_app.py`'s
+    """One generation from media bytes, nothing sent anywhere (`modal run gpu/service/modal_app.py`'s
     trial): the MP4, poster and preview come back to the caller. Raises `JobFailed`."""
     config = config or RunnerConfig()
     started = time.monotonic()

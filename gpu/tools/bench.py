@@ -1,14 +1,14 @@
 """The GPU check: speed per attention backend, a full-size pipeline run, memory against the plan.
 
-    python -m gpu.bench --full       # one H100/H200, random full-size weights, no download (< 8 min)
-    python -m gpu.bench --smoke      # CPU: the same code on the tiny model, in seconds
+    python -m gpu.tools.bench --full       # one H100/H200, random full-size weights, no download (< 8 min)
+    python -m gpu.tools.bench --smoke      # CPU: the same code on the tiny model, in seconds
 
 `--full` builds the released 14B layout (and UMT5-XXL, CLIP ViT-H, the Wan VAE, the safety
 checker) from configs with random weights directly on the GPU, then:
 
 1. one CFG denoising step at 480p/49 frames per attention backend, eager and (time permitting)
    with regional `torch.compile`: s/step, achieved TFLOP/s and % of the GPU's dense bf16 peak,
-   from the FLOPs counted on the model (`gpu.flops`, steady step). Each backend's kernel is checked
+   from the FLOPs counted on the model (`gpu.tools.flops`, steady step). Each backend's kernel is checked
    against the math kernel (float32) and its step output against the first backend's;
 2. a 2-step end-to-end pipeline at full size (encoders, VAE, transformer, safety checker) with the
    memory options the plan gives the job's GPU class: time per phase and peak memory;
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpu.flops import count_step
-from gpu.parallel.scaling import PEAK_TFLOPS
+from gpu.tools.flops import count_step
+from gpu.tools.scaling import PEAK_TFLOPS
 from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
 from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
@@ -307,7 +307,7 @@ def build_pipeline(full: bool, device: torch.device, offload_encoders: bool, tra
 
 
 def safety_classifier(full: bool, device: torch.device) -> Any:
-    from gpu.safety import DiffusersSafetyClassifier
+    from gpu.service.safety import DiffusersSafetyClassifier
 
     if not full:
         return DiffusersSafetyClassifier.tiny(0)
@@ -330,7 +330,7 @@ def _phase(timings: dict[str, float], name: str, device: torch.device) -> Iterat
 
 def run_pipeline(pipe: Any, safety: Any, shape: Shape, steps: int, device: torch.device) -> dict[str, Any]:
     """One generation with timings per phase (encode+VAE encode, denoising, decode, safety)."""
-    from gpu.safety import check_image, check_output
+    from gpu.service.safety import check_image, check_output
 
     rng = np.random.default_rng(0)
     size = (shape.width, shape.height)
@@ -418,7 +418,7 @@ def bench_vae(full: bool, device: torch.device) -> list[dict[str, Any]]:
 
 def planned_jobs(device: torch.device) -> list[tuple[str, dict[str, Any]]]:
     """(GPU type, job) for the largest job the plan gives each GPU type this device can stand in for."""
-    from gpu import plan
+    from gpu.tools import plan
 
     if device.type != "cuda":
         return []
@@ -435,7 +435,7 @@ def planned_jobs(device: torch.device) -> list[tuple[str, dict[str, Any]]]:
 def check_memory(
     name: str, job: dict[str, Any], pipe_factory: Callable[[bool], Any], device: torch.device
 ) -> dict[str, Any]:
-    from gpu import plan
+    from gpu.tools import plan
 
     gpu = plan.gpu_type(name)
     offload = plan.offload_encoders(name, 1)
@@ -537,14 +537,14 @@ def render(report: Report) -> str:
 
 
 UNMEASURED_HEADER = """\
-**GPU figures: unmeasured.** No GPU has run `python -m gpu.bench --full` yet. The run below is
+**GPU figures: unmeasured.** No GPU has run `python -m gpu.tools.bench --full` yet. The run below is
 the CPU smoke run (tiny model, same code): its times say nothing about a GPU.
 """
 
 
 def write_report(path: Path, report: Report) -> None:
     """Replace the generated part of the document (after the marker), keeping the prose above."""
-    marker = "<!-- gpu.bench output below: generated, do not edit -->"
+    marker = "<!-- gpu.tools.bench output below: generated, do not edit -->"
     head = path.read_text().split(marker)[0] if path.exists() else "# GPU benchmarks\n\n"
     prefix = UNMEASURED_HEADER + "\n" if report.mode == "smoke" else ""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -555,7 +555,7 @@ def write_report(path: Path, report: Report) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from gpu import plan
+    from gpu.tools import plan
 
     started = time.monotonic()
     deadline = started + args.budget_s

@@ -12,7 +12,7 @@ models with the same tiny random weights, and checks:
 
 Usage (see docs/parity.md); nothing is downloaded, the reference must already be on this machine:
     make parity VAP_REFERENCE=<checkout or git mirror of bytedance/Video-As-Prompt>
-    .venv/bin/python -m gpu.parity.check_reference --reference <same> [--write docs/parity.md]
+    .venv/bin/python -m gpu.tools.parity.check_reference --reference <same> [--write docs/parity.md]
 `--reference` defaults to $VAP_REFERENCE, then .local/vap-reference. A git directory without a work
 tree (a mirror) is exported to a temporary folder first. What the reference imports (einops) is in
 requirements/dev.txt, so `make venv` installs it.
@@ -43,10 +43,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu.parity.report import Row, Run, write
+from gpu.tools.parity.report import Row, Run, write
 
 _FORK = "diffusers/src/diffusers"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REFERENCE = REPO_ROOT / ".local" / "vap-reference"
 EXIT_NO_REFERENCE = 2
 

@@ -7,8 +7,8 @@ VAE encodes, one VAE decode). FLOPs are counted analytically from the model's di
 (tests/gpu/test_parallel_scaling.py ties the count to torch's FLOP counter on the real model
 on the meta device). Pure Python, no torch: cheap to import wherever the cost model runs.
 
-    python -m gpu.parallel.scaling                         # default job: 480p 16:9, 49 frames, 50 steps
-    python -m gpu.parallel.scaling --resolution 720p --frames 121 --efficiency 0.5
+    python -m gpu.tools.scaling                         # default job: 480p 16:9, 49 frames, 50 steps
+    python -m gpu.tools.scaling --resolution 720p --frames 121 --efficiency 0.5
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
 
-from gpu.generation import LANDSCAPE_SIZES
+from gpu.service.generation import LANDSCAPE_SIZES
 
 GPU_COUNTS = (1, 2, 4, 8)
 
@@ -88,7 +88,7 @@ def step_flops(shape: JobShape, dims: ModelDims | None = None, steady: bool = Tr
     skipped. `steady` (default): as the pipeline runs steps 2..N (`reuse_step_invariants`): the
     context embedding, every block's context K/V and block 0's reference Q/K/V are computed once
     per video, and the CFG rows (views of one row) share the patch/time embedding and block 0 up
-    to its cross-attention. `steady=False`: everything recomputed at every step (gpu/flops.py
+    to its cross-attention. `steady=False`: everything recomputed at every step (gpu/tools/flops.py
     counts both on the model itself)."""
     dims = dims or ModelDims()
     s = r = shape.tokens

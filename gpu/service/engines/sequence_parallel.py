@@ -33,11 +33,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from gpu.engine import StepCallback, VideoEngine, device_name
-from gpu.generation import GenerationSpec
-from gpu.parallel.loaders import TransformerOf
 from gpu.parallel.sequence import install
-from gpu.parallel.wire import CallReceiver, CallSender
+from gpu.service.engines.loaders import TransformerOf
+from gpu.service.engines.single import StepCallback, VideoEngine, device_name
+from gpu.service.engines.wire import CallReceiver, CallSender
+from gpu.service.generation import GenerationSpec
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,12 @@ class _Driver:
 
 
 class SequenceParallelEngine:
-    """`gpu.engine.Engine` that runs each job over `world_size` local processes (one per GPU).
+    """`gpu.service.engines.single.Engine` that runs each job over `world_size` local processes (one per GPU).
 
     `pipeline_loader(device)` returns a `VAPPipeline` on `device` (rank 0: `cuda:0` or `cpu`);
     `transformer_loader(device)` returns the same transformer on a follower's device (default:
     the pipeline loader, keeping only its transformer). Both must be picklable (top-level
-    functions, `functools.partial` of them, or `gpu.parallel.loaders` objects). NCCL on CUDA,
+    functions, `functools.partial` of them, or `gpu.service.engines.loaders` objects). NCCL on CUDA,
     gloo on CPU (`device_type="cpu"` runs the CPU check). Build it once per container; `close()`
     stops the followers."""
 

@@ -34,11 +34,11 @@ from vap_shared.gpu_contract import (
     SubmitResponse,
 )
 
-from gpu.engine import Engine
-from gpu.generation import target_size, valid_num_frames
-from gpu.modal_settings import offered_class
-from gpu.runner import JobFailed, RunnerConfig, run_job
-from gpu.safety import SafetyClassifier
+from gpu.service.engines.single import Engine
+from gpu.service.generation import target_size, valid_num_frames
+from gpu.service.modal_settings import offered_class
+from gpu.service.runner.run import JobFailed, RunnerConfig, run_job
+from gpu.service.safety import SafetyClassifier
 
 KEY_HEADER = "Modal-Key"
 SECRET_HEADER = "Modal-Secret"  # noqa: S105 (a header name, not a secret)
@@ -229,12 +229,12 @@ class GpuChoiceLike(Protocol):
     modal_gpu: str
 
 
-ChooseGpu = Callable[..., GpuChoiceLike]  # gpu.plan.choose_gpu(width, height, num_frames, gpus=1)
+ChooseGpu = Callable[..., GpuChoiceLike]  # gpu.tools.plan.choose_gpu(width, height, num_frames, gpus=1)
 
 
 def plan_choice() -> tuple[ChooseGpu, type[Exception]]:
-    """`gpu.plan.choose_gpu` and its `DoesNotFit` (imported when first needed)."""
-    plan = importlib.import_module("gpu.plan")
+    """`gpu.tools.plan.choose_gpu` and its `DoesNotFit` (imported when first needed)."""
+    plan = importlib.import_module("gpu.tools.plan")
     return plan.choose_gpu, plan.DoesNotFit
 
 
@@ -242,11 +242,11 @@ def gpus_within(
     width: int, height: int, frames: int, steps: int, gpus: int, run_limit_s: float | None
 ) -> list[int]:
     """GPU counts to try for a job, fewest first: the requested count, then larger ones, keeping
-    only those whose ESTIMATED generation time (`gpu.parallel.scaling`, no torch) fits the run
+    only those whose ESTIMATED generation time (`gpu.tools.scaling`, no torch) fits the run
     limit; the requested count alone when none does (or there is no limit)."""
     if run_limit_s is None:
         return [gpus]
-    from gpu.parallel.scaling import GPU_COUNTS, JobShape, estimate
+    from gpu.tools.scaling import GPU_COUNTS, JobShape, estimate
 
     shape = JobShape(width, height, frames, steps)
     fitting = [n for n in GPU_COUNTS if n >= gpus and estimate(shape, n).total_s <= run_limit_s]
@@ -262,7 +262,7 @@ def choose_class(
     steps: int = 50,
     run_limit_s: float | None = None,
 ) -> str:
-    """The offered Modal GPU string (one class each) that `gpu.plan.choose_gpu` picks for a job of
+    """The offered Modal GPU string (one class each) that `gpu.tools.plan.choose_gpu` picks for a job of
     these settings. With `run_limit_s`, a job too slow for one run on `gpus` GPUs goes to the fewest
     offered GPUs that finish it in time (the sidecar's `gpus` is a minimum). Raises
     `SubmitRejected`: 422 when no offered GPU can run it, 503 when the plan names a GPU this
@@ -303,7 +303,7 @@ def _walk(nodes: Iterable[Any]) -> Iterable[Any]:
 
 
 class ModalExecutor:
-    """Submit spawns the method of the class for the GPU choice `gpu.plan.choose_gpu` names, once
+    """Submit spawns the method of the class for the GPU choice `gpu.tools.plan.choose_gpu` names, once
     per job id (a `modal.Dict` maps job id -> call id across API containers); status polls the
     FunctionCall without waiting (`get(timeout=0)`); cancel records the cancel, then cancels.
 

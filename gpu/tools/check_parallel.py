@@ -1,7 +1,7 @@
 """Sequence parallel against one process, on the tiny model, on CPU (gloo): prints `rel_err=<x>`.
 
-    python -m gpu.check_parallel --world-size 2        # exits 1 if rel_err > 1e-5
-    python -m gpu.check_parallel --world-size 2 4
+    python -m gpu.tools.check_parallel --world-size 2        # exits 1 if rel_err > 1e-5
+    python -m gpu.tools.check_parallel --world-size 2 4
 
 For each world size, `SequenceParallelEngine` spawns the ranks and the same work runs split and
 on one process: (1) transformer calls with CFG batch 2 (separate rows, raw context), on a token
@@ -27,10 +27,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu.engine import VideoEngine
-from gpu.generation import GenerationSpec
-from gpu.parallel.engine import SequenceParallelEngine
-from gpu.parallel.loaders import TinyPipeline
+from gpu.service.engines.loaders import TinyPipeline
+from gpu.service.engines.sequence_parallel import SequenceParallelEngine
+from gpu.service.engines.single import VideoEngine
+from gpu.service.generation import GenerationSpec
 
 TOLERANCE = 1e-5
 # Pixel size of the pipeline runs: 9 frames × 32 × 48 → 3 × 2 × 3 = 18 tokens per stream
