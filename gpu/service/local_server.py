@@ -28,10 +28,11 @@ import httpx
 import uvicorn
 from vap_shared.budget import Budget
 
-from gpu.service.api.app import LocalExecutor, create_app
+from gpu.service.api.app import create_app
+from gpu.service.api.executors import LocalExecutor
 from gpu.service.engines.single import DownscaledEngine, Engine, FakeEngine, VideoEngine
 from gpu.service.generation import default_steps
-from gpu.service.runner.run import RunnerConfig
+from gpu.service.runner.config import RunnerConfig
 from gpu.service.safety import DiffusersSafetyClassifier, SafetyClassifier
 
 EngineName = Literal["tiny", "fake"]

@@ -30,9 +30,9 @@ except ImportError:
 import modal
 from vap_shared.gpu_contract import GenerationSettings
 
+from gpu.service import routing
 from gpu.service.generation import target_size
 from gpu.service.modal_settings import GpuClass, forwarded_env, read_settings
-from gpu.tools import plan
 
 SETTINGS = read_settings()
 # Every setting the deployer set, handed to every function: a container re-imports this module
@@ -131,7 +131,7 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
 
     revision = recorded_revision(SETTINGS.revision or VAP_REVISION)
     # UMT5 + CLIP in host memory where the plan needs their room on the GPU (one H100).
-    offload = plan.offload_encoders(gpu_class.gpu_type, gpu_class.count)
+    offload = routing.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     if gpu_class.count == 1:
         pipeline = load_pipeline(
             VAP_REPO_ID,
@@ -168,7 +168,7 @@ class VapGeneratorBase:
         import httpx
         import torch
 
-        from gpu.service.runner.run import RunnerConfig
+        from gpu.service.runner.config import RunnerConfig
         from gpu.service.safety import DiffusersSafetyClassifier
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,7 +184,9 @@ class VapGeneratorBase:
         """Run one `GpuJobRequest`; returns {"result": GpuResult} or {"error": GpuError} (as JSON)."""
         from vap_shared.gpu_contract import GpuError, GpuJobRequest
 
-        from gpu.service.runner.run import JobFailed, run_job, send_callback
+        from gpu.service.runner.callbacks import send_callback
+        from gpu.service.runner.config import JobFailed
+        from gpu.service.runner.run import run_job
 
         request = GpuJobRequest.model_validate(payload)
         call_id = modal.current_function_call_id() or ""
@@ -221,7 +223,8 @@ class VapGeneratorBase:
         MP4, poster and preview come back in the answer."""
         from vap_shared.gpu_contract import GenerationSettings
 
-        from gpu.service.runner.run import JobFailed, run_bytes
+        from gpu.service.runner.config import JobFailed
+        from gpu.service.runner.run import run_bytes
 
         settings = GenerationSettings.model_validate(payload["settings"])
         try:
@@ -242,7 +245,7 @@ class VapGeneratorBase:
 # Host memory (MiB) requested by a class that keeps the encoders in pinned host memory: UMT5-XXL
 # and CLIP (≈13.9 GB pinned, gpu/tools/plan_table.py) plus the process, media and loading headroom.
 OFFLOAD_HOST_MEMORY_MIB = 32 * 1024
-# The caching allocator grows segments instead of stranding fragments: gpu.tools.plan's margin assumes it.
+# The caching allocator grows segments instead of stranding fragments: the plan's margin assumes it.
 GPU_ENV = {"HF_HUB_OFFLINE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
@@ -250,7 +253,7 @@ def _default_job_gpu() -> str:
     """The GPU class a sidecar with every default setting runs on (today one H100)."""
     defaults = GenerationSettings(prompt="-", video_description="-")
     width, height = target_size(defaults.aspect_ratio, defaults.resolution)
-    return plan.choose_gpu(width, height, defaults.num_frames).modal_gpu
+    return routing.choose_gpu(width, height, defaults.num_frames).modal_gpu
 
 
 def warm_containers(gpu_class: GpuClass) -> int:
@@ -264,7 +267,7 @@ def _define_generator(gpu_class: GpuClass) -> Any:
     finds the class it serves by that name (`getattr(module, name)`)."""
     namespace = {"gpu_class": gpu_class, "__module__": __name__}
     user_cls = type(gpu_class.class_name, (VapGeneratorBase,), namespace)
-    offload = plan.offload_encoders(gpu_class.gpu_type, gpu_class.count)
+    offload = routing.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     return app.cls(
         image=gpu_image,
         gpu=gpu_class.modal_gpu,
@@ -289,8 +292,8 @@ for _gpu_class in SETTINGS.gpus:
 
 
 def build_executor() -> Any:
-    """The API's executor: submit spawns on the class `gpu.tools.plan.choose_gpu` names."""
-    from gpu.service.api.app import ModalExecutor
+    """The API's executor: submit spawns on the class `gpu.service.routing` names."""
+    from gpu.service.api.executors import ModalExecutor
 
     spawners = {modal_gpu: cls().generate.spawn for modal_gpu, cls in GENERATORS.items()}
     budget = SETTINGS.budget
@@ -339,14 +342,12 @@ def main(
     preview.webp and result.json (seed, size, timings) under --out."""
     from vap_shared.gpu_contract import GenerationSettings
 
-    from gpu.service.api.app import choose_class
-
     settings = GenerationSettings(
         prompt=prompt, video_description=video_description, seed=seed, num_frames=num_frames, fps=fps,
         enable_safety_checker=safety_checker, aspect_ratio=aspect_ratio, resolution=resolution,
         guidance_scale=guidance_scale,
     )  # fmt: skip
-    modal_gpu = gpu or choose_class(settings, gpus, GENERATORS)
+    modal_gpu = gpu or routing.choose_class(settings, gpus, GENERATORS)
     if modal_gpu not in GENERATORS:
         raise SystemExit(f"--gpu {modal_gpu!r} is not offered; choose one of {', '.join(GENERATORS)}")
     payload = {

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gpu.service import routing
 from gpu.tools.flops import count_step
 from gpu.tools.scaling import PEAK_TFLOPS
 from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
@@ -418,14 +419,12 @@ def bench_vae(full: bool, device: torch.device) -> list[dict[str, Any]]:
 
 def planned_jobs(device: torch.device) -> list[tuple[str, dict[str, Any]]]:
     """(GPU type, job) for the largest job the plan gives each GPU type this device can stand in for."""
-    from gpu.tools import plan
-
     if device.type != "cuda":
         return []
     capacity = torch.cuda.get_device_properties(device).total_memory / GIB
-    jobs = [j for j in plan.read_table()["jobs"] if j["gpus"] == 1 and j["gpu"]]
+    jobs = [j for j in routing.read_table()["jobs"] if j["gpus"] == 1 and j["gpu"]]
     out = []
-    for gpu in plan.OFFERED:
+    for gpu in routing.OFFERED:
         mine = [j for j in jobs if j["gpu"] == gpu.name]
         if mine and gpu.capacity_gib <= capacity + 0.5:
             out.append((gpu.name, max(mine, key=lambda j: j["peak_bytes"])))
@@ -435,10 +434,8 @@ def planned_jobs(device: torch.device) -> list[tuple[str, dict[str, Any]]]:
 def check_memory(
     name: str, job: dict[str, Any], pipe_factory: Callable[[bool], Any], device: torch.device
 ) -> dict[str, Any]:
-    from gpu.tools import plan
-
-    gpu = plan.gpu_type(name)
-    offload = plan.offload_encoders(name, 1)
+    gpu = routing.gpu_type(name)
+    offload = routing.offload_encoders(name, 1)
     shape = Shape(job["num_frames"], job["height"], job["width"])
     row: dict[str, Any] = {"gpu": name, "shape": str(shape), "offload_encoders": offload}
     row["planned_gib"] = job["peak_bytes"] / GIB
@@ -555,8 +552,6 @@ def write_report(path: Path, report: Report) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from gpu.tools import plan
-
     started = time.monotonic()
     deadline = started + args.budget_s
     full = not args.smoke
@@ -587,12 +582,13 @@ def run(args: argparse.Namespace) -> Report:
         backend = choose_backend(device, dtype)
         if backend != "native":
             model.set_attention_backend(backend)
-        offload = plan.choose_gpu(shape.width, shape.height, shape.frames).offload_encoders if full else False
+        choice = routing.choose_gpu(shape.width, shape.height, shape.frames) if full else None
+        offload = choice.offload_encoders if choice else False
         pipe = build_pipeline(full, device, offload, transformer=model)
         result = run_pipeline(pipe, safety_classifier(full, device), shape, args.pipeline_steps, device)
         result.update(offload_encoders=offload, backend=backend)
-        if full:
-            result["planned_gib"] = plan.choose_gpu(shape.width, shape.height, shape.frames).peak_gib
+        if choice:
+            result["planned_gib"] = choice.peak_gib
         report.pipeline = result
         del pipe
         for gpu_name, job in planned_jobs(device):

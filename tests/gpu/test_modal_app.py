@@ -20,7 +20,7 @@ from modal._utils.async_utils import synchronizer
 from PIL import Image
 from vap_shared.budget import Budget
 
-from gpu.service import media, modal_settings
+from gpu.service import media, modal_settings, routing
 from gpu.service.engines.single import FakeEngine
 from gpu.service.modal_settings import SettingsError, read_settings
 
@@ -266,8 +266,9 @@ class Choice(types.SimpleNamespace):
 
 
 def stand_in_plan():
-    """A stand-in `gpu.tools.plan` (same names as the model helper's): 720p long jobs on an H200."""
-    plan = types.ModuleType("gpu.tools.plan")
+    """A stand-in for the plan's choice (`gpu.service.routing.choose_gpu`, `DoesNotFit`): 720p
+    long jobs on an H200."""
+    plan = types.SimpleNamespace()
 
     class DoesNotFit(Exception):
         pass
@@ -308,7 +309,9 @@ def modal_run(tmp_path, monkeypatch):
         yield app
 
     monkeypatch.setattr(modal.cli.run, "run_app", fake_run_app)
-    monkeypatch.setitem(sys.modules, "gpu.tools.plan", stand_in_plan())
+    plan = stand_in_plan()
+    monkeypatch.setattr(routing, "choose_gpu", plan.choose_gpu)
+    monkeypatch.setattr(routing, "DoesNotFit", plan.DoesNotFit)
     monkeypatch.setattr(sys, "path", list(sys.path))  # `modal run` prepends the script's folder
     monkeypatch.delitem(sys.modules, "modal_app", raising=False)
     (tmp_path / "clip.mp4").write_bytes(b"video-bytes")
@@ -420,14 +423,13 @@ def test_an_engine_out_of_step_retires_its_container(modal_app, local_generator,
 
 
 def test_gpu_classes_follow_the_plans_encoder_policy(modal_app, monkeypatch):
-    """One H100 keeps UMT5 + CLIP in pinned host memory (gpu.tools.plan): that class loads with
+    """One H100 keeps UMT5 + CLIP in pinned host memory (the memory plan): that class loads with
     `offload_encoders=True` and asks Modal for the host memory; the others keep them on the GPU."""
     module, functions, _ = modal_app
     import gpu.service.engines.single
     import gpu.vap.loading
-    from gpu.tools import plan
 
-    assert plan.offload_encoders("H100", 1) and not plan.offload_encoders("H200", 1)
+    assert routing.offload_encoders("H100", 1) and not routing.offload_encoders("H200", 1)
     memory = {spec.gpus: spec.memory for spec in (f._spec_ for f in functions.values())}
     assert memory["H100!"] == module.OFFLOAD_HOST_MEMORY_MIB >= 24 * 1024  # 13.9 GB pinned + headroom
     assert memory["H200"] is None and memory["H100:8"] is None

@@ -11,7 +11,9 @@ from vap_shared.budget import RUNNER_MARGIN_S, UPLOAD_MARGIN_S, Budget
 
 from gpu.service import media
 from gpu.service.engines.single import FakeEngine
-from gpu.service.runner.run import JobFailed, RunnerConfig, UnsafeUrl, check_url, run_job
+from gpu.service.runner.config import JobFailed, RunnerConfig
+from gpu.service.runner.run import run_job
+from gpu.service.runner.transport import UnsafeUrl, check_url
 
 
 class Flags:
