@@ -42,8 +42,10 @@ from gpu.service import routing
 from gpu.tools.flops import count_step
 from gpu.tools.scaling import PEAK_TFLOPS
 from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
+from gpu.vap.configs import RELEASED_14B_CONFIG
+from gpu.vap.geometry import IMAGE_TOKENS, RELEASED, TEXT_TOKENS
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
-from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+from gpu.vap.transformer import WanTransformer3DMOTModel
 
 GIB = 2**30
 KERNEL_REL_TOL = 1e-2  # bf16 attention vs float32 math: ~3e-3 when right
@@ -58,7 +60,7 @@ class Shape:
     width: int
 
     def latent(self) -> tuple[int, int, int]:
-        return (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8
+        return RELEASED.latent_grid(self.frames, self.height, self.width)
 
     def __str__(self) -> str:
         return f"{self.width}x{self.height}x{self.frames}"
@@ -150,11 +152,11 @@ def step_inputs(
 
     return {
         "latents": rnd(1, cfg["in_channels"], f, h, w),
-        "text": rnd(2, 512, cfg["text_dim"]),
-        "image": rnd(2, 257, cfg["image_dim"]),
+        "text": rnd(2, TEXT_TOKENS, cfg["text_dim"]),
+        "image": rnd(2, IMAGE_TOKENS, cfg["image_dim"]),
         "ref": rnd(1, cfg["in_channels"], f, h, w),
-        "ref_text": rnd(2, 512, cfg["text_dim"]),
-        "ref_image": rnd(2, 257, cfg["image_dim"]),
+        "ref_text": rnd(2, TEXT_TOKENS, cfg["text_dim"]),
+        "ref_image": rnd(2, IMAGE_TOKENS, cfg["image_dim"]),
     }
 
 

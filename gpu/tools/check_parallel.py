@@ -31,6 +31,7 @@ from gpu.service.engines.loaders import TinyPipeline
 from gpu.service.engines.sequence_parallel import SequenceParallelEngine
 from gpu.service.engines.single import VideoEngine
 from gpu.service.generation import GenerationSpec
+from gpu.vap.geometry import TEXT_TOKENS
 
 TOLERANCE = 1e-5
 # Pixel size of the pipeline runs: 9 frames × 32 × 48 → 3 × 2 × 3 = 18 tokens per stream
@@ -57,10 +58,10 @@ def _transformer_inputs(
     return {
         "hidden_states": torch.randn(2, 36, f, h, w, generator=g),
         "timestep": torch.tensor([700, 700]),
-        "encoder_hidden_states": torch.randn(2, 512, text_dim, generator=g),
+        "encoder_hidden_states": torch.randn(2, TEXT_TOKENS, text_dim, generator=g),
         "encoder_hidden_states_image": torch.randn(2, 5, image_dim, generator=g),
         "hidden_states_mot_ref": torch.randn(1, 36, f, h, w, generator=g),
-        "encoder_hidden_states_mot_ref": torch.randn(2, 512, text_dim, generator=g),
+        "encoder_hidden_states_mot_ref": torch.randn(2, TEXT_TOKENS, text_dim, generator=g),
         "encoder_hidden_states_image_mot_ref": torch.randn(2, 5, image_dim, generator=g),
         "return_dict": False,
     }

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-IMAGE_TOKENS = 257
-TEXT_TOKENS = 512
+from gpu.vap.configs import RELEASED_14B_CONFIG
+from gpu.vap.geometry import IMAGE_TOKENS, TEXT_TOKENS, geometry_of
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,6 @@ def _model(cfg: dict[str, Any]) -> Any:
             return WanTransformer3DMOTModel(**cfg).eval()
     finally:
         torch.set_default_dtype(previous)
-
-
-def latent_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    return (num_frames - 1) // 4 + 1, height // 8, width // 8
 
 
 @functools.cache
@@ -100,7 +96,7 @@ def count_step(
 ) -> StepFlops:
     """FLOPs of one CFG step (batch 2) of `cfg`'s transformer for a video of this size."""
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
-    return _count(items, latent_grid(num_frames, height, width), steady)
+    return _count(items, geometry_of(cfg).latent_grid(num_frames, height, width), steady)
 
 
 def analytic_step_flops(
@@ -110,8 +106,7 @@ def analytic_step_flops(
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     ffn, freq = cfg["ffn_dim"], cfg["freq_dim"]
     p = cfg["patch_size"]
-    f, h, w = latent_grid(num_frames, height, width)
-    s = (f // p[0]) * (h // p[1]) * (w // p[2])
+    s = geometry_of(cfg).tokens_per_stream(num_frames, height, width)
     ctx = TEXT_TOKENS + IMAGE_TOKENS
     experts = sorted(cfg["block_idx_with_mot_ref"])
     batch = 2
@@ -168,8 +163,6 @@ def analytic_step_flops(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpu.vap.transformer import RELEASED_14B_CONFIG
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -32,6 +32,7 @@ from vap_shared.config import GPU_COUNTS
 from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
 from gpu.service.routing import GIB, OFFERED, gpu_type, modal_gpu, read_table
 from gpu.vap import footprint
+from gpu.vap.geometry import RELEASED
 
 MARGIN_FIXED_GIB = 2.0
 MARGIN_FRACTION = 0.10
@@ -63,7 +64,7 @@ def _phases(width: int, height: int, frames: int, gpus: int) -> dict[str, int]:
     # at the longest accepted video bounds every shorter one at that size. Transposed sizes
     # allocate the same, so one orientation is measured (footprint.vae).
     vae = footprint.vae(MAX_FRAMES, min(width, height), max(width, height))
-    tokens = footprint.tokens_per_stream(frames, height, width)
+    tokens = RELEASED.tokens_per_stream(frames, height, width)
     return {
         "encode": enc.peak,
         "vae_encode": enc.outputs + vae.encode + 2 * vae.latents,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
 
 from gpu.service.generation import LANDSCAPE_SIZES
+from gpu.vap.geometry import RELEASED
 
 GPU_COUNTS = (1, 2, 4, 8)
 
@@ -75,8 +76,8 @@ class JobShape:
 
     @property
     def tokens(self) -> int:
-        """Tokens per stream: latent frames × (H/8/2) × (W/8/2); the reference stream has as many."""
-        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        """Tokens per stream (the reference stream has as many)."""
+        return RELEASED.tokens_per_stream(self.num_frames, self.height, self.width)
 
     @property
     def batch(self) -> int:

@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from gpu.vap.attention import FLASH_4, has_module, local_attention
+from gpu.vap.geometry import TEXT_TOKENS
 from gpu.vap.rotary import RotaryCache, apply_rotary
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ QKV = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
 # (query, key, value [B, S, H, Dh], backend) -> [B, S_q, H, Dh]: the self-attention seam (sequence
 # parallel swaps it per block; cross-attention keys are the whole context on every process).
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
-# The attention code splits image vs text context assuming exactly 512 text tokens (as diffusers').
-TEXT_TOKENS = 512
 
 
 @dataclass
@@ -655,21 +654,3 @@ def cast_like_checkpoint(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         if any(part in KEEP_IN_FP32 for part in name.split(".")):
             param.data = param.data.float()
     return model
-
-
-# The released `ByteDance/Video-As-Prompt-Wan2.1-14B` transformer config (expert on every 4th block):
-# the benchmark builds it with random weights, the tests and the parity check on the meta device.
-RELEASED_14B_CONFIG: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 40,
-    "attention_head_dim": 128,
-    "in_channels": 36,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 13824,
-    "num_layers": 40,
-    "image_dim": 1280,
-    "added_kv_proj_dim": 5120,
-    "block_idx_with_mot_ref": list(range(0, 40, 4)),
-}

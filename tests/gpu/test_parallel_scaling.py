@@ -20,7 +20,9 @@ from gpu.tools.scaling import (
     step_flops,
     table,
 )
-from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+from gpu.vap.configs import RELEASED_14B_CONFIG
+from gpu.vap.geometry import IMAGE_TOKENS, RELEASED, TEXT_TOKENS
+from gpu.vap.transformer import WanTransformer3DMOTModel
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,11 @@ def meta_model():
 def test_analytic_step_flops_equal_torch_flop_counter_on_the_released_model(meta_model, shape, steady):
     """Steady: a step as the pipeline runs it after the first (context K/V prepared once, block 0's
     reference Q/K/V cached, CFG rows passed as views of one row); plain: everything recomputed."""
-    f, h, w = (shape.num_frames - 1) // 4 + 1, shape.height // 8, shape.width // 8
+    f, h, w = RELEASED.latent_grid(shape.num_frames, shape.height, shape.width)
     b = shape.batch
     meta_model.reuse_step_invariants = steady
     with torch.device("meta"), torch.no_grad():
-        text, image = torch.randn(b, 512, 4096), torch.randn(b, 257, 1280)
+        text, image = torch.randn(b, TEXT_TOKENS, 4096), torch.randn(b, IMAGE_TOKENS, 1280)
         ref = meta_model.prepare_reference(torch.randn(1, 36, f, h, w), text, image)
         latents, t = torch.randn(1, 36, f, h, w).expand(b, -1, -1, -1, -1), torch.tensor(500.0).expand(b)
         if steady:

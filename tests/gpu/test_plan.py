@@ -13,6 +13,7 @@ import pytest
 from gpu.service import routing
 from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
 from gpu.tools import plan
+from gpu.vap.geometry import RELEASED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,7 @@ def test_plan_covers_every_accepted_size_and_all_fit():
 def test_sequence_parallel_jobs_count_the_all_to_all_buffers():
     from gpu.vap import footprint
 
-    tokens = footprint.tokens_per_stream(121, 720, 1280)
+    tokens = RELEASED.tokens_per_stream(121, 720, 1280)
     assert footprint.sequence_exchange(tokens, 1) == 0
     # Q, K, V each sent (a contiguous copy) and received: six tensors of the local joint Q, for
     # 2 CFG rows of main + reference tokens, 40 heads x 128, bf16.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gpu.tools.flops import analytic_step_flops, count_step
+from gpu.vap.configs import RELEASED_14B_CONFIG
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
-from gpu.vap.transformer import RELEASED_14B_CONFIG
 
 pytestmark = pytest.mark.slow
 

@@ -241,14 +241,7 @@ class SequenceParallelEngine:
 
     def check_split(self, spec: GenerationSpec) -> None:
         """Refuse, before any rank starts, a size whose token streams have fewer tokens than ranks."""
-        pipe = self.pipeline
-        p_t, p_h, p_w = pipe.transformer.config["patch_size"]
-        frames = (spec.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        tokens = (
-            (frames // p_t)
-            * (spec.height // pipe.vae_scale_factor_spatial // p_h)
-            * (spec.width // pipe.vae_scale_factor_spatial // p_w)
-        )
+        tokens = self.pipeline.geometry.tokens_per_stream(spec.num_frames, spec.height, spec.width)
         if tokens < self.world_size:
             raise ValueError(f"{tokens} tokens per stream cannot be split over {self.world_size} GPUs")
 
