@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from vap_shared.budget import DEFAULT_BUDGET_S, DEFAULT_MODAL_CONTAINERS, Budget, BudgetError
+from vap_shared.config import GPU_COUNTS
 
 APP = "VAP_MODAL_APP"
 GPUS = "VAP_MODAL_GPUS"
@@ -48,7 +49,6 @@ REMOVED_NAMES: dict[str, str] = {
 
 # One class per offered choice: pinned H100 and H200 for one GPU, H100 x 2/4/8 for sequence parallel.
 DEFAULT_GPUS = ("H100!", "H200", "H100:2", "H100:4", "H100:8")
-GPU_COUNTS = (1, 2, 4, 8)
 MAX_STEPS = 200
 _GPU_RE = re.compile(r"^(?P<type>[A-Z][A-Z0-9-]*)(?P<pin>!?)(?::(?P<count>\d+))?$")
 

@@ -8,7 +8,7 @@ checker) from configs with random weights directly on the GPU, then:
 
 1. one CFG denoising step at 480p/49 frames per attention backend, eager and (time permitting)
    with regional `torch.compile`: s/step, achieved TFLOP/s and % of the GPU's dense bf16 peak,
-   from the FLOPs counted on the model (`gpu.tools.flops`, steady step). Each backend's kernel is checked
+   from the FLOPs counted on the model (`gpu.tools.flop_count`, steady step). Each backend's kernel is checked
    against the math kernel (float32) and its step output against the first backend's;
 2. a 2-step end-to-end pipeline at full size (encoders, VAE, transformer, safety checker) with the
    memory options the plan gives the job's GPU class: time per phase and peak memory;
@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from gpu.service import routing
-from gpu.tools.flops import count_step
+from gpu.tools.flop_count import count_step
 from gpu.tools.scaling import PEAK_TFLOPS
 from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
 from gpu.vap.configs import RELEASED_14B_CONFIG

@@ -1,115 +1,37 @@
-"""FLOPs of the VAP transformer, counted from the model on the meta device.
+"""FLOPs of one denoising step of the VAP transformer, from its layer shapes: THE formula.
 
-`count_step` runs our `WanTransformer3DMOTModel` on meta tensors under
-`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention kernels; 2 FLOPs per
-multiply-add): no weights, no memory, the released 14B layout in about a second. Two ways of
-running a CFG step (batch 2):
+The scaling estimate (`gpu.tools.scaling`) prices GPU counts with it; `gpu.tools.flop_count`
+counts the same FLOPs with torch on the model itself, and tests hold the two equal (tiny layouts
+with the expert blocks in various places, and the released 14B layout). 2 FLOPs per
+multiply-add. Pure Python: the API container's routing estimates run times with it.
 
-- `steady=True`: as the pipeline runs steps 2..N: context K/V, the first expert block's reference
-  Q/K/V and the reference embedding reused, CFG rows shared up to the first cross-attention;
-- `steady=False`: every step computes everything (only the dead reference work after the last
-  expert block skipped): the count in the project's GPU performance notes (2.377e15 at 480p/49).
-
-`analytic_step_flops` is the same count written out from the layer shapes, independently of the
-model code; a test holds the two equal on the tiny model.
+- `steady=True` (default): a step as the pipeline runs steps 2..N: the context embedding, every
+  block's context K/V and the first expert block's reference Q/K/V are computed once per video,
+  and the CFG rows (views of one row) share the patch/time embedding and block 0 up to its
+  cross-attention;
+- `steady=False`: everything recomputed at every step (only the reference work that never reaches
+  the output, after the last expert block, skipped).
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from gpu.vap.configs import RELEASED_14B_CONFIG
 from gpu.vap.geometry import IMAGE_TOKENS, TEXT_TOKENS, geometry_of
 
 
-@dataclass(frozen=True)
-class StepFlops:
-    total: int
-    attention: int  # attention kernels (self, joint and cross)
-    linear: int  # matmuls (projections, FFN, embedders)
-    conv: int  # patch embedding
-
-    def share(self, part: int) -> float:
-        return part / self.total if self.total else 0.0
-
-
-def _model(cfg: dict[str, Any]) -> Any:
-    from gpu.vap.transformer import WanTransformer3DMOTModel
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            return WanTransformer3DMOTModel(**cfg).eval()
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@functools.cache
-def _count(cfg_items: tuple[tuple[str, Any], ...], grid: tuple[int, int, int], steady: bool) -> StepFlops:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from gpu.vap.metering import CudaKernels
-
-    cfg = dict(cfg_items)
-    model = _model(cfg)
-    model.reuse_step_invariants = steady
-    meta, dtype = torch.device("meta"), torch.bfloat16
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device=meta, dtype=dtype)
-
-    f, h, w = grid
-    text, image = rnd(2, TEXT_TOKENS, cfg["text_dim"]), rnd(2, IMAGE_TOKENS, cfg["image_dim"])
-    latents = rnd(1, cfg["in_channels"], f, h, w)
-    t = torch.tensor(999, device=meta)
-    with torch.no_grad(), CudaKernels():
-        reference = model.prepare_reference(rnd(1, cfg["in_channels"], f, h, w), text, image)
-        if steady:
-            context = model.prepare_context(text, image)
-            step: dict[str, Any] = {"context": context}
-            x, timestep = latents.expand(2, -1, -1, -1, -1), t.expand(2)
-            model(x, timestep, reference=reference, **step)  # first step: fills the per-video memo
-        else:
-            step = {"encoder_hidden_states": text, "encoder_hidden_states_image": image}
-            x, timestep = latents.expand(2, -1, -1, -1, -1).contiguous(), t.expand(2).contiguous()
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(x, timestep, reference=reference, **step)
-    by_op: dict[str, int] = defaultdict(int)
-    for op, count in counter.get_flop_counts()["Global"].items():
-        by_op[str(op)] += count
-    attention = sum(v for k, v in by_op.items() if "attention" in k)
-    conv = sum(v for k, v in by_op.items() if "convolution" in k)
-    total = counter.get_total_flops()
-    return StepFlops(total=total, attention=attention, conv=conv, linear=total - attention - conv)
-
-
-def count_step(
-    cfg: dict[str, Any], num_frames: int, height: int, width: int, steady: bool = True
-) -> StepFlops:
-    """FLOPs of one CFG step (batch 2) of `cfg`'s transformer for a video of this size."""
-    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
-    return _count(items, geometry_of(cfg).latent_grid(num_frames, height, width), steady)
-
-
 def analytic_step_flops(
-    cfg: dict[str, Any], num_frames: int, height: int, width: int, steady: bool = True
+    cfg: Mapping[str, Any], num_frames: int, height: int, width: int, steady: bool = True, batch: int = 2
 ) -> int:
-    """The same count from the layer shapes (2 FLOPs per multiply-add), CFG batch 2."""
+    """FLOPs of one transformer forward of `cfg`'s layout for a video of this size: `batch` rows
+    (2: CFG's conditional and unconditional rows in one call; 1: no CFG)."""
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     ffn, freq = cfg["ffn_dim"], cfg["freq_dim"]
     p = cfg["patch_size"]
     s = geometry_of(cfg).tokens_per_stream(num_frames, height, width)
     ctx = TEXT_TOKENS + IMAGE_TOKENS
-    experts = sorted(cfg["block_idx_with_mot_ref"])
-    batch = 2
+    experts = sorted(set(cfg["block_idx_with_mot_ref"]))
 
     def linear(tokens: int, fan_in: int, fan_out: int) -> int:
         return 2 * tokens * fan_in * fan_out
@@ -160,25 +82,3 @@ def analytic_step_flops(
         return batch * (row + shared + invariant)
     # Steady: per-video work gone, the shared part (patch, time, block 0 before cross) once.
     return batch * (row - patch - time) + patch + time + shared
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--frames", type=int, default=49)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    args = parser.parse_args(argv)
-    for steady in (False, True):
-        c = count_step(RELEASED_14B_CONFIG, args.frames, args.height, args.width, steady)
-        label = "steady step (reuse)" if steady else "plain step"
-        print(
-            f"{label:<20} {c.total:.4e} FLOP  attention {c.share(c.attention):.1%}  "
-            f"linear {c.share(c.linear):.1%}  conv {c.share(c.conv):.2%}"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -43,10 +43,12 @@ def test_sizes_and_counts_the_service_does_not_offer_are_errors():
 
 
 def test_choosing_needs_no_torch():
+    # The API container has no torch: the table, the time estimate and its FLOP formula run there.
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from gpu.service.routing import choose_gpu; print(choose_gpu(832, 480, 49).modal_gpu)"
+        "from gpu.service.routing import choose_gpu, gpus_within\n"
+        "print(choose_gpu(832, 480, 49).modal_gpu, gpus_within(1280, 720, 121, 50, 1, 2000.0))"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "H100!"
+    assert run.stdout.strip() == "H100! [2, 4, 8]"
