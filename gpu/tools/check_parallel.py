@@ -133,8 +133,8 @@ def check(world_sizes: list[int], steps: int = 2, seed: int = 0) -> float:
         engine = SequenceParallelEngine(loader, world, device_type="cpu", threads_per_rank=1)
         try:
             got = _run_all(engine.pipeline, engine, steps)
-            sp = engine.pipeline.transformer.sequence_parallel
-            if sp is None or sp.exchanges == 0:
+            sp = engine.split
+            if sp.exchanges == 0:
                 raise RuntimeError("the transformer ran without sequence-parallel exchanges")
             split, sent = sp.last_split, sp.sent_elements
         finally:

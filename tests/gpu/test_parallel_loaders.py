@@ -27,7 +27,7 @@ def test_saved_checkpoint_through_the_production_loaders(tmp_path):
     build_tiny_pipeline(seed=7).save_pretrained(tmp_path)
     follower = ReleasedTransformer(str(tmp_path), "main", torch.float32)
     alone = follower(torch.device("cpu"))
-    assert alone.sequence_parallel is None and type(alone).__name__ == "WanTransformer3DMOTModel"
+    assert alone.sequence_split is None and type(alone).__name__ == "WanTransformer3DMOTModel"
 
     from gpu.service import media
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from gpu.parallel.sequence import install
+from gpu.parallel.sequence import SequenceParallel, apply_split
 from gpu.service.engines.loaders import TransformerOf
 from gpu.service.engines.single import StepCallback, VideoEngine, device_name
 from gpu.service.engines.wire import CallReceiver, CallSender
@@ -106,7 +106,7 @@ def _follower_main(
     device = _init_group(rank, world, port, device_type, timeout_s)
     try:
         model = loader(device)
-        install(model)
+        apply_split(model)
     except BaseException:
         ready.send(traceback.format_exc())
         raise
@@ -210,11 +210,12 @@ class SequenceParallelEngine:
             pipeline = pipeline_loader(device)
             fingerprints = self._wait_ready(ready, deadline)
             _check_same_weights(_weights_fingerprint(pipeline.transformer), fingerprints)
-            install(pipeline.transformer)
+            split = apply_split(pipeline.transformer)
         except BaseException:
             self._stop_followers()
             raise
         self.pipeline = pipeline
+        self.split: SequenceParallel = split  # rank 0's side of the split (its exchange counts)
         self._driver = _Driver(pipeline.transformer, self._commands)
         self._inner = VideoEngine(pipeline, device, negative_prompt)
         self.device_name = f"{world_size}x {device_name(device)}"
