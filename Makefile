@@ -60,7 +60,7 @@ layer: $(STAMP)
 # docs/parity.md. Downloads nothing: VAP_REFERENCE names a checkout or git mirror of
 # bytedance/Video-As-Prompt already on this machine (default .local/vap-reference).
 parity: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m gpu.parity.check_reference \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m gpu.tools.parity.check_reference \
 		$(if $(VAP_REFERENCE),--reference "$(VAP_REFERENCE)") --write docs/parity.md
 
 # Deploy: Modal app (weights checked) + the AWS stack wired to it, one command (README "Deploy"):

@@ -1,6 +1,6 @@
 """Cost per video, computed: Modal H100 GPU seconds + AWS requests, versus fal's price per video.
 
-The generation time is an estimate (no GPU here): `gpu.parallel.scaling`'s for the default job on
+The generation time is an estimate (no GPU here): `gpu.tools.scaling`'s for the default job on
 one H100 (the model's counted FLOPs at 60 % of peak, the README's cost table), beside 4-6 minutes
 for the reference code.
 AWS request counts come from the per-job benchmark (calls made inside the handlers) plus the
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from vap_shared.cost import DEFAULT_FAL_PER_VIDEO, DEFAULT_MODAL_PER_SECOND
 
-from gpu.parallel.scaling import JobShape, estimate
+from gpu.tools.scaling import JobShape, estimate
 
 MODAL_H100_PER_S = DEFAULT_MODAL_PER_SECOND["H100"]
 FAL_PER_VIDEO = DEFAULT_FAL_PER_VIDEO
@@ -22,7 +22,7 @@ FAL_PER_VIDEO = DEFAULT_FAL_PER_VIDEO
 # the other benchmarks use where one generation time is needed.
 GENERATION_S_ESTIMATE = estimate(JobShape(), 1).total_s
 GENERATION_S = {
-    "estimate (gpu.parallel.scaling, 60 % of H100 peak)": GENERATION_S_ESTIMATE,
+    "estimate (gpu.tools.scaling, 60 % of H100 peak)": GENERATION_S_ESTIMATE,
     "reference code, low": 300.0,
     "reference code, high": 360.0,
 }

@@ -31,7 +31,7 @@ from typing import Any
 from bench.common import SHARED, percentile
 from bench.cost import GENERATION_S_ESTIMATE
 
-PRODUCTION_PROGRESS_CALLBACKS = 9  # gpu/runner.py: every 5 of 50 steps, not the last, >= 2 s apart
+PRODUCTION_PROGRESS_CALLBACKS = 9  # gpu.service.runner: every 5 of 50 steps, not the last, >= 2 s apart
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""GPU side: the VAP model (`gpu.vap`), the generation service and the Modal app."""
+"""GPU side, in three wings: the VAP model (`gpu.vap`, split over GPUs by `gpu.parallel`), the
+generation service and its Modal app (`gpu.service`), and offline tools (`gpu.tools`)."""

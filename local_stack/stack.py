@@ -216,7 +216,7 @@ class LocalStack:
     def _start_gpu(self) -> None:
         if self.config.gpu_engine == "none":
             return
-        from gpu.local_server import start_local_gpu_server
+        from gpu.service.local_server import start_local_gpu_server
 
         self.gpu = start_local_gpu_server(
             0,

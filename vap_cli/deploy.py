@@ -4,7 +4,7 @@
    own constraints, and whether `sam deploy` can pass it as written) are checked before anything is
    touched.
 2. Weights: the Modal volume must hold what `download_weights` records (`--download-weights` fills it).
-3. `modal deploy gpu/modal_app.py` with the budget and pool in its environment; its output names the
+3. `modal deploy gpu/service/modal_app.py` with the budget and pool in its environment; its output names the
    endpoint URL.
 4. The Lambda layer is built and checked for arm64/python3.13 (vap_cli.layer: no python3.13 or Docker
    needed), then `sam deploy` with ModalEndpointUrl and the same budget/pool as parameter overrides.
@@ -41,7 +41,7 @@ from vap_cli import layer
 from vap_cli.runner import REPO_ROOT, Runner, SubprocessRunner
 
 TEMPLATE = REPO_ROOT / "template.yaml"
-MODAL_APP_FILE = "gpu/modal_app.py"
+MODAL_APP_FILE = "gpu/service/modal_app.py"
 # Written by `download_weights` into the volume's root once the checkpoint is complete.
 WEIGHTS_MARKER = "vap-revision.json"
 PLACEHOLDER = "REPLACE_WITH_"
@@ -75,7 +75,7 @@ class DeployOptions:
             raise DeployError(f"Invalid settings, nothing was deployed: {exc}.") from None
 
     def modal_env(self) -> dict[str, str]:
-        """What `modal deploy` reads at deploy time (gpu/modal_app.py) to size the pool and limits."""
+        """What `modal deploy` reads at deploy time (gpu/service/modal_app.py) to size the pool and limits."""
         return {
             "VAP_JOB_BUDGET_S": str(self.job_budget_s),
             "VAP_MODAL_MAX_CONTAINERS": str(self.modal_containers),

@@ -139,7 +139,7 @@ def _inputs() -> Iterator[tuple[Path, Path]]:
 
 
 def _probe(stack: StackInfo, status: dict[str, Any], frames: int, fps: int, report: SmokeReport) -> None:
-    from gpu.media import MediaError, probe_mp4
+    from gpu.service.media import MediaError, probe_mp4
 
     key = status.get("output_key")
     if not key:

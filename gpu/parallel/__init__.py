@@ -1,6 +1,7 @@
-"""One VAP job on N processes/GPUs: sequence parallel (Ulysses all-to-all over heads).
+"""One VAP forward over N processes/GPUs: sequence parallel (Ulysses all-to-all over heads).
 
-`sequence`: the split of the token streams and the all-to-all attention core the transformer
-calls through its hooks; `engine`: an `Engine` that runs one job over `world_size` local
-processes; `scaling`: estimated time and cost per GPU count. docs/parallel.md has the design.
+`sequence` applies the transformer's declared split (`gpu.vap.split_plan`): each process runs
+every block on a slice of the tokens and the self-attentions exchange heads for sequence;
+`layout`: the tensor layouts around the exchanges. The engine that runs a job this way is
+`gpu.service.engines.sequence_parallel`. docs/parallel.md has the design.
 """

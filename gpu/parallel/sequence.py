@@ -1,6 +1,8 @@
 """Sequence parallel for the VAP transformer: each rank runs every block on a slice of the tokens.
 
-The transformer calls three hooks (see `install`):
+The transformer declares how it may be split (`gpu.vap.split_plan`); `apply_split` checks that
+declaration against the world size and hands the model a `SequenceParallel`, whose three seams
+the model's forward calls:
 - `shard` after the patch embedding, before the first block: this rank's slice of the main and
   reference tokens and of their rotary tables. Everything per token (modulation, norms,
   projections, cross-attention against the context K/V, which every rank holds whole, FFN) then
@@ -36,13 +38,13 @@ from gpu.parallel.layout import (
     split_sizes,
 )
 from gpu.vap.attention import local_attention
-from gpu.vap.transformer import VAPBlock, WanTransformer3DMOTModel
-
-Rotary = tuple[torch.Tensor, torch.Tensor]
+from gpu.vap.rotary import Rotary
+from gpu.vap.split_plan import SequenceSplittable
 
 
 class SequenceParallel:
-    """The split of one forward's token streams over the ranks of `group`, and the exchanges."""
+    """The split of one forward's token streams over the ranks of `group`, and the exchanges (a
+    `gpu.vap.split_plan.TokenSplit`)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         group = group if group is not None else dist.group.WORLD
@@ -123,18 +125,10 @@ class SequenceParallel:
         return received_heads(back, self.world)
 
 
-def install(model: WanTransformer3DMOTModel, group: dist.ProcessGroup | None = None) -> SequenceParallel:
-    """Make `model` run its forward split over the ranks of `group` (call on every rank)."""
-    sp = SequenceParallel(group)
-    heads = int(model.config["num_attention_heads"])
-    if heads % sp.world:
-        raise ValueError(f"{heads} attention heads do not split over {sp.world} processes")
-    blocks: list[VAPBlock] = []
-    for block in model.blocks:
-        if not isinstance(block, VAPBlock):  # its self-attention would bypass the exchange
-            raise TypeError(f"{type(block).__name__} has no attention_core to split")
-        blocks.append(block)
-    model.sequence_parallel = sp
-    for block in blocks:  # plain and expert blocks alike (VAPExpertBlock is a VAPBlock)
-        block.attention_core = sp.attention
-    return sp
+def apply_split(model: SequenceSplittable, group: dist.ProcessGroup | None = None) -> SequenceParallel:
+    """Split `model`'s forward over the ranks of `group` as it declares it may be (call on every
+    rank); the returned split counts the exchanges."""
+    split = SequenceParallel(group)
+    model.sequence_split_plan.check(split.world)
+    model.split_sequence(split)
+    return split

@@ -29,23 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu.vap.geometry import IMAGE_TOKENS, RELEASED, TEXT_TOKENS, Grid, geometry_of
 from gpu.vap.metering import CudaKernels, LiveBytes, module_bytes
 from gpu.vap.released import Components, build_components
-from gpu.vap.transformer import TEXT_TOKENS, WanTransformer3DMOTModel
+from gpu.vap.transformer import WanTransformer3DMOTModel
 
-IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16×16 patches + class token
 LATENT_CHANNELS = 16
 CONDITION_CHANNELS = 20  # 4 mask + 16 condition latents
-
-
-def latent_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """VAE latent (frames, height, width) of a video: time ÷4 after the first frame, space ÷8."""
-    return (num_frames - 1) // 4 + 1, height // 8, width // 8
-
-
-def tokens_per_stream(num_frames: int, height: int, width: int) -> int:
-    f, h, w = latent_grid(num_frames, height, width)
-    return f * (h // 2) * (w // 2)  # patch 1×2×2
 
 
 def sequence_exchange(tokens: int, gpus: int, batch: int = 2) -> int:
@@ -140,7 +130,7 @@ def vae(num_frames: int, height: int, width: int) -> Vae:
 
 
 def vae_peaks(model: Any, num_frames: int, height: int, width: int) -> Vae:
-    f, h, w = latent_grid(num_frames, height, width)
+    f, h, w = RELEASED.latent_grid(num_frames, height, width)
     out: dict[str, int] = {}
 
     def encode_once() -> None:
@@ -159,7 +149,7 @@ def vae_peaks(model: Any, num_frames: int, height: int, width: int) -> Vae:
 
 def denoise_timeline(
     model: WanTransformer3DMOTModel,
-    grid: tuple[int, int, int],
+    grid: Grid,
     steps: int = 2,
     text_dim: int | None = None,
     image_dim: int | None = None,
@@ -207,7 +197,7 @@ class DenoiseModel:
     def __init__(
         self,
         model: WanTransformer3DMOTModel,
-        grids: tuple[tuple[int, int, int], tuple[int, int, int]],
+        grids: tuple[Grid, Grid],
         **kwargs: Any,
     ) -> None:
         (g1, g2) = grids
@@ -220,9 +210,8 @@ class DenoiseModel:
         self._base, self._slope = t1, (t2 - t1) / (self.tokens[1] - self.tokens[0])
 
     @staticmethod
-    def _tokens(model: WanTransformer3DMOTModel, grid: tuple[int, int, int]) -> int:
-        p = model.config["patch_size"]
-        return (grid[0] // p[0]) * (grid[1] // p[1]) * (grid[2] // p[2])
+    def _tokens(model: WanTransformer3DMOTModel, grid: Grid) -> int:
+        return geometry_of(model.config).tokens(grid)
 
     def peak(self, tokens: int) -> int:
         """Peak live bytes for `tokens` per stream (the same for any grid with that many tokens)."""
@@ -232,7 +221,7 @@ class DenoiseModel:
 @functools.cache
 def denoise_model() -> DenoiseModel:
     """The released transformer, traced at the smallest and largest accepted videos' grids."""
-    small, large = latent_grid(9, 480, 832), latent_grid(121, 720, 1280)
+    small, large = RELEASED.latent_grid(9, 480, 832), RELEASED.latent_grid(121, 720, 1280)
     transformer = components().transformer
     assert transformer is not None
     return DenoiseModel(transformer, (small, large))

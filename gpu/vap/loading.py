@@ -127,7 +127,7 @@ def load_pipeline(
     float32 by default, as in the reference (they cost a few seconds per video; docs/model.md says
     why bf16 is not the default for the VAE). Hub loaders ignore `revision` for local folders.
 
-    Memory (`gpu.plan` says which jobs need what, per GPU): `offload_encoders` keeps UMT5 and CLIP
+    Memory (`gpu.tools.plan` says which jobs need what, per GPU): `offload_encoders` keeps UMT5 and CLIP
     in host memory except while they encode (≈14 GB more for the denoising loop, one host-to-GPU
     copy per video); `vae_tiling` decodes/encodes in spatial tiles (lower VAE peak; tile seams are
     blended, so frames are not bit-identical to untiled decoding)."""

@@ -25,6 +25,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from gpu.vap.geometry import TEXT_TOKENS, Geometry
 from gpu.vap.offload import HostResident
 from gpu.vap.transformer import WanTransformer3DMOTModel
 
@@ -36,8 +37,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "fingers, still picture, messy background, three legs, many people in the background, walking "
     "backwards"
 )
-# The attention code splits image vs text context assuming exactly 512 text tokens.
-TEXT_TOKENS = 512
 
 StepCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
@@ -101,8 +100,10 @@ class VAPPipeline(DiffusionPipeline):
             vae=vae,
             scheduler=scheduler,
         )
-        self.vae_scale_factor_temporal = 2 ** sum(vae.config["temperal_downsample"])
-        self.vae_scale_factor_spatial = 2 ** len(vae.config["temperal_downsample"])
+        # Latent and token shapes, read once from the configs (diffusers' names for the factors).
+        self.geometry = Geometry.of(vae.config, transformer.config)
+        self.vae_scale_factor_temporal = self.geometry.temporal
+        self.vae_scale_factor_spatial = self.geometry.spatial
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self._interrupt = False
         self._host_encoders: list[HostResident] = []

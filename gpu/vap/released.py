@@ -2,7 +2,7 @@
 
 Shapes as in `ByteDance/Video-As-Prompt-Wan2.1-14B` (Wan2.1-I2V-14B's encoders and VAE) and the
 safety checker the service runs (`CompVis/stable-diffusion-safety-checker`), with the dtypes the
-service loads them in (`gpu.vap.loading`, `gpu.modal_app`). On the meta device they cost nothing
+service loads them in (`gpu.vap.loading`, `gpu.service.modal_app`). On the meta device they cost nothing
 (the memory plan and the FLOP count use them that way); on a GPU, `random_weights` fills them so
 the benchmark can run the whole pipeline without downloading 66 GB.
 
@@ -22,55 +22,20 @@ from diffusers.schedulers import UniPCMultistepScheduler
 from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from gpu.vap.transformer import KEEP_IN_FP32, RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+from gpu.vap.configs import (
+    CLIP_VIT_H_CONFIG,
+    RELEASED_14B_CONFIG,
+    SAFETY_VISION_CONFIG,
+    SCHEDULER_CONFIG,
+    UMT5_XXL_CONFIG,
+    WAN_VAE_CONFIG,
+)
+from gpu.vap.transformer import KEEP_IN_FP32, WanTransformer3DMOTModel
 
-# google/umt5-xxl encoder (Wan's text encoder).
-UMT5_XXL_CONFIG: dict[str, Any] = {
-    "vocab_size": 256384,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "dense_act_fn": "gelu_new",
-    "is_encoder_decoder": False,
-    "tie_word_embeddings": False,
-}
-# open-clip ViT-H/14 vision tower (Wan I2V's image encoder; hidden_states[-2] is used).
-CLIP_VIT_H_CONFIG: dict[str, Any] = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 224,
-    "projection_dim": 1024,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-}
-# The SD safety checker: CLIP ViT-L/14 vision tower + projection + concept embeddings.
-SAFETY_VISION_CONFIG: dict[str, Any] = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 224,
-    "hidden_act": "quick_gelu",
-}
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "prediction_type": "flow_prediction",
-    "use_flow_sigmas": True,
-    "num_train_timesteps": 1000,
-    "flow_shift": 3.0,
-}
 TEXT_DTYPE = torch.bfloat16  # UMT5 and the transformer
 IMAGE_DTYPE = torch.float32  # CLIP (as the reference)
 VAE_DTYPE = torch.float32  # docs/model.md: why not bf16
-SAFETY_DTYPE = torch.float16  # gpu/modal_app.py loads the checker in fp16
+SAFETY_DTYPE = torch.float16  # gpu/service/modal_app.py loads the checker in fp16
 
 
 @dataclass
@@ -126,7 +91,7 @@ def build_components(
     return Components(
         text_encoder=make(TEXT_DTYPE, lambda: UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG))),
         image_encoder=make(IMAGE_DTYPE, lambda: CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_CONFIG))),
-        vae=make(VAE_DTYPE, AutoencoderKLWan),
+        vae=make(VAE_DTYPE, lambda: AutoencoderKLWan(**WAN_VAE_CONFIG)),
         transformer=build_transformer(device) if with_transformer else None,
         safety_checker=make(SAFETY_DTYPE, safety_checker) if with_safety else None,
     )

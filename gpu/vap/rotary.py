@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of one token stream
+
 _THETA = 10000.0
 
 

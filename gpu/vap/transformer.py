@@ -12,9 +12,9 @@ reference stream would compute after the last expert block's Q/K/V is skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,22 +31,15 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from gpu.vap.attention import FLASH_4, has_module, local_attention
-from gpu.vap.rotary import RotaryCache, apply_rotary
-
-if TYPE_CHECKING:
-    from gpu.parallel.sequence import SequenceParallel
+from gpu.vap.geometry import TEXT_TOKENS
+from gpu.vap.rotary import Rotary, RotaryCache, apply_rotary
+from gpu.vap.split_plan import AttentionCore, SequenceSplitPlan, TokenSplit
 
 # Exactly the reference's list: matched per dotted name component at load time, so the expert's
 # `scale_shift_table_mot_ref` / `norm2_mot_ref` load in the model dtype (as in the reference).
 KEEP_IN_FP32 = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
 
-Rotary = tuple[torch.Tensor, torch.Tensor]
 QKV = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
-# (query, key, value [B, S, H, Dh], backend) -> [B, S_q, H, Dh]: the self-attention seam (sequence
-# parallel swaps it per block; cross-attention keys are the whole context on every process).
-AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
-# The attention code splits image vs text context assuming exactly 512 text tokens (as diffusers').
-TEXT_TOKENS = 512
 
 
 @dataclass
@@ -437,8 +430,8 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         # of one row are computed twice up to the first cross-attention.
         self.reuse_step_invariants = True
         self._rotary = RotaryCache(attention_head_dim)
-        # Set by gpu.parallel to split the token streams over processes; None: all tokens here.
-        self.sequence_parallel: SequenceParallel | None = None
+        # The split of the token streams over processes (`split_sequence`); None: all tokens here.
+        self.sequence_split: TokenSplit | None = None
 
         patch = (int(patch_size[0]), int(patch_size[1]), int(patch_size[2]))
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch, stride=patch)
@@ -475,6 +468,22 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
             if isinstance(module, WanAttention):
                 processor: Any = module.processor
                 processor._attention_backend = FLASH_4
+
+    # -- how the model may be split across GPUs (gpu.vap.split_plan) -------------------------
+    @property
+    def sequence_split_plan(self) -> SequenceSplitPlan:
+        """The token streams may be split along the sequence; each self-attention exchanges its
+        heads, so a world size must divide them (cross-attention keys are the whole context)."""
+        return SequenceSplitPlan(heads=int(self.config["num_attention_heads"]))
+
+    def split_sequence(self, split: TokenSplit | None) -> None:
+        """Run every forward through `split`'s seams (None: all tokens on this process again):
+        its shard and gather around the blocks, its attention as every block's self-attention."""
+        self.sequence_split = split
+        core: AttentionCore = local_attention if split is None else split.attention
+        for block in self.blocks:
+            assert isinstance(block, VAPBlock)  # plain and expert blocks alike
+            block.attention_core = core
 
     # -- step-invariant inputs (once per video) --------------------------------------------
     def prepare_reference(
@@ -605,8 +614,8 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         # (the plain computation runs the reference stream per row from the start)
         ref: torch.Tensor | None = reference.tokens if reuse else reference.tokens.expand(batch, -1, -1)
         ref_rotary = reference.rotary
-        if self.sequence_parallel is not None:  # this process's slice of both token streams
-            x, rotary, ref, ref_rotary = self.sequence_parallel.shard(x, rotary, ref, ref_rotary)
+        if self.sequence_split is not None:  # this process's slice of both token streams
+            x, rotary, ref, ref_rotary = self.sequence_split.shard(x, rotary, ref, ref_rotary)
         first_expert = self.expert_blocks[0] if self.expert_blocks else -1
         for i, block in enumerate(self.blocks):
             if isinstance(block, VAPExpertBlock):
@@ -638,8 +647,8 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.proj_out(_modulated_norm(self.norm_out, x, scale, shift))
-        if self.sequence_parallel is not None:  # all tokens again, in order
-            x = self.sequence_parallel.gather(x)
+        if self.sequence_split is not None:  # all tokens again, in order
+            x = self.sequence_split.gather(x)
         # Unpatchify [B, F·H·W, p_t·p_h·p_w·C] -> [B, C, F·p_t, H·p_h, W·p_w].
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
@@ -655,21 +664,3 @@ def cast_like_checkpoint(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         if any(part in KEEP_IN_FP32 for part in name.split(".")):
             param.data = param.data.float()
     return model
-
-
-# The released `ByteDance/Video-As-Prompt-Wan2.1-14B` transformer config (expert on every 4th block):
-# the benchmark builds it with random weights, the tests and the parity check on the meta device.
-RELEASED_14B_CONFIG: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 40,
-    "attention_head_dim": 128,
-    "in_channels": 36,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 13824,
-    "num_layers": 40,
-    "image_dim": 1280,
-    "added_kv_proj_dim": 5120,
-    "block_idx_with_mot_ref": list(range(0, 40, 4)),
-}

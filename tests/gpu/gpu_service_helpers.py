@@ -12,7 +12,7 @@ from typing import Any
 from vap_shared.gpu_contract import GenerationSettings, GpuCallback, GpuJobRequest, UrlRefreshRequest
 from vap_shared.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_callback
 
-from gpu import media
+from gpu.service import media
 
 KEY_HEX = "ab" * 32
 # What S3 answers (403) for a presigned URL past its expiry.

@@ -13,10 +13,13 @@ from modal._utils.async_utils import synchronizer
 from modal.types import InputStatus
 from modal_proto import api_pb2
 
-from gpu import api
-from gpu.api import LocalExecutor, ModalExecutor, SubmitRejected, create_app, outcome_to_status
-from gpu.engine import FakeEngine
-from gpu.runner import RunnerConfig
+from gpu.service import routing
+from gpu.service.api import app as api
+from gpu.service.api.app import create_app
+from gpu.service.api.executors import LocalExecutor, ModalExecutor, outcome_to_status
+from gpu.service.engines.single import FakeEngine
+from gpu.service.routing import SubmitRejected
+from gpu.service.runner.config import RunnerConfig
 
 AUTH = {"Modal-Key": "wk-test", "Modal-Secret": "ws-test"}
 
@@ -271,14 +274,14 @@ class DoesNotFit(Exception):
 
 
 def choose_gpu(width, height, num_frames, gpus=1):
-    """Stand-in for gpu.plan.choose_gpu (same signature): 720p beyond 81 frames needs an H200;
+    """Stand-in for gpu.service.routing.choose_gpu (same signature): 720p beyond 81 frames needs an H200;
     4 GPUs are refused; 2 GPUs name a GPU the deployment does not have."""
     choose_gpu.calls.append((width, height, num_frames, gpus))
     if gpus == 4:
         raise DoesNotFit("720p x 121 frames does not fit 4 x H100 in this plan")
     if gpus == 2:
         return SimpleNamespace(modal_gpu="B200:2")
-    if gpus > 1:  # gpu.plan pins the type ("H100!:8"); the deployment offers "H100:8"
+    if gpus > 1:  # the plan pins the type ("H100!:8"); the deployment offers "H100:8"
         return SimpleNamespace(modal_gpu=f"H100!:{gpus}")
     return SimpleNamespace(modal_gpu="H200" if width * height == 1280 * 720 and num_frames > 81 else "H100!")
 
@@ -484,12 +487,13 @@ def test_constant_time_auth_helper_uses_both_headers():
 
 
 def test_the_real_plan_routes_every_accepted_job_to_a_default_class():
-    """`gpu.plan.choose_gpu` against the classes a default deployment offers: every accepted size,
-    frame count and GPU count lands on one of them (none is refused, none names a missing class)."""
+    """`gpu.service.routing.choose_gpu` against the classes a default deployment offers: every
+    accepted size, frame count and GPU count lands on one of them (none is refused, none names a
+    missing class)."""
     from vap_shared.gpu_contract import GenerationSettings
 
-    from gpu.modal_settings import DEFAULT_GPUS
-    from gpu.plan import GPU_COUNTS, accepted_sizes, gpu_frame_counts
+    from gpu.service.modal_settings import DEFAULT_GPUS
+    from gpu.tools.plan import GPU_COUNTS, accepted_sizes, gpu_frame_counts
 
     routed: dict[int, set[str]] = {}
     for resolution, aspect, _, _ in accepted_sizes():
@@ -497,12 +501,12 @@ def test_the_real_plan_routes_every_accepted_job_to_a_default_class():
             settings = GenerationSettings(prompt="p", video_description="v", resolution=resolution,
                                           aspect_ratio=aspect, num_frames=frames)  # fmt: skip
             for gpus in GPU_COUNTS:
-                routed.setdefault(gpus, set()).add(api.choose_class(settings, gpus, DEFAULT_GPUS))
+                routed.setdefault(gpus, set()).add(routing.choose_class(settings, gpus, DEFAULT_GPUS))
     assert routed == {1: {"H100!"}, 2: {"H100:2"}, 4: {"H100:4"}, 8: {"H100:8"}}
 
 
 def test_plan_and_deployment_spellings_of_one_class_match():
-    from gpu.modal_settings import offered_class
+    from gpu.service.modal_settings import offered_class
 
     offered = ["H100!", "H200", "H100:2", "H100!:8"]
     assert offered_class("H100!:2", offered) == "H100:2"
@@ -519,10 +523,10 @@ def test_a_job_too_slow_for_one_run_goes_to_more_gpus_within_the_budget():
     from vap_shared.budget import Budget
     from vap_shared.gpu_contract import GenerationSettings
 
-    from gpu.generation import target_size
-    from gpu.modal_settings import DEFAULT_GPUS, parse_gpu
-    from gpu.parallel.scaling import JobShape, estimate
-    from gpu.plan import accepted_sizes, gpu_frame_counts
+    from gpu.service.generation import target_size
+    from gpu.service.modal_settings import DEFAULT_GPUS, parse_gpu
+    from gpu.tools.plan import accepted_sizes, gpu_frame_counts
+    from gpu.tools.scaling import JobShape, estimate
 
     budget = Budget()
     limit = budget.run_s - budget.runner_margin_s - budget.upload_margin_s
@@ -530,7 +534,7 @@ def test_a_job_too_slow_for_one_run_goes_to_more_gpus_within_the_budget():
     def route(resolution: str, aspect: str, frames: int, gpus: int = 1) -> int:
         settings = GenerationSettings(prompt="p", video_description="v", resolution=resolution,
                                       aspect_ratio=aspect, num_frames=frames)  # fmt: skip
-        return parse_gpu(api.choose_class(settings, gpus, DEFAULT_GPUS, run_limit_s=limit)).count
+        return parse_gpu(routing.choose_class(settings, gpus, DEFAULT_GPUS, run_limit_s=limit)).count
 
     assert route("480p", "16:9", 49) == 1
     slow = JobShape(1280, 720, 121, 50)
@@ -544,4 +548,4 @@ def test_a_job_too_slow_for_one_run_goes_to_more_gpus_within_the_budget():
             assert estimate(JobShape(width, height, frames, 50), count).total_s <= limit
     # Without a limit (e.g. the local server) the requested count is kept.
     settings = GenerationSettings(prompt="p", video_description="v", resolution="720p", num_frames=121)
-    assert parse_gpu(api.choose_class(settings, 1, DEFAULT_GPUS)).count == 1
+    assert parse_gpu(routing.choose_class(settings, 1, DEFAULT_GPUS)).count == 1

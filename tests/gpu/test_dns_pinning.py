@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu.runner import JobFailed, RunnerConfig, check_url, download, pin_url
+from gpu.service.runner.config import JobFailed, RunnerConfig
+from gpu.service.runner.transport import check_url, download, pin_url
 
 PUBLIC_IP = "93.184.216.34"  # is_global; never actually reached (mapped to a loopback server)
 NAME = "rebind.test"

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from gpu import media
-from gpu.engine import DownscaledEngine, VideoEngine
-from gpu.generation import GenerationSpec
+from gpu.service import media
+from gpu.service.engines.single import DownscaledEngine, VideoEngine
+from gpu.service.generation import GenerationSpec
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 import pytest
 from vap_shared.gpu_contract import GenerationSettings
 
-from gpu.generation import (
+from gpu.service.generation import (
     MAX_SEED,
     build_spec,
     default_steps,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpu import media
+from gpu.service import media
 
 SHARED_MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media"
 

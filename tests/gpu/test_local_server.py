@@ -4,8 +4,8 @@ import httpx
 import pytest
 from gpu_service_helpers import StubServices
 
-from gpu import media
-from gpu.local_server import start_local_gpu_server
+from gpu.service import media
+from gpu.service.local_server import start_local_gpu_server
 
 AUTH = {"Modal-Key": "wk-local", "Modal-Secret": "ws-local"}
 

@@ -20,9 +20,9 @@ from modal._utils.async_utils import synchronizer
 from PIL import Image
 from vap_shared.budget import Budget
 
-from gpu import media, modal_settings
-from gpu.engine import FakeEngine
-from gpu.modal_settings import SettingsError, read_settings
+from gpu.service import media, modal_settings, routing
+from gpu.service.engines.single import FakeEngine
+from gpu.service.modal_settings import SettingsError, read_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 def modal_app():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import gpu.modal_app as module
+        import gpu.service.modal_app as module
 
         functions = dict(module.app.registered_functions)
         web = list(module.app.registered_web_endpoints)
@@ -89,7 +89,7 @@ DEPLOYER_ENV = {
 _PROBE = r"""
 import dataclasses, json, warnings
 warnings.simplefilter("ignore")
-import gpu.modal_app as m
+import gpu.service.modal_app as m
 from modal.secret import _local_secret_env
 
 def plain(value):
@@ -116,7 +116,7 @@ print(json.dumps({"app": m.app.name, "settings": settings, "functions": function
 
 
 def probe(env):
-    """Import gpu/modal_app.py in a fresh interpreter that sees only `env` (plus the import path,
+    """Import gpu/service/modal_app.py in a fresh interpreter that sees only `env` (plus the import path,
     which Modal's image provides through add_local_python_source)."""
     base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'shared'}"}
     done = subprocess.run(
@@ -193,11 +193,11 @@ def test_removed_and_invalid_settings_are_refused():
 @pytest.fixture
 def local_generator(modal_app, monkeypatch):
     module, _, _ = modal_app
-    import gpu.safety
+    import gpu.service.safety
 
     monkeypatch.setattr(module, "load_engine", lambda gpu_class, device: FakeEngine())
     monkeypatch.setattr(
-        gpu.safety.DiffusersSafetyClassifier,
+        gpu.service.safety.DiffusersSafetyClassifier,
         "from_pretrained",
         classmethod(lambda cls, **_: lambda images: [False] * len(images)),
     )
@@ -258,7 +258,7 @@ def test_api_executor_spawns_on_every_offered_class(modal_app):
     assert executor._registry is module.calls
 
 
-# --- `modal run gpu/modal_app.py --video … --image … --prompt …` (the real modal CLI) ------------
+# --- `modal run gpu/service/modal_app.py --video … --image … --prompt …` (the real modal CLI) ------------
 
 
 class Choice(types.SimpleNamespace):
@@ -266,8 +266,9 @@ class Choice(types.SimpleNamespace):
 
 
 def stand_in_plan():
-    """A stand-in `gpu.plan` (same names as the model helper's): 720p long jobs on an H200."""
-    plan = types.ModuleType("gpu.plan")
+    """A stand-in for the plan's choice (`gpu.service.routing.choose_gpu`, `DoesNotFit`): 720p
+    long jobs on an H200."""
+    plan = types.SimpleNamespace()
 
     class DoesNotFit(Exception):
         pass
@@ -308,7 +309,9 @@ def modal_run(tmp_path, monkeypatch):
         yield app
 
     monkeypatch.setattr(modal.cli.run, "run_app", fake_run_app)
-    monkeypatch.setitem(sys.modules, "gpu.plan", stand_in_plan())
+    plan = stand_in_plan()
+    monkeypatch.setattr(routing, "choose_gpu", plan.choose_gpu)
+    monkeypatch.setattr(routing, "DoesNotFit", plan.DoesNotFit)
     monkeypatch.setattr(sys, "path", list(sys.path))  # `modal run` prepends the script's folder
     monkeypatch.delitem(sys.modules, "modal_app", raising=False)
     (tmp_path / "clip.mp4").write_bytes(b"video-bytes")
@@ -317,7 +320,7 @@ def modal_run(tmp_path, monkeypatch):
     def run(*args):
         from modal.cli.entry_point import entrypoint_cli
 
-        argv = ["run", str(REPO / "gpu" / "modal_app.py"), "--video", str(tmp_path / "clip.mp4"),
+        argv = ["run", str(REPO / "gpu" / "service" / "modal_app.py"), "--video", str(tmp_path / "clip.mp4"),
                 "--image", str(tmp_path / "img.jpg"), *args]  # fmt: skip
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -376,7 +379,7 @@ def test_modal_run_trial_options(modal_run, tmp_path):
 
 def test_multi_gpu_classes_build_the_sequence_parallel_engine(modal_app, monkeypatch):
     module, _, _ = modal_app
-    import gpu.parallel.engine
+    import gpu.service.engines.sequence_parallel
 
     built: list[tuple[object, int, dict[str, object]]] = []
 
@@ -384,7 +387,7 @@ def test_multi_gpu_classes_build_the_sequence_parallel_engine(modal_app, monkeyp
         def __init__(self, pipeline_loader: object, world_size: int, **kwargs: object) -> None:
             built.append((pipeline_loader, world_size, kwargs))
 
-    monkeypatch.setattr(gpu.parallel.engine, "SequenceParallelEngine", Recorder)
+    monkeypatch.setattr(gpu.service.engines.sequence_parallel, "SequenceParallelEngine", Recorder)
     engine = module.load_engine(modal_settings.parse_gpu("H100:8"), "cuda")
     assert isinstance(engine, Recorder)
     loader, world_size, kwargs = built[0]
@@ -420,21 +423,20 @@ def test_an_engine_out_of_step_retires_its_container(modal_app, local_generator,
 
 
 def test_gpu_classes_follow_the_plans_encoder_policy(modal_app, monkeypatch):
-    """One H100 keeps UMT5 + CLIP in pinned host memory (gpu.plan): that class loads with
+    """One H100 keeps UMT5 + CLIP in pinned host memory (the memory plan): that class loads with
     `offload_encoders=True` and asks Modal for the host memory; the others keep them on the GPU."""
     module, functions, _ = modal_app
-    import gpu.engine
+    import gpu.service.engines.single
     import gpu.vap.loading
-    from gpu import plan
 
-    assert plan.offload_encoders("H100", 1) and not plan.offload_encoders("H200", 1)
+    assert routing.offload_encoders("H100", 1) and not routing.offload_encoders("H200", 1)
     memory = {spec.gpus: spec.memory for spec in (f._spec_ for f in functions.values())}
     assert memory["H100!"] == module.OFFLOAD_HOST_MEMORY_MIB >= 24 * 1024  # 13.9 GB pinned + headroom
     assert memory["H200"] is None and memory["H100:8"] is None
 
     loads: list[dict[str, object]] = []
     monkeypatch.setattr(gpu.vap.loading, "load_pipeline", lambda *args, **kwargs: loads.append(kwargs))
-    monkeypatch.setattr(gpu.engine, "VideoEngine", lambda pipeline, device: "engine")
+    monkeypatch.setattr(gpu.service.engines.single, "VideoEngine", lambda pipeline, device: "engine")
     for modal_gpu in ("H100!", "H200"):
         assert module.load_engine(modal_settings.parse_gpu(modal_gpu), "cuda") == "engine"
     assert [kwargs["offload_encoders"] for kwargs in loads] == [True, False]

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpu.engine import VideoEngine
-from gpu.generation import GenerationSpec
-from gpu.parallel.engine import SequenceParallelEngine
-from gpu.parallel.loaders import TinyPipeline, TransformerOf
+from gpu.service.engines.loaders import TinyPipeline, TransformerOf
+from gpu.service.engines.sequence_parallel import SequenceParallelEngine
+from gpu.service.engines.single import VideoEngine
+from gpu.service.generation import GenerationSpec
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ SPEC = GenerationSpec(
 
 
 def _clip(n: int = 9) -> list:
-    from gpu import media
+    from gpu.service import media
 
     return media.to_pil_frames(media.synth_frames(n, 48, 32))
 
@@ -36,14 +36,14 @@ def _clip(n: int = 9) -> list:
 def test_check_parallel_module_world_2_and_4():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "gpu.check_parallel", "--world-size", "2", "4"],
+        [sys.executable, "-m", "gpu.tools.check_parallel", "--world-size", "2", "4"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rel_err = float(re.search(r"^rel_err=(\S+)", proc.stdout, re.M).group(1))
     assert 0.0 < rel_err <= 1e-5  # > 0: the split ran (attention sums in another order)
     assert "pipeline latents, 2 steps, CFG" in proc.stdout
-    # world 2: even split; the elements sent are what gpu.parallel.scaling's volume formula says
+    # world 2: even split; the elements sent are what gpu.tools.scaling's volume formula says
     # (block 0 exchanges one row: the engine's CFG rows reach the followers as views of one row)
     assert "([9, 9], [9, 9]), all-to-all elements sent by rank 0 3024;" in proc.stdout
     assert "([5, 5, 4, 4], [5, 5, 4, 4])" in proc.stdout  # world 4: uneven split

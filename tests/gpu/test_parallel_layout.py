@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from gpu.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES
 from gpu.parallel.layout import (
     bounds,
     heads_to_send,
@@ -15,6 +14,8 @@ from gpu.parallel.layout import (
     sequence_to_send,
     split_sizes,
 )
+from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES
+from gpu.vap.geometry import RELEASED
 
 
 def _attention(q, k, v):
@@ -107,13 +108,13 @@ def test_joint_attention_with_interleaved_slices_matches_one_process(world, quer
 
 
 def test_every_accepted_size_splits_evenly_over_2_4_8():
-    """Tokens per stream = latent frames × (H/16) × (W/16) for every accepted size: all divide by 8,
+    """Tokens per stream of every accepted size (the released geometry): all divide by 8,
     so production never takes the uneven path (which works, see above) and 40 heads divide too."""
     sizes = [*LANDSCAPE_SIZES.values(), *[(h, w) for w, h in LANDSCAPE_SIZES.values()]]
     seen = 0
     for width, height in sizes:
         for frames in range(MIN_FRAMES, MAX_FRAMES + 1, 4):
-            tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+            tokens = RELEASED.tokens_per_stream(frames, height, width)
             for world in (2, 4, 8):
                 assert tokens % world == 0 and 40 % world == 0, (width, height, frames, world)
             seen += 1

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpu.engine import VideoEngine
-from gpu.generation import GenerationSpec
-from gpu.parallel.engine import SequenceParallelEngine
-from gpu.parallel.loaders import ReleasedTransformer
+from gpu.service.engines.loaders import ReleasedTransformer
+from gpu.service.engines.sequence_parallel import SequenceParallelEngine
+from gpu.service.engines.single import VideoEngine
+from gpu.service.generation import GenerationSpec
 from gpu.vap.loading import load_pipeline
 from gpu.vap.tiny import build_tiny_pipeline
 
@@ -27,9 +27,9 @@ def test_saved_checkpoint_through_the_production_loaders(tmp_path):
     build_tiny_pipeline(seed=7).save_pretrained(tmp_path)
     follower = ReleasedTransformer(str(tmp_path), "main", torch.float32)
     alone = follower(torch.device("cpu"))
-    assert alone.sequence_parallel is None and type(alone).__name__ == "WanTransformer3DMOTModel"
+    assert alone.sequence_split is None and type(alone).__name__ == "WanTransformer3DMOTModel"
 
-    from gpu import media
+    from gpu.service import media
 
     clip = media.to_pil_frames(media.synth_frames(9, 48, 32))
     spec = GenerationSpec(

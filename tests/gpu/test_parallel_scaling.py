@@ -1,4 +1,5 @@
-"""The scaling estimate's inputs are counted from the real model; its table behaves as a cost model needs."""
+"""The scaling estimate's inputs are counted from the real model (its FLOPs are the one formula,
+gpu.tools.flops); its table behaves as a cost model needs."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpu.parallel.scaling import (
+from gpu.tools.flops import analytic_step_flops
+from gpu.tools.scaling import (
     H100,
     H200,
     JobShape,
-    ModelDims,
     all_to_all_bytes_per_gpu,
     estimate,
     format_table,
@@ -20,7 +21,10 @@ from gpu.parallel.scaling import (
     step_flops,
     table,
 )
-from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+from gpu.vap.configs import RELEASED_14B_CONFIG
+from gpu.vap.geometry import IMAGE_TOKENS, RELEASED, TEXT_TOKENS
+from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
+from gpu.vap.transformer import WanTransformer3DMOTModel
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +41,11 @@ def meta_model():
 def test_analytic_step_flops_equal_torch_flop_counter_on_the_released_model(meta_model, shape, steady):
     """Steady: a step as the pipeline runs it after the first (context K/V prepared once, block 0's
     reference Q/K/V cached, CFG rows passed as views of one row); plain: everything recomputed."""
-    f, h, w = (shape.num_frames - 1) // 4 + 1, shape.height // 8, shape.width // 8
+    f, h, w = RELEASED.latent_grid(shape.num_frames, shape.height, shape.width)
     b = shape.batch
     meta_model.reuse_step_invariants = steady
     with torch.device("meta"), torch.no_grad():
-        text, image = torch.randn(b, 512, 4096), torch.randn(b, 257, 1280)
+        text, image = torch.randn(b, TEXT_TOKENS, 4096), torch.randn(b, IMAGE_TOKENS, 1280)
         ref = meta_model.prepare_reference(torch.randn(1, 36, f, h, w), text, image)
         latents, t = torch.randn(1, 36, f, h, w).expand(b, -1, -1, -1, -1), torch.tensor(500.0).expand(b)
         if steady:
@@ -66,12 +70,24 @@ def test_default_job_figures_match_the_notes():
 
 
 def test_all_to_all_volume_formula_matches_what_the_tiny_run_sends():
-    # `python -m gpu.check_parallel --world-size 2 4` reports 3024 elements sent by rank 0 per forward
+    # `python -m gpu.tools.check_parallel --world-size 2 4` reports 3024 elements sent by rank 0 per forward
     # at world 2 (tiny model: 3 blocks, experts 0-1, 4 heads × 6, 48×32 px, 9 frames, CFG rows shared
     # in block 0: 3888 if they were not).
-    tiny = ModelDims(layers=3, expert_blocks=2, width=24, heads=4)
+    tiny = {**TINY_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 6}
     assert all_to_all_bytes_per_gpu(JobShape(48, 32, 9), 2, tiny) == 3024 * 2
     assert all_to_all_bytes_per_gpu(JobShape(48, 32, 9), 2, tiny, steady=False) == 3888 * 2
+
+
+def test_the_estimate_prices_the_one_flop_formula():
+    # The compute time is the formula's FLOPs at the assumed rate: no second count of its own.
+    for shape in (JobShape(), JobShape(1280, 720, 121, 50), JobShape(720, 1280, 9, 30, cfg=False)):
+        rate = H100.peak_tflops * 1e12 * H100.efficiency
+        formula = analytic_step_flops(
+            RELEASED_14B_CONFIG, shape.num_frames, shape.height, shape.width, batch=shape.batch
+        )
+        assert step_flops(shape) == formula
+        for gpus in (1, 8):
+            assert estimate(shape, gpus).compute_s == pytest.approx(formula / (gpus * rate), rel=1e-12)
 
 
 def test_table_trades_cost_for_latency():

@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-from gpu.parallel.wire import CallSender, _decode, _tensor_specs
+from gpu.service.engines.wire import CallSender, _decode, _tensor_specs
 from gpu.vap.transformer import ContextKV, MainContext, ReferenceContext
 
 

@@ -1,4 +1,4 @@
-"""gpu/plan.py: every accepted job has a GPU it fits, measured from the model; `choose_gpu`."""
+"""gpu/tools/plan.py: every accepted job has a GPU it fits, measured from the model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gpu import plan
-from gpu.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.service import routing
+from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.tools import plan
+from gpu.vap.geometry import RELEASED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +23,7 @@ def test_plan_covers_every_accepted_size_and_all_fit():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # --check: the committed table choose_gpu reads is what the model gives today.
     run = subprocess.run(
-        [sys.executable, "-m", "gpu.plan", "--check"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "gpu.tools.plan", "--check"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines() if line.endswith((" yes", " NO"))]
@@ -34,33 +36,11 @@ def test_plan_covers_every_accepted_size_and_all_fit():
     assert seen == expected and len(rows) == len(expected) == 6 * 29
 
 
-def test_default_job_runs_on_one_h100():
-    choice = plan.choose_gpu(480, 832, 49)
-    assert (choice.gpu_type, choice.count, choice.modal_gpu) == ("H100", 1, "H100!")
-    assert 40 < choice.peak_gib < choice.capacity_gib < 80
-    assert choice.price_per_s == pytest.approx(0.001097)
-
-
-def test_requested_frames_map_to_the_gpu_frame_count_and_gpus_multiply():
-    assert plan.choose_gpu(1280, 720, 120) == plan.choose_gpu(1280, 720, 121)
-    eight = plan.choose_gpu(1280, 720, 121, gpus=8)
-    assert eight.modal_gpu == "H100!:8" and eight.count == 8
-    assert eight.price_per_s == pytest.approx(8 * 0.001097)
-    denoise = {
-        j["gpus"]: j["phases"]["denoise"]
-        for j in plan.read_table()["jobs"]
-        if j["width"] == 1280 and j["num_frames"] == 121
-    }
-    assert denoise[8] < denoise[4] < denoise[2] < denoise[1]  # each GPU holds 1/N of the tokens
-    # (the contexts and their K/V stay whole on every GPU, and each holds its all-to-all buffers)
-    assert denoise[8] < denoise[1] / 3
-
-
 @pytest.mark.slow
 def test_sequence_parallel_jobs_count_the_all_to_all_buffers():
     from gpu.vap import footprint
 
-    tokens = footprint.tokens_per_stream(121, 720, 1280)
+    tokens = RELEASED.tokens_per_stream(121, 720, 1280)
     assert footprint.sequence_exchange(tokens, 1) == 0
     # Q, K, V each sent (a contiguous copy) and received: six tensors of the local joint Q, for
     # 2 CFG rows of main + reference tokens, 40 heads x 128, bf16.
@@ -68,7 +48,7 @@ def test_sequence_parallel_jobs_count_the_all_to_all_buffers():
     assert footprint.sequence_exchange(tokens, 2) == 6 * 2 * local * 5120 * 2
     (row,) = [
         j
-        for j in plan.read_table()["jobs"]
+        for j in routing.read_table()["jobs"]
         if (j["width"], j["height"], j["num_frames"], j["gpus"]) == (1280, 720, 121, 2)
     ]
     expected = footprint.denoise_model().peak(math.ceil(tokens / 2)) + footprint.sequence_exchange(tokens, 2)
@@ -76,23 +56,23 @@ def test_sequence_parallel_jobs_count_the_all_to_all_buffers():
 
 
 def test_every_planned_job_fits_its_gpu_and_the_encoder_policy_is_consistent():
-    table = plan.read_table()
+    table = routing.read_table()
     for job in table["jobs"]:
-        gpu = plan.gpu_type(job["gpu"])
-        assert job["peak_bytes"] <= gpu.capacity_gib * plan.GIB
+        gpu = routing.gpu_type(job["gpu"])
+        assert job["peak_bytes"] <= gpu.capacity_gib * routing.GIB
         offload = table["offload_encoders"][f"{job['gpu']}:{job['gpus']}"]
         assert job["peak_bytes"] == plan.peak_bytes(table["weights"], job["phases"], offload)
     # 720p x 121 frames needs the encoders' 14 GB on an H100: that class keeps them on the host.
-    assert plan.choose_gpu(1280, 720, 121).offload_encoders
+    assert routing.choose_gpu(1280, 720, 121).offload_encoders
 
 
 def test_routing_prefers_the_cheapest_gpu_that_fits(monkeypatch):
-    weights = plan.read_table()["weights"]
+    weights = routing.read_table()["weights"]
     small = {"encode": 2**30, "vae_encode": 2**30, "denoise": 8 * 2**30, "vae_decode": 2**30}
     big = {**small, "denoise": 60 * 2**30}
     huge = {**small, "denoise": 200 * 2**30}
-    assert plan.peak_bytes(weights, small, False) < plan.OFFERED[0].capacity_gib * plan.GIB
-    assert plan.peak_bytes(weights, big, True) > plan.OFFERED[0].capacity_gib * plan.GIB
+    assert plan.peak_bytes(weights, small, False) < routing.OFFERED[0].capacity_gib * routing.GIB
+    assert plan.peak_bytes(weights, big, True) > routing.OFFERED[0].capacity_gib * routing.GIB
     phases = {(832, 480, 49): small, (1280, 720, 49): big, (1280, 720, 121): huge}
     monkeypatch.setattr(
         plan, "accepted_sizes", lambda: iter([("x", "16:9", 832, 480), ("y", "16:9", 1280, 720)])
@@ -104,26 +84,9 @@ def test_routing_prefers_the_cheapest_gpu_that_fits(monkeypatch):
     table = plan.build_table()
     routes = {(j["width"], j["num_frames"]): j["gpu"] for j in table["jobs"]}
     assert routes == {(832, 49): "H100", (832, 121): "H100", (1280, 49): "H200", (1280, 121): None}
-    monkeypatch.setattr(plan, "_TABLE", table)
-    monkeypatch.setattr(plan, "_INDEX", None)
-    assert plan.choose_gpu(1280, 720, 49).modal_gpu == "H200"
-    with pytest.raises(plan.DoesNotFit):
-        plan.choose_gpu(1280, 720, 121)
-    monkeypatch.setattr(plan, "_INDEX", None)
-
-
-def test_sizes_and_counts_the_service_does_not_offer_are_errors():
-    with pytest.raises(ValueError, match="not an accepted size"):
-        plan.choose_gpu(1920, 1080, 49)
-    with pytest.raises(ValueError, match="gpus"):
-        plan.choose_gpu(832, 480, 49, gpus=3)
-
-
-def test_choosing_needs_no_torch():
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "from gpu.plan import choose_gpu; print(choose_gpu(832, 480, 49).modal_gpu)"
-    )
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "H100!"
+    monkeypatch.setattr(routing, "_TABLE", table)
+    monkeypatch.setattr(routing, "_INDEX", None)
+    assert routing.choose_gpu(1280, 720, 49).modal_gpu == "H200"
+    with pytest.raises(routing.DoesNotFit):
+        routing.choose_gpu(1280, 720, 121)
+    monkeypatch.setattr(routing, "_INDEX", None)

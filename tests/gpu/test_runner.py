@@ -9,9 +9,11 @@ from gpu_service_helpers import StubServices
 from PIL import Image
 from vap_shared.budget import RUNNER_MARGIN_S, UPLOAD_MARGIN_S, Budget
 
-from gpu import media
-from gpu.engine import FakeEngine
-from gpu.runner import JobFailed, RunnerConfig, UnsafeUrl, check_url, run_job
+from gpu.service import media
+from gpu.service.engines.single import FakeEngine
+from gpu.service.runner.config import JobFailed, RunnerConfig
+from gpu.service.runner.run import run_job
+from gpu.service.runner.transport import UnsafeUrl, check_url
 
 
 class Flags:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpu import media
-from gpu.safety import (
+from gpu.service import media
+from gpu.service.safety import (
     DiffusersSafetyClassifier,
     SafetyViolation,
     check_image,

@@ -1,14 +1,14 @@
-"""gpu/bench.py: the CPU smoke run goes through the same code as `--full` on a GPU."""
+"""gpu/tools/bench.py: the CPU smoke run goes through the same code as `--full` on a GPU."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpu import bench
+from gpu.tools import bench
 
 pytestmark = pytest.mark.slow
 
-MARKER = "<!-- gpu.bench output below: generated, do not edit -->"
+MARKER = "<!-- gpu.tools.bench output below: generated, do not edit -->"
 
 
 def test_smoke_run_reports_every_section_and_writes_the_document(tmp_path, capsys):
@@ -65,18 +65,18 @@ def test_full_size_pipeline_code_builds_and_runs_with_small_configs(monkeypatch)
     # with the encoders' configs shrunk so it runs on a CPU; the VAE is the real layout.
     import torch
 
-    from gpu.vap import released
+    from gpu.vap import configs, released
     from gpu.vap.tiny import IMAGE_DIM, TEXT_DIM, build_tiny_transformer
 
-    monkeypatch.setitem(released.UMT5_XXL_CONFIG, "vocab_size", 64)
+    monkeypatch.setitem(configs.UMT5_XXL_CONFIG, "vocab_size", 64)
     for key, value in {"d_model": TEXT_DIM, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}.items():
-        monkeypatch.setitem(released.UMT5_XXL_CONFIG, key, value)
+        monkeypatch.setitem(configs.UMT5_XXL_CONFIG, key, value)
     for key, value in {"hidden_size": IMAGE_DIM, "intermediate_size": 8, "num_hidden_layers": 2}.items():
-        monkeypatch.setitem(released.CLIP_VIT_H_CONFIG, key, value)
-    monkeypatch.setitem(released.CLIP_VIT_H_CONFIG, "num_attention_heads", 2)
+        monkeypatch.setitem(configs.CLIP_VIT_H_CONFIG, key, value)
+    monkeypatch.setitem(configs.CLIP_VIT_H_CONFIG, "num_attention_heads", 2)
     for key, value in {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}.items():
-        monkeypatch.setitem(released.SAFETY_VISION_CONFIG, key, value)
-    monkeypatch.setitem(released.SAFETY_VISION_CONFIG, "num_attention_heads", 2)
+        monkeypatch.setitem(configs.SAFETY_VISION_CONFIG, key, value)
+    monkeypatch.setitem(configs.SAFETY_VISION_CONFIG, "num_attention_heads", 2)
     monkeypatch.setattr(released, "TEXT_DTYPE", torch.float32)
     cpu = torch.device("cpu")
     pipe = bench.build_pipeline(True, cpu, offload_encoders=True, transformer=build_tiny_transformer(0))

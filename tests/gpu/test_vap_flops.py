@@ -1,12 +1,13 @@
-"""gpu/flops.py: the FLOP counter (FlopCounterMode on the meta device) against the layer shapes."""
+"""The FLOP formula (gpu/tools/flops.py) against torch's count on the model (gpu/tools/flop_count.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpu.flops import analytic_step_flops, count_step
+from gpu.tools.flop_count import count_step
+from gpu.tools.flops import analytic_step_flops
+from gpu.vap.configs import RELEASED_14B_CONFIG
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
-from gpu.vap.transformer import RELEASED_14B_CONFIG
 
 pytestmark = pytest.mark.slow
 

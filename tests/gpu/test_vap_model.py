@@ -12,9 +12,10 @@ import PIL.Image
 import pytest
 import torch
 
+from gpu.vap.configs import RELEASED_14B_CONFIG
 from gpu.vap.rotary import rotary_tables
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_pipeline, build_tiny_transformer
-from gpu.vap.transformer import KEEP_IN_FP32, RELEASED_14B_CONFIG, VAPExpertBlock, WanTransformer3DMOTModel
+from gpu.vap.transformer import KEEP_IN_FP32, VAPExpertBlock, WanTransformer3DMOTModel
 
 pytestmark = pytest.mark.slow
 
@@ -298,7 +299,7 @@ def test_precomputed_context_equals_raw_inputs():
 
 
 def test_the_loop_constants_are_freed_before_the_vae_decode(monkeypatch):
-    # gpu.plan sizes the decode phase as the VAE alone: the reference stream and the context
+    # gpu.tools.plan sizes the decode phase as the VAE alone: the reference stream and the context
     # (GBs at 720p) must be dead by then.
     import weakref
 

@@ -21,8 +21,8 @@ from stack_helpers import jobs_for, sidecar
 from test_backend_faults import quiet
 from vap_shared.budget import Budget
 
-from gpu.engine import FakeEngine
-from gpu.local_server import LocalGpuServer, start_local_gpu_server
+from gpu.service.engines.single import FakeEngine
+from gpu.service.local_server import LocalGpuServer, start_local_gpu_server
 from local_stack import LocalStack
 
 pytestmark = pytest.mark.stack

@@ -451,7 +451,8 @@ DOWNLOADS["GPU: redirect to a private name"] = "https://redirect.example/to-inte
 @pytest.mark.parametrize("case", list(DOWNLOADS))
 def test_gpu_downloader_refuses_private_destinations(case: str) -> None:
     pytest.importorskip("numpy")
-    from gpu.runner import JobFailed, RunnerConfig, UnsafeUrl, check_url, download
+    from gpu.service.runner.config import JobFailed, RunnerConfig
+    from gpu.service.runner.transport import UnsafeUrl, check_url, download
 
     config = RunnerConfig(allow_http_loopback=False, resolver=_resolver)
     url = DOWNLOADS[case]

@@ -152,5 +152,5 @@ def test_the_local_time_scale_is_never_deployed() -> None:
     for resource in TEMPLATE["Resources"].values():
         variables = resource.get("Properties", {}).get("Environment", {}).get("Variables", {})
         assert budget_module.LOCAL_TIME_SCALE_ENV not in variables
-    modal_app = Path(__file__).resolve().parents[2] / "gpu" / "modal_app.py"
+    modal_app = Path(__file__).resolve().parents[2] / "gpu" / "service" / "modal_app.py"
     assert budget_module.LOCAL_TIME_SCALE_ENV not in modal_app.read_text(encoding="utf-8")

@@ -173,7 +173,7 @@ def test_deploy_runs_modal_then_sam_with_the_same_budget_and_reports_secrets(
     out = io.StringIO()
     result = deploy.deploy(opts, modal, sam, aws, out)
 
-    assert modal.calls == [(VOLUME_LS, None), (["modal", "deploy", "gpu/modal_app.py"], MODAL_ENV)]
+    assert modal.calls == [(VOLUME_LS, None), (["modal", "deploy", "gpu/service/modal_app.py"], MODAL_ENV)]
     built = tmp_path / "build" / "template.json"
     assert sam.calls == [
         (
@@ -267,9 +267,9 @@ def test_download_weights_fills_the_volume_first(tmp_path: Path, template: Path,
     deploy.deploy(options(tmp_path, template, download_weights=True), modal, sam, aws, io.StringIO())
     assert [c[0][:3] for c in modal.calls] == [
         ["modal", "volume", "ls"],
-        ["modal", "run", "gpu/modal_app.py::download_weights"],
+        ["modal", "run", "gpu/service/modal_app.py::download_weights"],
         ["modal", "volume", "ls"],
-        ["modal", "deploy", "gpu/modal_app.py"],
+        ["modal", "deploy", "gpu/service/modal_app.py"],
     ]
     assert modal.calls[1][1] == MODAL_ENV and len(sam.calls) == 1
 
@@ -384,7 +384,7 @@ def test_sam_packages_the_deploy_template_as_lambda_expects(tmp_path: Path, temp
 
 
 def test_the_modal_app_reads_what_deploy_sets() -> None:
-    """gpu/modal_app.py imported under `modal deploy`'s environment (as the modal CLI imports it)."""
+    """gpu/service/modal_app.py imported under `modal deploy`'s environment (as the modal CLI imports it)."""
     import os
     import subprocess
     import sys
@@ -393,7 +393,7 @@ def test_the_modal_app_reads_what_deploy_sets() -> None:
     env = {**os.environ, **options.modal_env()}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "shared")])
     code = (
-        "import json, warnings; warnings.simplefilter('ignore'); import gpu.modal_app as m; "
+        "import json, warnings; warnings.simplefilter('ignore'); import gpu.service.modal_app as m; "
         "s = m.SETTINGS; print(json.dumps([m.app.name, s.max_containers, s.budget.job_s, s.volume, "
         "m.REVISION_RECORD, m.MODELS_DIR]))"
     )
@@ -408,6 +408,6 @@ def test_the_modal_app_reads_what_deploy_sets() -> None:
 
 def test_deploy_sets_only_settings_the_modal_app_reads() -> None:
     """Every variable `make deploy` hands `modal deploy` is one the app forwards to its containers."""
-    from gpu.modal_settings import SETTING_NAMES
+    from gpu.service.modal_settings import SETTING_NAMES
 
     assert set(deploy.DeployOptions("s").modal_env()) <= set(SETTING_NAMES)

@@ -9,7 +9,7 @@ import pytest
 from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
 
 from bench import gpu_choice
-from gpu.parallel import scaling
+from gpu.tools import scaling
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

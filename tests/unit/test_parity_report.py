@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu.parity import report
+from gpu.tools.parity import report
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "parity.md"
@@ -56,7 +56,7 @@ def test_without_the_reference_it_says_so_and_writes_nothing(tmp_path: Path) -> 
     before = doc.read_text()
     env = {**os.environ, "VAP_REFERENCE": "", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "gpu.parity.check_reference", "--reference", str(tmp_path / "absent"),
+        [sys.executable, "-m", "gpu.tools.parity.check_reference", "--reference", str(tmp_path / "absent"),
          "--write", str(doc)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -72,7 +72,7 @@ def _git(*args: str, cwd: Path) -> str:
 
 
 def test_a_git_mirror_is_exported_with_its_commit(tmp_path: Path) -> None:
-    from gpu.parity.check_reference import ReferenceMissing, reference_tree
+    from gpu.tools.parity.check_reference import ReferenceMissing, reference_tree
 
     work = tmp_path / "work"
     fork = work / "diffusers" / "src" / "diffusers"

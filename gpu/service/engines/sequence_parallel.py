@@ -33,11 +33,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from gpu.engine import StepCallback, VideoEngine, device_name
-from gpu.generation import GenerationSpec
-from gpu.parallel.loaders import TransformerOf
-from gpu.parallel.sequence import install
-from gpu.parallel.wire import CallReceiver, CallSender
+from gpu.parallel.sequence import SequenceParallel, apply_split
+from gpu.service.engines.loaders import TransformerOf
+from gpu.service.engines.single import StepCallback, VideoEngine, device_name
+from gpu.service.engines.wire import CallReceiver, CallSender
+from gpu.service.generation import GenerationSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _follower_main(
     device = _init_group(rank, world, port, device_type, timeout_s)
     try:
         model = loader(device)
-        install(model)
+        apply_split(model)
     except BaseException:
         ready.send(traceback.format_exc())
         raise
@@ -157,12 +157,12 @@ class _Driver:
 
 
 class SequenceParallelEngine:
-    """`gpu.engine.Engine` that runs each job over `world_size` local processes (one per GPU).
+    """`gpu.service.engines.single.Engine` that runs each job over `world_size` local processes (one per GPU).
 
     `pipeline_loader(device)` returns a `VAPPipeline` on `device` (rank 0: `cuda:0` or `cpu`);
     `transformer_loader(device)` returns the same transformer on a follower's device (default:
     the pipeline loader, keeping only its transformer). Both must be picklable (top-level
-    functions, `functools.partial` of them, or `gpu.parallel.loaders` objects). NCCL on CUDA,
+    functions, `functools.partial` of them, or `gpu.service.engines.loaders` objects). NCCL on CUDA,
     gloo on CPU (`device_type="cpu"` runs the CPU check). Build it once per container; `close()`
     stops the followers."""
 
@@ -210,11 +210,12 @@ class SequenceParallelEngine:
             pipeline = pipeline_loader(device)
             fingerprints = self._wait_ready(ready, deadline)
             _check_same_weights(_weights_fingerprint(pipeline.transformer), fingerprints)
-            install(pipeline.transformer)
+            split = apply_split(pipeline.transformer)
         except BaseException:
             self._stop_followers()
             raise
         self.pipeline = pipeline
+        self.split: SequenceParallel = split  # rank 0's side of the split (its exchange counts)
         self._driver = _Driver(pipeline.transformer, self._commands)
         self._inner = VideoEngine(pipeline, device, negative_prompt)
         self.device_name = f"{world_size}x {device_name(device)}"
@@ -241,14 +242,7 @@ class SequenceParallelEngine:
 
     def check_split(self, spec: GenerationSpec) -> None:
         """Refuse, before any rank starts, a size whose token streams have fewer tokens than ranks."""
-        pipe = self.pipeline
-        p_t, p_h, p_w = pipe.transformer.config["patch_size"]
-        frames = (spec.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        tokens = (
-            (frames // p_t)
-            * (spec.height // pipe.vae_scale_factor_spatial // p_h)
-            * (spec.width // pipe.vae_scale_factor_spatial // p_w)
-        )
+        tokens = self.pipeline.geometry.tokens_per_stream(spec.num_frames, spec.height, spec.width)
         if tokens < self.world_size:
             raise ValueError(f"{tokens} tokens per stream cannot be split over {self.world_size} GPUs")
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from vap_shared.gpu_contract import AspectRatio, GenerationSettings, Resolution
 
-# Landscape (width, height); 9:16 swaps them. All multiples of 16 (VAE ×8, patch ×2).
+from gpu.vap.geometry import RELEASED
+
+# Landscape (width, height); 9:16 swaps them. All multiples of 16 (VAE ×8, patch ×2: RELEASED).
 # 580p is 1024×576 rather than a literal 580 lines: 580 is not a multiple of 16 and 576 is the
 # nearest 16:9 size that is.
 LANDSCAPE_SIZES: dict[Resolution, tuple[int, int]] = {
@@ -57,9 +59,10 @@ def valid_num_frames(requested: int) -> int:
 
     The Wan VAE compresses time 4× after the first frame, so only 4k+1 frames decode exactly.
     """
+    step = RELEASED.temporal
     clamped = min(max(requested, MIN_FRAMES), MAX_FRAMES)
-    k = (clamped - 1 + 2) // 4  # +2 = half of 4: rounds to nearest, ties up
-    return min(4 * k + 1, MAX_FRAMES)
+    k = (clamped - 1 + step // 2) // step  # + half a step: rounds to nearest, ties up
+    return min(step * k + 1, MAX_FRAMES)
 
 
 def resolve_seed(seed: int | None) -> int:

@@ -1,12 +1,12 @@
 """The Modal app: VAP on the GPU each job needs, behind the GPU HTTP API (docs/gpu.md: deploy steps).
 
-    modal run gpu/modal_app.py::download_weights   # once: fill the weights volume
-    modal deploy gpu/modal_app.py                  # the API URL is printed; use it as ModalEndpointUrl
-    modal run gpu/modal_app.py --video clip.mp4 --image img.jpg --prompt "…" --video-description "…"
-                                                   # one video from local files, no AWS (saved locally)
+    modal run gpu/service/modal_app.py::download_weights   # once: fill the weights volume
+    modal deploy gpu/service/modal_app.py   # the API URL is printed; use it as ModalEndpointUrl
+    modal run gpu/service/modal_app.py --video clip.mp4 --image img.jpg --prompt "…" --video-description "…"
+                                            # one video from local files, no AWS (saved locally)
 
 Builds offline without a token (tests import it); only deploy/run/spawn talk to Modal. Settings are
-read from the deployer's environment (`gpu.modal_settings`) and forwarded to every function, since
+read from the deployer's environment (`gpu.service.modal_settings`) and forwarded to every function, since
 Modal re-imports this file in each container with only what is forwarded.
 """
 
@@ -17,21 +17,22 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-try:  # `modal deploy gpu/modal_app.py` imports this file by path: make `gpu` and `vap_shared` importable
+# `modal deploy gpu/service/modal_app.py` imports this file by path: make `gpu` and `vap_shared` importable.
+try:
     import gpu  # noqa: F401
 except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 try:
     import vap_shared  # noqa: F401
 except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
 import modal
 from vap_shared.gpu_contract import GenerationSettings
 
-from gpu import plan
-from gpu.generation import target_size
-from gpu.modal_settings import GpuClass, forwarded_env, read_settings
+from gpu.service import routing
+from gpu.service.generation import target_size
+from gpu.service.modal_settings import GpuClass, forwarded_env, read_settings
 
 SETTINGS = read_settings()
 # Every setting the deployer set, handed to every function: a container re-imports this module
@@ -100,7 +101,7 @@ def download_weights() -> None:
     """Fill the volume with the pinned VAP checkpoint and safety checker (run once per revision)."""
     from huggingface_hub import HfApi, snapshot_download
 
-    from gpu.safety import SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION
+    from gpu.service.safety import SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION
 
     requested = SETTINGS.revision or VAP_REVISION
@@ -125,12 +126,12 @@ def recorded_revision(default: str) -> str:
 def load_engine(gpu_class: GpuClass, device: str) -> Any:
     """The engine for one container: the pipeline on one GPU, or the sequence-parallel engine of
     `gpu.parallel` over all of the container's GPUs."""
-    from gpu.engine import VideoEngine
+    from gpu.service.engines.single import VideoEngine
     from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
 
     revision = recorded_revision(SETTINGS.revision or VAP_REVISION)
     # UMT5 + CLIP in host memory where the plan needs their room on the GPU (one H100).
-    offload = plan.offload_encoders(gpu_class.gpu_type, gpu_class.count)
+    offload = routing.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     if gpu_class.count == 1:
         pipeline = load_pipeline(
             VAP_REPO_ID,
@@ -145,8 +146,8 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
     # stays off here until a GPU run has checked it with the all-to-all attention.
     from functools import partial
 
-    from gpu.parallel.engine import SequenceParallelEngine
-    from gpu.parallel.loaders import ReleasedTransformer
+    from gpu.service.engines.loaders import ReleasedTransformer
+    from gpu.service.engines.sequence_parallel import SequenceParallelEngine
 
     return SequenceParallelEngine(
         partial(load_pipeline, VAP_REPO_ID, revision=revision, offload_encoders=offload),
@@ -167,8 +168,8 @@ class VapGeneratorBase:
         import httpx
         import torch
 
-        from gpu.runner import RunnerConfig
-        from gpu.safety import DiffusersSafetyClassifier
+        from gpu.service.runner.config import RunnerConfig
+        from gpu.service.safety import DiffusersSafetyClassifier
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = load_engine(self.gpu_class, device)
@@ -183,7 +184,9 @@ class VapGeneratorBase:
         """Run one `GpuJobRequest`; returns {"result": GpuResult} or {"error": GpuError} (as JSON)."""
         from vap_shared.gpu_contract import GpuError, GpuJobRequest
 
-        from gpu.runner import JobFailed, run_job, send_callback
+        from gpu.service.runner.callbacks import send_callback
+        from gpu.service.runner.config import JobFailed
+        from gpu.service.runner.run import run_job
 
         request = GpuJobRequest.model_validate(payload)
         call_id = modal.current_function_call_id() or ""
@@ -216,11 +219,12 @@ class VapGeneratorBase:
 
     @modal.method()
     def trial(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """One video from media bytes (`modal run gpu/modal_app.py …`): no URLs, no callbacks; the
+        """One video from media bytes (`modal run gpu/service/modal_app.py …`): no URLs, no callbacks; the
         MP4, poster and preview come back in the answer."""
         from vap_shared.gpu_contract import GenerationSettings
 
-        from gpu.runner import JobFailed, run_bytes
+        from gpu.service.runner.config import JobFailed
+        from gpu.service.runner.run import run_bytes
 
         settings = GenerationSettings.model_validate(payload["settings"])
         try:
@@ -239,9 +243,9 @@ class VapGeneratorBase:
 
 
 # Host memory (MiB) requested by a class that keeps the encoders in pinned host memory: UMT5-XXL
-# and CLIP (≈13.9 GB pinned, gpu/plan_table.py) plus the process, media and loading headroom.
+# and CLIP (≈13.9 GB pinned, gpu/tools/plan_table.py) plus the process, media and loading headroom.
 OFFLOAD_HOST_MEMORY_MIB = 32 * 1024
-# The caching allocator grows segments instead of stranding fragments: gpu.plan's margin assumes it.
+# The caching allocator grows segments instead of stranding fragments: the plan's margin assumes it.
 GPU_ENV = {"HF_HUB_OFFLINE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
@@ -249,7 +253,7 @@ def _default_job_gpu() -> str:
     """The GPU class a sidecar with every default setting runs on (today one H100)."""
     defaults = GenerationSettings(prompt="-", video_description="-")
     width, height = target_size(defaults.aspect_ratio, defaults.resolution)
-    return plan.choose_gpu(width, height, defaults.num_frames).modal_gpu
+    return routing.choose_gpu(width, height, defaults.num_frames).modal_gpu
 
 
 def warm_containers(gpu_class: GpuClass) -> int:
@@ -263,7 +267,7 @@ def _define_generator(gpu_class: GpuClass) -> Any:
     finds the class it serves by that name (`getattr(module, name)`)."""
     namespace = {"gpu_class": gpu_class, "__module__": __name__}
     user_cls = type(gpu_class.class_name, (VapGeneratorBase,), namespace)
-    offload = plan.offload_encoders(gpu_class.gpu_type, gpu_class.count)
+    offload = routing.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     return app.cls(
         image=gpu_image,
         gpu=gpu_class.modal_gpu,
@@ -288,8 +292,8 @@ for _gpu_class in SETTINGS.gpus:
 
 
 def build_executor() -> Any:
-    """The API's executor: submit spawns on the class `gpu.plan.choose_gpu` names."""
-    from gpu.api import ModalExecutor
+    """The API's executor: submit spawns on the class `gpu.service.routing` names."""
+    from gpu.service.api.executors import ModalExecutor
 
     spawners = {modal_gpu: cls().generate.spawn for modal_gpu, cls in GENERATORS.items()}
     budget = SETTINGS.budget
@@ -302,12 +306,12 @@ def build_executor() -> Any:
 @modal.concurrent(max_inputs=100)
 @modal.asgi_app(requires_proxy_auth=True)  # Modal's proxy checks Modal-Key/Modal-Secret
 def api() -> Any:
-    from gpu.api import create_app
+    from gpu.service.api.app import create_app
 
     return create_app(build_executor())
 
 
-# --- trying the GPU side alone: `modal run gpu/modal_app.py --video … --image … --prompt …` -------
+# --- trying the GPU side alone: `modal run gpu/service/modal_app.py --video … --image … --prompt …` -------
 
 
 def remote_trial(modal_gpu: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -338,14 +342,12 @@ def main(
     preview.webp and result.json (seed, size, timings) under --out."""
     from vap_shared.gpu_contract import GenerationSettings
 
-    from gpu.api import choose_class
-
     settings = GenerationSettings(
         prompt=prompt, video_description=video_description, seed=seed, num_frames=num_frames, fps=fps,
         enable_safety_checker=safety_checker, aspect_ratio=aspect_ratio, resolution=resolution,
         guidance_scale=guidance_scale,
     )  # fmt: skip
-    modal_gpu = gpu or choose_class(settings, gpus, GENERATORS)
+    modal_gpu = gpu or routing.choose_class(settings, gpus, GENERATORS)
     if modal_gpu not in GENERATORS:
         raise SystemExit(f"--gpu {modal_gpu!r} is not offered; choose one of {', '.join(GENERATORS)}")
     payload = {

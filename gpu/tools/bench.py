@@ -1,14 +1,14 @@
 """The GPU check: speed per attention backend, a full-size pipeline run, memory against the plan.
 
-    python -m gpu.bench --full       # one H100/H200, random full-size weights, no download (< 8 min)
-    python -m gpu.bench --smoke      # CPU: the same code on the tiny model, in seconds
+    python -m gpu.tools.bench --full       # one H100/H200, random full-size weights, no download (< 8 min)
+    python -m gpu.tools.bench --smoke      # CPU: the same code on the tiny model, in seconds
 
 `--full` builds the released 14B layout (and UMT5-XXL, CLIP ViT-H, the Wan VAE, the safety
 checker) from configs with random weights directly on the GPU, then:
 
 1. one CFG denoising step at 480p/49 frames per attention backend, eager and (time permitting)
    with regional `torch.compile`: s/step, achieved TFLOP/s and % of the GPU's dense bf16 peak,
-   from the FLOPs counted on the model (`gpu.flops`, steady step). Each backend's kernel is checked
+   from the FLOPs counted on the model (`gpu.tools.flop_count`, steady step). Each backend's kernel is checked
    against the math kernel (float32) and its step output against the first backend's;
 2. a 2-step end-to-end pipeline at full size (encoders, VAE, transformer, safety checker) with the
    memory options the plan gives the job's GPU class: time per phase and peak memory;
@@ -38,11 +38,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpu.flops import count_step
-from gpu.parallel.scaling import PEAK_TFLOPS
+from gpu.service import routing
+from gpu.tools.flop_count import count_step
+from gpu.tools.scaling import PEAK_TFLOPS
 from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
+from gpu.vap.configs import RELEASED_14B_CONFIG
+from gpu.vap.geometry import IMAGE_TOKENS, RELEASED, TEXT_TOKENS
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
-from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+from gpu.vap.transformer import WanTransformer3DMOTModel
 
 GIB = 2**30
 KERNEL_REL_TOL = 1e-2  # bf16 attention vs float32 math: ~3e-3 when right
@@ -57,7 +60,7 @@ class Shape:
     width: int
 
     def latent(self) -> tuple[int, int, int]:
-        return (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8
+        return RELEASED.latent_grid(self.frames, self.height, self.width)
 
     def __str__(self) -> str:
         return f"{self.width}x{self.height}x{self.frames}"
@@ -149,11 +152,11 @@ def step_inputs(
 
     return {
         "latents": rnd(1, cfg["in_channels"], f, h, w),
-        "text": rnd(2, 512, cfg["text_dim"]),
-        "image": rnd(2, 257, cfg["image_dim"]),
+        "text": rnd(2, TEXT_TOKENS, cfg["text_dim"]),
+        "image": rnd(2, IMAGE_TOKENS, cfg["image_dim"]),
         "ref": rnd(1, cfg["in_channels"], f, h, w),
-        "ref_text": rnd(2, 512, cfg["text_dim"]),
-        "ref_image": rnd(2, 257, cfg["image_dim"]),
+        "ref_text": rnd(2, TEXT_TOKENS, cfg["text_dim"]),
+        "ref_image": rnd(2, IMAGE_TOKENS, cfg["image_dim"]),
     }
 
 
@@ -307,7 +310,7 @@ def build_pipeline(full: bool, device: torch.device, offload_encoders: bool, tra
 
 
 def safety_classifier(full: bool, device: torch.device) -> Any:
-    from gpu.safety import DiffusersSafetyClassifier
+    from gpu.service.safety import DiffusersSafetyClassifier
 
     if not full:
         return DiffusersSafetyClassifier.tiny(0)
@@ -330,7 +333,7 @@ def _phase(timings: dict[str, float], name: str, device: torch.device) -> Iterat
 
 def run_pipeline(pipe: Any, safety: Any, shape: Shape, steps: int, device: torch.device) -> dict[str, Any]:
     """One generation with timings per phase (encode+VAE encode, denoising, decode, safety)."""
-    from gpu.safety import check_image, check_output
+    from gpu.service.safety import check_image, check_output
 
     rng = np.random.default_rng(0)
     size = (shape.width, shape.height)
@@ -418,14 +421,12 @@ def bench_vae(full: bool, device: torch.device) -> list[dict[str, Any]]:
 
 def planned_jobs(device: torch.device) -> list[tuple[str, dict[str, Any]]]:
     """(GPU type, job) for the largest job the plan gives each GPU type this device can stand in for."""
-    from gpu import plan
-
     if device.type != "cuda":
         return []
     capacity = torch.cuda.get_device_properties(device).total_memory / GIB
-    jobs = [j for j in plan.read_table()["jobs"] if j["gpus"] == 1 and j["gpu"]]
+    jobs = [j for j in routing.read_table()["jobs"] if j["gpus"] == 1 and j["gpu"]]
     out = []
-    for gpu in plan.OFFERED:
+    for gpu in routing.OFFERED:
         mine = [j for j in jobs if j["gpu"] == gpu.name]
         if mine and gpu.capacity_gib <= capacity + 0.5:
             out.append((gpu.name, max(mine, key=lambda j: j["peak_bytes"])))
@@ -435,10 +436,8 @@ def planned_jobs(device: torch.device) -> list[tuple[str, dict[str, Any]]]:
 def check_memory(
     name: str, job: dict[str, Any], pipe_factory: Callable[[bool], Any], device: torch.device
 ) -> dict[str, Any]:
-    from gpu import plan
-
-    gpu = plan.gpu_type(name)
-    offload = plan.offload_encoders(name, 1)
+    gpu = routing.gpu_type(name)
+    offload = routing.offload_encoders(name, 1)
     shape = Shape(job["num_frames"], job["height"], job["width"])
     row: dict[str, Any] = {"gpu": name, "shape": str(shape), "offload_encoders": offload}
     row["planned_gib"] = job["peak_bytes"] / GIB
@@ -537,14 +536,14 @@ def render(report: Report) -> str:
 
 
 UNMEASURED_HEADER = """\
-**GPU figures: unmeasured.** No GPU has run `python -m gpu.bench --full` yet. The run below is
+**GPU figures: unmeasured.** No GPU has run `python -m gpu.tools.bench --full` yet. The run below is
 the CPU smoke run (tiny model, same code): its times say nothing about a GPU.
 """
 
 
 def write_report(path: Path, report: Report) -> None:
     """Replace the generated part of the document (after the marker), keeping the prose above."""
-    marker = "<!-- gpu.bench output below: generated, do not edit -->"
+    marker = "<!-- gpu.tools.bench output below: generated, do not edit -->"
     head = path.read_text().split(marker)[0] if path.exists() else "# GPU benchmarks\n\n"
     prefix = UNMEASURED_HEADER + "\n" if report.mode == "smoke" else ""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -555,8 +554,6 @@ def write_report(path: Path, report: Report) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    from gpu import plan
-
     started = time.monotonic()
     deadline = started + args.budget_s
     full = not args.smoke
@@ -587,12 +584,13 @@ def run(args: argparse.Namespace) -> Report:
         backend = choose_backend(device, dtype)
         if backend != "native":
             model.set_attention_backend(backend)
-        offload = plan.choose_gpu(shape.width, shape.height, shape.frames).offload_encoders if full else False
+        choice = routing.choose_gpu(shape.width, shape.height, shape.frames) if full else None
+        offload = choice.offload_encoders if choice else False
         pipe = build_pipeline(full, device, offload, transformer=model)
         result = run_pipeline(pipe, safety_classifier(full, device), shape, args.pipeline_steps, device)
         result.update(offload_encoders=offload, backend=backend)
-        if full:
-            result["planned_gib"] = plan.choose_gpu(shape.width, shape.height, shape.frames).peak_gib
+        if choice:
+            result["planned_gib"] = choice.peak_gib
         report.pipeline = result
         del pipe
         for gpu_name, job in planned_jobs(device):

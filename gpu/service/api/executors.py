@@ -1,59 +1,39 @@
-"""The GPU HTTP API (docs/contracts.md): submit, status, cancel, over an `Executor`.
+"""What the GPU API runs jobs on: an `Executor` (submit, status, cancel by call id).
 
-The same FastAPI app serves on Modal (`ModalExecutor`: spawn the method of the GPU class the job
-needs, poll its FunctionCall) and locally (`LocalExecutor`: a thread running `run_job` in-process).
+`LocalExecutor`: a thread running `run_job` in-process (the local GPU server). `ModalExecutor`:
+spawn the method of the GPU class `gpu.service.routing` names for the job, poll its FunctionCall.
 Submit is idempotent on `job_id` on both: the same job id gets the same call id.
 """
 
 from __future__ import annotations
 
-import hmac
-import importlib
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
-from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
 from vap_shared.gpu_contract import (
-    CancelResponse,
-    GenerationSettings,
     GpuError,
     GpuJobRequest,
     GpuProgress,
     GpuResult,
     JobState,
     StatusResponse,
-    SubmitResponse,
 )
 
-from gpu.engine import Engine
-from gpu.generation import target_size, valid_num_frames
-from gpu.modal_settings import offered_class
-from gpu.runner import JobFailed, RunnerConfig, run_job
-from gpu.safety import SafetyClassifier
-
-KEY_HEADER = "Modal-Key"
-SECRET_HEADER = "Modal-Secret"  # noqa: S105 (a header name, not a secret)
+from gpu.service.engines.single import Engine
+from gpu.service.routing import ChooseGpu, SubmitRejected, choose_class
+from gpu.service.runner.config import JobFailed, RunnerConfig
+from gpu.service.runner.run import run_job
+from gpu.service.safety import SafetyClassifier
 
 log = logging.getLogger(__name__)
-
-
-class SubmitRejected(Exception):
-    """The job cannot be submitted: `status_code` 422 (no offered GPU can run it: permanent) or
-    503 (this deployment cannot take it now; the caller may retry or fall back)."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
 
 
 class Executor(Protocol):
@@ -225,69 +205,6 @@ class CallRegistry(Protocol):
     def pop(self, key: Any, default: Any = None) -> Any: ...
 
 
-class GpuChoiceLike(Protocol):
-    modal_gpu: str
-
-
-ChooseGpu = Callable[..., GpuChoiceLike]  # gpu.plan.choose_gpu(width, height, num_frames, gpus=1)
-
-
-def plan_choice() -> tuple[ChooseGpu, type[Exception]]:
-    """`gpu.plan.choose_gpu` and its `DoesNotFit` (imported when first needed)."""
-    plan = importlib.import_module("gpu.plan")
-    return plan.choose_gpu, plan.DoesNotFit
-
-
-def gpus_within(
-    width: int, height: int, frames: int, steps: int, gpus: int, run_limit_s: float | None
-) -> list[int]:
-    """GPU counts to try for a job, fewest first: the requested count, then larger ones, keeping
-    only those whose ESTIMATED generation time (`gpu.parallel.scaling`, no torch) fits the run
-    limit; the requested count alone when none does (or there is no limit)."""
-    if run_limit_s is None:
-        return [gpus]
-    from gpu.parallel.scaling import GPU_COUNTS, JobShape, estimate
-
-    shape = JobShape(width, height, frames, steps)
-    fitting = [n for n in GPU_COUNTS if n >= gpus and estimate(shape, n).total_s <= run_limit_s]
-    return fitting or [gpus]
-
-
-def choose_class(
-    settings: GenerationSettings,
-    gpus: int,
-    offered: Iterable[str],
-    choose: tuple[ChooseGpu, type[Exception]] | None = None,
-    *,
-    steps: int = 50,
-    run_limit_s: float | None = None,
-) -> str:
-    """The offered Modal GPU string (one class each) that `gpu.plan.choose_gpu` picks for a job of
-    these settings. With `run_limit_s`, a job too slow for one run on `gpus` GPUs goes to the fewest
-    offered GPUs that finish it in time (the sidecar's `gpus` is a minimum). Raises
-    `SubmitRejected`: 422 when no offered GPU can run it, 503 when the plan names a GPU this
-    deployment has no class for."""
-    choose_gpu, does_not_fit = choose or plan_choice()
-    width, height = target_size(settings.aspect_ratio, settings.resolution)
-    frames = valid_num_frames(settings.num_frames)
-    available = sorted(offered)
-    counts = gpus_within(width, height, frames, steps, gpus, run_limit_s)
-    modal_gpu: str | None = None
-    for count in counts:
-        try:
-            choice = choose_gpu(width, height, frames, gpus=count)
-        except does_not_fit as exc:
-            if count == counts[-1]:
-                raise SubmitRejected(422, f"no offered GPU can run this job: {exc}") from exc
-            continue
-        modal_gpu = offered_class(choice.modal_gpu, available)  # "H100!:8" and "H100:8" are one class
-        if modal_gpu is not None:
-            return modal_gpu
-    raise SubmitRejected(
-        503, f"this deployment has no {choice.modal_gpu} class (offers {', '.join(available)})"
-    )
-
-
 def _job_key(job_id: str) -> str:
     return f"job:{job_id}"
 
@@ -303,7 +220,7 @@ def _walk(nodes: Iterable[Any]) -> Iterable[Any]:
 
 
 class ModalExecutor:
-    """Submit spawns the method of the class for the GPU choice `gpu.plan.choose_gpu` names, once
+    """Submit spawns the method of the class `gpu.service.routing` names for the job, once
     per job id (a `modal.Dict` maps job id -> call id across API containers); status polls the
     FunctionCall without waiting (`get(timeout=0)`); cancel records the cancel, then cancels.
 
@@ -459,58 +376,3 @@ class ModalExecutor:
 def _cancelled(call_id: str) -> StatusResponse:
     error = GpuError(code="cancelled", message="the job was cancelled")
     return StatusResponse(call_id=call_id, state="cancelled", error=error)
-
-
-# --- the app ---------------------------------------------------------------------------------
-
-
-def _authorized(request: Request, key: str, secret: str) -> bool:
-    given_key = request.headers.get(KEY_HEADER, "").encode()
-    given_secret = request.headers.get(SECRET_HEADER, "").encode()
-    # Evaluate both comparisons (no short-circuit) and compare in constant time.
-    key_ok = hmac.compare_digest(given_key, key.encode())
-    secret_ok = hmac.compare_digest(given_secret, secret.encode())
-    return key_ok & secret_ok
-
-
-def create_app(executor: Executor, auth: tuple[str, str] | None = None) -> FastAPI:
-    """The GPU API. `auth=(key, secret)` checks Modal-Key/Modal-Secret here (the local server);
-    on Modal, `requires_proxy_auth=True` makes the proxy check them before the request arrives.
-    """
-    app = FastAPI(title="VAP GPU", docs_url=None, redoc_url=None, openapi_url=None)
-
-    if auth is not None:
-        key, secret = auth
-
-        # A middleware (not a dependency) so auth runs before body parsing: an unauthenticated
-        # caller gets 401, never a 422 that reveals the schema.
-        @app.middleware("http")
-        async def check_auth(
-            request: Request, call_next: Callable[[Request], Awaitable[Response]]
-        ) -> Response:
-            if not _authorized(request, key, secret):
-                return JSONResponse({"detail": "unauthorized"}, status_code=401)
-            return await call_next(request)
-
-    @app.post("/submit", status_code=202, response_model=SubmitResponse)
-    def submit(body: GpuJobRequest) -> SubmitResponse:
-        try:
-            return SubmitResponse(call_id=executor.submit(body))
-        except SubmitRejected as exc:
-            raise HTTPException(status_code=exc.status_code, detail=exc.message) from exc
-
-    @app.get("/status/{call_id}", response_model=StatusResponse)
-    def status(call_id: str) -> StatusResponse:
-        found = executor.status(call_id)
-        if found is None:
-            raise HTTPException(status_code=404, detail="unknown call_id")
-        return found
-
-    @app.post("/cancel/{call_id}", response_model=CancelResponse)
-    def cancel(call_id: str) -> CancelResponse:
-        cancelled = executor.cancel(call_id)
-        if cancelled is None:
-            raise HTTPException(status_code=404, detail="unknown call_id")
-        return CancelResponse(call_id=call_id, cancelled=cancelled)
-
-    return app

@@ -1,8 +1,8 @@
-"""Which GPU each accepted job runs on, from its memory measured on the model.
+"""How much GPU memory each accepted job needs, measured on the model, and the GPU it fits.
 
-    python -m gpu.plan          # measure (meta device), print every accepted size; 1 if one does not fit
-    python -m gpu.plan --write  # ... and rewrite gpu/plan_table.py (the table `choose_gpu` reads)
-    python -m gpu.plan --check  # ... and exit 1 if gpu/plan_table.py is not what the model gives
+    python -m gpu.tools.plan          # measure (meta device), print every size; 1 if one does not fit
+    python -m gpu.tools.plan --write  # ... and rewrite gpu/tools/plan_table.py (the table routing reads)
+    python -m gpu.tools.plan --check  # ... and exit 1 if gpu/tools/plan_table.py is not what the model gives
 
 A job's peak is the largest of its phases (`gpu.vap.footprint`): encode (UMT5 + CLIP), VAE encode,
 denoising (the transformer step and what the loop keeps), VAE decode, each on top of the weights
@@ -11,11 +11,10 @@ host memory), plus the allocator margin: `MARGIN_FIXED_GIB` (CUDA context, cuBLA
 workspaces) and `MARGIN_FRACTION` of the phase's activations (caching-allocator rounding and
 fragmentation; run with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` to keep it small).
 
-Each job goes to the cheapest offered GPU it fits; a GPU class keeps the encoders in host memory
-(`offload_encoders`) only if some job routed to it needs the room. With `gpus=N` (sequence
-parallel) each GPU holds all weights and 1/N of each token stream; the VAE runs on one GPU.
-
-`choose_gpu` reads the generated table: no torch needed (the API container calls it).
+Each job goes to the cheapest offered GPU it fits (`gpu.service.routing.OFFERED`); a GPU class
+keeps the encoders in host memory (`offload_encoders`) only if some job routed to it needs the
+room. With `gpus=N` (sequence parallel) each GPU holds all weights and 1/N of each token stream;
+the VAE runs on one GPU. The table this writes is what `gpu.service.routing.choose_gpu` reads.
 """
 
 from __future__ import annotations
@@ -25,53 +24,19 @@ import json
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
+from vap_shared.config import GPU_COUNTS
 
-from gpu.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.service.routing import GIB, OFFERED, gpu_type, modal_gpu, read_table
+from gpu.vap import footprint
+from gpu.vap.geometry import RELEASED
 
-GIB = 2**30
 MARGIN_FIXED_GIB = 2.0
 MARGIN_FRACTION = 0.10
-GPU_COUNTS = (1, 2, 4, 8)
 TABLE_PATH = Path(__file__).with_name("plan_table.py")
-
-
-@dataclass(frozen=True)
-class GpuType:
-    name: str
-    capacity_gib: float  # total memory as the driver reports it (nvidia-smi / torch total_memory)
-    price_per_s: float  # Modal, USD per GPU-second
-    modal: str  # Modal's gpu= name ("!" pins the type: plain "H100" may be upgraded)
-
-
-# Cheapest first. B200 is not offered: every accepted job fits an H100 (H200 is the next size up).
-OFFERED: tuple[GpuType, ...] = (
-    GpuType("H100", 81559 / 1024, DEFAULT_MODAL_PER_SECOND["H100"], "H100!"),
-    GpuType("H200", 143771 / 1024, DEFAULT_MODAL_PER_SECOND["H200"], "H200"),
-)
-
-
-@dataclass(frozen=True)
-class GpuChoice:
-    gpu_type: str  # "H100", "H200"
-    count: int
-    modal_gpu: str  # Modal's gpu= string: "H100!", "H200", "H100!:8"
-    peak_gib: float  # estimated peak per GPU, margin included
-    capacity_gib: float
-    offload_encoders: bool = False  # load_pipeline(offload_encoders=...) for this GPU class
-    price_per_s: float = 0.0  # for all `count` GPUs
-
-
-class DoesNotFit(ValueError):
-    """No offered GPU has the memory for this job."""
-
-
-def modal_gpu(gpu: GpuType, count: int) -> str:
-    return gpu.modal if count == 1 else f"{gpu.modal}:{count}"
 
 
 def accepted_sizes() -> Iterator[tuple[str, str, int, int]]:
@@ -94,14 +59,12 @@ PHASES = ("encode", "vae_encode", "denoise", "vae_decode")
 
 def _phases(width: int, height: int, frames: int, gpus: int) -> dict[str, int]:
     """Bytes above the weights in each phase of one job (per GPU for `gpus` > 1)."""
-    from gpu.vap import footprint
-
     enc = footprint.encode()
     # The VAE runs frame by frame (its trace depends on the frame count, ~seconds each): its peak
     # at the longest accepted video bounds every shorter one at that size. Transposed sizes
     # allocate the same, so one orientation is measured (footprint.vae).
     vae = footprint.vae(MAX_FRAMES, min(width, height), max(width, height))
-    tokens = footprint.tokens_per_stream(frames, height, width)
+    tokens = RELEASED.tokens_per_stream(frames, height, width)
     return {
         "encode": enc.peak,
         "vae_encode": enc.outputs + vae.encode + 2 * vae.latents,
@@ -112,8 +75,6 @@ def _phases(width: int, height: int, frames: int, gpus: int) -> dict[str, int]:
 
 
 def _weights() -> dict[str, int]:
-    from gpu.vap import footprint
-
     return dict(vars(footprint.weights()))
 
 
@@ -131,7 +92,7 @@ def peak_bytes(weights: dict[str, int], phases: dict[str, int], offload_encoders
 
 
 def build_table() -> dict[str, Any]:
-    """Measure every accepted job and route it (what `--write` stores in gpu/plan_table.py)."""
+    """Measure every accepted job and route it (what `--write` stores in gpu/tools/plan_table.py)."""
     weights = _weights()
     jobs: list[dict[str, Any]] = []
     for _, _, width, height in accepted_sizes():
@@ -192,85 +153,14 @@ def write_table(table: dict[str, Any], path: Path = TABLE_PATH) -> None:
         for job in table["jobs"]
     )
     path.write_text(
-        '"""Generated by `python -m gpu.plan --write` from the model (meta device): do not edit.\n\n'
+        '"""Generated by `python -m gpu.tools.plan --write` from the model (meta device): do not edit.\n\n'
         "Bytes per phase above the weights and the route of every accepted job, and each GPU class's\n"
-        'encoder policy; gpu/plan.py explains them."""\n\n'
+        'encoder policy; gpu/tools/plan.py explains them."""\n\n'
         + _block("WEIGHTS", table["weights"])
         + _block("OFFLOAD_ENCODERS", table["offload_encoders"])
         + f"JOB_FIELDS = ({', '.join(map(_literal, JOB_FIELDS))})\n"
         + f"PHASES = ({', '.join(map(_literal, PHASES))})\n"
         + f"JOBS = [\n{rows}]\n"
-    )
-
-
-def read_table() -> dict[str, Any]:
-    """gpu/plan_table.py in `build_table`'s shape."""
-    from gpu import plan_table as t
-
-    n = len(t.JOB_FIELDS)
-    jobs = [
-        {**dict(zip(t.JOB_FIELDS, row[:n], strict=True)), "phases": dict(zip(t.PHASES, row[n:], strict=True))}
-        for row in t.JOBS
-    ]
-    return {"weights": dict(t.WEIGHTS), "offload_encoders": dict(t.OFFLOAD_ENCODERS), "jobs": jobs}
-
-
-# -- choosing (no torch) ----------------------------------------------------------------------
-
-
-_TABLE: dict[str, Any] | None = None
-
-
-def _load_table() -> dict[str, Any]:
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = read_table()
-    return _TABLE
-
-
-def _index() -> dict[tuple[int, int, int, int], dict[str, Any]]:
-    global _INDEX
-    if _INDEX is None:
-        jobs = _load_table()["jobs"]
-        _INDEX = {(j["width"], j["height"], j["num_frames"], j["gpus"]): j for j in jobs}
-    return _INDEX
-
-
-_INDEX: dict[tuple[int, int, int, int], dict[str, Any]] | None = None
-
-
-def gpu_type(name: str) -> GpuType:
-    return next(g for g in OFFERED if g.name == name)
-
-
-def offload_encoders(gpu: str, count: int = 1) -> bool:
-    """Whether the Modal class for `gpu` × `count` loads with `offload_encoders=True`."""
-    return bool(_load_table()["offload_encoders"].get(f"{gpu}:{count}", False))
-
-
-def choose_gpu(width: int, height: int, num_frames: int, gpus: int = 1) -> GpuChoice:
-    """The cheapest offered GPU class that runs this job (`num_frames` as requested: the GPU runs
-    its nearest 4k+1). `DoesNotFit` when none can; `ValueError` for a size the service does not
-    accept or a GPU count it does not offer."""
-    if gpus not in GPU_COUNTS:
-        raise ValueError(f"gpus must be one of {GPU_COUNTS}, got {gpus}")
-    job = _index().get((width, height, valid_num_frames(num_frames), gpus))
-    if job is None:
-        raise ValueError(f"{width}x{height} is not an accepted size")
-    if job["gpu"] is None:
-        raise DoesNotFit(
-            f"{width}x{height}, {num_frames} frames needs more memory than any offered GPU "
-            f"({', '.join(g.name for g in OFFERED)})"
-        )
-    gpu = gpu_type(job["gpu"])
-    return GpuChoice(
-        gpu_type=gpu.name,
-        count=gpus,
-        modal_gpu=modal_gpu(gpu, gpus),
-        peak_gib=job["peak_bytes"] / GIB,
-        capacity_gib=gpu.capacity_gib,
-        offload_encoders=offload_encoders(gpu.name, gpus),
-        price_per_s=gpu.price_per_s * gpus,
     )
 
 
@@ -324,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--gpus", type=int, default=1, choices=GPU_COUNTS, help="GPUs per job to print")
-    parser.add_argument("--write", action="store_true", help="rewrite gpu/plan_table.py")
-    parser.add_argument("--check", action="store_true", help="exit 1 if gpu/plan_table.py is stale")
+    parser.add_argument("--write", action="store_true", help="rewrite gpu/tools/plan_table.py")
+    parser.add_argument("--check", action="store_true", help="exit 1 if gpu/tools/plan_table.py is stale")
     args = parser.parse_args(argv)
     table = build_table()
     lines, failures = report(table, args.gpus)
@@ -338,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         write_table(table)
         print(f"wrote {TABLE_PATH}")
     elif args.check and table != read_table():
-        print(f"{TABLE_PATH} is stale: run python -m gpu.plan --write", file=sys.stderr)
+        print(f"{TABLE_PATH} is stale: run python -m gpu.tools.plan --write", file=sys.stderr)
         status = 1
     return status
 

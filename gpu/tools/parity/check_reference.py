@@ -12,7 +12,7 @@ models with the same tiny random weights, and checks:
 
 Usage (see docs/parity.md); nothing is downloaded, the reference must already be on this machine:
     make parity VAP_REFERENCE=<checkout or git mirror of bytedance/Video-As-Prompt>
-    .venv/bin/python -m gpu.parity.check_reference --reference <same> [--write docs/parity.md]
+    .venv/bin/python -m gpu.tools.parity.check_reference --reference <same> [--write docs/parity.md]
 `--reference` defaults to $VAP_REFERENCE, then .local/vap-reference. A git directory without a work
 tree (a mirror) is exported to a temporary folder first. What the reference imports (einops) is in
 requirements/dev.txt, so `make venv` installs it.
@@ -43,10 +43,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu.parity.report import Row, Run, write
+from gpu.tools.parity.report import Row, Run, write
+from gpu.vap.geometry import TEXT_TOKENS
 
 _FORK = "diffusers/src/diffusers"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REFERENCE = REPO_ROOT / ".local" / "vap-reference"
 EXIT_NO_REFERENCE = 2
 
@@ -189,8 +190,8 @@ def check_transformer(ref: dict[str, Any], tol: float, rows: list[tuple[str, str
         return torch.randn(*shape, generator=g)
 
     lat, lat_ref = rnd(2, 36, 3, 4, 6), rnd(1, 36, 3, 4, 6)
-    txt, img = rnd(2, 512, 32), rnd(2, 5, 16)
-    txt_ref, img_ref = rnd(2, 512, 32), rnd(2, 5, 16)
+    txt, img = rnd(2, TEXT_TOKENS, 32), rnd(2, 5, 16)
+    txt_ref, img_ref = rnd(2, TEXT_TOKENS, 32), rnd(2, 5, 16)
     t = torch.tensor([700, 700])
 
     def reference(i: int) -> torch.Tensor:
@@ -255,7 +256,8 @@ def check_transformer(ref: dict[str, Any], tol: float, rows: list[tuple[str, str
 
 def check_14b_layout(ref: dict[str, Any], rows: list[tuple[str, str, bool]]) -> None:
     """Both models at the released size on the meta device: names and shapes without memory."""
-    from gpu.vap.transformer import RELEASED_14B_CONFIG, WanTransformer3DMOTModel
+    from gpu.vap.configs import RELEASED_14B_CONFIG
+    from gpu.vap.transformer import WanTransformer3DMOTModel
 
     with torch.device("meta"):
         theirs = ref["transformer"](**RELEASED_14B_CONFIG).state_dict()

@@ -3,45 +3,30 @@
 Nothing here is measured: per-step time = the transformer's FLOPs / (N × peak × efficiency) +
 the Ulysses all-to-all bytes per GPU / all-to-all bandwidth (on the critical path, not
 overlapped), plus the once-per-video work that runs on rank 0 only (text/image encoders, three
-VAE encodes, one VAE decode). FLOPs are counted analytically from the model's dimensions
-(tests/gpu/test_parallel_scaling.py ties the count to torch's FLOP counter on the real model
-on the meta device). Pure Python, no torch: cheap to import wherever the cost model runs.
+VAE encodes, one VAE decode). The FLOPs are `gpu.tools.flops`' formula for the released config
+(`gpu.vap.configs`), which tests hold equal to torch's FLOP counter on the model. Pure Python, no
+torch: cheap to import wherever the cost model runs (the API container's routing included).
 
-    python -m gpu.parallel.scaling                         # default job: 480p 16:9, 49 frames, 50 steps
-    python -m gpu.parallel.scaling --resolution 720p --frames 121 --efficiency 0.5
+    python -m gpu.tools.scaling                         # default job: 480p 16:9, 49 frames, 50 steps
+    python -m gpu.tools.scaling --resolution 720p --frames 121 --efficiency 0.5
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from vap_shared.config import GPU_COUNTS
 from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
 
-from gpu.generation import LANDSCAPE_SIZES
+from gpu.service.generation import LANDSCAPE_SIZES
+from gpu.tools.flops import analytic_step_flops
+from gpu.vap.configs import RELEASED_14B_CONFIG
+from gpu.vap.geometry import RELEASED, geometry_of
 
-GPU_COUNTS = (1, 2, 4, 8)
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The released VAP-Wan2.1-I2V-14B transformer (RELEASED_14B_CONFIG)."""
-
-    layers: int = 40
-    # Blocks 0, 4, ..., 36: joint [main; ref] attention. Block 0 is always the first expert block
-    # here (as in the released config): the one whose work CFG rows share (`step_flops`).
-    expert_blocks: int = 10
-    width: int = 5120  # 40 heads × 128
-    heads: int = 40
-    ffn: int = 13824
-    text_tokens: int = 512
-    image_tokens: int = 257
-    text_dim: int = 4096
-    image_dim: int = 1280
-    in_channels: int = 36
-    out_channels: int = 16
-    patch: tuple[int, int, int] = (1, 2, 2)
-    freq_dim: int = 256
+Config = Mapping[str, Any]  # a transformer config (`gpu.vap.configs.RELEASED_14B_CONFIG`'s keys)
 
 
 # Dense bf16 tensor-core peak per GPU (SXM parts), TFLOP/s: what "% of peak" is measured against.
@@ -75,72 +60,46 @@ class JobShape:
 
     @property
     def tokens(self) -> int:
-        """Tokens per stream: latent frames × (H/8/2) × (W/8/2); the reference stream has as many."""
-        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        """Tokens per stream (the reference stream has as many)."""
+        return RELEASED.tokens_per_stream(self.num_frames, self.height, self.width)
 
     @property
     def batch(self) -> int:
         return 2 if self.cfg else 1
 
 
-def step_flops(shape: JobShape, dims: ModelDims | None = None, steady: bool = True) -> float:
-    """FLOPs of one denoising step (one transformer forward at the CFG batch), dead reference work
-    skipped. `steady` (default): as the pipeline runs steps 2..N (`reuse_step_invariants`): the
-    context embedding, every block's context K/V and block 0's reference Q/K/V are computed once
-    per video, and the CFG rows (views of one row) share the patch/time embedding and block 0 up
-    to its cross-attention. `steady=False`: everything recomputed at every step (gpu/flops.py
-    counts both on the model itself)."""
-    dims = dims or ModelDims()
-    s = r = shape.tokens
-    d, f = dims.width, dims.ffn
-    ctx = dims.text_tokens + dims.image_tokens
-    context_kv = 0 if steady else 4 * ctx * d * d  # per stream and block: K, V over the context
-
-    def stream(n: int, keys: int) -> float:
-        """Per-token work of one stream in one block: self-attn projections + core, cross, FFN."""
-        return 8 * n * d * d + 4 * n * keys * d + 4 * n * d * d + context_kv + 4 * n * ctx * d + 4 * n * d * f
-
-    ref_qkv = 6 * r * d * d  # block 0's reference Q, K, V
-    plain = (dims.layers - dims.expert_blocks) * stream(s, s)
-    experts = (dims.expert_blocks - 1) * (stream(s, s + r) + stream(r, s + r))
-    last = stream(s, s + r) + 4 * r * d * d  # the reference only gives keys/values there
-    patch = 2 * s * dims.in_channels * dims.patch[0] * dims.patch[1] * dims.patch[2] * d
-    out = 2 * s * d * dims.out_channels * dims.patch[0] * dims.patch[1] * dims.patch[2]
-    time = 2 * (dims.freq_dim * d + d * d + 6 * d * d)
-    embed_context = 2 * dims.text_tokens * (dims.text_dim * d + d * d) + 2 * dims.image_tokens * (
-        dims.image_dim * dims.image_dim + dims.image_dim * d
+def step_flops(shape: JobShape, cfg: Config = RELEASED_14B_CONFIG, steady: bool = True) -> float:
+    """FLOPs of one denoising step (one transformer forward at the CFG batch): `gpu.tools.flops`'
+    formula. `steady` (default): as the pipeline runs steps 2..N (`reuse_step_invariants`);
+    `steady=False`: everything recomputed at every step."""
+    return float(
+        analytic_step_flops(cfg, shape.num_frames, shape.height, shape.width, steady, batch=shape.batch)
     )
-    per_row = plain + experts + last + patch + out + time + (0 if steady else embed_context)
-    if not steady:
-        return float(shape.batch * per_row)
-    per_row -= ref_qkv
-    # Block 0 up to its cross-attention: main Q/K/V/O + joint core, reference O + core (its Q/K/V
-    # are per video), or main Q/K/V/O + core and reference K/V if it is the only expert block.
-    if dims.expert_blocks > 1:
-        block0 = 8 * s * d * d + 4 * s * (s + r) * d + 2 * r * d * d + 4 * r * (s + r) * d
-    else:
-        block0 = 8 * s * d * d + 4 * s * (s + r) * d
-    shared = patch + time + block0
-    return float(shape.batch * (per_row - shared) + shared)
 
 
 def all_to_all_bytes_per_gpu(
-    shape: JobShape, gpus: int, dims: ModelDims | None = None, steady: bool = True
+    shape: JobShape, gpus: int, cfg: Config = RELEASED_14B_CONFIG, steady: bool = True
 ) -> float:
     """Bytes one GPU sends per step (bf16): Q, K, V in and the output back, for every self-attention
     (`steady`: block 0's at one row, the CFG rows being views of one row until its cross-attention)."""
-    dims = dims or ModelDims()
     if gpus == 1:
         return 0.0
-    s = r = shape.tokens
-    row = shape.batch * dims.width  # elements per token
-    plain = (dims.layers - dims.expert_blocks) * 4 * s * row
-    experts = (dims.expert_blocks - 1) * 4 * (s + r) * row
-    last = (2 * s + 2 * (s + r)) * row  # queries/output main only, keys/values main + ref
-    elements = plain + experts + last
+    s = r = geometry_of(cfg).tokens_per_stream(shape.num_frames, shape.height, shape.width)
+    width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    experts = sorted(set(cfg["block_idx_with_mot_ref"]))
+
+    def exchanged(block: int) -> int:
+        """Tokens of Q, K, V and the output exchanged per row: plain blocks the main stream's,
+        expert blocks [main; ref]'s, the last one queries/output main only, keys/values both."""
+        if block not in experts:
+            return 4 * s
+        if block != experts[-1]:
+            return 4 * (s + r)
+        return 2 * s + 2 * (s + r)
+
+    elements = sum(exchanged(i) for i in range(int(cfg["num_layers"]))) * shape.batch * width
     if steady:
-        block0 = 4 * (s + r) if dims.expert_blocks > 1 else 2 * s + 2 * (s + r)
-        elements -= (shape.batch - 1) * block0 * dims.width
+        elements -= (shape.batch - 1) * exchanged(0) * width
     # Each GPU holds 1/N of every tensor and keeps 1/N of that; 2 bytes per element.
     return elements / gpus * (gpus - 1) / gpus * 2.0
 
@@ -166,17 +125,16 @@ class Estimate:
         return self.compute_s + self.all_to_all_s
 
 
-def estimate(shape: JobShape, gpus: int, hw: Hardware = H100, dims: ModelDims | None = None) -> Estimate:
+def estimate(shape: JobShape, gpus: int, hw: Hardware = H100, cfg: Config = RELEASED_14B_CONFIG) -> Estimate:
     """ESTIMATE of the GPU time of one job on `gpus` GPUs (excludes download, upload, cold start)."""
     if gpus not in GPU_COUNTS:
         raise ValueError(f"gpus must be one of {GPU_COUNTS}")
-    dims = dims or ModelDims()
-    if dims.heads % gpus or shape.tokens < gpus:
+    if int(cfg["num_attention_heads"]) % gpus or shape.tokens < gpus:
         raise ValueError(f"{shape} cannot be split over {gpus} GPUs")
 
     def run(n: int) -> tuple[float, float, float, float]:
-        compute = step_flops(shape, dims) / (n * hw.peak_tflops * 1e12 * hw.efficiency)
-        comm = all_to_all_bytes_per_gpu(shape, n, dims) / (hw.all_to_all_gb_s * 1e9)
+        compute = step_flops(shape, cfg) / (n * hw.peak_tflops * 1e12 * hw.efficiency)
+        comm = all_to_all_bytes_per_gpu(shape, n, cfg) / (hw.all_to_all_gb_s * 1e9)
         serial = once_per_video_flops(shape) / (hw.serial_tflops * 1e12)
         return compute, comm, serial, shape.steps * (compute + comm) + serial
 

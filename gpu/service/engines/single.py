@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from gpu.generation import GenerationSpec
+from gpu.service.generation import GenerationSpec
 
 # on_step(step, total): called after denoising step `step` (1-based). Raising aborts generation.
 StepCallback = Callable[[int, int], None]

@@ -1,6 +1,6 @@
 """Deploy-time settings of the Modal app, read once from the deployer's environment.
 
-Modal re-imports `gpu/modal_app.py` inside every container with only what a function's `env=` /
+Modal re-imports `gpu/service/modal_app.py` inside every container with only what a function's `env=` /
 secrets forward, so every setting the module (or a container) reads is listed in `SETTING_NAMES`
 and `forwarded_env` hands exactly those to every function: a container then reads the same
 settings the deployer did. Time limits are not settings of their own: they come from the job
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from vap_shared.budget import DEFAULT_BUDGET_S, DEFAULT_MODAL_CONTAINERS, Budget, BudgetError
+from vap_shared.config import GPU_COUNTS
 
 APP = "VAP_MODAL_APP"
 GPUS = "VAP_MODAL_GPUS"
@@ -48,7 +49,6 @@ REMOVED_NAMES: dict[str, str] = {
 
 # One class per offered choice: pinned H100 and H200 for one GPU, H100 x 2/4/8 for sequence parallel.
 DEFAULT_GPUS = ("H100!", "H200", "H100:2", "H100:4", "H100:8")
-GPU_COUNTS = (1, 2, 4, 8)
 MAX_STEPS = 200
 _GPU_RE = re.compile(r"^(?P<type>[A-Z][A-Z0-9-]*)(?P<pin>!?)(?::(?P<count>\d+))?$")
 
@@ -84,7 +84,7 @@ def parse_gpu(modal_gpu: str) -> GpuClass:
 def offered_class(modal_gpu: str, offered: Iterable[str]) -> str | None:
     """The offered Modal GPU string that serves a choice spelled `modal_gpu`: the same GPU type and
     count. `!` (no upgrade by Modal to a bigger GPU) is the deployment's spelling, not part of the
-    choice: gpu.plan names "H100!:8" where a deployment may offer "H100:8", and the other way
+    choice: gpu.tools.plan names "H100!:8" where a deployment may offer "H100:8", and the other way
     round (`read_settings` allows one class per type and count, so the match is unique)."""
     try:
         wanted = parse_gpu(modal_gpu)

@@ -1,6 +1,6 @@
 """The GPU API on this machine, for the local stack and tests: same app, in-process executor.
 
-    python -m gpu.local_server --port 8765 --modal-key K --modal-secret S --engine tiny
+    python -m gpu.service.local_server --port 8765 --modal-key K --modal-secret S --engine tiny
 
 or from Python: `start_local_gpu_server(port, key, secret)` → handle with `.url` and `.stop()`.
 The "tiny" engine runs the real VAP code path with random tiny weights (the video is noise);
@@ -22,17 +22,18 @@ from typing import Literal
 try:  # running as a module outside pytest: make the shared layer importable
     import vap_shared  # noqa: F401
 except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
 import httpx
 import uvicorn
 from vap_shared.budget import Budget
 
-from gpu.api import LocalExecutor, create_app
-from gpu.engine import DownscaledEngine, Engine, FakeEngine, VideoEngine
-from gpu.generation import default_steps
-from gpu.runner import RunnerConfig
-from gpu.safety import DiffusersSafetyClassifier, SafetyClassifier
+from gpu.service.api.app import create_app
+from gpu.service.api.executors import LocalExecutor
+from gpu.service.engines.single import DownscaledEngine, Engine, FakeEngine, VideoEngine
+from gpu.service.generation import default_steps
+from gpu.service.runner.config import RunnerConfig
+from gpu.service.safety import DiffusersSafetyClassifier, SafetyClassifier
 
 EngineName = Literal["tiny", "fake"]
 # Few steps locally: the tiny model's output is noise anyway, and the demo should be quick.

@@ -53,8 +53,8 @@ def render(run: Run) -> str:
         BEGIN,
         f"## Result ({run.date}, {run.device}, float32)",
         "",
-        f"Written by `{COMMAND}` (`python -m gpu.parity.check_reference --write docs/parity.md`); rerun it",
-        "to refresh. Reference commit "
+        f"Written by `{COMMAND}` (`python -m gpu.tools.parity.check_reference --write docs/parity.md`);",
+        "rerun it to refresh. Reference commit "
         f"`{run.reference_commit}`; {versions}. Tolerance: {run.tolerance:.0e} relative error "
         "(‖ours − reference‖ / ‖reference‖).",
         "",

@@ -1,7 +1,7 @@
 """Sequence parallel against one process, on the tiny model, on CPU (gloo): prints `rel_err=<x>`.
 
-    python -m gpu.check_parallel --world-size 2        # exits 1 if rel_err > 1e-5
-    python -m gpu.check_parallel --world-size 2 4
+    python -m gpu.tools.check_parallel --world-size 2        # exits 1 if rel_err > 1e-5
+    python -m gpu.tools.check_parallel --world-size 2 4
 
 For each world size, `SequenceParallelEngine` spawns the ranks and the same work runs split and
 on one process: (1) transformer calls with CFG batch 2 (separate rows, raw context), on a token
@@ -27,10 +27,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gpu.engine import VideoEngine
-from gpu.generation import GenerationSpec
-from gpu.parallel.engine import SequenceParallelEngine
-from gpu.parallel.loaders import TinyPipeline
+from gpu.service.engines.loaders import TinyPipeline
+from gpu.service.engines.sequence_parallel import SequenceParallelEngine
+from gpu.service.engines.single import VideoEngine
+from gpu.service.generation import GenerationSpec
+from gpu.vap.geometry import TEXT_TOKENS
 
 TOLERANCE = 1e-5
 # Pixel size of the pipeline runs: 9 frames × 32 × 48 → 3 × 2 × 3 = 18 tokens per stream
@@ -57,10 +58,10 @@ def _transformer_inputs(
     return {
         "hidden_states": torch.randn(2, 36, f, h, w, generator=g),
         "timestep": torch.tensor([700, 700]),
-        "encoder_hidden_states": torch.randn(2, 512, text_dim, generator=g),
+        "encoder_hidden_states": torch.randn(2, TEXT_TOKENS, text_dim, generator=g),
         "encoder_hidden_states_image": torch.randn(2, 5, image_dim, generator=g),
         "hidden_states_mot_ref": torch.randn(1, 36, f, h, w, generator=g),
-        "encoder_hidden_states_mot_ref": torch.randn(2, 512, text_dim, generator=g),
+        "encoder_hidden_states_mot_ref": torch.randn(2, TEXT_TOKENS, text_dim, generator=g),
         "encoder_hidden_states_image_mot_ref": torch.randn(2, 5, image_dim, generator=g),
         "return_dict": False,
     }
@@ -132,8 +133,8 @@ def check(world_sizes: list[int], steps: int = 2, seed: int = 0) -> float:
         engine = SequenceParallelEngine(loader, world, device_type="cpu", threads_per_rank=1)
         try:
             got = _run_all(engine.pipeline, engine, steps)
-            sp = engine.pipeline.transformer.sequence_parallel
-            if sp is None or sp.exchanges == 0:
+            sp = engine.split
+            if sp.exchanges == 0:
                 raise RuntimeError("the transformer ran without sequence-parallel exchanges")
             split, sent = sp.last_split, sp.sent_elements
         finally:

@@ -1,17 +1,19 @@
-"""FLOPs of the VAP transformer, counted from the model on the meta device.
+"""FLOPs of the VAP transformer counted by torch, on the model itself (meta device).
+
+    python -m gpu.tools.flop_count --frames 49 --height 480 --width 832
 
 `count_step` runs our `WanTransformer3DMOTModel` on meta tensors under
 `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention kernels; 2 FLOPs per
-multiply-add): no weights, no memory, the released 14B layout in about a second. Two ways of
-running a CFG step (batch 2):
+multiply-add): no weights, no memory, the released 14B layout in about a second, split into
+attention, linear and convolution work. Two ways of running a CFG step (batch 2):
 
 - `steady=True`: as the pipeline runs steps 2..N: context K/V, the first expert block's reference
   Q/K/V and the reference embedding reused, CFG rows shared up to the first cross-attention;
 - `steady=False`: every step computes everything (only the dead reference work after the last
   expert block skipped): the count in the project's GPU performance notes (2.377e15 at 480p/49).
 
-`analytic_step_flops` is the same count written out from the layer shapes, independently of the
-model code; a test holds the two equal on the tiny model.
+The formula in `gpu.tools.flops` is the same count from the layer shapes; tests hold the two
+equal, on tiny layouts and on the released one.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-IMAGE_TOKENS = 257
-TEXT_TOKENS = 512
+from gpu.vap.configs import RELEASED_14B_CONFIG
+from gpu.vap.geometry import IMAGE_TOKENS, TEXT_TOKENS, geometry_of
+from gpu.vap.metering import CudaKernels
+from gpu.vap.transformer import WanTransformer3DMOTModel
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,6 @@ class StepFlops:
 
 
 def _model(cfg: dict[str, Any]) -> Any:
-    from gpu.vap.transformer import WanTransformer3DMOTModel
-
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -51,16 +54,8 @@ def _model(cfg: dict[str, Any]) -> Any:
         torch.set_default_dtype(previous)
 
 
-def latent_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    return (num_frames - 1) // 4 + 1, height // 8, width // 8
-
-
 @functools.cache
 def _count(cfg_items: tuple[tuple[str, Any], ...], grid: tuple[int, int, int], steady: bool) -> StepFlops:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from gpu.vap.metering import CudaKernels
-
     cfg = dict(cfg_items)
     model = _model(cfg)
     model.reuse_step_invariants = steady
@@ -100,76 +95,10 @@ def count_step(
 ) -> StepFlops:
     """FLOPs of one CFG step (batch 2) of `cfg`'s transformer for a video of this size."""
     items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
-    return _count(items, latent_grid(num_frames, height, width), steady)
-
-
-def analytic_step_flops(
-    cfg: dict[str, Any], num_frames: int, height: int, width: int, steady: bool = True
-) -> int:
-    """The same count from the layer shapes (2 FLOPs per multiply-add), CFG batch 2."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    ffn, freq = cfg["ffn_dim"], cfg["freq_dim"]
-    p = cfg["patch_size"]
-    f, h, w = latent_grid(num_frames, height, width)
-    s = (f // p[0]) * (h // p[1]) * (w // p[2])
-    ctx = TEXT_TOKENS + IMAGE_TOKENS
-    experts = sorted(cfg["block_idx_with_mot_ref"])
-    batch = 2
-
-    def linear(tokens: int, fan_in: int, fan_out: int) -> int:
-        return 2 * tokens * fan_in * fan_out
-
-    qkvo, q_or_o = 4 * linear(s, d, d), linear(s, d, d)
-    ffn_flops = linear(s, d, ffn) + linear(s, ffn, d)
-    context_kv = 2 * linear(TEXT_TOKENS, d, d) + 2 * linear(IMAGE_TOKENS, d, d)
-    cross_core = 4 * s * ctx * d
-    embed_context = (  # text: d_text -> d -> d; image: d_img -> d_img -> d
-        linear(TEXT_TOKENS, cfg["text_dim"], d)
-        + linear(TEXT_TOKENS, d, d)
-        + linear(IMAGE_TOKENS, cfg["image_dim"], cfg["image_dim"])
-        + linear(IMAGE_TOKENS, cfg["image_dim"], d)
-    )
-    patch = 2 * s * cfg["in_channels"] * p[0] * p[1] * p[2] * d
-    time = linear(1, freq, d) + linear(1, d, d) + linear(1, d, 6 * d)
-    proj_out = linear(s, d, cfg["out_channels"] * p[0] * p[1] * p[2])
-
-    # Per row of the CFG batch (each row has its own context).
-    row = proj_out + patch + time
-    shared = 0  # work on the rows' common input before the first cross-attention (once if steady)
-    invariant = embed_context  # per video if steady
-    for i in range(cfg["num_layers"]):
-        row += 2 * q_or_o + ffn_flops + cross_core  # cross Q/O, FFN, cross core
-        invariant += context_kv
-        if i not in experts:
-            self_part = qkvo + 4 * s * s * d
-        elif i != experts[-1]:
-            ref_qkv = 3 * linear(s, d, d)
-            self_part = qkvo + linear(s, d, d) + 4 * (2 * s) * (2 * s) * d  # + reference O
-            row += 2 * q_or_o + ffn_flops + cross_core  # reference cross Q/O, FFN, cross core
-            invariant += context_kv
-            if i == experts[0]:
-                invariant += ref_qkv  # its input never changes
-            else:
-                self_part += ref_qkv
-        else:  # last expert: reference K/V only, main queries over both streams
-            self_part = qkvo + 4 * s * (2 * s) * d
-            if i == experts[0]:
-                invariant += 2 * linear(s, d, d)
-            else:
-                self_part += 2 * linear(s, d, d)
-        if i == 0:
-            shared += self_part
-        else:
-            row += self_part
-    if not steady:
-        return batch * (row + shared + invariant)
-    # Steady: per-video work gone, the shared part (patch, time, block 0 before cross) once.
-    return batch * (row - patch - time) + patch + time + shared
+    return _count(items, geometry_of(cfg).latent_grid(num_frames, height, width), steady)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpu.vap.transformer import RELEASED_14B_CONFIG
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

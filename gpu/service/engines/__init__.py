@@ -1,0 +1,1 @@
+"""The model behind one call: on one device, or over several GPUs (sequence parallel)."""

@@ -1,0 +1,1 @@
+"""One generation job end to end: the run, its network transport and its callbacks."""
