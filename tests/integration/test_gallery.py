@@ -4,7 +4,7 @@ A few jobs run (two runs of one name, one answered by result reuse, one failed a
 target image was a `data:` URI stored under work/); the page built from them is loaded from a
 file:// URL like a user opens it, its media coming from the local S3 (plain http on 127.0.0.1)
 through presigned URLs, or from files beside it with --download. The reference clip is encoded
-by the GPU service's own encoder (`gpu.media.encode_mp4`), so the H.264 it writes is what plays.
+by the GPU service's own encoder (`gpu.service.media.encode_mp4`), so the H.264 it writes is what plays.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 from PIL import Image, ImageStat
 from stack_helpers import get_json
 
-from gpu.media import encode_mp4
+from gpu.service.media import encode_mp4
 from local_stack import LocalStack
 from local_stack.demo import SIDECAR
 from local_stack.fal_server import FalBehaviour, FalServer
