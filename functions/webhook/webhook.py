@@ -27,8 +27,13 @@ try:
     from vap_shared.fal_token import TOKEN_PARAM
     from vap_shared.naming import is_job_id
     from vap_shared.runtime import Runtime
-    from vap_shared.url_refresh import handle_url_refresh
-    from vap_shared.webhook_logic import Delivery, Reply, handle_fal_webhook, handle_gpu_callback
+    from vap_shared.webhook_logic import (
+        Delivery,
+        Reply,
+        handle_fal_webhook,
+        handle_gpu_callback,
+        handle_url_refresh,
+    )
 finally:
     gc.freeze()
     if _gc_was_enabled:

@@ -32,6 +32,7 @@ from .jobs import Job
 from .lifecycle import fail_job, fall_back_or_fail, finalize_terminal, succeed_job
 from .naming import output_keys, work_upload_key, work_video_key
 from .notifier import OUTPUT_URL_TTL
+from .runs import superseded
 from .runtime import Runtime
 from .s3io import StoreError, copy, head, presign_get, stream_url_to_s3, validate_mp4
 from .status_object import write_status
@@ -75,19 +76,6 @@ class Intake:
 
 
 StoreOutcome = Literal["stored", "done", "superseded", "gone", "retry", "failed"]
-
-
-def superseded(job: Job, backend: str, call_id: str, attempt: int | None = None) -> str | None:
-    """Why a run (`call_id` on `backend`, GPU attempt `attempt`) no longer counts for `job` (None:
-    it does): the job moved to another backend, another call is recorded, or a newer attempt of the
-    call (a preempted GPU input run again) has been heard from."""
-    if job.backend is not None and job.backend != backend:
-        return f"the job has moved to {job.backend}"
-    if job.backend_call_id and job.backend_call_id != call_id:
-        return "another run of the job is recorded"
-    if attempt is not None and job.gpu_attempt is not None and attempt < job.gpu_attempt:
-        return f"attempt {attempt} of the call was superseded by attempt {job.gpu_attempt}"
-    return None
 
 
 # ------------------------------------------------------------------------------------------ intake

@@ -17,22 +17,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aws_lambda_powertools import Logger
 from pydantic import ValidationError
 
-from .fal_delivery import FalDelivery
-from .fal_token import token_matches
 from .gpu_contract import GpuCallback, UrlRefreshRequest
 from .jobs import Job, iso, utcnow
-from .lifecycle import finalize_terminal
-from .result_store import Intake, accept_fal_result, accept_gpu_result, gpu_failed, superseded
+from .runs import superseded
 from .runtime import Runtime
 from .signing import SignatureError, derive_callback_key, verify_callback
 from .status_object import progress_worth_writing, write_status
 
+if TYPE_CHECKING:
+    from .result_store import Intake
+
+# A route loads only what it uses (cold start): progress callbacks, the most frequent, never load
+# the store path, the lifecycle (fallback, notifications), the fal verifier or the URL refresh.
+
 logger = Logger(child=True)
+
+
+def _finalize_terminal(rt: Runtime, job: Job) -> None:
+    from .lifecycle import finalize_terminal
+
+    finalize_terminal(rt, job)
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ def handle_gpu_callback(rt: Runtime, delivery: Delivery) -> Reply:
         return verified
     callback, job = verified
     if job.terminal:
-        finalize_terminal(rt, job)
+        _finalize_terminal(rt, job)
         return _ok(state=job.state, note="already finished")
     noted = note_attempt(rt, job, callback.call_id, callback.attempt)
     if isinstance(noted, str):
@@ -130,6 +139,8 @@ def handle_gpu_callback(rt: Runtime, delivery: Delivery) -> Reply:
     job = noted
     if callback.event == "progress":
         return _progress(rt, job, callback)
+    from .result_store import accept_gpu_result, gpu_failed
+
     if callback.event == "succeeded":
         return _intake_reply(accept_gpu_result(rt, job, callback.call_id, callback.attempt, callback.result))
     return _intake_reply(gpu_failed(rt, job, callback.error))
@@ -154,7 +165,10 @@ def handle_fal_webhook(rt: Runtime, delivery: Delivery) -> Reply:
     """A fal delivery counts only when fal signed it (any account's: fal signs all alike) AND it is
     ours: for the fal request recorded on the job, or, while none is recorded yet, to a URL with the
     job's token for a job being dispatched to fal."""
+    from .fal_delivery import FalDelivery
+    from .fal_token import token_matches
     from .fal_webhook import verify_fal_webhook  # PyNaCl + JWKS: loaded by fal deliveries only
+    from .result_store import accept_fal_result
 
     job_id = delivery.job_id
     try:
@@ -184,7 +198,7 @@ def handle_fal_webhook(rt: Runtime, delivery: Delivery) -> Reply:
         logger.warning("rejected fal webhook", extra={"job_id": job_id, "reason": "not a request of the job"})
         return Reply(401, {"error": "the delivery is not for a request of this job"})
     if job.terminal:
-        finalize_terminal(rt, job)
+        _finalize_terminal(rt, job)
         return _ok(state=job.state, note="already finished")
     if recorded:
         return _intake_reply(accept_fal_result(rt, job, request_id, body))
@@ -201,3 +215,10 @@ def handle_fal_webhook(rt: Runtime, delivery: Delivery) -> Reply:
         return _ok(state=job.state, note="stale delivery ignored")  # the job went to the other backend
     # Nothing says the job is being sent to fal (yet): let fal deliver it again later.
     return Reply(503, {"error": "the job is not dispatched yet; deliver again later"})
+
+
+def handle_url_refresh(rt: Runtime, delivery: Delivery) -> Reply:
+    """`POST /callbacks/gpu/{job_id}/urls` (`vap_shared.url_refresh`)."""
+    from .url_refresh import handle_url_refresh as refresh
+
+    return refresh(rt, delivery)
