@@ -27,7 +27,7 @@ PREVIEW_FILES: Mapping[str, tuple[str, str]] = {
     "preview.webp": ("image/webp", "preview_key"),
 }
 FAL_PREVIEWS_SKIPPED = (
-    "fal.ai results have no poster.jpg/preview.webp: the webhook would have to decode the H.264 "
+    "fal.ai results have no poster.jpg/preview.webp: the store function would have to decode the H.264 "
     "video, and its Lambda layer has no video decoder."
 )
 
