@@ -45,7 +45,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy shared/vap_shared functions/ingest/ingest.py functions/webhook/webhook.py functions/sweeper/sweeper.py gpu local_stack vap_cli bench
+	$(BIN)/mypy shared/vap_shared functions/ingest/ingest.py functions/webhook/webhook.py functions/sweeper/sweeper.py functions/store/store.py gpu local_stack vap_cli bench
 
 validate: venv
 	$(BIN)/cfn-lint template.yaml

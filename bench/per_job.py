@@ -106,11 +106,11 @@ def _webhook_kind(event: dict[str, Any]) -> tuple[str, str | None]:
 
 @contextmanager
 def instrumented(stack: Any, rec: Recorder) -> Iterator[None]:
-    """Wrap the GPU executor, both functions' invoke, Notifier.publish and boto3 API calls."""
+    """Wrap the GPU executor, the functions' invoke, Notifier.publish and boto3 API calls."""
     import botocore.client
     from vap_shared.notifier import Notifier
 
-    from local_stack.stack import INGEST, WEBHOOK
+    from local_stack.stack import INGEST, STORE, WEBHOOK
 
     executor = stack.gpu.executor
     original_submit = executor.submit
@@ -146,7 +146,11 @@ def instrumented(stack: Any, rec: Recorder) -> Iterator[None]:
 
         return invoke
 
-    functions = {"ingest": stack.functions[INGEST], "webhook": stack.functions[WEBHOOK]}
+    functions = {
+        "ingest": stack.functions[INGEST],
+        "webhook": stack.functions[WEBHOOK],
+        "store": stack.functions[STORE],
+    }
     for name, function in functions.items():
         function.invoke = wrap_invoke(function, name)
 
@@ -198,13 +202,16 @@ def run(jobs: int = 200, concurrency: int = 4, timeout_s: float = 600.0) -> PerJ
 
     from local_stack import LocalStack, LocalStackConfig
     from local_stack.media import synth_image, synth_mp4
-    from local_stack.stack import INGEST, WEBHOOK
+    from local_stack.stack import INGEST, STORE, WEBHOOK
 
     _quiet()
     rec = Recorder()
     config = LocalStackConfig(gpu_engine="fake", parameters={"DefaultBackend": "modal"})
     with redirect_stdout(io.StringIO()), LocalStack(config) as stack:  # Powertools logs JSON to stdout
-        memory = {"ingest": stack.functions[INGEST].memory_mb, "webhook": stack.functions[WEBHOOK].memory_mb}
+        memory = {
+            name: stack.functions[logical_id].memory_mb
+            for name, logical_id in (("ingest", INGEST), ("webhook", WEBHOOK), ("store", STORE))
+        }
         s3 = stack.s3
         media = {
             "inbox/bench-media/clip.mp4": synth_mp4(width=160, height=288, frames=17),

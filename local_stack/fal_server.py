@@ -9,8 +9,12 @@ Routes (fal's queue REST API and webhook protocol, as docs/contracts.md describe
 - `GET /.well-known/jwks.json` → the Ed25519 public key; `GET /files/<id>/<name>` → the "CDN".
 
 Each request produces a synthetic MP4 (no model: fal's example inputs name hosts that are not
-reachable offline) and then POSTs the webhook signed exactly as fal does. `behaviour` lets
-tests inject fal's failure modes.
+reachable offline) and then POSTs the webhook signed exactly as fal does, as fal delivers it: a
+delivery not answered 2xx within `webhook_timeout_s` (15 s: fal documents no limit) has failed and
+is sent again, up to 10 times over about 2 hours (`RETRY_DELAYS_S`, times the stack's time scale),
+each retry signed afresh. `behaviour` lets tests inject fal's failure modes, and a delivery signed
+for another fal account (fal signs every account's webhooks with the same keys) can be sent to any
+URL (`send_as_another_account`, or `impostor_deliveries` before each real one).
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ log = logging.getLogger("local_stack.fal")
 _REQUIRED = ("prompt", "video_url", "image_url", "video_description")
 _SIZES = {"480p": (832, 480), "580p": (1024, 576), "720p": (1280, 720)}
 USER_ID = "local-fal-user"
+# Another fal account: its webhooks are signed with the same keys as ours.
+OTHER_USER_ID = "another-fal-account"
+# fal retries a failed delivery 10 times over about 2 hours (../shared/notes/fal.md); the exact
+# schedule is undocumented: here each wait doubles, 7 s to ~1 h, 7161 s in all.
+RETRY_DELAYS_S: tuple[float, ...] = tuple(7.0 * 2**n for n in range(10))
+WEBHOOK_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -54,7 +64,13 @@ class FalBehaviour:
     delay_s: float = 0.0  # time a request spends IN_PROGRESS
     # Render the output this small: the pipeline under test does not care about pixels.
     video_size: tuple[int, int] = (160, 96)
-    webhook_attempts: int = 3  # fal retries failed deliveries (10x over 2 h); bounded here
+    # A delivery not answered (2xx) within this long has failed (fal documents no limit).
+    webhook_timeout_s: float = WEBHOOK_TIMEOUT_S
+    # Retries of a failed delivery, waiting RETRY_DELAYS_S (times the server's time scale) between.
+    webhook_retries: int = len(RETRY_DELAYS_S)
+    # Before each real delivery, this many signed for another fal account (their own request id and
+    # video) to the job's webhook path without our URL's query (all an outsider knows is the job id).
+    impostor_deliveries: int = 0
 
 
 @dataclass
@@ -67,7 +83,10 @@ class FalRequest:
     status: str = "IN_QUEUE"
     output: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    deliveries: list[int] = field(default_factory=list)  # HTTP statuses of webhook deliveries
+    deliveries: list[int] = field(default_factory=list)  # HTTP statuses of webhook deliveries (0: none)
+    # The waits before each retry (s, scaled), and the answers to deliveries from another account.
+    retry_waits: list[float] = field(default_factory=list)
+    impostor_answers: list[int] = field(default_factory=list)
     cancelled: bool = False
 
 
@@ -80,9 +99,13 @@ def fal_signature_message(request_id: str, user_id: str, timestamp: str, body: b
 
 
 class FalServer:
-    def __init__(self, api_key: str, port: int = 0, behaviour: FalBehaviour | None = None) -> None:
+    def __init__(
+        self, api_key: str, port: int = 0, behaviour: FalBehaviour | None = None, time_scale: float = 1.0
+    ) -> None:
         self.api_key = api_key
         self.behaviour = behaviour or FalBehaviour()
+        # The local stack's time scale: fal's retry schedule (2 hours) runs this much faster.
+        self.time_scale = time_scale
         self.requests: dict[str, FalRequest] = {}
         self.files: dict[str, bytes] = {}
         self._private_key = Ed25519PrivateKey.generate()
@@ -120,14 +143,17 @@ class FalServer:
         )
         return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw), "kid": self._kid, "use": "sig"}]}
 
-    def sign(self, request_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-        """fal's webhook headers for `body` (tests use this to forge or replay deliveries)."""
+    def sign(
+        self, request_id: str, body: bytes, timestamp: int | None = None, user_id: str = USER_ID
+    ) -> dict[str, str]:
+        """fal's webhook headers for `body` (tests use this to forge or replay deliveries); any
+        account's deliveries are signed with the same keys."""
         stamp = str(int(time.time()) if timestamp is None else timestamp)
-        signature = self._private_key.sign(fal_signature_message(request_id, USER_ID, stamp, body))
+        signature = self._private_key.sign(fal_signature_message(request_id, user_id, stamp, body))
         return {
             "Content-Type": "application/json",
             "X-Fal-Webhook-Request-Id": request_id,
-            "X-Fal-Webhook-User-Id": USER_ID,
+            "X-Fal-Webhook-User-Id": user_id,
             "X-Fal-Webhook-Timestamp": stamp,
             "X-Fal-Webhook-Signature": signature.hex(),
         }
@@ -227,21 +253,59 @@ class FalServer:
             {"request_id": request.request_id, "gateway_request_id": request.request_id, **body}
         ).encode()
 
+    def _client(self) -> httpx.Client:
+        limit = self.behaviour.webhook_timeout_s
+        return httpx.Client(timeout=httpx.Timeout(limit, connect=min(limit, 5.0)))
+
+    @staticmethod
+    def _post(client: httpx.Client, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """The delivery's HTTP status; 0 when none came in time (fal counts that as failed)."""
+        try:
+            return client.post(url, content=body, headers=headers).status_code
+        except httpx.HTTPError:
+            return 0
+
     def _deliver(self, request: FalRequest) -> None:
         assert request.webhook_url is not None
         body = self.webhook_body(request)
-        headers = self.sign(request.request_id, body)
-        sends = 1 + self.behaviour.extra_deliveries
-        with httpx.Client(timeout=30.0) as client:
-            for _ in range(sends):
-                for attempt in range(self.behaviour.webhook_attempts):
-                    try:
-                        status = client.post(request.webhook_url, content=body, headers=headers).status_code
-                    except httpx.HTTPError:
-                        status = 0
+        behaviour = self.behaviour
+        with self._client() as client:
+            for _ in range(behaviour.impostor_deliveries):
+                request.impostor_answers.append(
+                    self.send_as_another_account(without_query(request.webhook_url))
+                )
+            for _ in range(1 + behaviour.extra_deliveries):
+                for attempt in range(1 + behaviour.webhook_retries):
+                    if attempt:
+                        wait = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S)) - 1] * self.time_scale
+                        request.retry_waits.append(wait)
+                        if self._stopping.wait(wait):
+                            return
+                    # Signed afresh each time: a retry hours later still carries a current timestamp.
+                    status = self._post(
+                        client, request.webhook_url, body, self.sign(request.request_id, body)
+                    )
                     request.deliveries.append(status)
-                    if 200 <= status < 300 or self._stopping.wait(0.5 * (attempt + 1)):
+                    if 200 <= status < 300:
                         break
+
+    def send_as_another_account(self, url: str) -> int:
+        """POST `url` a delivery of another fal account's own finished request (its request id, its
+        video), correctly signed by fal for that account: what anyone with a fal account can point
+        at our webhook. Its HTTP status (0: no answer in time)."""
+        request_id = uuid.uuid4().hex
+        body = json.dumps(
+            {
+                "request_id": request_id,
+                "gateway_request_id": request_id,
+                "status": "OK",
+                "payload": {
+                    "video": {"url": f"{self.url}/files/{request_id}/theirs.mp4", "content_type": "video/mp4"}
+                },
+            }
+        ).encode()
+        with self._client() as client:
+            return self._post(client, url, body, self.sign(request_id, body, user_id=OTHER_USER_ID))
 
     def status_of(self, request: FalRequest, logs: bool) -> tuple[int, Any]:
         body: dict[str, Any] = {"request_id": request.request_id, "status": request.status}
@@ -327,3 +391,9 @@ class FalServer:
                     self._send(400, {"status": "ALREADY_COMPLETED"})
 
         return Handler
+
+
+def without_query(url: str) -> str:
+    """`url` without its query: the webhook path an outsider can guess from a job id."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INGEST = "IngestFunction"
 WEBHOOK = "WebhookFunction"
 SWEEPER = "SweeperFunction"
+STORE = "StoreFunction"
 
 
 @dataclass
@@ -154,7 +155,7 @@ class LocalStack:
                 "AWS_ENDPOINT_URL": self.endpoint_url,
             }
         )
-        self.fal = FalServer(self.fal_key)
+        self.fal = FalServer(self.fal_key, time_scale=cfg.time_scale or 1.0)
         self.fal.start()
         self._start_gpu()
 

@@ -1,7 +1,8 @@
 """Webhook Lambda (Function URL, payload 2.0): signed GPU callbacks and fal webhooks.
 
-Thin adapter: routing and HTTP checks here, verification and job logic in
-`vap_shared.webhook_logic`.
+Thin adapter: the Function URL event is read with Powertools' `LambdaFunctionUrlEvent`; routing and
+HTTP checks here; verification and job logic in `vap_shared.webhook_logic`, which sees a typed
+`Delivery` (job id, lower-case headers, raw body bytes, the fal URL's token), never the event.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:
     from aws_lambda_powertools import Logger
+    from aws_lambda_powertools.utilities.data_classes import LambdaFunctionUrlEvent
     from aws_lambda_powertools.utilities.typing import LambdaContext
     from vap_shared.config import Settings, settings_at_cold_start
+    from vap_shared.fal_token import TOKEN_PARAM
     from vap_shared.naming import is_job_id
     from vap_shared.runtime import Runtime
-    from vap_shared.url_refresh import handle_url_refresh
-    from vap_shared.webhook_logic import Reply, handle_fal_webhook, handle_gpu_callback
+    from vap_shared.webhook_logic import (
+        Delivery,
+        Reply,
+        handle_fal_webhook,
+        handle_gpu_callback,
+        handle_url_refresh,
+    )
 finally:
     gc.freeze()
     if _gc_was_enabled:
@@ -55,7 +63,7 @@ def reset() -> None:
     _settings = None
 
 
-Logic = Callable[[Runtime, str, dict[str, str], bytes], Reply]
+Logic = Callable[[Runtime, Delivery], Reply]
 # Three POST routes: a few lines here instead of Powertools' resolver, whose import (asyncio, every
 # event class) was the webhook's largest avoidable cold-start cost.
 ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -76,15 +84,16 @@ def _json(status: int, body: dict[str, Any]) -> dict[str, Any]:
     return {"statusCode": status, "headers": {"Content-Type": "application/json"}, "body": json.dumps(body)}
 
 
-def _raw_body(event: dict[str, Any]) -> bytes:
-    body = event.get("body") or ""
-    if event.get("isBase64Encoded"):
+def _raw_body(event: LambdaFunctionUrlEvent) -> bytes:
+    """The exact bytes the caller sent (signatures cover them), base64-decoded when Lambda says so."""
+    body = event.body or ""
+    if event.is_base64_encoded:
         return base64.b64decode(body, validate=True)
     return body.encode("utf-8")
 
 
-def _handle(event: dict[str, Any], job_id: str, logic: Logic) -> dict[str, Any]:
-    headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
+def _handle(event: LambdaFunctionUrlEvent, job_id: str, logic: Logic) -> dict[str, Any]:
+    headers = {k.lower(): v for k, v in (event.headers or {}).items()}
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         return _json(413, {"error": "body too large"})
@@ -99,16 +108,16 @@ def _handle(event: dict[str, Any], job_id: str, logic: Logic) -> dict[str, Any]:
         return _json(415, {"error": "content type must be application/json"})
     if not is_job_id(job_id):  # e.g. `reuse#<key>`: other items of the jobs table are never jobs
         return _json(404, {"error": "unknown job"})
-    reply = logic(get_runtime(), job_id, headers, body)
+    token = (event.query_string_parameters or {}).get(TOKEN_PARAM)
+    reply = logic(get_runtime(), Delivery(job_id=job_id, headers=headers, body=body, token=token))
     return _json(reply.status, reply.body)
 
 
-def route(event: dict[str, Any]) -> tuple[str, Logic] | None:
+def route(event: LambdaFunctionUrlEvent) -> tuple[str, Logic] | None:
     """The job id and logic for the event's method and path; None for anything else."""
-    method = str(((event.get("requestContext") or {}).get("http") or {}).get("method", "")).upper()
-    if method != "POST":
+    if str(event.http_method or "").upper() != "POST":
         return None
-    path = str(event.get("rawPath") or "")
+    path = str(event.raw_path or "")
     for pattern, name in ROUTES:
         match = pattern.fullmatch(path)
         if match:
@@ -118,8 +127,9 @@ def route(event: dict[str, Any]) -> tuple[str, Logic] | None:
 
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    found = route(event)
+    request = LambdaFunctionUrlEvent(event)
+    found = route(request)
     if found is None:
         return _json(404, {"error": "not found"})
     job_id, logic = found
-    return _handle(event, job_id, logic)
+    return _handle(request, job_id, logic)

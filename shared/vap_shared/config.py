@@ -112,6 +112,11 @@ class Settings:
     # and how many deliveries a message got before it landed there (the queue's maxReceiveCount).
     ingest_dlq_url: str = ""
     ingest_max_receive_count: int = 5
+    # The store queue (webhook, sweeper: where a finished run's result is queued for storing; the
+    # store function: where it changes a retried message's visibility) and its maxReceiveCount (the
+    # store function's last try fails the job instead of leaving it to the dead-letter queue).
+    store_queue_url: str = ""
+    store_max_receive_count: int = 5
     allow_http_loopback: bool = False
     # GPUs per job: a sidecar without `gpus` gets default_gpus (never more than max_gpus); a sidecar
     # asking for more than max_gpus is refused (stack parameters DefaultGpus, MaxGpus).
@@ -186,6 +191,8 @@ class Settings:
             local_time_scale=_scale(env),
             ingest_dlq_url=env.get("INGEST_DLQ_URL", "").strip(),
             ingest_max_receive_count=_int(env, "INGEST_MAX_RECEIVE_COUNT", defaults.ingest_max_receive_count),
+            store_queue_url=env.get("STORE_QUEUE_URL", "").strip(),
+            store_max_receive_count=_int(env, "STORE_MAX_RECEIVE_COUNT", defaults.store_max_receive_count),
             allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
             default_gpus=_gpu_count(env, "DEFAULT_GPUS", defaults.default_gpus),
             max_gpus=_gpu_count(env, "MAX_GPUS", defaults.max_gpus),

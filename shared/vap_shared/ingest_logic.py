@@ -776,20 +776,14 @@ class Ingestor:
         succeed_job(
             self.rt,
             job.job_id,
-            {
-                "output_key": copied.output_key,
-                "metadata_key": copied.metadata_key,
-                "bytes": copied.bytes,
-                "poster_key": copied.files.get("poster.jpg"),
-                "preview_key": copied.files.get("preview.webp"),
-                "reused_from": entry.job_id,
-                "reuse_key": key,
-                "cost": cost,
-                "seed": settings.seed,
-                "settings": settings.model_dump(),
-                "requested_backend": choice,
-                "gpus": gpus,
-            },
+            copied.success_fields(
+                reused_from=entry.job_id,
+                reuse_key=key,
+                seed=settings.seed,
+                settings=settings.model_dump(),
+                requested_backend=choice,
+                gpus=gpus,
+            ),
         )
         logger.info("result reused", extra={"job_id": job.job_id, "reused_from": entry.job_id})
         return True

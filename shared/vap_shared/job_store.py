@@ -412,3 +412,54 @@ class JobStore:
         except ClientError as exc:
             if not _conditional_failed(exc):
                 raise
+
+    # ------------------------------------------------------------------ what callbacks record
+    def record_fal_request(self, job_id: str, request_id: str, now_iso: str) -> Job | None:
+        """Record the fal request a verified delivery names, for a job waiting for its first fal
+        delivery (dispatch intent fal, no fal request recorded yet); None when it is not waiting."""
+        return self._update(
+            job_id,
+            {"backend": "fal", "backend_call_id": request_id, "updated_at": now_iso},
+            "attribute_exists(job_id) AND #intent = :fal AND #state IN (:r, :d, :run)"
+            " AND (attribute_not_exists(#call) OR #backend <> :fal)",
+            {
+                "#intent": "dispatch_intent",
+                "#state": "state",
+                "#call": "backend_call_id",
+                "#backend": "backend",
+            },
+            {":fal": "fal", ":r": "received", ":d": "dispatched", ":run": "running"},
+        )
+
+    def record_gpu_attempt(self, job_id: str, attempt: int, now_iso: str) -> Job | None:
+        """Raise `gpu_attempt` to `attempt` (never lower it); None when a newer attempt is recorded."""
+        return self._update(
+            job_id,
+            {"gpu_attempt": attempt, "updated_at": now_iso},
+            "attribute_exists(job_id) AND (attribute_not_exists(#a) OR #a <= :a)",
+            {"#a": "gpu_attempt"},
+            {":a": attempt},
+        )
+
+    def advance_progress(
+        self, job_id: str, progress: dict[str, int], attempt: int, now_iso: str
+    ) -> Job | None:
+        """Job → running with `progress`, only if it is further than the progress recorded (in
+        thousandths of the run, `progress_permille`) and no newer GPU attempt is recorded; None when
+        not (progress never goes backwards, whatever order callbacks arrive in)."""
+        step, total = int(progress["step"]), max(int(progress["total"]), 1)
+        permille = min(1000, step * 1000 // total)
+        return self._update(
+            job_id,
+            {
+                "state": "running",
+                "progress": progress,
+                "progress_permille": permille,
+                "gpu_attempt": attempt,
+                "updated_at": now_iso,
+            },
+            "#state IN (:r, :d, :run) AND (attribute_not_exists(#a) OR #a <= :a)"
+            " AND (attribute_not_exists(#p) OR #p < :p)",
+            {"#state": "state", "#a": "gpu_attempt", "#p": "progress_permille"},
+            {":r": "received", ":d": "dispatched", ":run": "running", ":a": attempt, ":p": permille},
+        )

@@ -208,10 +208,17 @@ def fall_back_or_fail(
     if target is None or not job.inputs or not job.webhook_base_url:
         return fail_job(rt, job.job_id, errors, kind=kind)
     failed_backend = job.backend
-    # Claim the one fallback first, so repeated failure deliveries cannot dispatch twice.
+    # Claim the one fallback first, so repeated failure deliveries cannot dispatch twice; with it the
+    # intent to dispatch to `target` (written before the submit: a fal delivery that overtakes the
+    # `dispatched` write below finds the job waiting for it).
     claimed = rt.store.update_fields(
         job.job_id,
-        {"fallback_from": failed_backend, "fallback_reason": reason[:500]},
+        {
+            "fallback_from": failed_backend,
+            "fallback_reason": reason[:500],
+            "dispatch_intent": target,
+            "dispatch_intent_at": iso(utcnow()),
+        },
         iso(utcnow()),
         only_if_absent="fallback_from",
     )
@@ -240,7 +247,10 @@ def fall_back_or_fail(
             "fal_urls": dispatch.urls or None,
             "fallback_from": failed_backend,
             "fallback_reason": reason[:500],
+            # A new run: its progress and GPU attempts start over.
             "progress": None,
+            "progress_permille": None,
+            "gpu_attempt": None,
             "dispatched_at": iso(utcnow()),
         },
         iso(utcnow()),

@@ -15,8 +15,9 @@ Equal means: the same media bytes, the same generation settings and the same *ex
   earlier output had been deleted. Attribute names all start with `reuse_` so the item never enters
   a job index (it has no `state`, `backend` or `dispatched_at`). It expires like a job record.
 - Copy: the earlier video (and poster/preview, when present) is copied server-side into the new
-  job's folder; its `metadata.json` is rewritten for the new job with `reused_from`. A missing
-  earlier output is a miss: the entry is marked stale and the job runs.
+  job's folder; its `metadata.json` is rewritten for the new job with `reused_from`, by the same
+  builder as every stored result (`vap_shared.results`). A missing earlier output is a miss: the
+  entry is marked stale and the job runs.
 """
 
 from __future__ import annotations
@@ -31,17 +32,15 @@ from typing import Any, Final
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
-from . import s3io
-from .fal_output import video_file
+from . import results, s3io
 from .media import MediaRef
+from .results import StoredResult
 
 KEY_VERSION: Final = 1  # bump to stop reusing results made before a change of the model or pipeline
 CHUNK_BYTES: Final = 1024 * 1024
 # Hashing streams the object through the ingest Lambda; larger media are not worth the time.
 MAX_HASH_BYTES: Final = 256 * 1024 * 1024
 ITEM_PREFIX: Final = "reuse#"
-# Files copied besides video.mp4 and metadata.json, when the earlier job has them.
-EXTRA_FILES: Final[Mapping[str, str]] = {"poster.jpg": "image/jpeg", "preview.webp": "image/webp"}
 
 _SERIALIZER = TypeSerializer()
 _DESERIALIZER = TypeDeserializer()
@@ -169,7 +168,7 @@ class ReuseEntry:
     bytes: int
     backend: str | None
     created_at: str
-    files: tuple[str, ...] = ()  # extra files (EXTRA_FILES) the earlier job had
+    files: tuple[str, ...] = ()  # preview files (results.PREVIEW_FILES) the earlier job had
 
 
 def _item_id(key: str) -> str:
@@ -268,51 +267,6 @@ class Target:
     output_prefix: str
 
 
-@dataclass(frozen=True)
-class CopiedResult:
-    output_key: str
-    metadata_key: str
-    bytes: int
-    files: dict[str, str]  # extra file name -> new key
-    metadata: dict[str, Any]
-
-
-def reused_metadata(
-    earlier: Mapping[str, Any],
-    target: Target,
-    *,
-    reused_from: str,
-    output_key: str,
-    timings: Mapping[str, Any] | None = None,
-    cost: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The earlier job's metadata.json, made the new job's: its identity, keys, timings and cost.
-
-    What was generated and how (`inputs`, `seed`, `backend`, `result`) stays the earlier job's;
-    `reused_from` says where it came from. `video` (a presigned URL) and the previews' keys are not
-    carried over: the caller passes the new job's in `extra`.
-    """
-    own = ("video", "cost", "backend_call_id", "poster_key", "preview_key")
-    body = {k: v for k, v in earlier.items() if k not in own}
-    body.update(
-        {
-            "job_id": target.job_id,
-            "sidecar_bucket": target.sidecar_bucket,
-            "sidecar_key": target.sidecar_key,
-            "name": target.name,
-            "output_key": output_key,
-            "reused_from": reused_from,
-        }
-    )
-    if timings is not None:
-        body["timings"] = dict(timings)
-    if cost is not None:
-        body["cost"] = dict(cost)
-    body.update(extra or {})
-    return body
-
-
 def _get_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
     try:
         raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -343,15 +297,16 @@ def copy_result(
     *,
     timings: Mapping[str, Any] | None = None,
     cost: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
     video_url: str | None = None,
-) -> CopiedResult | None:
+) -> StoredResult | None:
     """Copy the earlier result into `target`'s folder; None when the earlier output is gone.
 
     Order: the earlier metadata is read first (a miss costs nothing), then the video is copied, then
-    posters/previews, then the new metadata.json is written last, as the webhook stores a result.
-    A retry simply copies again (same keys). `video_url`: a presigned GET of the new video, for
-    the metadata's fal-shaped `video` object.
+    posters/previews, then the new metadata.json is written last, as every result is stored
+    (`vap_shared.results`). What was generated and how (`inputs`, `seed`, `backend`, `result`) stays
+    the earlier job's; identity, keys, `timings` (the earlier's when None) and `cost` are this job's,
+    and `reused_from` names the earlier one. A retry simply copies again (same keys). `video_url`: a
+    presigned GET of the new video, for the metadata's fal-shaped `video` object.
     """
     earlier = _get_json(s3, bucket, entry.metadata_key)
     if earlier is None:
@@ -360,36 +315,25 @@ def copy_result(
     if not _copy(s3, bucket, entry.output_key, output_key, "video/mp4"):
         return None
     source_prefix = entry.output_key.rsplit("/", 1)[0] + "/"
-    files: dict[str, str] = {}
-    for name in entry.files:
-        content_type = EXTRA_FILES.get(name)
-        if content_type and _copy(
-            s3, bucket, source_prefix + name, target.output_prefix + name, content_type
-        ):
-            files[name] = target.output_prefix + name
-    own: dict[str, Any] = {
-        "poster_key": files.get("poster.jpg"),
-        "preview_key": files.get("preview.webp"),
-    }
-    if video_url:
-        own["video"] = video_file(video_url, entry.bytes, target.name, target.job_id)
-    body = reused_metadata(
-        earlier,
+    extra = {name: source_prefix + name for name in entry.files if name in results.PREVIEW_FILES}
+    files = results.copy_files(s3, bucket, extra, target.output_prefix)
+    return results.write_metadata(
+        s3,
+        bucket,
         target,
-        reused_from=entry.job_id,
-        output_key=output_key,
-        timings=timings,
+        results.Generation.of_metadata(earlier),
+        size=entry.bytes,
+        timings=timings if timings is not None else earlier.get("timings") or {},
+        video_url=video_url,
+        files=files,
         cost=cost,
-        extra={**own, **(extra or {})},
+        reused_from=entry.job_id,
     )
-    metadata_key = target.output_prefix + "metadata.json"
-    s3io.put_json(s3, bucket, metadata_key, body)
-    return CopiedResult(output_key, metadata_key, entry.bytes, files, body)
 
 
 def reuse_or_none(
     s3: Any, store: ReuseStore, bucket: str, key: str, target: Target, now_iso: str, **copy_kwargs: Any
-) -> tuple[ReuseEntry, CopiedResult] | None:
+) -> tuple[ReuseEntry, StoredResult] | None:
     """Lookup + copy: the earlier entry and the copied result, or None (no entry / output gone).
 
     A deleted earlier output marks the entry stale, so this job's own success replaces it.

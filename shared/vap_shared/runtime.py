@@ -4,6 +4,7 @@ client, the backends or the fal verifier; ingest builds no JWKS cache."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -185,7 +186,14 @@ class Runtime:
     # ------------------------------------------------------------------ HTTP and backends
     @property
     def http(self) -> httpx.Client:
-        return self._once("http", lambda: httpx.Client(timeout=HTTP_TIMEOUT, follow_redirects=False))
+        def make() -> httpx.Client:
+            # httpx logs every request's URL at INFO, and Lambda's JSON logging passes INFO on: a fal
+            # submit's URL carries the job's webhook token (vap_shared.fal_token), which must not
+            # reach the logs.
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+            return httpx.Client(timeout=HTTP_TIMEOUT, follow_redirects=False)
+
+        return self._once("http", make)
 
     @property
     def backends(self) -> dict[str, Backend]:
@@ -220,6 +228,7 @@ class Runtime:
 
         def make() -> FalBackend:
             from .backends.fal import FalBackend
+            from .fal_token import fal_webhook_token
 
             settings = self.settings
             return FalBackend(
@@ -228,6 +237,7 @@ class Runtime:
                 settings.fal_endpoint_id,
                 fal_key=lambda: self.secrets.fal_key(settings.fal_key_secret_arn),
                 sign_get=self.sign_get,
+                webhook_token=lambda job_id: fal_webhook_token(self.stack_secret(), job_id),
                 allow_http_loopback=settings.allow_http_loopback,
             )
 

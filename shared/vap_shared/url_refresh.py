@@ -1,8 +1,10 @@
 """`POST /callbacks/gpu/{job_id}/urls`: fresh presigned URLs for a GPU run that is still wanted.
 
 Signed like a GPU callback (per-job HMAC key). 200 `UrlRefreshResponse`; 409 when the service no
-longer wants this run (the job finished, fell back to fal, or another call id is recorded): the GPU
-then stops at once; 401 bad signature; 404 unknown job.
+longer wants this run (the job finished, fell back to fal, another call id is recorded, or a newer
+attempt of the call runs: Modal re-ran a preempted input): the GPU then stops at once; 401 bad
+signature; 404 unknown job. A refresh from a newer attempt records it (the older one's callbacks
+then change nothing).
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from .jobs import Job
 from .media import MediaRef
 from .runtime import Runtime
 from .s3io import presign_put
-from .webhook_logic import Reply, superseded_run, verified_gpu_message
+from .webhook_logic import Delivery, Reply, note_attempt, verified_gpu_message
 
 logger = Logger(child=True)
 
 
-def unwanted_reason(job: Job, call_id: str) -> str | None:
-    """Why the service no longer wants run `call_id` of `job` (None: it does)."""
+def unwanted_reason(rt: Runtime, job: Job, call_id: str, attempt: int) -> str | None:
+    """Why the service no longer wants attempt `attempt` of run `call_id` (None: it does; a newer
+    attempt is recorded as the one heard from)."""
     if job.terminal:
         return f"the job has finished ({job.state})"
-    return superseded_run(job, call_id)
+    noted = note_attempt(rt, job, call_id, attempt)
+    return noted if isinstance(noted, str) else None
 
 
 def _fields(job: Job) -> tuple[str, ...]:
@@ -41,12 +45,13 @@ def _fields(job: Job) -> tuple[str, ...]:
     return ("output_put_url",)
 
 
-def handle_url_refresh(rt: Runtime, job_id: str, headers: dict[str, str], body: bytes) -> Reply:
-    verified = verified_gpu_message(rt, job_id, headers, body, UrlRefreshRequest)
+def handle_url_refresh(rt: Runtime, delivery: Delivery) -> Reply:
+    verified = verified_gpu_message(rt, delivery, UrlRefreshRequest)
     if isinstance(verified, Reply):
         return verified
     request, job = verified
-    reason = unwanted_reason(job, request.call_id)
+    job_id = job.job_id
+    reason = unwanted_reason(rt, job, request.call_id, request.attempt)
     if reason is not None:
         logger.info("URL refresh for an unwanted run", extra={"job_id": job_id, "reason": reason})
         return Reply(409, {"error": f"superseded: {reason}"})

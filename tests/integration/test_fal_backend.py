@@ -12,8 +12,10 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from stack_helpers import jobs_for
+from vap_shared.fal_token import fal_webhook_token
 
 from local_stack import LocalStack
+from local_stack.fal_server import FalServer
 
 pytestmark = pytest.mark.stack
 
@@ -58,7 +60,12 @@ def test_fal_example_is_dispatched_unchanged(stack: LocalStack, fal_job: dict[st
     assert request.input["guidance_scale"] == 5
     assert "backend" not in request.input
     job_id = fal_job["note"].body["job_id"]
-    assert request.webhook_url == f"{stack.webhook_url.rstrip('/')}/callbacks/fal/{job_id}"
+    # The job's webhook URL, with the job's token only we and fal know (vap_shared.fal_token).
+    signing = stack.client("secretsmanager").get_secret_value(
+        SecretId=f"{stack.config.stack_name}/signing-secret"
+    )
+    token = fal_webhook_token(signing["SecretString"].encode(), job_id)
+    assert request.webhook_url == f"{stack.webhook_url.rstrip('/')}/callbacks/fal/{job_id}?token={token}"
 
 
 def test_fal_webhook_stores_video_and_notifies_once(stack: LocalStack, fal_job: dict[str, Any]) -> None:
@@ -96,6 +103,25 @@ def test_forged_or_stale_fal_webhook_is_rejected(stack: LocalStack, fal_job: dic
         reply = httpx.post(request.webhook_url, content=payload, headers=headers)
         assert reply.status_code == 401, reply.text
     assert len(stack.notifications_for(fal_job["key"])) == 1
+
+
+def test_deliveries_from_another_fal_account_change_nothing(stack: LocalStack, fal: FalServer) -> None:
+    """fal signs every account's webhooks alike: deliveries of someone else's request, correctly
+    signed, sent to the job's webhook path before fal delivers ours, are refused; the job ends with
+    its own result, notified once."""
+    fal.behaviour.impostor_deliveries = 2
+    key = f"inbox/fal-impostor-{time.time_ns()}/horse.json"
+    stack.put_job(key, {**FAL_EXAMPLE, "backend": "fal"})
+    (note,) = stack.wait_for_notification(key, timeout_s=120)
+    (request,) = [r for r in fal.requests.values() if r.webhook_url and note.body["job_id"] in r.webhook_url]
+    assert request.impostor_answers == [401, 401]
+    assert note.body["status"] == "succeeded"
+    job = jobs_for(stack, key)[0]
+    assert job["backend_call_id"]["S"] == request.request_id
+    data = stack.s3.get_object(Bucket=stack.bucket, Key=note.body["output_key"])["Body"].read()
+    assert data == fal.files[request.output["video"]["url"].split("/", 3)[3]]  # our video, not theirs
+    time.sleep(1)
+    assert len(stack.notifications_for(key)) == 1
 
 
 def test_fal_example_as_is_is_accepted_and_dispatched(stack: LocalStack) -> None:

@@ -93,13 +93,13 @@ def test_lost_gpu_callback_is_recovered_from_the_gpu_status_endpoint(
     real = webhook.handle_gpu_callback
     lost: list[str] = []
 
-    def lose_terminal_callbacks(rt: Any, job_id: str, headers: dict[str, str], body: bytes) -> Any:
-        if json.loads(body).get("event") != "progress":
-            lost.append(job_id)
+    def lose_terminal_callbacks(rt: Any, delivery: Any) -> Any:
+        if json.loads(delivery.body).get("event") != "progress":
+            lost.append(delivery.job_id)
             from vap_shared.webhook_logic import Reply
 
             return Reply(200, {"ok": True})  # swallowed on the way: the webhook never sees it
-        return real(rt, job_id, headers, body)
+        return real(rt, delivery)
 
     monkeypatch.setattr(webhook, "handle_gpu_callback", lose_terminal_callbacks)
     key = f"{folder}/lost-gpu.json"

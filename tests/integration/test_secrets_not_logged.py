@@ -11,6 +11,7 @@ import httpx
 import pytest
 from stack_helpers import sidecar
 from test_backend_faults import quiet
+from vap_shared.fal_token import fal_webhook_token
 from vap_shared.signing import derive_callback_key
 
 from local_stack import LocalStack
@@ -33,6 +34,8 @@ def _secrets(stack: LocalStack, job_ids: list[str]) -> dict[str, str]:
     for job_id in job_ids:
         # The per-job callback key the GPU receives (hex, as in the GPU request).
         found[f"callback key {job_id}"] = derive_callback_key(signing.encode(), job_id).hex()
+        # The token in the job's fal webhook URL (vap_shared.fal_token).
+        found[f"fal webhook token {job_id}"] = fal_webhook_token(signing.encode(), job_id)
     return found
 
 

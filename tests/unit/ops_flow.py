@@ -8,7 +8,17 @@ from typing import Any
 
 import ingest
 import webhook
-from vap_testkit import MP4, PNG, Stack, call, gpu_callback_event, gpu_result, s3_event, sqs_event, url_event
+from vap_testkit import (
+    MP4,
+    PNG,
+    Stack,
+    call,
+    fal_webhook_event,
+    gpu_callback_event,
+    gpu_result,
+    s3_event,
+    sqs_event,
+)
 
 PROMPT = "A chestnut horse inflates like a balloon and floats away."
 DESCRIPTION = "A sneaker inflates into a smooth beige sphere and floats up."
@@ -57,7 +67,8 @@ def submit(
 def gpu_succeeds(
     st: Stack, job_id: str, *, previews: bool = True, result: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The GPU uploads its video (and previews) to work/ and calls back `succeeded`; the reply."""
+    """The GPU uploads its video (and previews) to work/ and calls back `succeeded`, and the store
+    function stores what the webhook queued; the webhook's reply."""
     job = st.store.get(job_id)
     st.put(f"work/{job_id}/video.mp4", MP4, "video/mp4")
     body = dict(result or RESULT)
@@ -73,6 +84,7 @@ def gpu_succeeds(
         "result": body,
     }
     response = call(webhook.handler, gpu_callback_event(st, job_id, payload))
+    st.store_results()
     return {"status": response["statusCode"], **json.loads(response["body"] or "{}")}
 
 
@@ -113,7 +125,8 @@ def metric_values(docs: list[dict[str, Any]], name: str) -> list[tuple[dict[str,
 
 
 def fal_delivers(st: Stack, job_id: str, payload: dict[str, Any], status: str = "OK") -> int:
-    """fal's signed webhook for the job's request."""
+    """fal's signed webhook for the job's request (to the job's webhook URL, token included), and
+    the store function storing what it queued."""
     job = st.store.get(job_id)
     delivery = {
         "request_id": job.backend_call_id,
@@ -123,4 +136,6 @@ def fal_delivers(st: Stack, job_id: str, payload: dict[str, Any], status: str = 
     delivery["payload"] = payload
     body = json.dumps(delivery).encode()
     headers = st.services.fal_keys.headers(job.backend_call_id, body)
-    return int(call(webhook.handler, url_event(f"/callbacks/fal/{job_id}", body, headers))["statusCode"])
+    status = int(call(webhook.handler, fal_webhook_event(job_id, body, headers))["statusCode"])
+    st.store_results()
+    return status

@@ -414,6 +414,10 @@ def test_replayed_delivery_and_callback_for_a_terminal_job_are_no_ops(st: Any) -
     done = _gpu(st, job, event="succeeded", result={**result, "gpu": "cpu", "steps": 1, "timings": {}})
     for _ in range(3):  # the valid delivery, then two replays
         assert call(webhook.handler, done.event())["statusCode"] == 200
+    st.store_results()  # three store requests for one result: stored once
+    for _ in range(2):  # replays after it was stored
+        assert call(webhook.handler, done.event())["statusCode"] == 200
+    assert st.store_requests_waiting() == 0  # a finished job queues nothing
     finished = st.store.get(job.job_id)
     assert finished.state == "succeeded"
     # A (validly signed) failure callback for the finished job changes nothing either.

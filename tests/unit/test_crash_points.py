@@ -1,6 +1,6 @@
 """Crash points: a failure injected once at each step must still end, after the natural retry
-(SQS redelivery, the backend's callback retry, or the sweeper), in exactly one terminal state and
-exactly one notification."""
+(SQS redelivery of a sidecar or a store request, the backend's callback retry, or the sweeper), in
+exactly one terminal state and exactly one notification."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import pytest
 import webhook
 from botocore.exceptions import ClientError
 from test_sweeper import SweepServices
-from vap_shared import ingest_logic, job_store, lifecycle, notifier, webhook_logic
+from vap_shared import ingest_logic, job_store, lifecycle, notifier, result_store, results
 from vap_shared.jobs import utcnow
 from vap_shared.sweeper import sweep
 from vap_testkit import (
     BUCKET,
     MP4,
     call,
+    fal_webhook_event,
     gpu_callback_event,
     gpu_result,
     handlers_on,
@@ -29,7 +30,6 @@ from vap_testkit import (
     sqs_event,
     stack,
     upload_fal_example,
-    url_event,
 )
 
 NAME = "inbox/set/job.json"
@@ -109,9 +109,14 @@ def fal_done(st, job) -> Any:
         "payload": {"video": {"url": "https://v3.fal.media/files/out.mp4"}},
     }
     body = json.dumps(delivery).encode()
-    return url_event(
-        f"/callbacks/fal/{job.job_id}", body, st.services.fal_keys.headers(job.backend_call_id, body)
-    )
+    return fal_webhook_event(job.job_id, body, st.services.fal_keys.headers(job.backend_call_id, body))
+
+
+def store_failed_once(st) -> None:
+    """The store function ran and handed its request back; SQS delivers it again (later)."""
+    (answer,) = st.store_results().values()
+    assert answer["batchItemFailures"], answer
+    st.end_store_retry_delays()
 
 
 def assert_exactly_once(st, status="succeeded"):
@@ -140,6 +145,7 @@ def test_crash_before_dispatch_is_redelivered_and_dispatched_once(st, monkeypatc
     job = the_job(st)
     assert job.state == "dispatched" and len(modal_submits(st)) == 1
     assert post(gpu_done(st, job)) == 200
+    st.store_results()
     assert_exactly_once(st)
 
 
@@ -158,6 +164,7 @@ def test_crash_after_dispatch_before_the_record_is_written(st, monkeypatch):
     assert job.state == "dispatched" and job.backend_call_id == "fc-1" and job.dispatch_intent is None
     assert len(modal_submits(st)) == 2 and set(st.services.modal_calls.values()) == {"fc-1"}
     assert post(gpu_done(st, job)) == 200
+    st.store_results()
     assert_exactly_once(st)
 
 
@@ -168,6 +175,7 @@ def test_crash_after_dispatch_when_the_first_runs_callback_wins(st, monkeypatch)
     job = the_job(st)
     # The GPU finishes before SQS redelivers: its signed callback is the record.
     assert post(gpu_done(st, job, call_id="fc-1")) == 200
+    st.store_results()
     assert the_job(st).state == "succeeded"
     assert deliver(event, receive_count=2) == []  # terminal: nothing dispatched again
     assert len(modal_submits(st)) == 1
@@ -189,15 +197,15 @@ def test_crash_while_failing_a_bad_sidecar_is_finished_by_the_redelivery(st, mon
 # ---------------------------------------------------------------------------------------------- storing
 
 
-def test_crash_while_copying_the_gpu_output_is_retried_by_the_callback(st, monkeypatch):
+def test_crash_while_copying_the_gpu_output_is_retried_from_the_store_queue(st, monkeypatch):
     deliver(upload(st))
     job = the_job(st)
-    crash_once(monkeypatch, webhook_logic, "copy")
-    event = gpu_done(st, job)
-    assert post(event) == 502
+    crash_once(monkeypatch, result_store, "copy")
+    assert post(gpu_done(st, job)) == 200  # answered at once: the result is queued
+    store_failed_once(st)
     assert the_job(st).state == "dispatched"
     assert not [k for k in st.object_keys("outputs/") if k.endswith(("video.mp4", "metadata.json"))]
-    assert post(event) == 200
+    st.store_results()
     done = assert_exactly_once(st)
     assert st.s3.get_object(Bucket=BUCKET, Key=done.output_key)["Body"].read() == MP4
 
@@ -205,12 +213,10 @@ def test_crash_while_copying_the_gpu_output_is_retried_by_the_callback(st, monke
 def test_crash_while_writing_metadata_is_retried(st, monkeypatch):
     deliver(upload(st))
     job = the_job(st)
-    crash_once(
-        monkeypatch, webhook_logic, "put_json", when=lambda s3, b, key, body: key.endswith("metadata.json")
-    )
-    event = gpu_done(st, job)
-    assert post(event) == 502
-    assert post(event) == 200
+    crash_once(monkeypatch, results, "put_json", when=lambda s3, b, key, body: key.endswith("metadata.json"))
+    assert post(gpu_done(st, job)) == 200
+    store_failed_once(st)
+    st.store_results()
     done = assert_exactly_once(st)
     assert st.get_json(done.metadata_key)["job_id"] == done.job_id
 
@@ -230,11 +236,11 @@ def test_s3_error_while_streaming_a_fal_result_leaves_no_partial_object(st, monk
         return original(**kwargs)
 
     monkeypatch.setattr(st.runtime.s3, "upload_part", failing_part)
-    event = fal_done(st, job)
-    assert post(event) >= 500  # fal redelivers
+    assert post(fal_done(st, job)) == 200
+    store_failed_once(st)  # SQS delivers the store request again
     assert not st.object_keys("outputs/set/job/" + job.job_id + "/video.mp4")
     assert st.s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # aborted
-    assert post(event) == 200
+    st.store_results()
     done = assert_exactly_once(st)
     assert st.s3.get_object(Bucket=BUCKET, Key=done.output_key)["Body"].read() == MP4
 
@@ -242,15 +248,15 @@ def test_s3_error_while_streaming_a_fal_result_leaves_no_partial_object(st, monk
 # ---------------------------------------------------------------------------------------------- notifying
 
 
-def test_crash_before_notifying_is_notified_by_the_callback_retry(st, monkeypatch):
+def test_crash_before_notifying_is_notified_by_the_store_retry(st, monkeypatch):
     deliver(upload(st))
     job = the_job(st)
     crash_once(monkeypatch, notifier.Notifier, "publish")
-    event = gpu_done(st, job)
-    assert post(event) == 502
+    assert post(gpu_done(st, job)) == 200
+    store_failed_once(st)
     done = the_job(st)
     assert done.state == "succeeded" and done.notified_at is None  # the claim was given back
-    assert post(event) == 200
+    st.store_results()
     assert_exactly_once(st)
 
 
@@ -258,7 +264,9 @@ def test_crash_before_notifying_without_a_retry_is_notified_by_the_sweeper(st, m
     deliver(upload(st))
     job = the_job(st)
     crash_once(monkeypatch, notifier.Notifier, "publish")
-    assert post(gpu_done(st, job)) == 502  # ... and the sender gives up
+    assert post(gpu_done(st, job)) == 200
+    store_failed_once(st)
+    st.sqs.purge_queue(QueueUrl=st.runtime.settings.store_queue_url)  # ... and the retry is lost
     outcomes = sweep(st.runtime, now=utcnow() + timedelta(seconds=5)).outcomes
     assert outcomes == {job.job_id: "notified"}
     assert_exactly_once(st)
@@ -271,11 +279,12 @@ def test_crash_in_the_sweeper_while_recovering_is_finished_by_the_next_run(st, s
     job = the_job(st)
     st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
     services.modal_state = {"state": "succeeded", "result": RESULT}
-    crash_once(monkeypatch, webhook_logic, "copy")
+    crash_once(monkeypatch, result_store, "queue_result")
     later = utcnow() + timedelta(hours=1)
     assert sweep(st.runtime, now=later).outcomes == {job.job_id: "error"}
-    assert the_job(st).state == "dispatched" and st.notifications() == []
+    assert the_job(st).state == "dispatched" and st.store_requests_waiting() == 0
     assert sweep(st.runtime, now=later).outcomes == {job.job_id: "recovered"}
+    st.store_results()
     assert_exactly_once(st)
 
 

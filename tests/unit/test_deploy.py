@@ -211,7 +211,7 @@ def test_the_deploy_template_uses_the_checked_layer_and_absolute_code_paths(
     assert (tmp_path / "build" / "layer" / "python" / "vap_shared" / "__init__.py").is_file()
     assert list((tmp_path / "build" / "layer" / "python").glob("pydantic_core/*aarch64*.so"))
     assert "Metadata" not in layer  # built already: sam deploy packages it as is
-    for logical_id in ("IngestFunction", "WebhookFunction", "SweeperFunction"):
+    for logical_id in ("IngestFunction", "WebhookFunction", "SweeperFunction", "StoreFunction"):
         uri = built["Resources"][logical_id]["Properties"]["CodeUri"]
         assert uri == str(ROOT / source["Resources"][logical_id]["Properties"]["CodeUri"])
         assert Path(uri).is_dir()
@@ -219,7 +219,7 @@ def test_the_deploy_template_uses_the_checked_layer_and_absolute_code_paths(
     for resources in (built["Resources"], source["Resources"]):
         resources["SharedLayer"]["Properties"].pop("ContentUri")
         resources["SharedLayer"].pop("Metadata", None)
-        for logical_id in ("IngestFunction", "WebhookFunction", "SweeperFunction"):
+        for logical_id in ("IngestFunction", "WebhookFunction", "SweeperFunction", "StoreFunction"):
             resources[logical_id]["Properties"].pop("CodeUri")
     assert built == json.loads(json.dumps(source))
 

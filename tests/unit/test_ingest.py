@@ -16,6 +16,7 @@ from vap_testkit import (
     WEBHOOK_BASE,
     FakeServices,
     call,
+    fal_token,
     s3_event,
     sqs_event,
     stack,
@@ -123,7 +124,11 @@ def test_fal_example_dispatched_to_fal_with_urls_unchanged(st):
     assert job.fal_urls["status_url"].endswith("/requests/req-1/status")
     (request,) = st.services.calls("queue.fal.test")
     assert request.url.path == "/fal-ai/video-as-prompt"
-    assert request.url.params["fal_webhook"] == f"{WEBHOOK_BASE}/callbacks/fal/{job.job_id}"
+    # The webhook URL carries the job's token (vap_shared.fal_token): only we and fal know it.
+    assert (
+        request.url.params["fal_webhook"]
+        == f"{WEBHOOK_BASE}/callbacks/fal/{job.job_id}?token={fal_token(job.job_id)}"
+    )
     body = json.loads(request.content)
     assert body["video_url"] == FAL_EXAMPLE["video_url"] and body["image_url"] == FAL_EXAMPLE["image_url"]
     # No `backend`, nothing extra but the seed the service drew (fal's output reports none).

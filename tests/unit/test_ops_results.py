@@ -21,8 +21,8 @@ from ops_flow import (
     submit,
 )
 from vap_shared.fal_output import FalFile
+from vap_shared.results import FAL_PREVIEWS_SKIPPED
 from vap_shared.reuse import ITEM_PREFIX
-from vap_shared.webhook_logic import FAL_PREVIEWS_SKIPPED
 from vap_testkit import BUCKET, MP4, FakeServices, Stack, call, handlers_on, stack, url_event
 
 from tests.notification_schema import problems
@@ -99,6 +99,19 @@ def test_the_cost_counts_every_gpu_of_a_multi_gpu_run(st: Stack) -> None:
     assert (gpu["gpu_type"], gpu["gpu_count"]) == ("H200", 4)
     assert gpu["amount"] == pytest.approx(210.0 * 4 * 0.001261)
     assert st.get_json(st.store.get(job_id).metadata_key)["gpus"] == 4
+
+
+def test_the_cost_counts_the_gpus_the_run_used_not_the_ones_asked_for(st: Stack) -> None:
+    """Routing may run a job on more GPUs than its sidecar asked for; the result says how many."""
+    job_id = submit(st, "a/horse", gpus=1)
+    gpu_succeeds(st, job_id, result={**RESULT, "gpu": "NVIDIA H100 80GB HBM3", "gpu_count": 4})
+    (gpu, _aws) = st.store.get(job_id).cost["items"]
+    assert (gpu["gpu_type"], gpu["gpu_count"]) == ("H100", 4)
+    assert gpu["amount"] == pytest.approx(210.0 * 4 * H100_PER_S)
+    # A result without the count (an older GPU side) is priced on the dispatched GPUs.
+    other = submit(st, "a/pony", gpus=2, reuse=False)
+    gpu_succeeds(st, other, result={k: v for k, v in RESULT.items() if k != "gpu_count"})
+    assert st.store.get(other).cost["items"][0]["gpu_count"] == 2
 
 
 def test_a_fal_result_is_priced_per_video_and_says_why_it_has_no_previews(st: Stack) -> None:

@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 CONTRACTS = ROOT / "docs" / "contracts.md"
 NAMESPACE = {"Fn::Sub": "VAP/${AWS::StackName}"}
 STACK = "vap-test"
-FUNCTIONS = ("IngestFunction", "WebhookFunction", "SweeperFunction")
+FUNCTIONS = ("IngestFunction", "WebhookFunction", "SweeperFunction", "StoreFunction")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def resolver(template: Template, **params: str) -> Resolver:
         "AWS::Partition": "aws",
     }
     refs.update({logical_id: f"{STACK}-{logical_id}" for logical_id in template["Resources"]})
-    attrs = {(q, "QueueName"): f"{STACK}-{q}" for q in ("IngestQueue", "IngestDeadLetterQueue")}
+    queues = ("IngestQueue", "IngestDeadLetterQueue", "StoreQueue", "StoreDeadLetterQueue")
+    attrs = {(q, "QueueName"): f"{STACK}-{q}" for q in queues}
     return Resolver(template, refs, attrs)
 
 
@@ -171,6 +172,16 @@ EXPECTED: dict[str, tuple[Any, ...]] = {
         1,
         "GreaterThanOrEqualToThreshold",
         "alarm-ingest-record-crashes",
+    ),
+    "StoreDeadLetterAlarm": (
+        SQS,
+        "ApproximateNumberOfMessagesVisible",
+        {"QueueName": {"Fn::GetAtt": ["StoreDeadLetterQueue", "QueueName"]}},
+        "Maximum",
+        300,
+        1,
+        "GreaterThanOrEqualToThreshold",
+        "alarm-store-dlq-not-empty",
     ),
     "StuckJobsAlarm": (
         NAMESPACE,

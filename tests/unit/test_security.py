@@ -48,10 +48,9 @@ NEEDED: dict[str, set[str]] = {
         "logs:PutLogEvents",
         "s3:GetObject",  # inbox/ + work/; outputs/: the presigned output_url/poster_url it signs
         "s3:PutObject",
-        "s3:AbortMultipartUpload",  # a failed fal download leaves no partial upload
         "s3:ListBucket",
+        "sqs:SendMessage",  # only the store queue: a finished run's result, stored by StoreFunction
         "dynamodb:GetItem",
-        "dynamodb:PutItem",  # a succeeded job's reuse entry (`reuse#<key>`, conditional)
         "dynamodb:UpdateItem",
         "sns:Publish",
         "secretsmanager:GetSecretValue",
@@ -67,12 +66,30 @@ NEEDED: dict[str, set[str]] = {
         "sqs:ReceiveMessage",
         "sqs:DeleteMessage",
         "sqs:GetQueueAttributes",
+        "sqs:SendMessage",  # only the store queue: a recovered result
         "s3:GetObject",
         "s3:PutObject",
-        "s3:AbortMultipartUpload",
         "s3:ListBucket",
         "sns:Publish",
         "secretsmanager:GetSecretValue",
+    },
+    "StoreRole": {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        # the SQS event source mapping (ChangeMessageVisibility also: a retried result comes back sooner)
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes",
+        "s3:GetObject",  # the GPU's uploads in work/ (copy sources); outputs/: the URLs it presigns
+        "s3:PutObject",
+        "s3:AbortMultipartUpload",  # a failed fal download leaves no partial upload
+        "s3:ListBucket",
+        "dynamodb:GetItem",
+        "dynamodb:PutItem",  # a succeeded job's reuse entry (`reuse#<key>`, conditional)
+        "dynamodb:UpdateItem",
+        "sns:Publish",
+        # no secrets: it never dispatches, signs callbacks or verifies deliveries
     },
 }
 
@@ -141,6 +158,7 @@ def test_grants_name_this_stacks_resources(cfn: Template) -> None:
     allowed_refs = {
         "IngestQueue",
         "IngestDeadLetterQueue",  # the sweeper drains it
+        "StoreQueue",  # the webhook and the sweeper send to it, the store function consumes it
         "JobsTable",
         "NotificationTopic",
         "SigningSecret",

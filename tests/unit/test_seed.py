@@ -15,13 +15,13 @@ from vap_testkit import (
     FAL_EXAMPLE,
     FakeServices,
     call,
+    fal_webhook_event,
     gpu_callback_event,
     handlers_on,
     s3_event,
     sqs_event,
     stack,
     upload_fal_example,
-    url_event,
 )
 
 
@@ -55,8 +55,9 @@ def deliver_fal_success(st, job) -> None:  # type: ignore[no-untyped-def]
     }
     body = json.dumps(delivery).encode()
     headers = st.services.fal_keys.headers(job.backend_call_id, body)
-    response = call(webhook.handler, url_event(f"/callbacks/fal/{job.job_id}", body, headers))
+    response = call(webhook.handler, fal_webhook_event(job.job_id, body, headers))
     assert response["statusCode"] == 200, response
+    st.store_results()
 
 
 def test_a_fal_job_without_a_seed_reports_the_seed_fal_was_sent(st):

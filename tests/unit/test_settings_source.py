@@ -14,7 +14,7 @@ from local_stack.cfn import load_template
 
 TEMPLATE = load_template(Path(__file__).resolve().parents[2] / "template.yaml")
 BASE_ENV = {"BUCKET_NAME": "b", "JOBS_TABLE": "t", "TOPIC_ARN": "arn:aws:sns:us-east-1:1:t"}
-FUNCTIONS = ("IngestFunction", "WebhookFunction", "SweeperFunction")
+FUNCTIONS = ("IngestFunction", "WebhookFunction", "SweeperFunction", "StoreFunction")
 
 
 def _parameter_env() -> list[tuple[str, str, str, dict[str, Any]]]:

@@ -17,6 +17,7 @@ from vap_shared.sweeper import sweep as sweep_jobs
 from vap_testkit import (
     FAL_QUEUE,
     MP4,
+    Context,
     FakeServices,
     call,
     gpu_result,
@@ -103,6 +104,9 @@ def test_lost_gpu_callback_is_recovered_stored_and_notified_once(st, services):
     st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
     services.modal_state = {"state": "succeeded", "result": RESULT}
     assert sweep(st) == {job.job_id: "recovered"}
+    # Queued for the store function, as the webhook would have had it stored.
+    assert st.store.get(job.job_id).state == "dispatched" and st.store_requests_waiting() == 1
+    st.store_results()
     done = st.store.get(job.job_id)
     assert done.state == "succeeded" and done.seed == 99 and done.backend == "modal"
     assert st.s3.get_object(Bucket="vap-test-bucket", Key=done.output_key)["Body"].read() == MP4
@@ -249,6 +253,7 @@ def test_overdue_fal_request_that_is_running_is_waited_for_not_dropped(st, servi
     services.fal_state, services.fal_status_code = {"status": "COMPLETED"}, 200
     services.fal_response = (200, {"video": {"url": "https://v3.fal.media/files/out.mp4"}})
     assert sweep(st, later=2 * LATER) == {job.job_id: "recovered"}
+    st.store_results()
     (note,) = st.notifications()
     assert note["status"] == "succeeded" and note["backend"] == "fal"
 
@@ -293,6 +298,7 @@ def test_lost_fal_webhook_is_recovered_from_the_response_url(st, services):
     services.fal_state, services.fal_status_code = {"status": "COMPLETED"}, 200
     services.fal_response = (200, {"video": {"url": "https://v3.fal.media/files/out.mp4"}, "seed": 5})
     assert sweep(st) == {job.job_id: "recovered"}
+    st.store_results()
     done = st.store.get(job.job_id)
     assert done.state == "succeeded" and done.seed == 5 and done.backend == "fal"
     assert st.s3.get_object(Bucket="vap-test-bucket", Key=done.output_key)["Body"].read() == MP4
@@ -410,7 +416,8 @@ def test_handler_reports_counts(st, services):
     import time
 
     time.sleep(1.1)  # past the stop point: a queued call is stopped
-    result = call(sweeper.handler, {"source": "aws.events", "detail-type": "Scheduled Event"})
+    # The sweeper's whole timeout (240 s) is left, as at the start of a scheduled run.
+    result = sweeper.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, Context(240_000))
     assert result == {
         "counts": {"failed": 1},
         "jobs": {job.job_id: "failed"},
@@ -418,3 +425,45 @@ def test_handler_reports_counts(st, services):
         "dead_letters_left": None,
         "stuck": 1,
     }
+
+
+@pytest.mark.parametrize("left_s", [60, 240])
+def test_an_overdue_job_is_started_only_when_the_time_left_covers_its_worst_case(st, services, left_s):
+    """Settling an overdue job may ask its backend three times and dispatch to the other one (a
+    Modal submit twice): a run with less time left than that leaves it for the next run."""
+    from vap_shared.sweeper.report import OVERDUE_JOB_MS
+
+    job = dispatch(st, backend="auto")
+    services.modal_state = {
+        "state": "failed",
+        "error": {"code": "internal", "message": "x", "retryable": True},
+    }
+    left_ms = left_s * 1000
+    outcomes = sweep_jobs(st.runtime, now=utcnow() + LATER, time_left_ms=lambda: left_ms).outcomes
+    if left_ms < OVERDUE_JOB_MS:
+        assert outcomes == {} and st.store.get(job.job_id).state == "dispatched"
+        assert not [r for r in services.requests if "/status/" in r.url.path]  # not even asked
+    else:
+        assert outcomes == {job.job_id: "fell-back"}
+
+
+def test_the_sweeper_stores_through_the_store_path_not_the_webhooks_http_module() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = "import sys, sweeper; print(sorted(m for m in sys.modules if m.startswith('vap_shared.')))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={
+            "PYTHONPATH": f"{root / 'functions' / 'sweeper'}:{root / 'shared'}",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = done.stdout
+    assert "vap_shared.result_store" in loaded
+    assert "vap_shared.webhook_logic" not in loaded and "vap_shared.url_refresh" not in loaded

@@ -145,13 +145,18 @@ def test_queue_policy_scoped_to_the_bucket_without_a_cycle(sam: Template) -> Non
     assert sam["Resources"]["Bucket"]["DependsOn"] == "IngestQueuePolicy"
 
 
-def test_event_source_mapping_reports_partial_failures_and_caps_concurrency(cfn: Template) -> None:
-    (esm,) = resources_of(cfn, "AWS::Lambda::EventSourceMapping").values()
-    p = esm["Properties"]
-    assert p["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
-    assert p["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "MaxConcurrency"}
+def test_event_source_mappings_report_partial_failures_and_cap_concurrency(cfn: Template) -> None:
+    mappings = resources_of(cfn, "AWS::Lambda::EventSourceMapping")
+    assert {m["Properties"]["FunctionName"]["Ref"] for m in mappings.values()} == {
+        "IngestFunction",
+        "StoreFunction",
+    }
+    for esm in mappings.values():
+        p = esm["Properties"]
+        assert p["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+        assert p["ScalingConfig"]["MaximumConcurrency"] == {"Ref": "MaxConcurrency"}
+        assert 1 <= p["BatchSize"] <= 10
     assert cfn["Parameters"]["MaxConcurrency"]["MinValue"] >= 2
-    assert 1 <= p["BatchSize"] <= 10
 
 
 def test_table_topic_and_secrets(sam: Template) -> None:
@@ -276,11 +281,13 @@ def test_env_vars_follow_the_contract(sam: Template) -> None:
         assert {"INBOX_PREFIX", "OUTPUTS_PREFIX", "WORK_PREFIX"} <= names
     ingest, webhook = set(env_of(sam, "IngestFunction")), set(env_of(sam, "WebhookFunction"))
     assert {"WEBHOOK_BASE_URL", "ALLOWED_MEDIA_HOSTS", "MAX_SIDECAR_BYTES", "MAX_DATA_URI_BYTES"} <= ingest
-    assert {"FAL_JWKS_URL", "FAL_MEDIA_HOSTS", "MAX_OUTPUT_BYTES"} <= webhook
-    # Each function only what it needs: the webhook never validates sidecars or builds its own URL.
+    assert {"FAL_JWKS_URL", "MAX_OUTPUT_BYTES", "STORE_QUEUE_URL"} <= webhook
+    # Each function only what it needs: the webhook never validates sidecars, builds its own URL or
+    # downloads a result (the store function does).
     assert (
         not {"WEBHOOK_BASE_URL", "ALLOWED_MEDIA_HOSTS", "MAX_SIDECAR_BYTES", "MAX_DATA_URI_BYTES"} & webhook
     )
+    assert "FAL_MEDIA_HOSTS" not in webhook
     assert not {"FAL_JWKS_URL", "FAL_MEDIA_HOSTS", "MAX_OUTPUT_BYTES"} & ingest
 
 
@@ -386,7 +393,6 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
     assert grants == {
         "s3:GetObject": {"/inbox/*", "/work/*", "/outputs/*"},
         "s3:PutObject": {"/outputs/*", *GPU_UPLOAD_GRANTS},
-        "s3:AbortMultipartUpload": {"/outputs/*"},
         "s3:ListBucket": {""},
     }
     actions = {
@@ -411,22 +417,24 @@ def test_sweeper_index_and_least_privilege(sam: Template, cfn: Template) -> None
         {"Fn::Sub": "${JobsTable.Arn}/index/unsettled-job_id"},
     ]
 
-    # SQS: only draining the ingest dead-letter queue (never the ingest queue, never sending).
+    # SQS: draining the ingest dead-letter queue and queueing recovered results for storing (never
+    # the ingest queue).
     def _as_list(value: Any) -> list[Any]:
         return value if isinstance(value, list) else [value]
 
-    sqs = [
-        st
+    sqs = {
+        json.dumps(st["Resource"]): set(_as_list(st["Action"]))
         for lid, st in _statements(cfn)
         if lid == "SweeperRole" and any(str(a).startswith("sqs:") for a in _as_list(st["Action"]))
-    ]
-    assert len(sqs) == 1
-    assert set(_as_list(sqs[0]["Action"])) == {
-        "sqs:ReceiveMessage",
-        "sqs:DeleteMessage",
-        "sqs:GetQueueAttributes",
     }
-    assert sqs[0]["Resource"] == {"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]}
+    assert sqs == {
+        json.dumps({"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]}): {
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:GetQueueAttributes",
+        },
+        json.dumps({"Fn::GetAtt": ["StoreQueue", "Arn"]}): {"sqs:SendMessage"},
+    }
 
 
 def test_sweeper_env_follows_the_contract(sam: Template) -> None:
@@ -436,7 +444,7 @@ def test_sweeper_env_follows_the_contract(sam: Template) -> None:
     assert names <= contract, names - contract
     assert names <= code, names - code
     assert {"BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN", "JOB_BUDGET_SECONDS", "MODAL_ENDPOINT_URL"} <= names
-    assert {"FAL_QUEUE_URL", "FAL_MEDIA_HOSTS", "MAX_OUTPUT_BYTES", "MODAL_TOKEN_SECRET_ARN"} <= names
+    assert {"FAL_QUEUE_URL", "MAX_OUTPUT_BYTES", "MODAL_TOKEN_SECRET_ARN", "STORE_QUEUE_URL"} <= names
     # It never validates sidecars, builds webhook URLs or verifies fal signatures.
     assert not {"WEBHOOK_BASE_URL", "ALLOWED_MEDIA_HOSTS", "MAX_SIDECAR_BYTES", "FAL_JWKS_URL"} & names
     assert env_of(sam, "SweeperFunction")["JOB_BUDGET_SECONDS"] == {"Ref": "JobBudgetSeconds"}

@@ -1,6 +1,7 @@
 """The terminal status.json is written like the notification is sent: a failure is retried by the
-same SQS redelivery / webhook retry / sweeper run, the job is notified only after it is written,
-and the job records when it was (so the catch-up finds a job whose status is stale)."""
+same SQS redelivery (of a sidecar or a store request) / webhook retry / sweeper run, the job is
+notified only after it is written, and the job records when it was (so the catch-up finds a job
+whose status is stale)."""
 
 from __future__ import annotations
 
@@ -78,11 +79,12 @@ def _dispatched(st: Stack) -> Any:
     return st.store.get(job_id)
 
 
-def test_a_failed_terminal_status_write_is_retried_by_the_callback_retry(st: Stack) -> None:
+def test_a_failed_terminal_status_write_is_retried_by_the_store_retry(st: Stack) -> None:
     job = _dispatched(st)
     outage = StatusOutage(st.runtime.s3)
-    with pytest.raises(ClientError):  # Lambda answers 5xx: the GPU side delivers again
-        call(webhook.handler, _succeed_callback(st, job))
+    assert call(webhook.handler, _succeed_callback(st, job))["statusCode"] == 200
+    (answer,) = st.store_results().values()
+    assert answer["batchItemFailures"]  # handed back: SQS delivers the store request again
     after = st.store.get(job.job_id)
     assert after.state == "succeeded" and after.status_written_at is None and outage.refused == 1
     assert _status(st, job)["phase"] == "storing"  # stale: not terminal yet...
@@ -90,7 +92,8 @@ def test_a_failed_terminal_status_write_is_retried_by_the_callback_retry(st: Sta
     assert st.store.unsettled_terminal() == [job.job_id]
 
     outage.on = False
-    assert call(webhook.handler, _succeed_callback(st, job))["statusCode"] == 200
+    st.end_store_retry_delays()
+    st.store_results()
     assert _status(st, job)["phase"] == "succeeded"
     (note,) = st.notifications()
     assert note["status"] == "succeeded"
@@ -116,9 +119,10 @@ def test_ingest_redelivery_writes_a_failed_jobs_status_before_notifying(st: Stac
 def test_the_sweeper_repairs_the_status_of_a_finished_job_nobody_retried(st: Stack) -> None:
     job = _dispatched(st)
     outage = StatusOutage(st.runtime.s3)
-    with pytest.raises(ClientError):
-        call(webhook.handler, _succeed_callback(st, job))
-    outage.on = False  # S3 is back, but the GPU side gave up delivering
+    call(webhook.handler, _succeed_callback(st, job))
+    st.store_results()
+    outage.on = False  # S3 is back, but the store request is gone (the DLQ)
+    st.sqs.purge_queue(QueueUrl=st.runtime.settings.store_queue_url)
     outcomes = sweep(st.runtime, now=utcnow() + timedelta(minutes=5)).outcomes
     assert outcomes == {job.job_id: "notified"}
     assert _status(st, job)["phase"] == "succeeded"

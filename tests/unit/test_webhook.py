@@ -10,6 +10,7 @@ from vap_testkit import (
     MP4,
     FakeServices,
     call,
+    fal_webhook_event,
     gpu_callback_event,
     gpu_result,
     handlers_on,
@@ -69,8 +70,12 @@ def test_gpu_progress_then_success_stores_once_and_notifies_once(st):
 
     st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
     event = gpu_callback_event(st, job.job_id, callback(job, "succeeded", result=RESULT))
-    for _ in range(3):  # repeated deliveries
-        assert post(event)[0] == 200
+    for _ in range(3):  # repeated deliveries: each answered at once, the result queued for storing
+        status, body = post(event)
+        assert status == 200 and body["note"] == "result queued for storing"
+    assert st.store.get(job.job_id).state == "running"  # nothing stored by the webhook itself
+    assert st.get_json(f"outputs/set/job/{job.job_id}/status.json")["phase"] == "storing"
+    st.store_results()
     done = st.store.get(job.job_id)
     assert done.state == "succeeded" and done.seed == 1234
     prefix = f"outputs/set/job/{job.job_id}/"
@@ -116,6 +121,7 @@ def test_gpu_success_base64_body(st):
         ]
         == 200
     )
+    st.store_results()
     assert st.store.get(job.job_id).state == "succeeded"
 
 
@@ -232,10 +238,10 @@ def test_terminal_job_is_a_no_op(st):
 # ------------------------------------------------------------------------------------------- fal
 
 
-def fal_event(st, job, delivery, **kw):
+def fal_event(st, job, delivery, token="derive", **kw):
     body = json.dumps(delivery).encode()
     headers = st.services.fal_keys.headers(delivery.get("request_id", job.backend_call_id), body, **kw)
-    return url_event(f"/callbacks/fal/{job.job_id}", body, headers)
+    return fal_webhook_event(job.job_id, body, headers, token)
 
 
 def ok_delivery(job, url="https://v3.fal.media/files/abc/out.mp4"):
@@ -254,6 +260,8 @@ def test_fal_success_streams_the_video_and_notifies_once(st):
     event = fal_event(st, job, ok_delivery(job))
     for _ in range(3):
         assert post(event)[0] == 200
+    assert st.services.calls("v3.fal.media") == []  # answered before anything is downloaded
+    st.store_results()
     done = st.store.get(job.job_id)
     assert done.state == "succeeded" and done.backend == "fal"
     assert st.s3.get_object(Bucket=BUCKET, Key=done.output_key)["Body"].read() == MP4
@@ -301,21 +309,28 @@ def test_fal_payload_error(st):
 def test_fal_result_from_a_disallowed_host_is_not_fetched(st):
     job = dispatch(st, backend="fal")
     post(fal_event(st, job, ok_delivery(job, url="https://evil.test/x.mp4")))
+    st.store_results()
     after = st.store.get(job.job_id)
     assert after.state == "failed" and "not on the allow-list" in after.errors[0]["message"]
     assert st.services.calls("evil.test") == []
 
 
-def test_fal_cdn_outage_asks_for_redelivery(st, services):
+def test_fal_cdn_outage_is_retried_from_the_store_queue(st, services):
     job = dispatch(st, backend="fal")
     services.cdn_status = 502
-    assert post(fal_event(st, job, ok_delivery(job)))[0] == 503
+    assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
+    (answer,) = st.store_results().values()
+    assert answer["batchItemFailures"]  # handed back to SQS, to be tried again
     assert st.store.get(job.job_id).state == "dispatched"
     # Only the live status object (docs/contracts.md): no video, metadata or error report.
     assert [k.rsplit("/", 1)[1] for k in st.object_keys("outputs/")] == ["status.json"]
+    assert st.store_requests_waiting() == 1
     services.cdn_status = 200
-    assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
+    assert st.store_results() == {}  # not before its retry delay
+    st.end_store_retry_delays()
+    st.store_results()
     assert st.store.get(job.job_id).state == "succeeded"
+    assert st.store_requests_waiting() == 0
 
 
 @pytest.mark.parametrize("case", ["stale", "wrong_key", "tampered", "missing"])
@@ -334,7 +349,7 @@ def test_fal_signature_problems_are_401(st, case):
         body = body.replace(b"out.mp4", b"evil.mp4")
     else:
         headers = {"content-type": "application/json"}
-    assert post(url_event(f"/callbacks/fal/{job.job_id}", body, headers))[0] == 401
+    assert post(fal_webhook_event(job.job_id, body, headers))[0] == 401
     assert st.store.get(job.job_id).state == "dispatched" and st.notifications() == []
 
 
@@ -387,12 +402,21 @@ def test_secrets_never_reach_the_logs(st):
     post(gpu_callback_event(st, job.job_id, callback(job, "failed", error=error)))
     fal_job = st.store.get(job.job_id)
     post(fal_event(st, fal_job, ok_delivery(fal_job)))
+    st.store_results()
     assert st.store.get(job.job_id).state == "succeeded"
     for handler, stream in swapped:
         handler.stream = stream  # setStream() would flush the old stream, possibly closed by now
     logs = sink.getvalue()
     assert "job dispatched" in logs
-    for secret in (FAKE_FAL_API_KEY, MODAL_SECRET, SIGNING_SECRET, st.gpu_key(job.job_id).hex()):
+    from vap_testkit import fal_token
+
+    for secret in (
+        FAKE_FAL_API_KEY,
+        MODAL_SECRET,
+        SIGNING_SECRET,
+        st.gpu_key(job.job_id).hex(),
+        fal_token(job.job_id),
+    ):
         assert secret not in logs
 
 
@@ -406,21 +430,27 @@ def test_concurrent_success_deliveries_notify_once(st):
     with ThreadPoolExecutor(max_workers=6) as pool:
         statuses = [r[0] for r in pool.map(lambda _: post(event), range(6))]
     assert statuses == [200] * 6
+    st.store_results()  # six requests for one result: stored once, the others find it done
     assert st.store.get(job.job_id).state == "succeeded"
     assert len(st.notifications()) == 1
 
 
-def test_fal_delivery_overtaking_the_dispatch_write(st):
-    job = dispatch(st, backend="fal")
-    # As if ingest had not yet recorded the dispatch.
+def _before_the_dispatch_write(st, job, intent="fal"):
+    """As if ingest had written its intent to dispatch to fal, submitted, and not yet recorded it."""
     st.store._client.update_item(
         TableName="vap-jobs",
         Key={"job_id": {"S": job.job_id}},
-        UpdateExpression="SET #s = :r REMOVE backend, backend_call_id",
+        UpdateExpression="SET #s = :r, dispatch_intent = :i REMOVE backend, backend_call_id",
         ExpressionAttributeNames={"#s": "state"},
-        ExpressionAttributeValues={":r": {"S": "received"}},
+        ExpressionAttributeValues={":r": {"S": "received"}, ":i": {"S": intent}},
     )
+
+
+def test_fal_delivery_overtaking_the_dispatch_write(st):
+    job = dispatch(st, backend="fal")
+    _before_the_dispatch_write(st, job)
     assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
+    st.store_results()
     done = st.store.get(job.job_id)
     assert done.state == "succeeded" and done.backend == "fal" and done.backend_call_id == job.backend_call_id
     (note,) = st.notifications()
@@ -429,13 +459,7 @@ def test_fal_delivery_overtaking_the_dispatch_write(st):
 
 def test_fal_error_overtaking_the_dispatch_write_reports_fal(st):
     job = dispatch(st, backend="fal")
-    st.store._client.update_item(
-        TableName="vap-jobs",
-        Key={"job_id": {"S": job.job_id}},
-        UpdateExpression="SET #s = :r REMOVE backend, backend_call_id",
-        ExpressionAttributeNames={"#s": "state"},
-        ExpressionAttributeValues={":r": {"S": "received"}},
-    )
+    _before_the_dispatch_write(st, job)
     delivery = {
         "request_id": job.backend_call_id,
         "status": "ERROR",
@@ -457,6 +481,11 @@ def test_status_object_follows_the_job(st, services):
     )
     assert status["job_id"] == job.job_id and status["phase"] == "dispatched" and status["backend"] == "fal"
     assert post(fal_event(st, job, ok_delivery(job)))[0] == 200
+    status = json.loads(
+        st.runtime.s3.get_object(Bucket=st.runtime.settings.bucket_name, Key=key)["Body"].read()
+    )
+    assert status["phase"] == "storing"
+    st.store_results()
     status = json.loads(
         st.runtime.s3.get_object(Bucket=st.runtime.settings.bucket_name, Key=key)["Body"].read()
     )

@@ -190,6 +190,8 @@ class Stack:
     sqs: Any
     notify_queue_url: str
     topic_arn: str
+    # Store requests handed back for a retry: message id -> receipt handle of that receive.
+    store_retries: dict[str, str] = field(default_factory=dict)
 
     @property
     def store(self):  # type: ignore[no-untyped-def]
@@ -255,6 +257,51 @@ class Stack:
 
                 setattr(client, name, locked)
 
+    def store_requests_waiting(self) -> int:
+        """How many store requests the store queue holds (visible or in flight)."""
+        url = self.runtime.settings.store_queue_url
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+        return sum(int(attrs[n]) for n in names)
+
+    def store_results(self, remaining_ms: int = 300_000) -> dict[str, Any]:
+        """Run the store function, as its SQS event source would, on every visible store request
+        (one per invocation, BatchSize 1); the ones it stored are deleted, the others stay for
+        SQS (with the visibility the function gave them). Returns the handler's answers."""
+        import store
+
+        url = self.runtime.settings.store_queue_url
+        answers: dict[str, Any] = {}
+        while True:
+            got = self.sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=1, AttributeNames=["All"], VisibilityTimeout=1800
+            ).get("Messages", [])
+            if not got:
+                return answers
+            message = got[0]
+            event = sqs_event(
+                message["Body"], receive_count=int(message["Attributes"]["ApproximateReceiveCount"])
+            )
+            record = event["Records"][0]
+            record.update(
+                messageId=message["MessageId"],
+                receiptHandle=message["ReceiptHandle"],
+                eventSourceARN=f"arn:aws:sqs:{REGION}:123456789012:store",
+            )
+            answer = store.handler(event, Context(remaining_ms))
+            answers[message["MessageId"]] = answer
+            if not answer["batchItemFailures"]:
+                self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            else:
+                self.store_retries[message["MessageId"]] = message["ReceiptHandle"]
+
+    def end_store_retry_delays(self) -> None:
+        """Let the store requests handed back for a retry come back now (their delay over)."""
+        url = self.runtime.settings.store_queue_url
+        for receipt in self.store_retries.values():
+            self.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=receipt, VisibilityTimeout=0)
+        self.store_retries.clear()
+
     def job_ids(self) -> list[str]:
         items = self.runtime.store._client.scan(TableName=TABLE)["Items"]
         # Jobs only: the table also holds one admission record per backend (no `state`).
@@ -310,6 +357,10 @@ def stack(monkeypatch: Any, services: FakeServices | None = None, **overrides: s
         sqs = session().client("sqs")
         ingest_queue = sqs.create_queue(QueueName="ingest")["QueueUrl"]
         monkeypatch.setenv("INGEST_QUEUE_URL", ingest_queue)
+        store_queue = sqs.create_queue(QueueName="store", Attributes={"VisibilityTimeout": "1800"})[
+            "QueueUrl"
+        ]
+        monkeypatch.setenv("STORE_QUEUE_URL", store_queue)
         queue_url = sqs.create_queue(QueueName="notify-sub")["QueueUrl"]
         queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
             "QueueArn"
@@ -389,12 +440,20 @@ def sqs_event(*bodies: dict[str, Any] | str, receive_count: int = 1) -> dict[str
     return {"Records": records}
 
 
-def url_event(path: str, body: bytes, headers: dict[str, str], base64_body: bool = False) -> dict[str, Any]:
-    return {
+def url_event(
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    base64_body: bool = False,
+    query: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    from urllib.parse import urlencode
+
+    event: dict[str, Any] = {
         "version": "2.0",
         "routeKey": "$default",
         "rawPath": path,
-        "rawQueryString": "",
+        "rawQueryString": urlencode(query or {}),
         "headers": {"host": "hooks.test", **headers},
         "requestContext": {
             "accountId": "anonymous",
@@ -417,6 +476,25 @@ def url_event(path: str, body: bytes, headers: dict[str, str], base64_body: bool
         "body": base64.b64encode(body).decode() if base64_body else body.decode(),
         "isBase64Encoded": base64_body,
     }
+    if query:
+        event["queryStringParameters"] = dict(query)
+    return event
+
+
+def fal_token(job_id: str) -> str:
+    """The token of the job's fal webhook URL, as the stack derives it."""
+    from vap_shared.fal_token import fal_webhook_token
+
+    return fal_webhook_token(SIGNING_SECRET.encode(), job_id)
+
+
+def fal_webhook_event(
+    job_id: str, body: bytes, headers: dict[str, str], token: str | None = "derive"
+) -> dict[str, Any]:
+    """A fal delivery to the job's webhook URL; `token` "derive" = the job's own, None = no token."""
+    if token == "derive":
+        token = fal_token(job_id)
+    return url_event(f"/callbacks/fal/{job_id}", body, headers, query={"token": token} if token else None)
 
 
 def gpu_callback_event(st: Stack, job_id: str, payload: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -447,9 +525,11 @@ class Context:
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test"
     aws_request_id = "req-1"
 
-    @staticmethod
-    def get_remaining_time_in_millis() -> int:
-        return 60_000
+    def __init__(self, remaining_ms: int = 60_000) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
 
 
 def call(fn: Callable[[dict[str, Any], Any], Any], event: dict[str, Any]) -> Any:
@@ -470,11 +550,13 @@ def upload_fal_example(st: Stack, name: str = "inbox/set/job.json", backend: str
 def handlers_on(st: Stack, with_sweeper: bool = False) -> Iterator[Stack]:
     """Point the handler modules' cached clients at this stack; forget them afterwards."""
     import ingest
+    import store
     import webhook
     from vap_shared.ingest_logic import Ingestor
 
     ingest._ingestor = Ingestor(st.runtime)
     webhook._runtime = st.runtime
+    store._runtime = st.runtime
     if with_sweeper:
         import sweeper
 
@@ -484,5 +566,6 @@ def handlers_on(st: Stack, with_sweeper: bool = False) -> Iterator[Stack]:
     finally:
         ingest.reset()
         webhook.reset()
+        store.reset()
         if with_sweeper:
             sweeper.reset()

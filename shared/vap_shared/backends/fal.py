@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from ..errors import FieldError, field_error
+from ..fal_token import fal_webhook_url
 from .base import (
     SUBMIT_TIMEOUT,
     BackendError,
@@ -96,6 +97,7 @@ class FalBackend:
         fal_key: Callable[[], str],
         *,
         sign_get: UrlSigner | None = None,
+        webhook_token: Callable[[str], str] | None = None,
         allow_http_loopback: bool = False,
     ) -> None:
         self._http = http
@@ -103,6 +105,8 @@ class FalBackend:
         self._endpoint_id = endpoint_id.strip("/")
         self._fal_key = fal_key
         self._sign_get = sign_get
+        # job id -> the per-job token of its webhook URL (vap_shared.fal_token).
+        self._webhook_token = webhook_token
         self._allow_loopback = allow_http_loopback
 
     # ------------------------------------------------------------------ plumbing
@@ -138,9 +142,11 @@ class FalBackend:
 
     # ------------------------------------------------------------------ submit
     def submit(self, request: DispatchRequest) -> Dispatch:
-        if self._sign_get is None:
-            raise RuntimeError("this fal client was built without a URL signer: it cannot submit")
-        webhook = f"{request.webhook_base_url.rstrip('/')}/callbacks/fal/{request.job_id}"
+        if self._sign_get is None or self._webhook_token is None:
+            raise RuntimeError("this fal client was built without a URL signer or token: it cannot submit")
+        webhook = fal_webhook_url(
+            request.webhook_base_url, request.job_id, self._webhook_token(request.job_id)
+        )
         response = self._send(
             "POST",
             f"{self._queue_url}/{self._endpoint_id}",

@@ -16,21 +16,20 @@ For a job past the ask point it asks the backend what happened:
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 from aws_lambda_powertools import Logger
 
 from .. import metrics
 from ..backends.base import BackendError
-from ..backends.dispatch import gpu_error_allows_fallback
-from ..errors import FieldError, field_error
-from ..gpu_contract import GpuCallback
+from ..backends.fal import FalResult, FalStatus
+from ..errors import field_error
+from ..fal_delivery import FalDelivery
 from ..jobs import Job, iso, parse_iso
 from ..lifecycle import fall_back_or_fail
+from ..result_store import Intake, accept_fal_result, accept_gpu_result, gpu_failed
 from ..runtime import Runtime
-from ..webhook_logic import fal_failure_errors, fal_failure_kind, store_fal_success, store_gpu_success
 from .catch_up import settle_terminal
 from .report import outcome_of
 
@@ -112,32 +111,13 @@ class DeadlineSweep:
         if status is None:
             return self._give_up(job, "Modal has no record of the job's call", "call unknown to Modal")
         if status.state == "succeeded":
-            callback = GpuCallback(
-                job_id=job.job_id,
-                call_id=call_id,
-                event="succeeded",
-                sent_at=int(time.time()),
-                result=status.result,
-            )
-            reply = store_gpu_success(self.rt, job, callback)
-            if reply.status >= 500:
-                return "pending"  # the upload is not readable yet; the next run tries again
-            logger.info("recovered a result whose callback never arrived", extra={"job_id": job.job_id})
-            return "recovered"
+            # Stored by the store function, as the webhook would have had it stored.
+            intake = accept_gpu_result(self.rt, job, call_id, None, status.result)
+            if intake.outcome == "queued":
+                logger.info("recovered a result whose callback never arrived", extra={"job_id": job.job_id})
+            return self._recovered(intake)
         if status.state in ("failed", "cancelled"):
-            error = status.error
-            message = error.message if error else "the GPU reported a failure without details"
-            errors: list[FieldError] = [field_error(None, f"Generation failed on Modal: {message}")]
-            reason = f"{error.code}: {message}" if error else message
-            updated = fall_back_or_fail(
-                self.rt,
-                job,
-                errors,
-                reason,
-                allow=gpu_error_allows_fallback(error),
-                kind=metrics.error_kind_of_gpu_code(error.code if error else None),
-            )
-            return outcome_of(updated)
+            return self._recovered(gpu_failed(self.rt, job, status.error))
         if not stop:
             return "running"
         try:
@@ -164,26 +144,10 @@ class DeadlineSweep:
             if self._ask_again(job, exc, stop):
                 return "unreachable"
             return self._give_up(job, f"fal.ai could not be asked about the job: {exc.reason}", exc.reason)
-        url = result.video_url
-        if url:
-            reply = store_fal_success(self.rt, job, request_id, result.body, url)
-            if reply.status >= 500:
-                return "pending"  # fal's CDN failed transiently; the next run tries again
+        intake = accept_fal_result(self.rt, job, request_id, delivery_of(request_id, status, result))
+        if intake.outcome == "queued":
             logger.info("recovered a fal result whose webhook never arrived", extra={"job_id": job.job_id})
-            return "recovered" if reply.body.get("state") != "failed" else "failed"
-        delivery: dict[str, Any] = {"status": "ERROR"}
-        if result.body.get("detail") is not None:
-            delivery["payload"] = {"detail": result.body["detail"]}
-        elif status.body.get("error"):
-            delivery["error"] = status.body["error"]
-        elif result.http_status == 200:
-            delivery["status"] = "OK"
-        else:
-            delivery["error"] = f"the result request answered HTTP {result.http_status}"
-        errors = fal_failure_errors(delivery)
-        reason = "; ".join(e["message"] for e in errors)
-        updated = fall_back_or_fail(self.rt, job, errors, reason, kind=fal_failure_kind(delivery))
-        return outcome_of(updated)
+        return self._recovered(intake)
 
     def _stop_fal(self, job: Job, request_id: str, fal_status: str, abandon: bool) -> str:
         """Past the stop point. fal's cancel removes only a queued request: one already running
@@ -214,6 +178,15 @@ class DeadlineSweep:
         )
 
     @staticmethod
+    def _recovered(intake: Intake) -> str:
+        """The report's outcome of a finished run handed to the store path."""
+        if intake.outcome == "retry":
+            return "pending"  # the upload is not readable yet; the next run tries again
+        if intake.outcome == "queued":
+            return "recovered"
+        return "fell-back" if intake.state == "dispatched" else intake.state
+
+    @staticmethod
     def _ask_again(job: Job, exc: BackendError, stop: bool) -> bool:
         """A status request that failed transiently before the stop point is asked again next
         run: giving up on a job that may be running fine would pay for it twice (fallback) or
@@ -237,3 +210,18 @@ class DeadlineSweep:
         """`kind` `timeout`: stopped past the budget; `internal`: lost, unknown or unreachable."""
         errors = [field_error(None, message if message.endswith(".") else message + ".")]
         return outcome_of(fall_back_or_fail(self.rt, job, errors, reason, kind=kind))
+
+
+def delivery_of(request_id: str, status: FalStatus, result: FalResult) -> FalDelivery:
+    """The delivery fal would have sent for a finished request, from its status and result."""
+    if result.video_url:
+        return FalDelivery(request_id=request_id, status="OK", payload=result.body)
+    if result.body.get("detail") is not None:
+        return FalDelivery(request_id=request_id, status="ERROR", payload={"detail": result.body["detail"]})
+    if status.body.get("error"):
+        return FalDelivery(request_id=request_id, status="ERROR", error=status.body["error"])
+    if result.http_status == 200:
+        return FalDelivery(request_id=request_id, status="OK", payload=result.body)  # OK without a video
+    return FalDelivery(
+        request_id=request_id, status="ERROR", error=f"the result request answered HTTP {result.http_status}"
+    )

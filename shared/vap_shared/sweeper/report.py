@@ -5,11 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..backends.base import SUBMIT_TIMEOUT
+from ..backends.modal import SUBMIT_ATTEMPTS
 from ..jobs import Job
 
 MAX_JOBS_PER_RUN = 200
-# Stop picking up new work when the invocation has less than this left (ms).
-MIN_TIME_LEFT_MS = 15_000
+
+# What one backend request may take at worst (s): connecting, waiting for a pooled connection and
+# the read limit (every backend client uses SUBMIT_TIMEOUT).
+REQUEST_S = sum(limit or 0.0 for limit in (SUBMIT_TIMEOUT.connect, SUBMIT_TIMEOUT.pool, SUBMIT_TIMEOUT.read))
+# The AWS calls that record and announce one job's outcome (job record, S3 objects, SNS, SQS).
+AWS_WORK_S = 15.0
+# A piece of a run starts only while the invocation has at least its worst case left (ms):
+# - an overdue job: its backend asked (status, result, cancel: one request each), then a fallback
+#   dispatch to the other backend (a Modal submit is sent at most SUBMIT_ATTEMPTS times); a result
+#   is only queued for the store function, never downloaded here;
+# - a finished job missing its notification or status, and an ingest dead letter: AWS calls only.
+OVERDUE_JOB_MS = int((3 * REQUEST_S + SUBMIT_ATTEMPTS * REQUEST_S + AWS_WORK_S) * 1000)
+SETTLE_JOB_MS = int(AWS_WORK_S * 1000)
 
 TimeLeft = Callable[[], int] | None
 
@@ -30,8 +43,9 @@ class SweepReport:
         return counts
 
 
-def out_of_time(time_left_ms: TimeLeft) -> bool:
-    return time_left_ms is not None and time_left_ms() < MIN_TIME_LEFT_MS
+def out_of_time(time_left_ms: TimeLeft, need_ms: int = SETTLE_JOB_MS) -> bool:
+    """Whether less than `need_ms` (a piece of work's worst case) is left of the invocation."""
+    return time_left_ms is not None and time_left_ms() < need_ms
 
 
 def outcome_of(updated: Job | None) -> str:

@@ -15,7 +15,7 @@ from ..runtime import Runtime
 from .catch_up import NotificationCatchUp
 from .dead_letters import DeadLetterDrain
 from .deadline import DeadlineSweep
-from .report import MAX_JOBS_PER_RUN, SweepReport, TimeLeft, out_of_time
+from .report import MAX_JOBS_PER_RUN, OVERDUE_JOB_MS, SETTLE_JOB_MS, SweepReport, TimeLeft, out_of_time
 
 logger = Logger(child=True)
 
@@ -52,9 +52,10 @@ def sweep(
     ]
     work += [(job_id, False, partial(catch_up.settle, job_id)) for job_id in catch_up.candidates(now, limit)]
     stuck = 0
-    for job_id, overdue, settle in work[:limit]:
-        if out_of_time(time_left_ms):
-            logger.warning("out of time; the next run continues", extra={"left": len(work)})
+    for done, (job_id, overdue, settle) in enumerate(work[:limit]):
+        # A job is started only when what is left of the invocation covers its worst case.
+        if out_of_time(time_left_ms, OVERDUE_JOB_MS if overdue else SETTLE_JOB_MS):
+            logger.warning("out of time; the next run continues", extra={"left": len(work) - done})
             break
         try:
             report.outcomes[job_id] = settle()
