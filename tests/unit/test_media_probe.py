@@ -276,7 +276,7 @@ def test_the_limits_are_the_gpu_sides() -> None:
     """Ingest refuses exactly what the GPU side would refuse after a cold start."""
     from vap_shared.image_probe import MAX_IMAGE_PIXELS
 
-    from gpu import media as gpu_media
+    from gpu.service import media as gpu_media
 
     assert MAX_SOURCE_FRAMES == gpu_media.MAX_SOURCE_FRAMES
     assert MAX_IMAGE_PIXELS == gpu_media.MAX_IMAGE_PIXELS
