@@ -192,8 +192,14 @@ def describe(stack: StackInfo, status: dict[str, Any]) -> GalleryJob:
     if job.settings.get("seed") is None and status.get("seed") is not None:
         job.settings["seed"] = status["seed"]
     media = recorded.get("media") or stored.get("media") or {}
+    # A stored result's copies of its inputs (next to the video, readable like it) come first; the
+    # uploads themselves need read access to inbox/ and expire with it.
+    copies = status.get("input_copies") or (job.metadata or {}).get("input_copies") or {}
     for slot, field_name in (("reference", "video_url"), ("target", "image_url")):
-        source = _source(media.get(field_name))
+        copy = copies.get(field_name)
+        source = (
+            MediaSource("s3", bucket=stack.bucket, key=str(copy)) if copy else _source(media.get(field_name))
+        )
         if source is not None:
             job.media[slot] = source
     if state == "succeeded":

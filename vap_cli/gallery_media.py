@@ -3,7 +3,7 @@ or with `--download` files saved beside the page.
 
 Outputs (`outputs/…`) are readable with the permissions `vap get` needs. Inputs live where the job
 read them: `inbox/…` (the user's uploads) and `work/<job_id>/input-*` (decoded `data:` media,
-expired after the stack's `WorkExpirationDays`); reading them needs `s3:GetObject` there too. Each
+expired after the stack's `WorkRetentionDays`); reading them needs `s3:GetObject` there too. Each
 input is checked (HEAD) before it is linked, so a card says why an input is missing instead of
 showing a broken player.
 """
@@ -100,7 +100,7 @@ def _problem(stack: StackInfo, source: MediaSource, code: str) -> str:
         )
     if code == "missing":
         if source.key.startswith("work/"):
-            return f"{source.ref} is no longer stored (work/ expires after the stack's WorkExpirationDays)"
+            return f"{source.ref} is no longer stored (work/ expires after the stack's WorkRetentionDays)"
         return f"{source.ref} is no longer in the bucket"
     return f"{source.ref} could not be read ({code})"
 

@@ -203,6 +203,11 @@ def _video_url(rt: Runtime, job: Job) -> str:
     return presign_output(rt.s3, rt.settings.bucket_name, output_keys(job.output_prefix)["video"])[0]
 
 
+def _copy_inputs(rt: Runtime, job: Job) -> dict[str, str]:
+    bucket = rt.settings.bucket_name
+    return results.copy_inputs(rt.s3, bucket, results.input_keys(job.inputs, bucket), job.output_prefix)
+
+
 def _store_gpu_result(rt: Runtime, job: Job, request: StoreRequest) -> dict[str, Any]:
     """Copy the GPU's upload (and previews) from work/<job_id>/ next to the job's other outputs."""
     s, s3 = rt.settings, rt.s3
@@ -235,6 +240,7 @@ def _store_gpu_result(rt: Runtime, job: Job, request: StoreRequest) -> dict[str,
         video_url=_video_url(rt, job),
         files=files,
         cost=_cost(rt, runs),
+        input_copies=_copy_inputs(rt, job),
     )
     more: dict[str, Any] = {"gpu_type": gpu_type}
     if not job.backend:  # the callback overtook ingest's own dispatch write
@@ -279,5 +285,6 @@ def _store_fal_result(
         video_url=_video_url(rt, job),
         files={},
         cost=_cost(rt, fal_videos=1),
+        input_copies=_copy_inputs(rt, job),
     )
     return stored.success_fields(backend="fal", backend_call_id=request.call_id)

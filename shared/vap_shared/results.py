@@ -8,8 +8,10 @@ a reader that finds it finds everything it names.
 
 from __future__ import annotations
 
+import mimetypes
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 from .fal_output import video_file
@@ -26,6 +28,9 @@ PREVIEW_FILES: Mapping[str, tuple[str, str]] = {
     "poster.jpg": ("image/jpeg", "poster_key"),
     "preview.webp": ("image/webp", "preview_key"),
 }
+# The job's own media, copied next to its result: the job's folder then holds what made the video
+# after inbox/ and work/ expire, readable with the same grant as the video (`vap gallery`).
+INPUT_COPIES: Mapping[str, str] = {"video_url": "inputs/reference", "image_url": "inputs/target"}
 FAL_PREVIEWS_SKIPPED = (
     "fal.ai results have no poster.jpg/preview.webp: the store function would have to decode the H.264 "
     "video, and its Lambda layer has no video decoder."
@@ -102,6 +107,7 @@ class StoredResult:
     metadata_key: str
     bytes: int
     files: Mapping[str, str]  # preview file name -> its key next to the video
+    input_copies: Mapping[str, str]  # media field -> the copy of that input next to the video
     cost: Mapping[str, Any] | None
     seed: int | None
     metadata: Mapping[str, Any] = field(repr=False)
@@ -113,6 +119,7 @@ class StoredResult:
             "metadata_key": self.metadata_key,
             "bytes": self.bytes,
             "cost": dict(self.cost) if self.cost is not None else None,
+            "input_copies": dict(self.input_copies) or None,
             **{attr: self.files.get(name) for name, (_, attr) in PREVIEW_FILES.items()},
         }
         if self.seed is not None:
@@ -130,6 +137,7 @@ def metadata(
     video_url: str | None,
     files: Mapping[str, str],
     cost: Mapping[str, Any] | None,
+    input_copies: Mapping[str, str] | None = None,
     reused_from: str | None = None,
 ) -> dict[str, Any]:
     """`metadata.json` (docs/contracts.md). `video` is fal's output `File` (url = a presigned GET
@@ -142,6 +150,7 @@ def metadata(
         "sidecar_key": target.sidecar_key,
         "name": target.name,
         "inputs": dict(generation.inputs),
+        "input_copies": dict(input_copies or {}) or None,
         "seed": generation.seed,
         "backend": generation.backend,
         "fallback_from": generation.fallback_from,
@@ -186,6 +195,39 @@ def copy_files(
     return copied
 
 
+def input_keys(media: Mapping[str, Any] | None, bucket: str) -> dict[str, str]:
+    """Media field -> key, for the recorded inputs (`Job.inputs`) stored in `bucket`."""
+    keys: dict[str, str] = {}
+    for name in INPUT_COPIES:
+        record = (media or {}).get(name)
+        if isinstance(record, Mapping) and record.get("kind") == "s3" and record.get("bucket") == bucket:
+            keys[name] = str(record["key"])
+    return keys
+
+
+def copy_inputs(s3: Any, bucket: str, sources: Mapping[str, str], dest_prefix: str) -> dict[str, str]:
+    """Copy each input (media field -> key) next to the video as `inputs/reference.<ext>` /
+    `inputs/target.<ext>`; field -> new key. One gone (expired, deleted) is simply absent."""
+    copied: dict[str, str] = {}
+    for name, source in sources.items():
+        found = head(s3, bucket, source)
+        if found is None:
+            continue
+        suffix = PurePosixPath(source).suffix.lower()[:8]
+        copy(s3, bucket, source, dest_prefix + INPUT_COPIES[name] + suffix, _content_type(found, suffix))
+        copied[name] = dest_prefix + INPUT_COPIES[name] + suffix
+    return copied
+
+
+def _content_type(found: Mapping[str, Any], suffix: str) -> str:
+    """The upload's own type, or the file name's where the uploader sent none (a browser needs one
+    to play the copy)."""
+    declared = str(found.get("ContentType") or "")
+    if declared and declared not in ("application/octet-stream", "binary/octet-stream"):
+        return declared
+    return mimetypes.guess_type("x" + suffix)[0] or "application/octet-stream"
+
+
 def write_metadata(
     s3: Any,
     bucket: str,
@@ -197,6 +239,7 @@ def write_metadata(
     video_url: str | None,
     files: Mapping[str, str],
     cost: Mapping[str, Any] | None,
+    input_copies: Mapping[str, str] | None = None,
     reused_from: str | None = None,
 ) -> StoredResult:
     """Write `metadata.json` (the last file of a result) and describe what was stored."""
@@ -209,7 +252,17 @@ def write_metadata(
         video_url=video_url,
         files=files,
         cost=cost,
+        input_copies=input_copies,
         reused_from=reused_from,
     )
     put_json(s3, bucket, keys["metadata"], body)
-    return StoredResult(keys["video"], keys["metadata"], size, dict(files), cost, generation.seed, body)
+    return StoredResult(
+        keys["video"],
+        keys["metadata"],
+        size,
+        dict(files),
+        dict(input_copies or {}),
+        cost,
+        generation.seed,
+        body,
+    )

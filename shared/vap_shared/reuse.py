@@ -327,6 +327,9 @@ def copy_result(
         video_url=video_url,
         files=files,
         cost=cost,
+        # The inputs are byte-equal to the earlier job's: its copies are named, not copied again
+        # (this runs in ingest, whose time is short).
+        input_copies=earlier.get("input_copies") or None,
         reused_from=entry.job_id,
     )
 

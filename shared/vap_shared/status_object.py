@@ -51,6 +51,8 @@ def status_body(job: Job, phase: Phase | None = None) -> dict[str, Any]:
         "poster_key": job.poster_key if job.state == "succeeded" else None,
         "preview_key": job.preview_key if job.state == "succeeded" else None,
         "reused_from": job.reused_from,
+        # The inputs copied next to the result (readable like the video, after inbox/ expires).
+        "input_copies": job.input_copies if job.state == "succeeded" else None,
         # What the job was asked to make, as metadata.json's `inputs`: a failed job has no
         # metadata.json, and users read no job table (`vap gallery` shows them for every job).
         "inputs": {"settings": job.settings, "media": job.inputs} if job.settings or job.inputs else None,

@@ -219,3 +219,32 @@ def test_duplicate_store_requests_store_one_result_once(st: Stack) -> None:
     assert done.state == "succeeded" and len(st.services.calls("v3.fal.media")) == 1
     assert [n["status"] for n in st.notifications()] == ["succeeded"]
     assert st.s3.get_object(Bucket=BUCKET, Key=done.output_key)["Body"].read() == MP4
+
+
+def test_a_stored_result_keeps_copies_of_its_inputs_readable_with_the_outputs(st: Stack) -> None:
+    """The job's folder holds what made the video (the inbox expires; users may read only outputs/)."""
+    job = _fal_job(st)
+    _deliver(st, job)
+    st.store_results()
+    done = st.store.get(job.job_id)
+    copies = done.input_copies
+    assert copies == {
+        "video_url": done.output_prefix + "inputs/reference.mp4",
+        "image_url": done.output_prefix + "inputs/target.png",
+    }
+    assert st.s3.get_object(Bucket=BUCKET, Key=copies["video_url"])["Body"].read() == MP4
+    target = st.s3.get_object(Bucket=BUCKET, Key=copies["image_url"])
+    assert target["ContentType"] == "image/png"
+    metadata = json.loads(st.s3.get_object(Bucket=BUCKET, Key=done.metadata_key)["Body"].read())
+    status_object = st.s3.get_object(Bucket=BUCKET, Key=done.output_prefix + "status.json")
+    status = json.loads(status_object["Body"].read())
+    assert metadata["input_copies"] == copies and status["input_copies"] == copies
+
+
+def test_an_input_gone_before_storing_is_simply_not_copied(st: Stack) -> None:
+    job = _fal_job(st)
+    st.s3.delete_object(Bucket=BUCKET, Key="inbox/set/face.png")
+    _deliver(st, job)
+    st.store_results()
+    done = st.store.get(job.job_id)
+    assert done.state == "succeeded" and set(done.input_copies or {}) == {"video_url"}
