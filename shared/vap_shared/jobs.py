@@ -99,6 +99,8 @@ class Job(BaseModel):
     bytes: int | None = None
     poster_key: str | None = None
     preview_key: str | None = None
+    # When a finished run's result was last queued for storing (the store function then ends the job).
+    result_queued_at: str | None = None
     # Copies of the inputs next to the result (media field -> key; `results.INPUT_COPIES`).
     input_copies: dict[str, str] | None = None
     cost: dict[str, Any] | None = None

@@ -28,7 +28,7 @@ from .cost import GpuRun, estimate, gpu_run_of_result, gpu_type_of
 from .errors import FieldError, field_error
 from .fal_delivery import FalDelivery
 from .gpu_contract import GpuError, GpuResult
-from .jobs import Job
+from .jobs import Job, iso, utcnow
 from .lifecycle import fail_job, fall_back_or_fail, finalize_terminal, succeed_job
 from .naming import output_keys, work_upload_key, work_video_key
 from .notifier import presign_output
@@ -87,6 +87,9 @@ def queue_result(rt: Runtime, job: Job, request: StoreRequest) -> None:
     if not rt.settings.store_queue_url:
         raise RuntimeError("STORE_QUEUE_URL is not configured: a result cannot be stored")
     rt.sqs.send_message(QueueUrl=rt.settings.store_queue_url, MessageBody=request.model_dump_json())
+    # Heard from: the sweeper asks the backend only about jobs quiet for a while, and one whose result
+    # waits on the store queue is not (a backlog there must not make it re-queue the result).
+    rt.store.update_fields(job.job_id, {"result_queued_at": iso(utcnow())}, iso(utcnow()), "completed_at")
     logger.info("result queued for storing", extra={"job_id": job.job_id, "backend": request.backend})
 
 

@@ -62,7 +62,7 @@ def test_fal_example_is_dispatched_unchanged(stack: LocalStack, fal_job: dict[st
     job_id = fal_job["note"].body["job_id"]
     # The job's webhook URL, with the job's token only we and fal know (vap_shared.fal_token).
     signing = stack.client("secretsmanager").get_secret_value(
-        SecretId=f"{stack.config.stack_name}/signing-secret"
+        SecretId=stack.deployment.outputs["SigningSecretArn"]
     )
     token = fal_webhook_token(signing["SecretString"].encode(), job_id)
     assert request.webhook_url == f"{stack.webhook_url.rstrip('/')}/callbacks/fal/{job_id}?token={token}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import SimpleNamespace
@@ -11,7 +12,8 @@ import httpx
 import ingest
 import pytest
 import sweeper
-from vap_shared.jobs import utcnow
+import webhook
+from vap_shared.jobs import iso, utcnow
 from vap_shared.sweeper import DeadlineSweep, deadline_action
 from vap_shared.sweeper import sweep as sweep_jobs
 from vap_testkit import (
@@ -20,6 +22,7 @@ from vap_testkit import (
     Context,
     FakeServices,
     call,
+    gpu_callback_event,
     gpu_result,
     handlers_on,
     sqs_event,
@@ -467,3 +470,22 @@ def test_the_sweeper_stores_through_the_store_path_not_the_webhooks_http_module(
     loaded = done.stdout
     assert "vap_shared.result_store" in loaded
     assert "vap_shared.webhook_logic" not in loaded and "vap_shared.url_refresh" not in loaded
+
+
+def test_a_job_whose_result_waits_on_the_store_queue_counts_as_heard_from(st, services):
+    """A backlog on the store queue must not make the sweeper ask the backend and queue it again."""
+    job = dispatch(st)
+    long_ago = iso(utcnow() - timedelta(seconds=1000))  # past the tests' ask point, before the stop
+    st.store.update_fields(job.job_id, {"dispatched_at": long_ago}, long_ago, "completed_at")
+    st.put(f"work/{job.job_id}/video.mp4", MP4, "video/mp4")
+    callback = {
+        "job_id": job.job_id,
+        "call_id": job.backend_call_id,
+        "event": "succeeded",
+        "sent_at": int(time.time()),
+        "result": RESULT,
+    }
+    assert call(webhook.handler, gpu_callback_event(st, job.job_id, callback))["statusCode"] == 200
+    assert st.store_requests_waiting() == 1
+    assert sweep(st, later=timedelta(0)).get(job.job_id) in (None, "not-due")
+    assert not [r for r in services.requests if "/status/" in r.url.path]
