@@ -56,9 +56,9 @@ def test_app_registers_one_class_per_gpu_choice(modal_app):
         assert getattr(module, name.removesuffix(".*")) is module.GENERATORS[gpu]
     assert functions["api"]._spec_.gpus is None and web == ["api"]  # the API itself needs no GPU
     assert list(functions["download_weights"]._spec_.volumes) == ["/models"]
-    # Modal's limits come from the job budget (B = 7200 s): run (7200 - 1200) // 2, startup 1200.
+    # Modal's limits come from the job budget (B = 9000 s): run (9000 - 2 * 1200 - 600) // 2, startup 1200.
     assert (module.SETTINGS.timeout_s, module.SETTINGS.startup_timeout_s) == (3000, 1200)
-    assert module.SETTINGS.budget == Budget(job_s=7200, modal_containers=2)
+    assert module.SETTINGS.budget == Budget(job_s=9000, modal_containers=2)
 
 
 # --- deploy-time settings reach the containers -----------------------------------------------

@@ -256,7 +256,7 @@ def test_a_job_too_close_to_its_deadline_stops_during_generation(stub, http):
 
 
 def test_run_limit_comes_from_the_budget_and_the_deadline():
-    budget = Budget(job_s=7200)
+    budget = Budget(job_s=9000)
     limited = RunnerConfig(budget=budget)
     assert limited.run_limit_s(1000.0, None) == budget.run_s - RUNNER_MARGIN_S == 2940
     assert (
