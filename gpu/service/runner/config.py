@@ -13,6 +13,8 @@ from vap_shared.gpu_contract import ErrorCode, GpuError
 
 from gpu.service.generation import DEFAULT_STEPS
 
+DEFAULT_CHECKPOINT_EVERY_S = 30.0  # gpu.vap.resume.DEFAULT_EVERY_S (the runner imports no torch)
+
 ALLOW_LOOPBACK_ENV = "VAP_ALLOW_HTTP_LOOPBACK"
 MiB = 1024 * 1024
 
@@ -52,9 +54,18 @@ class RunnerConfig:
     budget: Budget | None = None
     refresh_attempts: int = 2
     refresh_timeout_s: float = 10.0
+    # Save the denoising state at least this often (None: 30 s, under the budget's local time
+    # scale); a preempted run's re-run resumes from the last one.
+    checkpoint_every_s: float | None = None
     allow_http_loopback: bool = field(default_factory=_loopback_allowed_from_env)
     resolver: Resolver = resolve_host
     sleep: Callable[[float], None] = time.sleep
+
+    def checkpoint_interval_s(self) -> float:
+        if self.checkpoint_every_s is not None:
+            return self.checkpoint_every_s
+        scale = self.budget.time_scale if self.budget is not None else 1.0
+        return DEFAULT_CHECKPOINT_EVERY_S * scale
 
     def run_limit_s(self, now_unix: float, deadline_unix: int | None) -> float | None:
         """How long a job starting at `now_unix` may run (None: no limit)."""
