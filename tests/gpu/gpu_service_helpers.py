@@ -159,3 +159,26 @@ class StubServices:
             settings=GenerationSettings(**fields),
             num_inference_steps=steps,
         )
+
+
+class FakeDict:
+    """`modal.Dict`'s put/get/pop semantics (put-if-absent returns whether it created the key)."""
+
+    def __init__(self):
+        self.data = {}
+        self.lock = threading.Lock()
+
+    def put(self, key, value, *, skip_if_exists=False):
+        with self.lock:
+            if skip_if_exists and key in self.data:
+                return False
+            self.data[key] = value
+            return True
+
+    def get(self, key, default=None):
+        with self.lock:
+            return self.data.get(key, default)
+
+    def pop(self, key, default=None):
+        with self.lock:
+            return self.data.pop(key, default)

@@ -213,6 +213,26 @@ def _cancel_key(call_id: str) -> str:
     return f"cancel:{call_id}"
 
 
+def _takeover_key(job_id: str, reservation: dict[str, Any]) -> str:
+    # One key per stale reservation: put-if-absent on it elects exactly one taker.
+    token = reservation.get("token") or reservation.get("pending_since", "")
+    return f"takeover:{job_id}:{token}"
+
+
+def _reservation(clock: Callable[[], float]) -> dict[str, Any]:
+    return {"pending_since": clock(), "token": uuid.uuid4().hex}
+
+
+def claim_attempt(registry: CallRegistry, call_id: str, limit: int = 100) -> int:
+    """Which execution of `call_id` this is: Modal runs a preempted input again with the same call
+    id on a fresh container, so the n-th execution is the first to create `attempt:<call id>:<n>`
+    (put-if-absent is atomic on the server; `modal.Dict` has no compare-and-set)."""
+    for attempt in range(1, limit + 1):
+        if registry.put(f"attempt:{call_id}:{attempt}", {"at": time.time()}, skip_if_exists=True):
+            return attempt
+    raise RuntimeError(f"call {call_id} has run {limit} times already")
+
+
 def _walk(nodes: Iterable[Any]) -> Iterable[Any]:
     for node in nodes:
         yield node
@@ -269,18 +289,21 @@ class ModalExecutor:
         deadline = self._clock() + self._wait_s
         while True:
             # Reserve the job id before spawning: of two concurrent submits only one spawns.
-            if self._registry.put(key, {"pending_since": self._clock()}, skip_if_exists=True):
+            if self._registry.put(key, _reservation(self._clock), skip_if_exists=True):
                 return self._spawn(key, modal_gpu, request)
             record = self._registry.get(key)
             if record is None:  # the reserving submit failed to spawn and let go: try again
                 continue
             if record.get("call_id"):
                 return str(record["call_id"])
-            if self._clock() - float(record.get("pending_since", 0)) > self._stale_s:
-                # The reserving submit died between reserving and recording (its container was
-                # lost); after this long its spawn is taken to have failed.
+            stale = self._clock() - float(record.get("pending_since", 0)) > self._stale_s
+            # The reserving submit died between reserving and recording (its container was lost);
+            # after this long its spawn is taken to have failed. Of the submits that find it stale,
+            # only the one that creates this reservation's takeover key replaces it and spawns.
+            takeover = _takeover_key(request.job_id, record)
+            if stale and self._registry.put(takeover, {"at": self._clock()}, skip_if_exists=True):
                 log.warning("job %s: stale submit reservation taken over", request.job_id)
-                self._registry.put(key, {"pending_since": self._clock()})
+                self._registry.put(key, _reservation(self._clock))
                 return self._spawn(key, modal_gpu, request)
             if self._clock() >= deadline:
                 raise SubmitRejected(503, "a submit of this job is still in progress; retry")
