@@ -36,6 +36,7 @@ def config(**overrides: Any) -> RunnerConfig:
 @pytest.fixture
 def stub():
     with StubServices() as services:
+        services.serve_uploads = True
         yield services
 
 
@@ -61,13 +62,12 @@ def _request(stub: StubServices, steps: int = 6, job_id: str = "job-1", **settin
 
 
 def _stored_state(stub: StubServices) -> bytes | None:
-    """What the last PUT stored, served to the next GET (S3 semantics for the stub)."""
+    """What the last PUT stored (the stub serves it to the next GET, as S3 would)."""
     found = stub.recorded.uploads.get(f"/upload/{STATE}")
     if found is None:
         return None
     content_type, body = found
-    assert content_type == "application/octet-stream"
-    stub.media[STATE] = body
+    assert content_type == "application/octet-stream" and stub.media[STATE] == body
     return body
 
 

@@ -54,6 +54,18 @@ class Executor(Protocol):
 # --- local: a thread pool in this process ----------------------------------------------------
 
 
+class Preempted(BaseException):
+    """The worker running an input went away mid-run (Modal preempted its container): nothing of
+    that run reports anything more (a BaseException: the runner's error handling never sees it)."""
+
+
+class Preemptions(Protocol):
+    """When the local stand-in preempts a run: the step (1-based, of `total`) at which attempt
+    `attempt` of `job_id` stops, or None to let it finish."""
+
+    def at_step(self, job_id: str, attempt: int, total: int) -> int | None: ...
+
+
 @dataclass
 class _LocalCall:
     request: GpuJobRequest
@@ -63,10 +75,15 @@ class _LocalCall:
     error: GpuError | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future[None] | None = None
+    attempts: int = 0
 
 
 class LocalExecutor:
-    """Runs `run_job` on worker threads (one by default: one model, one device)."""
+    """Runs `run_job` on worker threads (one by default: one model, one device).
+
+    With `preemptions`, a run stops at the step they name and the same input runs again, as Modal
+    does with a preempted GPU input: same call id, the next attempt, on a fresh worker (a new engine
+    from `engine_factory`, when given)."""
 
     def __init__(
         self,
@@ -77,8 +94,12 @@ class LocalExecutor:
         http: httpx.Client | None = None,
         max_workers: int = 1,
         keep_calls: int = 1000,
+        engine_factory: Callable[[], Engine] | None = None,
+        preemptions: Preemptions | None = None,
     ) -> None:
         self.engine = engine
+        self.engine_factory = engine_factory
+        self.preemptions = preemptions
         self.safety = safety
         self.config = config or RunnerConfig()
         self.http = http or httpx.Client()
@@ -113,21 +134,41 @@ class LocalExecutor:
                 call.state = "cancelled"
                 return
             call.state = "running"
+        engine = self.engine
+        while True:
+            call.attempts += 1
+            try:
+                self._attempt(call_id, call, engine)
+                return
+            except Preempted:
+                log.info("call %s preempted (attempt %d): running it again", call_id, call.attempts)
+                engine = self.engine_factory() if self.engine_factory is not None else engine
+
+    def _attempt(self, call_id: str, call: _LocalCall, engine: Engine) -> None:
+        attempt = call.attempts
+        preemptions = self.preemptions
 
         def on_progress(step: int, total: int) -> None:
-            call.progress = GpuProgress(step=step, total=total)
+            with self._lock:  # a re-run resumes at a saved step: what was reported stays reported
+                if call.progress is None or step > call.progress.step:
+                    call.progress = GpuProgress(step=step, total=total)
+            if preemptions is not None and preemptions.at_step(call.request.job_id, attempt, total) == step:
+                raise Preempted
 
         try:
             result = run_job(
                 call.request,
-                self.engine,
+                engine,
                 self.http,
                 call_id=call_id,
                 config=self.config,
                 safety=self.safety,
                 cancel=call.cancel,
                 on_progress=on_progress,
+                attempt=attempt,
             )
+        except Preempted:
+            raise
         except JobFailed as exc:
             with self._lock:
                 call.error = exc.error
