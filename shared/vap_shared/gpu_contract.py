@@ -118,6 +118,8 @@ class GpuError(_Wire):
     code: ErrorCode
     message: str
     retryable: bool = False
+    # The request field the error is about (e.g. "video_url" for a video the GPU cannot decode).
+    field: str | None = None
 
 
 class GpuCallback(_Wire):

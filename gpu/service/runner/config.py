@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vap_shared.budget import UPLOAD_MARGIN_S, Budget
@@ -89,5 +90,16 @@ class JobFailed(Exception):
         self.notify = notify
 
 
-def fail(code: ErrorCode, message: str, retryable: bool = False) -> JobFailed:
-    return JobFailed(GpuError(code=code, message=message, retryable=retryable))
+def fail(code: ErrorCode, message: str, retryable: bool = False, field: str | None = None) -> JobFailed:
+    return JobFailed(GpuError(code=code, message=message, retryable=retryable, field=field))
+
+
+@contextmanager
+def about(field: str) -> Iterator[None]:
+    """A failure inside the block is about request field `field` (the URL or media it names)."""
+    try:
+        yield
+    except JobFailed as exc:
+        if exc.error.field is not None:
+            raise
+        raise JobFailed(exc.error.model_copy(update={"field": field}), notify=exc.notify) from exc

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from vap_shared.gpu_contract import GenerationSettings, GpuJobRequest, GpuResult
+from vap_shared.gpu_contract import ErrorCode, GenerationSettings, GpuJobRequest, GpuResult
 
 from gpu.service.engines.single import Checkpoints, Engine
 from gpu.service.generation import GenerationSpec, build_spec
@@ -31,7 +31,7 @@ from gpu.service.media import (
     preview_webp,
 )
 from gpu.service.runner.callbacks import JobCancelled, Progress, ProgressHook, refresh_urls, send_callback
-from gpu.service.runner.config import JobFailed, MiB, RunnerConfig, fail
+from gpu.service.runner.config import JobFailed, MiB, RunnerConfig, about, fail
 from gpu.service.runner.transport import UnsafeUrl, check_url, download, fetch_optional, upload
 from gpu.service.safety import SafetyClassifier, SafetyViolation, check_image, check_output
 
@@ -70,9 +70,12 @@ def produce(
     mark = time.monotonic()
     try:
         image = fit_image(load_image(image_bytes), spec.width, spec.height)
+    except MediaError as exc:
+        raise fail("input", str(exc), field="image_url") from exc
+    try:
         ref_frames = decode_sampled_frames(video_bytes, spec.num_frames, spec.width, spec.height)
     except MediaError as exc:
-        raise fail("input", str(exc)) from exc
+        raise fail("input", str(exc), field="video_url") from exc
     timings = {"decode_s": time.monotonic() - mark}
 
     mark = time.monotonic()
@@ -190,7 +193,8 @@ def _run(
         try:
             check_url(getattr(request, name), config)
         except UnsafeUrl as exc:
-            raise fail("internal" if name in service else "input", f"{name} refused: {exc}") from exc
+            code: ErrorCode = "internal" if name in service else "input"
+            raise fail(code, f"{name} refused: {exc}", field=name) from exc
     try:
         # Without a seed in the sidecar, the job's id picks it: every attempt draws the same noise,
         # so a re-run after a preemption can continue the saved state.
@@ -205,13 +209,15 @@ def _run(
     hook.check()
 
     mark = time.monotonic()
-    image_bytes = download(
-        http, request.image_url, "image", config.max_image_bytes, config, service="image_url" in service
-    )
-    video_bytes = download(
-        http, request.video_url, "reference video", config.max_video_bytes, config,
-        service="video_url" in service,
-    )  # fmt: skip
+    with about("image_url"):
+        image_bytes = download(
+            http, request.image_url, "image", config.max_image_bytes, config, service="image_url" in service
+        )
+    with about("video_url"):
+        video_bytes = download(
+            http, request.video_url, "reference video", config.max_video_bytes, config,
+            service="video_url" in service,
+        )  # fmt: skip
     download_s = time.monotonic() - mark
 
     outputs = produce(
