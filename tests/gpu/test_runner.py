@@ -443,3 +443,12 @@ def test_previews_are_optional_and_their_failure_does_not_fail_the_job(stub, htt
     result = run_job(request, FakeEngine(), http, config=config(), safety=Flags())
     assert result.poster_bytes is None and result.preview_bytes is not None
     assert "/upload/job-2.mp4" in stub.recorded.uploads
+
+
+def test_the_result_says_how_many_gpus_ran_it(stub, http):
+    class EightGpus(FakeEngine):
+        gpu_count = 8  # a sequence-parallel engine over a whole H100:8 container
+
+    one = run_job(stub.request(seed=1, steps=2), FakeEngine(), http, config=config(), safety=Flags())
+    eight = run_job(stub.request(seed=1, steps=2), EightGpus(), http, config=config(), safety=Flags())
+    assert (one.gpu_count, eight.gpu_count) == (1, 8)

@@ -187,6 +187,7 @@ class SequenceParallelEngine:
                 f"{world_size} ranks need {world_size} GPUs, {torch.cuda.device_count()} visible"
             )
         self.world_size = world_size
+        self.gpu_count = world_size  # reported as GpuResult.gpu_count
         self._lock = threading.Lock()
         self._broken: str | None = None
         deadline = time.monotonic() + startup_timeout_s  # for every rank's load, this one's included

@@ -116,6 +116,7 @@ class VideoEngine:
         self.device_name = device_name(device)
         self.negative_prompt = negative_prompt
         self.weights = weights  # the weights' revision: a saved state of other weights is refused
+        self.gpu_count = 1
         self._responds = responds
         self._broken: str | None = None
         self._lock = threading.Lock()  # one generation at a time: it needs the whole GPU
@@ -209,6 +210,7 @@ class FakeEngine:
     least `every_s` apart and resumes from a saved one of the same job, as the real engine does."""
 
     device_name = "fake"
+    gpu_count = 1
     STATE_MAGIC = b"fake-denoise-state\n"
 
     def __init__(self, step_delay_s: float = 0.0) -> None:
@@ -277,6 +279,10 @@ class DownscaledEngine:
     @property
     def healthy(self) -> bool:
         return bool(getattr(self.inner, "healthy", True))
+
+    @property
+    def gpu_count(self) -> int:
+        return int(getattr(self.inner, "gpu_count", 1))
 
     def generate(
         self,

@@ -295,6 +295,8 @@ def _result(
         bytes=video_bytes,
         steps=spec.steps,
         gpu=engine.device_name,
+        # What ran it (routing may give a job more GPUs than its sidecar asked for): the cost's basis.
+        gpu_count=getattr(engine, "gpu_count", 1),
         timings={k: round(v, 3) for k, v in timings.items()},
         poster_bytes=poster_bytes,
         preview_bytes=preview_bytes,
