@@ -186,3 +186,11 @@ def test_the_tiny_model_preempted_and_resumed_on_a_fresh_engine_gives_the_same_f
     run_job(request, resumed, http, call_id="fc-1", config=config(), attempt=2)
     assert resumed.resumed == [2]
     assert np.array_equal(resumed.frames[0], never.frames[0])
+
+
+def test_the_service_saves_as_often_as_the_model_does_by_default():
+    from gpu.service.engines.single import DEFAULT_CHECKPOINT_EVERY_S
+    from gpu.vap.resume import DEFAULT_EVERY_S, MAX_EVERY_S
+
+    assert DEFAULT_CHECKPOINT_EVERY_S == DEFAULT_EVERY_S <= MAX_EVERY_S
+    assert RunnerConfig().checkpoint_interval_s() == DEFAULT_EVERY_S

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # on_step(step, total): called after denoising step `step` (1-based). Raising aborts generation.
 StepCallback = Callable[[int, int], None]
+# How often a generation saves its state unless told otherwise: gpu.vap.resume.DEFAULT_EVERY_S
+# (restated: this module imports no torch; a test keeps the two equal).
+DEFAULT_CHECKPOINT_EVERY_S = 30.0
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Checkpoints:
     key: str
     save: Callable[[bytes], None]
     saved: bytes | None = None
-    every_s: float = 30.0
+    every_s: float = DEFAULT_CHECKPOINT_EVERY_S
     resumed_at: int = 0
     refused: str | None = None
 

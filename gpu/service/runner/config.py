@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from vap_shared.budget import UPLOAD_MARGIN_S, Budget
 from vap_shared.gpu_contract import ErrorCode, GpuError
 
+from gpu.service.engines.single import DEFAULT_CHECKPOINT_EVERY_S
 from gpu.service.generation import DEFAULT_STEPS
-
-DEFAULT_CHECKPOINT_EVERY_S = 30.0  # gpu.vap.resume.DEFAULT_EVERY_S (the runner imports no torch)
 
 ALLOW_LOOPBACK_ENV = "VAP_ALLOW_HTTP_LOOPBACK"
 MiB = 1024 * 1024
