@@ -64,7 +64,7 @@ parity: $(STAMP)
 		$(if $(VAP_REFERENCE),--reference "$(VAP_REFERENCE)") --write docs/parity.md
 
 # Deploy: Modal app (weights checked) + the AWS stack wired to it, one command (README "Deploy"):
-#   make deploy STACK=vap [REGION=… PROFILE=…] [JOB_BUDGET_S=7200 MODAL_CONTAINERS=2
+#   make deploy STACK=vap [REGION=… PROFILE=…] [JOB_BUDGET_S=9000 MODAL_CONTAINERS=2
 #       FAL_MAX_OUTSTANDING=20] [DOWNLOAD_WEIGHTS=1] [DEPLOY_ARGS="--parameter DefaultBackend=fal"]
 #   (DEPLOY_ARGS reaches the shell as written: quote a value with spaces, "--parameter 'K=a b'".)
 AWS_ARGS = $(if $(REGION),--region "$(REGION)") $(if $(PROFILE),--profile "$(PROFILE)")

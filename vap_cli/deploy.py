@@ -10,7 +10,7 @@
    needed), then `sam deploy` with ModalEndpointUrl and the same budget/pool as parameter overrides.
 5. The stack's secrets still holding their placeholders are reported, with the command to set each.
 
-    python -m vap_cli.deploy --stack vap [--region R] [--profile P] [--job-budget-s 7200]
+    python -m vap_cli.deploy --stack vap [--region R] [--profile P] [--job-budget-s 9000]
         [--modal-containers 2] [--fal-max-outstanding 20] [--download-weights] [--parameter K=V ...]
 """
 

@@ -6,6 +6,7 @@ directly and kept free of I/O.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Mapping
@@ -65,9 +66,14 @@ def valid_num_frames(requested: int) -> int:
     return min(step * k + 1, MAX_FRAMES)
 
 
-def resolve_seed(seed: int | None) -> int:
-    """The sidecar's seed, or a fresh random one (reported back so a result can be reproduced)."""
+def resolve_seed(seed: int | None, seed_from: str | None = None) -> int:
+    """The sidecar's seed, or one picked for it (reported back so a result can be reproduced): drawn
+    from `seed_from` (the job id: every attempt of a job gets the same one, so a re-run after a
+    preemption continues the saved denoising state), else fresh at random."""
     if seed is None:
+        if seed_from is not None:
+            digest = hashlib.sha256(b"vap-seed:" + seed_from.encode()).digest()
+            return int.from_bytes(digest[:8], "big") % (MAX_SEED + 1)
         return secrets.randbelow(MAX_SEED + 1)
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be within 0..{MAX_SEED}, got {seed}")
@@ -85,8 +91,11 @@ def default_steps(env: Mapping[str, str] | None = None, fallback: int = DEFAULT_
     return steps
 
 
-def build_spec(settings: GenerationSettings, steps: int | None, server_default_steps: int) -> GenerationSpec:
-    """Map validated sidecar settings (plus the request's step override) to a `GenerationSpec`."""
+def build_spec(
+    settings: GenerationSettings, steps: int | None, server_default_steps: int, seed_from: str | None = None
+) -> GenerationSpec:
+    """Map validated sidecar settings (plus the request's step override) to a `GenerationSpec`;
+    `seed_from` picks the seed a sidecar leaves open (`resolve_seed`)."""
     width, height = target_size(settings.aspect_ratio, settings.resolution)
     if not 1 <= settings.fps <= 60:
         raise ValueError(f"fps must be within 1..60, got {settings.fps}")
@@ -100,7 +109,7 @@ def build_spec(settings: GenerationSettings, steps: int | None, server_default_s
         num_frames=valid_num_frames(settings.num_frames),
         requested_frames=settings.num_frames,
         fps=settings.fps,
-        seed=resolve_seed(settings.seed),
+        seed=resolve_seed(settings.seed, seed_from),
         guidance_scale=float(settings.guidance_scale),
         steps=server_default_steps if steps is None else steps,
         safety=settings.enable_safety_checker,

@@ -28,7 +28,44 @@ ENCODE_CRF = 18  # visually lossless-ish for generated video; the files stay a f
 
 
 class MediaError(ValueError):
-    """The input media cannot be used (corrupt, empty, unsupported, too large)."""
+    """The input media cannot be used (corrupt, empty, unsupported, too large); the message is one
+    line a user can act on (never a tool's whole output)."""
+
+
+# What ffmpeg says about a broken input, most telling first (its output also holds its banner,
+# build configuration and library versions).
+_FFMPEG_TELLING = (
+    "Error opening input:",
+    "moov atom not found",
+    "partial file",
+    "Invalid data found",
+    "corrupt",
+    "Could not find codec parameters",
+    "Invalid NAL unit",
+    "Error splitting the input",
+)
+_FFMPEG_CONTEXT = re.compile(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*")
+_TEMP_PATH = re.compile(r"/\S*vap-ref-\S*")
+
+
+def ffmpeg_reason(output: str, limit: int = 160) -> str:
+    """The one line of ffmpeg's output that says what is wrong with an input, without its context
+    prefix (`[in#0/mov,mp4,... @ 0x...]`) and temporary paths."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    messages = [_FFMPEG_CONTEXT.sub("", line) for line in lines if _FFMPEG_CONTEXT.match(line)]
+    telling = next((m for key in _FFMPEG_TELLING for m in messages if key in m), None)
+    if telling is None and any("output file" in line for line in lines):
+        # It opened the file but found nothing to map to the output: no usable video stream.
+        telling = "no readable video stream"
+    if telling is None:
+        telling = messages[0] if messages else next((ln for ln in reversed(lines) if "rror" in ln), "")
+    chosen = telling
+    chosen = _TEMP_PATH.sub("the file", chosen.removeprefix("Error opening input: ")).strip()
+    return (chosen or "ffmpeg could not read it")[:limit]
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 def ffmpeg_exe() -> str:
@@ -85,7 +122,7 @@ def load_image(data: bytes) -> Image.Image:
     except MediaError:
         raise
     except Exception as exc:  # PIL raises many types for bad data
-        raise MediaError(f"cannot decode the image: {exc}") from exc
+        raise MediaError(f"cannot decode the image: {_one_line(exc)}") from exc
 
 
 def _frame_stream(path: Path) -> Iterator[tuple[int, int, bytes]]:
@@ -118,7 +155,7 @@ def decode_sampled_frames(data: bytes, count: int, width: int, height: int) -> l
         try:
             total = count_frames(path)
         except Exception as exc:
-            raise MediaError(f"cannot read the reference video: {exc}") from exc
+            raise MediaError(f"cannot read the reference video: {ffmpeg_reason(str(exc))}") from exc
         if total <= 0:
             raise MediaError("the reference video has no frames")
         if total > MAX_SOURCE_FRAMES:
@@ -134,7 +171,7 @@ def decode_sampled_frames(data: bytes, count: int, width: int, height: int) -> l
                     frame = Image.frombuffer("RGB", (w, h), raw, "raw", "RGB", 0, 1)
                     kept[index] = fit_image(frame, width, height)
         except Exception as exc:
-            raise MediaError(f"cannot decode the reference video: {exc}") from exc
+            raise MediaError(f"cannot decode the reference video: {ffmpeg_reason(str(exc))}") from exc
     if not kept:
         raise MediaError("the reference video has no decodable frames")
     if decoded < total:

@@ -32,7 +32,14 @@ from vap_shared.gpu_contract import GenerationSettings
 
 from gpu.service import routing
 from gpu.service.generation import target_size
-from gpu.service.modal_settings import GpuClass, forwarded_env, read_settings
+from gpu.service.modal_settings import (
+    GpuClass,
+    ModalSettings,
+    SettingsError,
+    forwarded_env,
+    offered_class,
+    read_settings,
+)
 
 SETTINGS = read_settings()
 # Every setting the deployer set, handed to every function: a container re-imports this module
@@ -89,9 +96,24 @@ web_image = (
 app = modal.App(SETTINGS.app_name)
 
 
-# The VAP commit actually downloaded is recorded here, and serving loads exactly that commit: even
-# while `VAP_REVISION` names a branch, every container of a deployment runs the same weights.
+# The VAP commit downloaded is recorded here, and serving loads exactly that commit.
 REVISION_RECORD = f"{MODELS_DIR}/vap-revision.json"
+
+
+def pinned_revision(settings: ModalSettings) -> str:
+    """The VAP weights' commit this deployment downloads: `VAP_REVISION` (read_settings refuses a
+    branch there), else `gpu.vap.loading.VAP_REVISION`; without either, a download is refused
+    (a branch can move between two containers of one deployment)."""
+    from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, is_commit
+
+    revision = settings.revision or VAP_REVISION
+    if not is_commit(revision):
+        raise SettingsError(
+            f"no pinned commit of {VAP_REPO_ID}: set VAP_REVISION to its 40-hex commit id (the hub's "
+            "'Files and versions' page, or huggingface_hub.HfApi().model_info(repo).sha)"
+        )
+    assert revision is not None
+    return revision
 
 
 @app.function(
@@ -99,37 +121,45 @@ REVISION_RECORD = f"{MODELS_DIR}/vap-revision.json"
 )
 def download_weights() -> None:
     """Fill the volume with the pinned VAP checkpoint and safety checker (run once per revision)."""
-    from huggingface_hub import HfApi, snapshot_download
-
     from gpu.service.safety import SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION
-    from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION
+    from gpu.vap.loading import VAP_REPO_ID
 
-    requested = SETTINGS.revision or VAP_REVISION
-    commit = HfApi().model_info(VAP_REPO_ID, revision=requested).sha or requested
+    commit = pinned_revision(SETTINGS)  # before any download: nothing unpinned enters the volume
+    from huggingface_hub import snapshot_download
+
     for repo, revision in ((VAP_REPO_ID, commit), (SAFETY_CHECKER_REPO, SAFETY_CHECKER_REVISION)):
         path = snapshot_download(repo, revision=revision, cache_dir=HF_CACHE_DIR)
         print(f"{repo}@{revision} -> {path}")
-    record = {"repo": VAP_REPO_ID, "requested": requested, "commit": commit}
-    Path(REVISION_RECORD).write_text(json.dumps(record))
-    print(f"recorded {VAP_REPO_ID}@{commit} in {REVISION_RECORD}; pin it with VAP_REVISION={commit}")
+    Path(REVISION_RECORD).write_text(json.dumps({"repo": VAP_REPO_ID, "commit": commit}))
+    print(f"recorded {VAP_REPO_ID}@{commit} in {REVISION_RECORD}")
     weights.commit()
 
 
-def recorded_revision(default: str) -> str:
-    """The commit `download_weights` fetched (the volume is the source of truth when serving)."""
+def recorded_revision() -> str:
+    """The commit `download_weights` fetched (the volume is the source of truth when serving); a
+    volume without a pinned commit recorded fails the container's start."""
+    from gpu.vap.loading import is_commit
+
     try:
-        return str(json.loads(Path(REVISION_RECORD).read_text())["commit"])
-    except (OSError, ValueError, KeyError):
-        return default
+        commit = json.loads(Path(REVISION_RECORD).read_text())["commit"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RuntimeError(
+            f"the weights volume records no downloaded commit ({exc}): run download_weights"
+        ) from None
+    if not is_commit(commit):
+        raise RuntimeError(
+            f"the weights volume holds an unpinned download ({commit!r}): run download_weights again"
+        )
+    return str(commit)
 
 
 def load_engine(gpu_class: GpuClass, device: str) -> Any:
     """The engine for one container: the pipeline on one GPU, or the sequence-parallel engine of
     `gpu.parallel` over all of the container's GPUs."""
     from gpu.service.engines.single import VideoEngine
-    from gpu.vap.loading import VAP_REPO_ID, VAP_REVISION, load_pipeline
+    from gpu.vap.loading import VAP_REPO_ID, load_pipeline
 
-    revision = recorded_revision(SETTINGS.revision or VAP_REVISION)
+    revision = recorded_revision()
     # UMT5 + CLIP in host memory where the plan needs their room on the GPU (one H100).
     offload = routing.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     if gpu_class.count == 1:
@@ -140,7 +170,7 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
             compile_blocks=SETTINGS.compile_blocks,
             offload_encoders=offload,
         )
-        return VideoEngine(pipeline, device)
+        return VideoEngine(pipeline, device, weights=revision)
     # One job over all of the container's GPUs: rank 0 (this process) runs the encoders, the VAE
     # and I/O; the engine spawns one follower per other GPU holding only the transformer. Compile
     # stays off here until a GPU run has checked it with the all-to-all attention.
@@ -154,7 +184,39 @@ def load_engine(gpu_class: GpuClass, device: str) -> Any:
         gpu_class.count,
         transformer_loader=ReleasedTransformer(VAP_REPO_ID, revision),
         startup_timeout_s=SETTINGS.budget.startup_s,
+        weights=revision,
     )
+
+
+def gpu_device(count: int) -> str:
+    """ "cuda" once CUDA has initialised and shows the class's `count` GPUs. Anything else raises:
+    the container's start fails and Modal replaces it, rather than loading 14B parameters on the
+    CPU and failing every job slowly."""
+    import torch
+
+    try:
+        torch.cuda.init()
+        visible = torch.cuda.device_count()
+    except Exception as exc:  # CUDA not built in, no driver, a broken device: all fatal here
+        raise RuntimeError(f"CUDA failed to initialise: {type(exc).__name__}: {exc}") from exc
+    if visible < count:
+        raise RuntimeError(f"this container sees {visible} GPU(s); its class needs {count}")
+    return "cuda"
+
+
+def count_attempt(call_id: str) -> int:
+    """Which execution of `call_id` this is (1 on the first; a preempted input's re-run counts on),
+    from put-if-absent keys in the calls Dict. When the Dict cannot be reached the run still goes
+    ahead as attempt 1: the count orders callbacks, it never gates the work."""
+    from gpu.service.api.executors import claim_attempt
+
+    if not call_id:
+        return 1
+    try:
+        return claim_attempt(calls, call_id)
+    except Exception as exc:
+        print(f"attempt of {call_id} not counted ({type(exc).__name__}: {exc}); reporting 1", file=sys.stderr)
+        return 1
 
 
 class VapGeneratorBase:
@@ -171,7 +233,8 @@ class VapGeneratorBase:
         from gpu.service.runner.config import RunnerConfig
         from gpu.service.safety import DiffusersSafetyClassifier
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Fails the container's start when CUDA is not usable: never a 14B model on the CPU.
+        device = gpu_device(self.gpu_class.count)
         self.engine = load_engine(self.gpu_class, device)
         self.safety = DiffusersSafetyClassifier.from_pretrained(device=device, dtype=torch.float16)
         # The run's limit: Modal's timeout less a minute (the "timeout" callback still goes out),
@@ -190,24 +253,28 @@ class VapGeneratorBase:
 
         request = GpuJobRequest.model_validate(payload)
         call_id = modal.current_function_call_id() or ""
+        attempt = count_attempt(call_id)  # 2, 3, ...: Modal runs a preempted input again
         try:
             result = run_job(
-                request, self.engine, self.http, call_id=call_id, config=self.config, safety=self.safety
-            )
+                request, self.engine, self.http, call_id=call_id, config=self.config, safety=self.safety,
+                attempt=attempt,
+            )  # fmt: skip
         except JobFailed as exc:
             return {"result": None, "error": exc.error.model_dump(mode="json")}
         except modal.exception.InputCancellation:
             # Cancelled from the API: Modal interrupts the input; tell the webhook before going.
             cancelled = GpuError(code="cancelled", message="the job was cancelled")
-            send_callback(self.http, request, call_id, "failed", self.config, error=cancelled)
+            send_callback(
+                self.http, request, call_id, "failed", self.config, error=cancelled, attempt=attempt
+            )
             raise
         finally:
             self._retire_if_unhealthy()
         return {"result": result.model_dump(mode="json"), "error": None}
 
     def _retire_if_unhealthy(self) -> None:
-        """A multi-GPU engine whose ranks fell out of step (a job raised or was interrupted inside
-        a forward) cannot run another job: let Modal replace the container."""
+        """An engine that cannot run another job (a multi-GPU engine whose ranks fell out of step,
+        a GPU left unusable by a sticky CUDA error): let Modal replace the container."""
         if getattr(self.engine, "healthy", True) is False:
             modal.experimental.stop_fetching_inputs()
 
@@ -242,9 +309,22 @@ class VapGeneratorBase:
         }
 
 
-# Host memory (MiB) requested by a class that keeps the encoders in pinned host memory: UMT5-XXL
-# and CLIP (≈13.9 GB pinned, gpu/tools/plan_table.py) plus the process, media and loading headroom.
-OFFLOAD_HOST_MEMORY_MIB = 32 * 1024
+MiB = 1024 * 1024
+# What keeping UMT5-XXL and CLIP in pinned host memory really takes: the caching host allocator
+# rounds each tensor up to a power of two, so 13.9 GB of weights pin this much
+# (`gpu.vap.offload.pinned_nbytes` of the released encoders; a test recomputes it).
+PINNED_ENCODERS_BYTES = 18_263_855_104
+# Host memory every GPU container needs besides pinned weights: the Python process with torch and
+# the CUDA libraries, decoded media (121 frames at 720p are 335 MB per copy), ffmpeg, the saved
+# denoising state in flight (<= 115 MB, twice) and the loaders' buffers.
+HOST_HEADROOM_MIB = 16 * 1024
+# Host memory (MiB) requested by a class that keeps the encoders in pinned host memory.
+OFFLOAD_HOST_MEMORY_MIB = -(-PINNED_ENCODERS_BYTES // MiB) + HOST_HEADROOM_MIB
+# CPU cores asked for per GPU (at least 8 a container): FlashAttention 4 compiles its kernels on
+# first use, inductor compiles on start-up, ffmpeg decodes and encodes, PIL and the safety checker
+# prepare frames. Modal's default request is a fraction of a core.
+CPUS_PER_GPU = 4.0
+MIN_CPUS = 8.0
 # The caching allocator grows segments instead of stranding fragments: the plan's margin assumes it.
 GPU_ENV = {"HF_HUB_OFFLINE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
@@ -256,10 +336,29 @@ def _default_job_gpu() -> str:
     return routing.choose_gpu(width, height, defaults.num_frames).modal_gpu
 
 
-def warm_containers(gpu_class: GpuClass) -> int:
-    """`VAP_MODAL_MIN_CONTAINERS` for the default job's class only: warm GPUs are billed while idle,
-    and one per class would keep 1 + 1 + 2 + 4 + 8 GPUs warm with the default choices."""
-    return SETTINGS.min_containers if gpu_class.modal_gpu == _default_job_gpu() else 0
+def warm_containers(gpu_class: GpuClass, settings: ModalSettings | None = None) -> int:
+    """`VAP_MODAL_MIN_CONTAINERS` for the class that serves the default job only: warm GPUs are
+    billed while idle, and one per class would keep 1 + 1 + 2 + 4 + 8 GPUs warm with the default
+    choices. The class is matched by GPU type and count ("H100" serves the plan's "H100!"); a
+    setting that no offered class can take is an error, never silently dropped."""
+    settings = settings or SETTINGS
+    default = _default_job_gpu()
+    warm = offered_class(default, [g.modal_gpu for g in settings.gpus])
+    if warm is None and settings.min_containers > 0:
+        raise SettingsError(
+            f"VAP_MODAL_MIN_CONTAINERS={settings.min_containers} keeps the default job's class "
+            f"({default}) warm, but VAP_MODAL_GPUS does not offer it"
+        )
+    return settings.min_containers if gpu_class.modal_gpu == warm else 0
+
+
+def cpu_request(gpu_class: GpuClass) -> float:
+    return max(MIN_CPUS, CPUS_PER_GPU * gpu_class.count)
+
+
+def memory_request_mib(gpu_class: GpuClass) -> int:
+    offload = routing.offload_encoders(gpu_class.gpu_type, gpu_class.count)
+    return OFFLOAD_HOST_MEMORY_MIB if offload else HOST_HEADROOM_MIB
 
 
 def _define_generator(gpu_class: GpuClass) -> Any:
@@ -267,13 +366,13 @@ def _define_generator(gpu_class: GpuClass) -> Any:
     finds the class it serves by that name (`getattr(module, name)`)."""
     namespace = {"gpu_class": gpu_class, "__module__": __name__}
     user_cls = type(gpu_class.class_name, (VapGeneratorBase,), namespace)
-    offload = routing.offload_encoders(gpu_class.gpu_type, gpu_class.count)
     return app.cls(
         image=gpu_image,
         gpu=gpu_class.modal_gpu,
         volumes={MODELS_DIR: weights},
         secrets=SECRETS,
-        memory=OFFLOAD_HOST_MEMORY_MIB if offload else None,
+        cpu=cpu_request(gpu_class),
+        memory=memory_request_mib(gpu_class),
         # Serving reads only the volume: no hub access (a missing file is a deploy error, not a download).
         env={**GPU_ENV, **FORWARDED_ENV},
         timeout=SETTINGS.timeout_s,

@@ -50,6 +50,7 @@ REMOVED_NAMES: dict[str, str] = {
 # One class per offered choice: pinned H100 and H200 for one GPU, H100 x 2/4/8 for sequence parallel.
 DEFAULT_GPUS = ("H100!", "H200", "H100:2", "H100:4", "H100:8")
 MAX_STEPS = 200
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # gpu.vap.loading.is_commit (this module imports no torch)
 _GPU_RE = re.compile(r"^(?P<type>[A-Z][A-Z0-9-]*)(?P<pin>!?)(?::(?P<count>\d+))?$")
 
 
@@ -107,7 +108,7 @@ class ModalSettings:
     budget: Budget = field(default_factory=Budget)
     default_steps: int = 50
     compile_blocks: bool = False  # regional torch.compile: faster steps, slower cold start
-    revision: str = ""  # VAP weights revision to download ("" = gpu.vap.loading.VAP_REVISION)
+    revision: str = ""  # the VAP weights' commit (40 hex; "" = gpu.vap.loading.VAP_REVISION)
     volume: str = "vap-weights"
     secrets: tuple[str, ...] = ()  # Modal secret names, e.g. ("huggingface",)
     calls_dict: str = "vap-gpu-calls"  # modal.Dict: job id -> call id, cancel records
@@ -157,6 +158,9 @@ def read_settings(env: Mapping[str, str] | None = None) -> ModalSettings:
         budget = Budget(job_s=_int(env, BUDGET, DEFAULT_BUDGET_S, 1, 10**7), modal_containers=max_containers)
     except BudgetError as exc:
         raise SettingsError(f"{BUDGET}: {exc}") from None
+    revision = env.get(REVISION, "").strip()
+    if revision and not _COMMIT_RE.fullmatch(revision):
+        raise SettingsError(f"{REVISION} must be a commit (40 hex digits), not a branch or tag: {revision!r}")
     compile_raw = env.get(COMPILE, "").strip()
     if compile_raw not in ("", "0", "1"):
         raise SettingsError(f"{COMPILE} must be 0 or 1, got {compile_raw!r}")
@@ -169,7 +173,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> ModalSettings:
         budget=budget,
         default_steps=_int(env, STEPS, 50, 1, MAX_STEPS),
         compile_blocks=compile_raw == "1",
-        revision=env.get(REVISION, "").strip(),
+        revision=revision,
         volume=env.get(VOLUME, "").strip() or ModalSettings.volume,
         secrets=_names(env.get(SECRETS, "")),
         calls_dict=env.get(CALLS_DICT, "").strip() or ModalSettings.calls_dict,

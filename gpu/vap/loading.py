@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,27 @@ from gpu.vap.attention import choose_backend
 from gpu.vap.pipeline import VAPPipeline
 from gpu.vap.transformer import WanTransformer3DMOTModel
 
-VAP_REPO_ID = "ByteDance/Video-As-Prompt-Wan2.1-14B"
-# Revision of VAP_REPO_ID. The full 40-hex commit could not be looked up offline (a third-party
-# record names the 65.87 GB snapshot `f0d6ab47…`). The Modal download step resolves this to a
-# commit, records it in the weights volume and serving loads exactly that commit; set the
-# `VAP_REVISION` env var (or this constant) to the recorded hash to pin future downloads too.
-VAP_REVISION = "main"
+VAP_REPO_ID = "ByteDance/Video-As-Prompt-Wan2.1-14B"  # self-contained: Wan2.1-I2V-14B's parts included
+# The commit of VAP_REPO_ID to load. Unknown here: its full 40-hex id could not be looked up from
+# this environment (a third-party record names the 65.87 GB snapshot by its short hash `f0d6ab47`
+# only), and a branch name is no pin. None: every hub load needs an explicit commit (a deployment
+# sets `VAP_REVISION`); set this constant once the commit is known.
+VAP_REVISION: str | None = None
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit(revision: str | None) -> bool:
+    """Whether `revision` names one commit (40 hex digits), not a branch or tag that can move."""
+    return revision is not None and _COMMIT.fullmatch(revision) is not None
+
+
+def require_commit(repo: str, revision: str | None) -> str:
+    if not is_commit(revision):
+        raise ValueError(
+            f"{repo} must be loaded at a pinned commit (40 hex digits), not {revision!r}: set VAP_REVISION"
+        )
+    assert revision is not None
+    return revision
 
 
 logger = logging.getLogger(__name__)
@@ -76,19 +92,17 @@ def verify_transformer_checkpoint(folder: Path) -> None:
 
 
 def load_transformer(
-    path_or_repo: str,
+    folder: str,
     dtype: torch.dtype,
-    revision: str = VAP_REVISION,
     device: str | torch.device = "cpu",
 ) -> WanTransformer3DMOTModel:
     """Transformer with strict key matching (fp32 kept where the reference keeps it), loaded
-    straight onto `device` (no 42 GB detour through host memory). `path_or_repo` is a local
-    pipeline folder (`load_pipeline` downloads a hub repo first)."""
-    verify_transformer_checkpoint(Path(path_or_repo) / "transformer")
+    straight onto `device` (no 42 GB detour through host memory). `folder` is a local pipeline
+    folder (`load_pipeline` downloads a hub repo at its pinned commit first)."""
+    verify_transformer_checkpoint(Path(folder) / "transformer")
     model, info = WanTransformer3DMOTModel.from_pretrained(
-        path_or_repo,
+        folder,
         subfolder="transformer",
-        revision=revision,
         torch_dtype=dtype,
         low_cpu_mem_usage=True,
         device_map={"": torch.device(device)},
@@ -101,11 +115,9 @@ def load_transformer(
     return model.eval()
 
 
-def _scheduler(path_or_repo: str, revision: str) -> Any:
+def _scheduler(folder: str) -> Any:
     # The scheduler class comes from the checkpoint (expected: UniPCMultistepScheduler, flow).
-    config = diffusers.UniPCMultistepScheduler.load_config(
-        path_or_repo, subfolder="scheduler", revision=revision
-    )
+    config = diffusers.UniPCMultistepScheduler.load_config(folder, subfolder="scheduler")
     cls = getattr(diffusers, str(config["_class_name"]))
     return cls.from_config(config)
 
@@ -114,7 +126,7 @@ def load_pipeline(
     path_or_repo: str = VAP_REPO_ID,
     device: str | torch.device = "cuda",
     dtype: torch.dtype = torch.bfloat16,
-    revision: str = VAP_REVISION,
+    revision: str | None = VAP_REVISION,
     vae_dtype: torch.dtype | None = None,
     attention_backend: str | None = None,
     compile_blocks: bool = False,
@@ -135,24 +147,20 @@ def load_pipeline(
     vae_dtype = vae_dtype or torch.float32
     if not os.path.isdir(path_or_repo):
         # Resolve the pinned snapshot once; every component then loads from local files.
-        path_or_repo = snapshot_download(path_or_repo, revision=revision)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_repo, subfolder="tokenizer", revision=revision)
+        path_or_repo = snapshot_download(path_or_repo, revision=require_commit(path_or_repo, revision))
+    tokenizer = AutoTokenizer.from_pretrained(path_or_repo, subfolder="tokenizer")
     # Straight to where it will live: the GPU, or host memory when it is lent only to encode.
     text_device = torch.device("cpu") if offload_encoders else device
     text_encoder = UMT5EncoderModel.from_pretrained(
-        path_or_repo, subfolder="text_encoder", revision=revision, dtype=dtype, device_map={"": text_device}
+        path_or_repo, subfolder="text_encoder", dtype=dtype, device_map={"": text_device}
     ).eval()
     image_encoder = CLIPVisionModel.from_pretrained(
-        path_or_repo, subfolder="image_encoder", revision=revision, dtype=torch.float32
+        path_or_repo, subfolder="image_encoder", dtype=torch.float32
     ).eval()
     # PIL backend: the torchvision one's pixels differ from the reference's by up to 1.5e-2.
-    image_processor = CLIPImageProcessorPil.from_pretrained(
-        path_or_repo, subfolder="image_processor", revision=revision
-    )
-    vae = AutoencoderKLWan.from_pretrained(
-        path_or_repo, subfolder="vae", revision=revision, torch_dtype=vae_dtype
-    ).eval()
-    transformer = load_transformer(path_or_repo, dtype, revision, device)
+    image_processor = CLIPImageProcessorPil.from_pretrained(path_or_repo, subfolder="image_processor")
+    vae = AutoencoderKLWan.from_pretrained(path_or_repo, subfolder="vae", torch_dtype=vae_dtype).eval()
+    transformer = load_transformer(path_or_repo, dtype, device=device)
     pipe = VAPPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -160,7 +168,7 @@ def load_pipeline(
         image_processor=image_processor,
         transformer=transformer,
         vae=vae,
-        scheduler=_scheduler(path_or_repo, revision),
+        scheduler=_scheduler(path_or_repo),
     )
     # Each component to its place (not pipe.to(device): offloaded encoders never visit the GPU).
     on_device: list[Any] = [pipe.vae, pipe.transformer]

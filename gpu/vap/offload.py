@@ -4,6 +4,12 @@ The text and image encoders (UMT5-XXL 11.4 GB, CLIP 2.5 GB) run once per video, 
 denoising loop that needs the GPU memory most. Their weights never change, so the host copy is the
 only one kept: lending copies it to the device (pinned memory: fast, asynchronous), returning just
 drops the device copy — nothing is copied back.
+
+Pinned memory costs more than the weights: PyTorch's CUDA caching host allocator rounds every
+pinned request up to the next power of two (`CachingHostAllocatorImpl::allocate`:
+`c10::llvm::PowerOf2Ceil(size)`; `torch.cuda.memory.host_memory_stats` documents it), and each
+tensor is pinned on its own, so UMT5-XXL's 11.4 GB take 15.0 GB. `pinned_nbytes` says what a
+module really pins; the container's memory request is sized from it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,27 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+
+
+def host_block_nbytes(nbytes: int) -> int:
+    """The pinned block the caching host allocator reserves for a request of `nbytes`."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def _unique_tensors(module: nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for tensor in table.values():
+                if tensor is not None:
+                    seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+
+def pinned_nbytes(module: nn.Module) -> int:
+    """Host memory `HostResident(module)` pins (each tensor its own power-of-two block); works on
+    the meta device, so a deployment can size its containers without loading anything."""
+    return sum(host_block_nbytes(t.numel() * t.element_size()) for t in _unique_tensors(module))
 
 
 class HostResident:
@@ -41,6 +68,12 @@ class HostResident:
     def nbytes(self) -> int:
         unique = {id(t): t for *_, t in self._slots}
         return sum(t.numel() * t.element_size() for t in unique.values())
+
+    @property
+    def pinned_nbytes(self) -> int:
+        """Host memory this module's pinned copies take (0 when not pinned)."""
+        unique = {id(t): t for *_, t in self._slots}
+        return sum(host_block_nbytes(t.numel() * t.element_size()) for t in unique.values() if t.is_pinned())
 
     def _lend(self, device: torch.device) -> None:
         copies: dict[int, torch.Tensor] = {}

@@ -9,6 +9,7 @@ unchanged: CFG runs as ONE transformer call of batch 2, the reference stream is 
 from __future__ import annotations
 
 import html
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,19 @@ from diffusers.video_processor import VideoProcessor
 
 from gpu.vap.geometry import TEXT_TOKENS, Geometry
 from gpu.vap.offload import HostResident
+from gpu.vap.resume import (
+    BackgroundSaver,
+    Resumable,
+    ResumeRefused,
+    RunIdentity,
+    check_supported,
+    decode_state,
+    fingerprint,
+    restore,
+)
 from gpu.vap.transformer import WanTransformer3DMOTModel
+
+log = logging.getLogger(__name__)
 
 # The reference's default negative prompt (used for both streams when none is given).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -240,7 +253,10 @@ class VAPPipeline(DiffusionPipeline):
         max_sequence_length: int = TEXT_TOKENS,
         latents: torch.Tensor | None = None,
         return_dict: bool = True,
+        resume: Resumable | None = None,
     ) -> VAPPipelineOutput | tuple[Any]:
+        """Generate a video. With `resume`, the denoising state is saved every so often and a state
+        saved by an earlier attempt of the same job is continued (`gpu.vap.resume`)."""
         self._check(prompt, prompt_mot_ref, height, width, num_frames, max_sequence_length)
         if len(ref_video) == 0:
             raise ValueError("ref_video has no frames")
@@ -249,6 +265,8 @@ class VAPPipeline(DiffusionPipeline):
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback tensor inputs {bad} not in {self._callback_tensor_inputs}")
+        if resume is not None:
+            check_supported(self.scheduler)
         self._interrupt = False
         device = self._execution_device
         cfg = guidance_scale > 1.0
@@ -280,32 +298,60 @@ class VAPPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=torch.float32)
         self._num_timesteps = len(timesteps)
+        saver = None
+        start = 0
+        if resume is not None:
+            settings = {
+                "captions": captions,
+                "size": [height, width, num_frames],
+                "steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "transformer": dict(self.transformer.config),
+            }
+            identity = RunIdentity(
+                fingerprint(resume.key, settings, self.scheduler, latents),
+                len(timesteps),
+                tuple(latents.shape),
+            )
+            start, latents = self._resume(resume, identity, latents)
+            saver = BackgroundSaver(resume, identity)
+            last_save = resume.clock()
 
         # 4. Denoising loop: cond and uncond in ONE batch of 2.
-        for i, t in enumerate(timesteps):
-            if self._interrupt:
-                break
-            model_in = torch.cat([latents, condition], dim=1).to(tdtype)
-            # `expand`: the CFG rows are views of one row, which the transformer computes once up
-            # to the first cross-attention.
-            pred = self.transformer(
-                model_in.expand(n, -1, -1, -1, -1),
-                t.expand(n),
-                reference=reference,
-                context=context,
-                return_dict=False,
-            )[0]
-            if cfg:
-                cond, uncond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                local = {"latents": latents}
-                outputs = callback_on_step_end(
-                    self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                )
-                if outputs:
-                    latents = outputs.pop("latents", latents)
+        try:
+            for i in range(start, len(timesteps)):
+                t = timesteps[i]
+                if self._interrupt:
+                    break
+                model_in = torch.cat([latents, condition], dim=1).to(tdtype)
+                # `expand`: the CFG rows are views of one row, which the transformer computes once
+                # up to the first cross-attention.
+                pred = self.transformer(
+                    model_in.expand(n, -1, -1, -1, -1),
+                    t.expand(n),
+                    reference=reference,
+                    context=context,
+                    return_dict=False,
+                )[0]
+                if cfg:
+                    cond, uncond = pred.chunk(2)
+                    pred = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {"latents": latents}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    )
+                    if outputs:
+                        latents = outputs.pop("latents", latents)
+                if saver is not None and resume is not None:
+                    now = resume.clock()
+                    if now - last_save >= resume.every_s:
+                        saver.save(i + 1, latents, self.scheduler)
+                        last_save = now
+        finally:
+            if saver is not None:
+                saver.close()
 
         # The loop's constants are dead: free them (GBs at 720p) before the VAE decode's peak.
         del reference, context, condition
@@ -319,6 +365,24 @@ class VAPPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return VAPPipelineOutput(frames=video)
+
+    def _resume(
+        self, resume: Resumable, identity: RunIdentity, latents: torch.Tensor
+    ) -> tuple[int, torch.Tensor]:
+        """(steps already done, latents to continue from): the saved state's, or (0, `latents`)
+        when there is none or it is refused (then the scheduler is as `set_timesteps` left it)."""
+        resume.resumed_at, resume.refused = 0, None
+        if resume.saved is None:
+            return 0, latents
+        try:
+            state = decode_state(resume.saved, identity)
+            restored = restore(state, self.scheduler, latents.device)
+        except ResumeRefused as refused:
+            resume.refused = str(refused)
+            log.warning("not resuming the saved denoising state: %s", refused)
+            return 0, latents
+        resume.resumed_at = state.steps_done
+        return state.steps_done, restored
 
     def _check(
         self, prompt: Any, prompt_mot_ref: Any, height: int, width: int, num_frames: int, max_len: int

@@ -4,17 +4,25 @@
 derive their limits from it here, so they cannot contradict each other:
 
 - Modal start-up allowance S (a cold container loads ~66 GB of weights): Modal's `startup_timeout`.
-- Per-run limit R = (B - S) // 2: Modal's `timeout`; the runner stops itself a minute earlier, and
-  never later than the job's deadline (dispatch + B) minus the time an upload needs.
+- Preemption loss L: Modal stops a GPU container when it must and runs the input again on a new
+  one (GPU functions cannot be made non-preemptible). The re-run starts again (another S) and
+  continues from the denoising state the run saved last (at least once a minute, after a step:
+  `gpu.vap.resume`), so what the preemption loses is L: the steps since that save, the step in
+  progress, and the work a re-run repeats before its loop (downloads, encoders, VAE encodes).
+- Per-run limit R = (B - 2S - L) // 2: Modal's `timeout` (per attempt); the runner stops itself a
+  minute earlier, and never later than the job's deadline (dispatch + B) minus the time an upload
+  needs.
 - Ingest keeps at most 2 x P jobs outstanding at Modal (P = containers): each container has one job
-  running and at most one waiting, so every job starts by S + R and ends by S + 2R <= B.
+  running and at most one waiting, so every job starts by S + R and, with one preemption among the
+  runs it waits for and its own, ends by 2S + 2R + L <= B (without one: by S + 2R).
 - URLs sent at dispatch live B (the GPU also fetches fresh ones when it starts and before it uploads).
 - The sweeper asks a backend about a job it has heard nothing from for `silence_s`, and stops a job
   only after `stop_after_s` (B + grace): by then the GPU side has reported or is dead.
 
 Local stack only: `VAP_LOCAL_TIME_SCALE` (a factor in (0, 1], never set by the template or on Modal)
 multiplies every duration a budget gives, so a load test lives through a whole budget in seconds.
-The parameter itself keeps its deployable range; only the derived durations shrink.
+The parameter itself keeps its deployable range; only the derived durations shrink (each rounded up
+to a whole second, so at tiny scales only S + 2R <= B still holds, not the preemption allowance).
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ from typing import Literal
 
 STARTUP_S = 1200  # Modal startup_timeout: a cold container loading the weights
 MIN_RUN_S = 900  # the smallest per-run limit a budget may give (a 720p job needs many minutes)
-MIN_BUDGET_S = STARTUP_S + 2 * MIN_RUN_S  # 3000
+# L: a save interval (<= 60 s, gpu.vap.resume.MAX_EVERY_S) plus the step in progress (a 720p/121
+# step on one GPU takes minutes) plus the re-run's work before its loop.
+PREEMPTION_LOSS_S = 600
+MIN_BUDGET_S = 2 * STARTUP_S + 2 * MIN_RUN_S + PREEMPTION_LOSS_S  # 4800
 MAX_BUDGET_S = 24 * 3600  # Modal's longest timeout; presigned URLs may live up to 7 days
-DEFAULT_BUDGET_S = 7200
+DEFAULT_BUDGET_S = 9000  # R = 3000 s per run
 RUNNER_MARGIN_S = 60  # the runner stops this long before Modal's hard timeout (its callback goes out)
 UPLOAD_MARGIN_S = 120  # time kept for encode + upload + callback before the deadline
 SWEEP_GRACE_S = 600  # after the budget: callbacks in flight, retries of the webhook
@@ -61,7 +72,9 @@ class Budget:
             raise BudgetError("pool sizes must be at least 1")
         if not 0 < self.time_scale <= 1:
             raise BudgetError(f"the local time scale must be in (0, 1], got {self.time_scale}")
-        if self.run_s < 1:
+        # Whole seconds under a local time scale: a tiny scale can leave no room for even the
+        # run a job waits for and its own (the preemption allowance then no longer fits either).
+        if self.startup_allowance_s + 2 * self.run_s > self.total_s:
             raise BudgetError(f"the local time scale {self.time_scale} leaves no time for a run")
 
     def _t(self, seconds: int) -> int:
@@ -81,9 +94,14 @@ class Budget:
         return self._t(self.startup_s)
 
     @property
+    def preemption_loss_s(self) -> int:
+        """L: what one preemption costs a job beyond another start-up."""
+        return self._t(PREEMPTION_LOSS_S)
+
+    @property
     def run_s(self) -> int:
-        """Modal's per-run `timeout`."""
-        return (self.total_s - self.startup_allowance_s) // 2
+        """R: Modal's per-run `timeout`, from 2S + 2R + L <= B (then under the local time scale)."""
+        return self._t((self.job_s - 2 * self.startup_s - PREEMPTION_LOSS_S) // 2)
 
     @property
     def runner_margin_s(self) -> int:

@@ -83,6 +83,10 @@ class UrlRefreshResponse(_Wire):
     output_put_url: str | None = None
     poster_put_url: str | None = None
     preview_put_url: str | None = None
+    # The job's saved denoising state (work/<job_id>/resume.bin): GET it at the start (404: none
+    # yet), PUT each new one. A re-run of a preempted call resumes from it.
+    resume_get_url: str | None = None
+    resume_put_url: str | None = None
     expires_at: int
 
 
@@ -114,6 +118,8 @@ class GpuError(_Wire):
     code: ErrorCode
     message: str
     retryable: bool = False
+    # The request field the error is about (e.g. "video_url" for a video the GPU cannot decode).
+    field: str | None = None
 
 
 class GpuCallback(_Wire):

@@ -13,7 +13,7 @@ from typing import cast
 from .gpu_contract import ServiceUrlField, UrlRefreshResponse
 from .jobs import Job
 from .media import MediaRef
-from .naming import GPU_UPLOADS, work_upload_key
+from .naming import GPU_UPLOADS, RESUME_STATE, work_resume_key, work_upload_key
 
 GetSigner = Callable[[str, str], str]  # (bucket, key) -> presigned GET
 PutSigner = Callable[[str, str], str]  # (key, content type) -> presigned PUT in the stack's bucket
@@ -45,9 +45,11 @@ def fresh_urls(
     sign_get: GetSigner,
     sign_put: PutSigner,
     expires_at: int,
+    bucket: str | None = None,
 ) -> UrlRefreshResponse:
     """New URLs for the job's own objects named by `fields`: its recorded inputs (inbox/ or work/)
-    and its uploads under work/<job_id>/. Anything else stays None ("keep the URL you have")."""
+    and its uploads under work/<job_id>/. Anything else stays None ("keep the URL you have").
+    With `bucket` (the stack's), also a GET and a PUT for the job's saved denoising state."""
     urls: dict[str, str] = {}
     inputs = job.inputs or {}
     for field in fields:
@@ -57,4 +59,8 @@ def fresh_urls(
                 urls[field] = sign_get(ref.bucket, ref.key)
         elif field in GPU_UPLOADS:
             urls[field] = sign_put(work_upload_key(work_prefix, job.job_id, field), GPU_UPLOADS[field][1])
+    if bucket is not None:
+        state = work_resume_key(work_prefix, job.job_id)
+        urls["resume_get_url"] = sign_get(bucket, state)
+        urls["resume_put_url"] = sign_put(state, RESUME_STATE[1])
     return UrlRefreshResponse(**urls, expires_at=expires_at)

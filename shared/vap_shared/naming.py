@@ -93,3 +93,13 @@ GPU_UPLOADS: dict[str, tuple[str, str]] = {
 
 def work_upload_key(work: str, job_id: str, field: str) -> str:
     return f"{work}{job_id}/{GPU_UPLOADS[field][0]}"
+
+
+# The GPU's saved denoising state (`gpu.vap.resume`): a URL refresh presigns a PUT and a GET for it,
+# so a run Modal preempts and runs again continues where the first one saved (template.yaml grants
+# the webhook exactly this name besides GPU_UPLOADS).
+RESUME_STATE = ("resume.bin", "application/octet-stream")
+
+
+def work_resume_key(work: str, job_id: str) -> str:
+    return f"{work}{job_id}/{RESUME_STATE[0]}"

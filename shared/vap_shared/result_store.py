@@ -121,7 +121,8 @@ def accept_gpu_result(
 def gpu_failed(rt: Runtime, job: Job, error: GpuError | None) -> Intake:
     """A GPU run reported failure: fal once (when allowed), or the job fails with the GPU's message."""
     message = error.message if error else "the GPU reported a failure without details"
-    errors: list[FieldError] = [field_error(None, f"Generation failed on Modal: {message}")]
+    field = error.field if error else None  # e.g. the input the GPU could not decode
+    errors: list[FieldError] = [field_error(field, f"Generation failed on Modal: {message}")]
     reason = f"{error.code}: {message}" if error else message
     updated = fall_back_or_fail(
         rt,

@@ -64,6 +64,7 @@ def handle_url_refresh(rt: Runtime, delivery: Delivery) -> Reply:
         sign_get=rt.sign_get,
         sign_put=lambda k, content_type: presign_put(rt.s3, s.bucket_name, k, ttl, content_type),
         expires_at=int(time.time()) + ttl,
+        bucket=s.bucket_name,  # the GPU's saved denoising state (resume after a preemption)
     )
     logger.info("URLs refreshed", extra={"job_id": job_id, "purpose": request.purpose})
     return Reply(200, urls.model_dump())

@@ -43,6 +43,7 @@ class StubServices:
         self.media: dict[str, bytes] = {}
         self.recorded = Recorded()
         self.callback_failures = 0  # answer 503 to this many callback POSTs first
+        self.serve_uploads = False  # True: PUT /upload/<name> also serves GET /media/<name> (S3-like)
         self.expired: set[str] = set()
         self.refresh_answers: list[tuple[int, dict[str, Any] | None]] = [(200, {"expires_at": 0})]
         self.lock = threading.Lock()
@@ -79,6 +80,8 @@ class StubServices:
                     return
                 with stub.lock:
                     stub.recorded.uploads[path] = (self.headers.get("Content-Type", ""), body)
+                    if stub.serve_uploads:
+                        stub.media[path.removeprefix("/upload/")] = body
                 self._reply(200)
 
             def _refresh(self, body: bytes) -> None:
@@ -159,3 +162,26 @@ class StubServices:
             settings=GenerationSettings(**fields),
             num_inference_steps=steps,
         )
+
+
+class FakeDict:
+    """`modal.Dict`'s put/get/pop semantics (put-if-absent returns whether it created the key)."""
+
+    def __init__(self):
+        self.data = {}
+        self.lock = threading.Lock()
+
+    def put(self, key, value, *, skip_if_exists=False):
+        with self.lock:
+            if skip_if_exists and key in self.data:
+                return False
+            self.data[key] = value
+            return True
+
+    def get(self, key, default=None):
+        with self.lock:
+            return self.data.get(key, default)
+
+    def pop(self, key, default=None):
+        with self.lock:
+            return self.data.pop(key, default)

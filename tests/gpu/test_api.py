@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import modal
 import pytest
 from fastapi.testclient import TestClient
-from gpu_service_helpers import StubServices
+from gpu_service_helpers import FakeDict, StubServices
 from modal._functions import _FunctionCall
 from modal._serialization import serialize
 from modal._utils.async_utils import synchronizer
@@ -246,29 +246,6 @@ class ModalClient:
         return self._stub
 
 
-class FakeDict:
-    """`modal.Dict`'s put/get/pop semantics (put-if-absent returns whether it created the key)."""
-
-    def __init__(self):
-        self.data = {}
-        self.lock = threading.Lock()
-
-    def put(self, key, value, *, skip_if_exists=False):
-        with self.lock:
-            if skip_if_exists and key in self.data:
-                return False
-            self.data[key] = value
-            return True
-
-    def get(self, key, default=None):
-        with self.lock:
-            return self.data.get(key, default)
-
-    def pop(self, key, default=None):
-        with self.lock:
-            return self.data.pop(key, default)
-
-
 class DoesNotFit(Exception):
     pass
 
@@ -391,6 +368,48 @@ def test_modal_submit_waits_for_a_reservation_then_takes_over_a_stale_one(modal_
     assert info.value.status_code == 503 and modal_setup.spawned == []
     registry.put("job:job-1", {"pending_since": time.time() - 3600})  # that container died long ago
     assert executor.submit(job()) == "fc-1" and registry.get("job:job-1")["call_id"] == "fc-1"
+
+
+def test_two_submits_that_find_the_same_stale_reservation_spawn_once(modal_setup):
+    # Both API containers read the stale reservation before either acts on it: only the one that
+    # creates its takeover key (put-if-absent) replaces it and spawns; the other waits for its call.
+    registry, executor = modal_setup.registry, modal_setup.executor
+    registry.put("job:job-1", {"pending_since": time.time() - 3600, "token": "old"})
+    both_read = threading.Barrier(2, timeout=5)
+    read = registry.get
+
+    def get(key, default=None):
+        value = read(key, default)
+        if key == "job:job-1" and value is not None and value.get("token") == "old":
+            both_read.wait()  # each thread holds the stale record before anyone takes it over
+        return value
+
+    registry.get = get
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(executor.submit(job()))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == ["fc-1", "fc-1"] and modal_setup.spawned == [("H100!", "job-1")]
+    assert registry.data["job:job-1"]["call_id"] == "fc-1" and "takeover:job-1:old" in registry.data
+
+
+def test_attempts_of_a_call_are_counted_with_put_if_absent(modal_setup):
+    from gpu.service.api.executors import claim_attempt
+
+    registry = modal_setup.registry
+    assert [claim_attempt(registry, "fc-7") for _ in range(3)] == [1, 2, 3]
+    assert claim_attempt(registry, "fc-8") == 1
+    counted: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: counted.append(claim_attempt(registry, "fc-9"))) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(counted) == list(range(1, 9))  # concurrent executions never share a number
 
 
 def test_modal_status_running_succeeded_unknown(modal_setup):

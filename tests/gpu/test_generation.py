@@ -84,3 +84,11 @@ def test_build_spec_rejects_out_of_range():
         build_spec(GenerationSettings(prompt="p", video_description="d", guidance_scale=1.0), None, 50)
     with pytest.raises(ValueError):
         build_spec(GenerationSettings(prompt="p", video_description="d", fps=0), None, 50)
+
+
+def test_a_seed_left_open_is_drawn_from_the_job_id_the_same_on_every_attempt():
+    # A re-run after a preemption must draw the same noise to continue the saved state.
+    first, again = resolve_seed(None, "job-1"), resolve_seed(None, "job-1")
+    assert first == again != resolve_seed(None, "job-2")
+    assert all(0 <= resolve_seed(None, f"job-{i}") <= MAX_SEED for i in range(50))
+    assert resolve_seed(7, "job-1") == 7  # the sidecar's own seed always wins

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from gpu_service_helpers import StubServices
+from gpu_service_helpers import FakeDict, StubServices
 from modal._utils.async_utils import synchronizer
 from PIL import Image
 from vap_shared.budget import Budget
@@ -56,9 +56,9 @@ def test_app_registers_one_class_per_gpu_choice(modal_app):
         assert getattr(module, name.removesuffix(".*")) is module.GENERATORS[gpu]
     assert functions["api"]._spec_.gpus is None and web == ["api"]  # the API itself needs no GPU
     assert list(functions["download_weights"]._spec_.volumes) == ["/models"]
-    # Modal's limits come from the job budget (B = 7200 s): run (7200 - 1200) // 2, startup 1200.
+    # Modal's limits come from the job budget (B = 9000 s): run (9000 - 2 * 1200 - 600) // 2, startup 1200.
     assert (module.SETTINGS.timeout_s, module.SETTINGS.startup_timeout_s) == (3000, 1200)
-    assert module.SETTINGS.budget == Budget(job_s=7200, modal_containers=2)
+    assert module.SETTINGS.budget == Budget(job_s=9000, modal_containers=2)
 
 
 # --- deploy-time settings reach the containers -----------------------------------------------
@@ -181,6 +181,9 @@ def test_removed_and_invalid_settings_are_refused():
         read_settings({"VAP_JOB_BUDGET_S": "1800"})  # below startup + 2 x 600
     with pytest.raises(SettingsError, match="VAP_MODAL_COMPILE"):
         read_settings({"VAP_MODAL_COMPILE": "yes"})
+    for moving in ("main", "v1", "f0d6ab47"):  # a branch, a tag, a short hash: none pins the weights
+        with pytest.raises(SettingsError, match="VAP_REVISION must be a commit"):
+            read_settings({"VAP_REVISION": moving})
     assert modal_settings.forwarded_env({"VAP_DEFAULT_STEPS": "20", "HOME": "/x", "VAP_REVISION": ""}) == {
         "VAP_DEFAULT_STEPS": "20"
     }
@@ -196,6 +199,8 @@ def local_generator(modal_app, monkeypatch):
     import gpu.service.safety
 
     monkeypatch.setattr(module, "load_engine", lambda gpu_class, device: FakeEngine())
+    monkeypatch.setattr(module, "gpu_device", lambda count: "cpu")  # no CUDA on this machine
+    monkeypatch.setattr(module, "calls", FakeDict())  # the calls Dict (attempts) without Modal
     monkeypatch.setattr(
         gpu.service.safety.DiffusersSafetyClassifier,
         "from_pretrained",
@@ -388,6 +393,7 @@ def test_multi_gpu_classes_build_the_sequence_parallel_engine(modal_app, monkeyp
             built.append((pipeline_loader, world_size, kwargs))
 
     monkeypatch.setattr(gpu.service.engines.sequence_parallel, "SequenceParallelEngine", Recorder)
+    monkeypatch.setattr(module, "recorded_revision", lambda: "0123456789abcdef0123456789abcdef01234567")
     engine = module.load_engine(modal_settings.parse_gpu("H100:8"), "cuda")
     assert isinstance(engine, Recorder)
     loader, world_size, kwargs = built[0]
@@ -431,12 +437,102 @@ def test_gpu_classes_follow_the_plans_encoder_policy(modal_app, monkeypatch):
 
     assert routing.offload_encoders("H100", 1) and not routing.offload_encoders("H200", 1)
     memory = {spec.gpus: spec.memory for spec in (f._spec_ for f in functions.values())}
-    assert memory["H100!"] == module.OFFLOAD_HOST_MEMORY_MIB >= 24 * 1024  # 13.9 GB pinned + headroom
-    assert memory["H200"] is None and memory["H100:8"] is None
+    assert memory["H100!"] == module.OFFLOAD_HOST_MEMORY_MIB
+    assert memory["H200"] == memory["H100:8"] == module.HOST_HEADROOM_MIB
 
     loads: list[dict[str, object]] = []
     monkeypatch.setattr(gpu.vap.loading, "load_pipeline", lambda *args, **kwargs: loads.append(kwargs))
-    monkeypatch.setattr(gpu.service.engines.single, "VideoEngine", lambda pipeline, device: "engine")
+    monkeypatch.setattr(gpu.service.engines.single, "VideoEngine", lambda pipeline, device, **kw: "engine")
+    monkeypatch.setattr(module, "recorded_revision", lambda: "0123456789abcdef0123456789abcdef01234567")
     for modal_gpu in ("H100!", "H200"):
         assert module.load_engine(modal_settings.parse_gpu(modal_gpu), "cuda") == "engine"
     assert [kwargs["offload_encoders"] for kwargs in loads] == [True, False]
+
+
+# --- first contact with a GPU: what a container asks for and refuses ---------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The VapGeneratorH100")
+def test_a_container_without_cuda_fails_its_start_before_loading_anything(modal_app, monkeypatch):
+    module, _, _ = modal_app
+    loaded: list[object] = []
+    monkeypatch.setattr(module, "load_engine", lambda gpu_class, device: loaded.append(device))
+    with pytest.raises(RuntimeError, match="CUDA failed to initialise"):
+        module.gpu_device(1)  # this machine's torch has no CUDA: as a container whose driver failed
+    with StubServices() as stub, pytest.raises(RuntimeError, match="CUDA failed to initialise"):
+        # `.local()` runs the class's @modal.enter first, as a container start does.
+        module.GENERATORS["H100!"]().generate.local(stub.request(steps=2).model_dump(mode="json"))
+    assert loaded == [] and stub.recorded.callbacks == []  # never a 14B model on the CPU
+
+
+@pytest.mark.filterwarnings("ignore:The VapGeneratorH100")
+def test_a_re_run_of_a_call_reports_the_next_attempt(local_generator, monkeypatch):
+    monkeypatch.setattr("modal.current_function_call_id", lambda: "fc-77")
+    with StubServices() as stub:
+        for _ in range(2):  # Modal runs the preempted input again with the same call id
+            local_generator.generate.local(stub.request(seed=1, steps=2).model_dump(mode="json"))
+        finals = [c for c in stub.recorded.callbacks if c.event == "succeeded"]
+    assert [c.attempt for c in finals] == [1, 2] and {c.call_id for c in finals} == {"fc-77"}
+
+
+def test_min_containers_warm_the_default_jobs_class_however_it_is_spelled(modal_app):
+    module, _, _ = modal_app
+    # "H100" (upgradable) serves the plan's "H100!" just as well: the setting must not vanish.
+    settings = read_settings({"VAP_MODAL_GPUS": "H100,H200", "VAP_MODAL_MIN_CONTAINERS": "1"})
+    warm = {g.modal_gpu: module.warm_containers(g, settings) for g in settings.gpus}
+    assert warm == {"H100": 1, "H200": 0}
+    no_home = read_settings({"VAP_MODAL_GPUS": "H200", "VAP_MODAL_MIN_CONTAINERS": "1"})
+    with pytest.raises(SettingsError, match="does not offer it"):
+        module.warm_containers(no_home.gpus[0], no_home)
+    quiet = read_settings({"VAP_MODAL_GPUS": "H200"})
+    assert module.warm_containers(quiet.gpus[0], quiet) == 0  # nothing asked: nothing to refuse
+
+
+def test_every_gpu_class_asks_for_cpus_and_memory(modal_app):
+    module, functions, _ = modal_app
+    specs = {f._spec_.gpus: f._spec_ for f in functions.values() if f._spec_.gpus}
+    assert {gpu: spec.cpu for gpu, spec in specs.items()} == {
+        "H100!": 8.0, "H200": 8.0, "H100:2": 8.0, "H100:4": 16.0, "H100:8": 32.0,
+    }  # fmt: skip
+    assert all(spec.memory and spec.memory >= module.HOST_HEADROOM_MIB for spec in specs.values())
+
+
+def test_the_offload_class_asks_for_what_the_encoders_really_pin(modal_app):
+    # Pinned blocks are powers of two: 13.9 GB of UMT5-XXL + CLIP weights pin 18.3 GB.
+    from gpu.vap.offload import pinned_nbytes
+    from gpu.vap.released import build_components
+
+    module, functions, _ = modal_app
+    parts = build_components(with_transformer=False, with_safety=False)
+    pinned = pinned_nbytes(parts.text_encoder) + pinned_nbytes(parts.image_encoder)
+    assert pinned == module.PINNED_ENCODERS_BYTES
+    (offload,) = [f._spec_ for f in functions.values() if f._spec_.gpus == "H100!"]
+    assert offload.memory * 1024 * 1024 >= pinned + module.HOST_HEADROOM_MIB * 1024 * 1024
+
+
+def test_the_weights_are_downloaded_and_served_only_at_a_pinned_commit(modal_app, monkeypatch, tmp_path):
+    module, _, _ = modal_app
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(SettingsError, match="no pinned commit"):
+        module.pinned_revision(modal_settings.ModalSettings())  # gpu.vap.loading knows no commit yet
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert module.pinned_revision(modal_settings.ModalSettings(revision=commit)) == commit
+    record = tmp_path / "vap-revision.json"
+    monkeypatch.setattr(module, "REVISION_RECORD", str(record))
+    with pytest.raises(RuntimeError, match="records no"):
+        module.recorded_revision()
+    record.write_text(json.dumps({"commit": "main"}))  # what an unpinned download used to record
+    with pytest.raises(RuntimeError, match="unpinned"):
+        module.recorded_revision()
+    record.write_text(json.dumps({"commit": commit}))
+    assert module.recorded_revision() == commit
+
+
+def test_every_checkpoint_pin_is_a_commit():
+    from gpu.service.safety import SAFETY_CHECKER_REVISION
+    from gpu.vap.loading import VAP_REVISION, is_commit
+
+    assert is_commit(SAFETY_CHECKER_REVISION)
+    assert VAP_REVISION is None or is_commit(VAP_REVISION)  # None: the deploy must name one

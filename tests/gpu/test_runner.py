@@ -124,6 +124,42 @@ def test_oversized_and_corrupt_inputs(stub, http):
     assert info.value.error.code == "input"
 
 
+def _clip() -> bytes:
+    return media.synth_clip_mp4(num_frames=20, width=64, height=48, fps=10)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "field", "reason"),
+    [
+        ("ref.mp4", b"garbage" * 100, "video_url", "Invalid data found when processing input"),
+        ("ref.mp4", "truncated", "video_url", "partial file"),
+        ("ref.mp4", "headless", "video_url", "no readable video stream"),
+        ("image.png", b"\x89PNG\r\n\x1a\n" + b"x" * 50, "image_url", "cannot decode the image"),
+    ],
+    ids=["garbage-video", "truncated-video", "video-without-its-stream", "broken-image"],
+)
+def test_media_the_gpu_cannot_decode_is_an_input_error_on_its_field_in_one_line(
+    stub, http, name, data, field, reason
+):
+    clip = _clip()
+    stub.media[name] = {"truncated": clip[: len(clip) // 2], "headless": clip[:200]}.get(data, data)
+    with pytest.raises(JobFailed) as info:
+        run_job(stub.request(steps=2), FakeEngine(), http, config=config(), safety=Flags())
+    error = info.value.error
+    assert (error.code, error.field) == ("input", field) and reason in error.message
+    assert "\n" not in error.message and len(error.message) <= 200  # not ffmpeg's whole output
+    assert "ffmpeg version" not in error.message and "/tmp/" not in error.message
+    (callback,) = stub.recorded.callbacks
+    assert callback.error == error  # the webhook gets the field too
+
+
+def test_an_unreachable_input_names_its_field(stub, http):
+    request = stub.request(steps=2).model_copy(update={"image_url": f"{stub.base}/media/missing.png"})
+    with pytest.raises(JobFailed) as info:
+        run_job(request, FakeEngine(), http, config=config(), safety=Flags())
+    assert (info.value.error.code, info.value.error.field) == ("input", "image_url")
+
+
 def test_callback_retried_on_5xx(stub, http):
     stub.callback_failures = 3
     run_job(stub.request(steps=2), FakeEngine(), http, config=config(), safety=Flags())
@@ -256,7 +292,7 @@ def test_a_job_too_close_to_its_deadline_stops_during_generation(stub, http):
 
 
 def test_run_limit_comes_from_the_budget_and_the_deadline():
-    budget = Budget(job_s=7200)
+    budget = Budget(job_s=9000)
     limited = RunnerConfig(budget=budget)
     assert limited.run_limit_s(1000.0, None) == budget.run_s - RUNNER_MARGIN_S == 2940
     assert (
@@ -407,3 +443,12 @@ def test_previews_are_optional_and_their_failure_does_not_fail_the_job(stub, htt
     result = run_job(request, FakeEngine(), http, config=config(), safety=Flags())
     assert result.poster_bytes is None and result.preview_bytes is not None
     assert "/upload/job-2.mp4" in stub.recorded.uploads
+
+
+def test_the_result_says_how_many_gpus_ran_it(stub, http):
+    class EightGpus(FakeEngine):
+        gpu_count = 8  # a sequence-parallel engine over a whole H100:8 container
+
+    one = run_job(stub.request(seed=1, steps=2), FakeEngine(), http, config=config(), safety=Flags())
+    eight = run_job(stub.request(seed=1, steps=2), EightGpus(), http, config=config(), safety=Flags())
+    assert (one.gpu_count, eight.gpu_count) == (1, 8)

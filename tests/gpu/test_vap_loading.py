@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from gpu.vap.loading import VAP_REVISION, CheckpointMismatch, load_pipeline, load_transformer
+from gpu.vap.loading import VAP_REVISION, CheckpointMismatch, is_commit, load_pipeline, load_transformer
 from gpu.vap.tiny import build_tiny_pipeline, build_tiny_transformer
 from gpu.vap.transformer import KEEP_IN_FP32
 
@@ -27,8 +27,21 @@ def saved(tmp_path_factory):
     return path, pipe
 
 
-def test_revision_is_pinned_constant():
-    assert VAP_REVISION == "main" or re.fullmatch(r"[0-9a-f]{40}", VAP_REVISION)
+def test_the_weights_pin_is_a_commit_or_nothing_never_a_branch():
+    # Unknown here (docs/model.md): None makes every hub load ask for an explicit commit.
+    assert VAP_REVISION is None or re.fullmatch(r"[0-9a-f]{40}", VAP_REVISION)
+    assert is_commit("0f30aedfc09c698d9b2ffc0d70d608a7f22d8403")
+    for moving in ("main", "v1.0", "refs/pr/1", "f0d6ab47", "0F30AEDFC09C698D9B2FFC0D70D608A7F22D8403", None):
+        assert not is_commit(moving)
+
+
+def test_a_hub_repo_without_a_pinned_commit_is_refused(monkeypatch):
+    import gpu.vap.loading as loading
+
+    monkeypatch.setattr(loading, "snapshot_download", lambda *a, **k: pytest.fail("downloaded unpinned"))
+    for revision in (None, "main"):
+        with pytest.raises(ValueError, match="pinned commit"):
+            load_pipeline(loading.VAP_REPO_ID, device="cpu", revision=revision)
 
 
 def test_roundtrip_through_load_pipeline(saved):
@@ -95,8 +108,9 @@ def test_hub_repo_is_fetched_at_the_pinned_revision(saved, monkeypatch):
         return str(path)
 
     monkeypatch.setattr(loading, "snapshot_download", fake_snapshot_download)
-    load_pipeline(loading.VAP_REPO_ID, device="cpu", dtype=torch.float32)
-    assert calls == [("ByteDance/Video-As-Prompt-Wan2.1-14B", VAP_REVISION)]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    load_pipeline(loading.VAP_REPO_ID, device="cpu", dtype=torch.float32, revision=commit)
+    assert calls == [("ByteDance/Video-As-Prompt-Wan2.1-14B", commit)]
 
 
 def test_attention_backend_probe():

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.stack
 
 POOL = 2  # GPU workers = ModalContainers
 BURST = 12
-TIME_SCALE = 0.002  # JobBudgetSeconds 7200 -> B 15 s; the sweeper asks after 9 s, stops after 17 s
+TIME_SCALE = 0.002  # JobBudgetSeconds 9000 -> B 18 s
 STEP_DELAY_S = 0.4  # 2 steps a job (the local default): each run takes about a second
 # Sweeper outcomes that leave a job alone: asked its backend ("running"), or completed the
 # notification of a job that had just finished ("notified"/"done").

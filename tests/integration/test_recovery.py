@@ -43,7 +43,7 @@ def _dispatched(stack: LocalStack, key: str) -> dict[str, Any] | None:
     return _job(stack, key) if items and items[0]["state"]["S"] == "dispatched" else None
 
 
-# Sweeps run with the job budget shrunk (local only): B 7200 s -> 3 s, so a job is overdue (its
+# Sweeps run with the job budget shrunk (local only): B 9000 s -> 3 s, so a job is overdue (its
 # backend is asked) 2 s after dispatch and a still-running one is stopped after 4 s.
 OVERDUE_SCALE = 0.0003
 OVERDUE_S = 2

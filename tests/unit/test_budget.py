@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from vap_shared import budget as budget_module
 from vap_shared.budget import (
     MIN_RUN_S,
+    PREEMPTION_LOSS_S,
     STARTUP_S,
     Budget,
     BudgetError,
@@ -50,7 +51,8 @@ scales = st.sampled_from([1.0, 0.5, 0.1, 0.01, 0.001, 0.0001])
 
 def test_template_range_is_the_code_range() -> None:
     p = PARAMS["JobBudgetSeconds"]
-    assert int(p["MinValue"]) == budget_module.MIN_BUDGET_S == STARTUP_S + 2 * MIN_RUN_S
+    minimum = 2 * STARTUP_S + 2 * MIN_RUN_S + PREEMPTION_LOSS_S
+    assert int(p["MinValue"]) == budget_module.MIN_BUDGET_S == minimum
     assert int(p["MaxValue"]) == budget_module.MAX_BUDGET_S
     assert int(p["Default"]) == budget_module.DEFAULT_BUDGET_S
     assert int(PARAMS["ModalContainers"]["Default"]) == budget_module.DEFAULT_MODAL_CONTAINERS
@@ -60,17 +62,22 @@ def test_template_range_is_the_code_range() -> None:
 
 
 def check_invariants(b: Budget, now: float = 1_800_000_000.0) -> None:
-    B, S, R = b.total_s, b.startup_allowance_s, b.run_s
+    B, S, R, L = b.total_s, b.startup_allowance_s, b.run_s, b.preemption_loss_s
     # Modal: per-run timeout + start-up allowance within the budget, and a run long enough to matter.
     assert S + R <= B
     assert R >= 1 and R <= MODAL_MAX_TIMEOUT_S
     if b.time_scale == 1:
         assert R >= MIN_RUN_S
     # Capacity x run time fits: with 2P outstanding on P containers a job waits for at most one run
-    # before its own, so the last one admitted ends by S + 2R.
+    # before its own, so the last one admitted ends by S + 2R; one preemption on its way costs
+    # another start-up and what the preempted run had not saved, and it still ends by B.
     assert b.capacity("modal") == 2 * b.modal_containers
     worst_wait_runs = b.capacity("modal") // b.modal_containers - 1
     assert S + (worst_wait_runs + 1) * R <= B
+    if b.time_scale == 1:  # (whole seconds under a tiny local scale leave no room for it)
+        assert 2 * S + (worst_wait_runs + 1) * R + L <= B
+        # L covers a save interval of the denoising state (at most a minute) and then some.
+        assert 60 <= L < R
     assert b.capacity("fal") == b.fal_max_outstanding
     # URLs sent at dispatch outlive everything a dispatched job can need, within SigV4's limit.
     assert b.url_ttl_s >= S + 2 * R and b.url_ttl_s >= B
@@ -81,8 +88,9 @@ def check_invariants(b: Budget, now: float = 1_800_000_000.0) -> None:
     assert deadline - int(now) == B
     assert b.stop_after_s > B
     assert 0 < b.silence_s < b.stop_after_s
-    # A run starting anywhere within its allowance never outlives Modal's timeout nor the deadline.
-    for started in (now, now + S, now + S + R):
+    # A run starting anywhere within its allowance (a re-run after a preemption too) never outlives
+    # Modal's timeout nor the deadline.
+    for started in (now, now + S, now + S + R, now + 2 * S + R + L):
         limit = b.runner_limit_s(started, deadline)
         assert limit <= R - b.runner_margin_s
         assert started + limit + b.upload_margin_s <= deadline
@@ -91,8 +99,8 @@ def check_invariants(b: Budget, now: float = 1_800_000_000.0) -> None:
 def test_defaults() -> None:
     b = Budget()
     check_invariants(b)
-    assert (b.total_s, b.startup_allowance_s, b.run_s) == (7200, 1200, 3000)
-    assert b.capacity("modal") == 4 and b.url_ttl_s == 7200 and b.stop_after_s == 7800
+    assert (b.total_s, b.startup_allowance_s, b.preemption_loss_s, b.run_s) == (9000, 1200, 600, 3000)
+    assert b.capacity("modal") == 4 and b.url_ttl_s == 9000 and b.stop_after_s == 9600
 
 
 @settings(max_examples=300, deadline=None)
@@ -142,7 +150,7 @@ def test_values_outside_the_invariants_are_refused_at_cold_start(name: str, valu
 
 
 def test_budget_refuses_what_breaks_the_invariants() -> None:
-    for kwargs in ({"job_s": 2999}, {"job_s": 86401}, {"modal_containers": 0}, {"time_scale": 0.0}):
+    for kwargs in ({"job_s": 4799}, {"job_s": 86401}, {"modal_containers": 0}, {"time_scale": 0.0}):
         with pytest.raises(BudgetError):
             Budget(**kwargs)  # type: ignore[arg-type]
 

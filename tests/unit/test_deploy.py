@@ -194,7 +194,7 @@ def test_deploy_runs_modal_then_sam_with_the_same_budget_and_reports_secrets(
     text = deploy.summary(opts, result)
     assert f"--secret-id {result.secrets[0].arn} --secret-string '<FAL_KEY>'" in text
     assert result.secrets[1].arn not in text.split("placeholders")[-1]  # a set secret needs nothing
-    assert "make smoke STACK=VapProd" in text and "job budget 5400 s (Modal run limit 2100 s)" in text
+    assert "make smoke STACK=VapProd" in text and "job budget 5400 s (Modal run limit 1200 s)" in text
 
 
 def test_the_deploy_template_uses_the_checked_layer_and_absolute_code_paths(

@@ -12,7 +12,7 @@ from vap_shared.jobs import utcnow
 from vap_shared.sweeper import sweep
 from vap_testkit import MP4, Stack, gpu_result, handlers_on, stack
 
-LATER = timedelta(seconds=3600)  # past the stop point of the tests' 3000 s budget
+LATER = timedelta(seconds=5400)  # the stop point of the tests' 4800 s budget
 
 
 @pytest.fixture

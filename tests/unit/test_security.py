@@ -97,7 +97,7 @@ NEEDED: dict[str, set[str]] = {
 # the GPU's uploads of any job in work/ (what the webhook and sweeper presign for it).
 SCOPED_WILDCARD = re.compile(
     r"^arn:\$\{AWS::Partition\}:s3:::\$\{Bucket\}/"
-    r"((inbox|work|outputs)/\*|work/\*/(video\.mp4|poster\.jpg|preview\.webp|input-\*))$"
+    r"((inbox|work|outputs)/\*|work/\*/(video\.mp4|poster\.jpg|preview\.webp|resume\.bin|input-\*))$"
 )
 
 

@@ -31,7 +31,7 @@ from vap_testkit import (
 )
 
 RESULT = gpu_result(99)
-LATER = timedelta(seconds=3600)  # the stop point of the tests' 3000 s budget (budget + 600 s)
+LATER = timedelta(seconds=5400)  # the stop point of the tests' 4800 s budget (budget + 600 s)
 
 
 @dataclass
@@ -171,7 +171,7 @@ def test_overdue_without_fallback_fails_with_a_clear_reason_and_notifies(st, ser
     assert sweep(st) == {job.job_id: "failed"}
     after = st.store.get(job.job_id)
     assert after.state == "failed"
-    assert "did not finish within 3600 s" in after.errors[0]["message"]
+    assert "did not finish within 5400 s" in after.errors[0]["message"]
     assert st.get_json(after.error_report_key)["errors"] == after.errors
     (note,) = st.notifications()
     assert note["status"] == "failed" and "did not finish" in note["errors"][0]["message"]
@@ -268,7 +268,7 @@ def test_a_fal_request_running_far_past_the_stop_point_is_abandoned(st, services
     assert sweep(st, later=2 * LATER) == {job.job_id: "running"}
     assert sweep(st, later=3 * LATER) == {job.job_id: "failed"}
     after = st.store.get(job.job_id)
-    assert "fal.ai was still IN_PROGRESS 10800 s after it was sent" in after.errors[0]["message"]
+    assert "fal.ai was still IN_PROGRESS 16200 s after it was sent" in after.errors[0]["message"]
     (note,) = st.notifications()
     assert note["status"] == "failed"
 
@@ -292,7 +292,7 @@ def test_overdue_queued_fal_request_is_cancelled_and_what_fal_answers_decides(st
     if outcome == "running":
         assert after.state == "dispatched" and st.notifications() == []
     else:
-        assert "fal.ai did not finish within 3600 s" in after.errors[0]["message"]
+        assert "fal.ai did not finish within 5400 s" in after.errors[0]["message"]
         assert len(st.notifications()) == 1
 
 

@@ -243,8 +243,9 @@ def test_s3_access_is_scoped_to_prefixes(cfn: Template) -> None:
     webhook = _s3_grants(cfn, "WebhookRole")
     # outputs/: a presigned GET (output_url, poster_url) works only if its signer may read it.
     assert webhook["s3:GetObject"] == {"/inbox/*", "/work/*", "/outputs/*"}
-    # outputs/, and the GPU uploads it presigns on a URL refresh or a fallback to Modal.
-    assert webhook["s3:PutObject"] == {"/outputs/*", *GPU_UPLOAD_GRANTS}
+    # outputs/, and the GPU uploads it presigns on a URL refresh or a fallback to Modal (the saved
+    # denoising state on a URL refresh only).
+    assert webhook["s3:PutObject"] == {"/outputs/*", *GPU_UPLOAD_GRANTS, "/work/*/resume.bin"}
     for grants in (ingest, webhook):
         assert not {"s3:DeleteObject", "s3:PutBucketPolicy", "s3:PutObjectAcl"} & set(grants)
 

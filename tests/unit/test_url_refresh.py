@@ -15,7 +15,7 @@ import pytest
 import webhook
 from vap_shared.gpu_contract import GpuJobRequest, UrlRefreshResponse
 from vap_shared.jobs import iso, utcnow
-from vap_shared.naming import GPU_UPLOADS
+from vap_shared.naming import GPU_UPLOADS, RESUME_STATE
 from vap_shared.signing import signed_headers
 from vap_testkit import (
     BUCKET,
@@ -108,6 +108,18 @@ def test_a_wanted_run_gets_fresh_urls_for_the_jobs_own_objects(st: Stack) -> Non
     assert _object_and_expiry(urls.preview_put_url) == (f"{BUCKET}/work/{job.job_id}/preview.webp", ttl)
 
 
+def test_a_run_gets_a_get_and_a_put_for_its_saved_denoising_state(st: Stack) -> None:
+    job = _dispatch(st)
+    status, body = _refresh(st, job.job_id, job.backend_call_id)
+    urls = UrlRefreshResponse.model_validate(body)
+    ttl = st.runtime.settings.budget.url_ttl_s
+    assert status == 200 and urls.resume_get_url and urls.resume_put_url
+    state = f"{BUCKET}/work/{job.job_id}/resume.bin"
+    assert _object_and_expiry(urls.resume_get_url) == _object_and_expiry(urls.resume_put_url) == (state, ttl)
+    signed = parse_qs(urlsplit(urls.resume_put_url).query)["X-Amz-SignedHeaders"][0]
+    assert "content-type" in signed and RESUME_STATE[1] == "application/octet-stream"
+
+
 def test_pass_through_inputs_stay_and_previews_are_renewed_when_the_request_had_them(st: Stack) -> None:
     job = _dispatch(st, image="https://storage.googleapis.com/falserverless/face.jpg")
     st.store.update_fields(
@@ -174,5 +186,6 @@ def test_the_webhook_may_sign_exactly_the_uploads_it_presigns() -> None:
     (uploads,) = [s for s in statements if s["Sid"] == "PresignGpuUploads"]
     assert uploads["Action"] == "s3:PutObject"
     assert {r["Fn::Sub"] for r in uploads["Resource"]} == {
-        f"arn:${{AWS::Partition}}:s3:::${{Bucket}}/work/*/{name}" for name, _ in GPU_UPLOADS.values()
+        f"arn:${{AWS::Partition}}:s3:::${{Bucket}}/work/*/{name}"
+        for name, _ in [*GPU_UPLOADS.values(), RESUME_STATE]
     }

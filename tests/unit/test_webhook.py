@@ -166,6 +166,17 @@ def test_gpu_input_error_in_auto_mode_does_not_fall_back(st):
     assert st.services.calls("queue.fal.test") == []
 
 
+def test_gpu_input_error_names_the_field_it_is_about(st):
+    job = dispatch(st, backend="modal")
+    message = "cannot read the reference video: partial file"
+    error = {"code": "input", "message": message, "field": "video_url"}
+    post(gpu_callback_event(st, job.job_id, callback(job, "failed", error=error)))
+    after = st.store.get(job.job_id)
+    assert after.state == "failed" and after.errors[0]["field"] == "video_url"
+    (note,) = st.notifications()
+    assert note["errors"][0]["field"] == "video_url" and "partial file" in note["errors"][0]["message"]
+
+
 def _unsigned(st, job, body: bytes, headers):
     return url_event(f"/callbacks/gpu/{job.job_id}", body, headers)
 

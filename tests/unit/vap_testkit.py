@@ -170,8 +170,8 @@ def env(**overrides: str) -> dict[str, str]:
         "MAX_DATA_URI_BYTES": "4096",
         "MAX_OUTPUT_BYTES": str(50 * 1024 * 1024),
         "JOB_TTL_DAYS": "30",
-        # The smallest budget: the sweeper asks after 1800 s and stops after 3600 s (its tests' clock).
-        "JOB_BUDGET_SECONDS": "3000",
+        # The smallest budget: the sweeper stops a job after 5400 s (its tests' clock).
+        "JOB_BUDGET_SECONDS": "4800",
         # Room for every job a test dispatches (the fakes never finish them); capacity tests set less.
         "MODAL_CONTAINERS": "50",
         "FAL_MAX_OUTSTANDING": "100",

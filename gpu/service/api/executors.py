@@ -54,6 +54,18 @@ class Executor(Protocol):
 # --- local: a thread pool in this process ----------------------------------------------------
 
 
+class Preempted(BaseException):
+    """The worker running an input went away mid-run (Modal preempted its container): nothing of
+    that run reports anything more (a BaseException: the runner's error handling never sees it)."""
+
+
+class Preemptions(Protocol):
+    """When the local stand-in preempts a run: the step (1-based, of `total`) at which attempt
+    `attempt` of `job_id` stops, or None to let it finish."""
+
+    def at_step(self, job_id: str, attempt: int, total: int) -> int | None: ...
+
+
 @dataclass
 class _LocalCall:
     request: GpuJobRequest
@@ -63,10 +75,15 @@ class _LocalCall:
     error: GpuError | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future[None] | None = None
+    attempts: int = 0
 
 
 class LocalExecutor:
-    """Runs `run_job` on worker threads (one by default: one model, one device)."""
+    """Runs `run_job` on worker threads (one by default: one model, one device).
+
+    With `preemptions`, a run stops at the step they name and the same input runs again, as Modal
+    does with a preempted GPU input: same call id, the next attempt, on a fresh worker (a new engine
+    from `engine_factory`, when given)."""
 
     def __init__(
         self,
@@ -77,8 +94,12 @@ class LocalExecutor:
         http: httpx.Client | None = None,
         max_workers: int = 1,
         keep_calls: int = 1000,
+        engine_factory: Callable[[], Engine] | None = None,
+        preemptions: Preemptions | None = None,
     ) -> None:
         self.engine = engine
+        self.engine_factory = engine_factory
+        self.preemptions = preemptions
         self.safety = safety
         self.config = config or RunnerConfig()
         self.http = http or httpx.Client()
@@ -113,21 +134,41 @@ class LocalExecutor:
                 call.state = "cancelled"
                 return
             call.state = "running"
+        engine = self.engine
+        while True:
+            call.attempts += 1
+            try:
+                self._attempt(call_id, call, engine)
+                return
+            except Preempted:
+                log.info("call %s preempted (attempt %d): running it again", call_id, call.attempts)
+                engine = self.engine_factory() if self.engine_factory is not None else engine
+
+    def _attempt(self, call_id: str, call: _LocalCall, engine: Engine) -> None:
+        attempt = call.attempts
+        preemptions = self.preemptions
 
         def on_progress(step: int, total: int) -> None:
-            call.progress = GpuProgress(step=step, total=total)
+            with self._lock:  # a re-run resumes at a saved step: what was reported stays reported
+                if call.progress is None or step > call.progress.step:
+                    call.progress = GpuProgress(step=step, total=total)
+            if preemptions is not None and preemptions.at_step(call.request.job_id, attempt, total) == step:
+                raise Preempted
 
         try:
             result = run_job(
                 call.request,
-                self.engine,
+                engine,
                 self.http,
                 call_id=call_id,
                 config=self.config,
                 safety=self.safety,
                 cancel=call.cancel,
                 on_progress=on_progress,
+                attempt=attempt,
             )
+        except Preempted:
+            raise
         except JobFailed as exc:
             with self._lock:
                 call.error = exc.error
@@ -213,6 +254,26 @@ def _cancel_key(call_id: str) -> str:
     return f"cancel:{call_id}"
 
 
+def _takeover_key(job_id: str, reservation: dict[str, Any]) -> str:
+    # One key per stale reservation: put-if-absent on it elects exactly one taker.
+    token = reservation.get("token") or reservation.get("pending_since", "")
+    return f"takeover:{job_id}:{token}"
+
+
+def _reservation(clock: Callable[[], float]) -> dict[str, Any]:
+    return {"pending_since": clock(), "token": uuid.uuid4().hex}
+
+
+def claim_attempt(registry: CallRegistry, call_id: str, limit: int = 100) -> int:
+    """Which execution of `call_id` this is: Modal runs a preempted input again with the same call
+    id on a fresh container, so the n-th execution is the first to create `attempt:<call id>:<n>`
+    (put-if-absent is atomic on the server; `modal.Dict` has no compare-and-set)."""
+    for attempt in range(1, limit + 1):
+        if registry.put(f"attempt:{call_id}:{attempt}", {"at": time.time()}, skip_if_exists=True):
+            return attempt
+    raise RuntimeError(f"call {call_id} has run {limit} times already")
+
+
 def _walk(nodes: Iterable[Any]) -> Iterable[Any]:
     for node in nodes:
         yield node
@@ -269,18 +330,21 @@ class ModalExecutor:
         deadline = self._clock() + self._wait_s
         while True:
             # Reserve the job id before spawning: of two concurrent submits only one spawns.
-            if self._registry.put(key, {"pending_since": self._clock()}, skip_if_exists=True):
+            if self._registry.put(key, _reservation(self._clock), skip_if_exists=True):
                 return self._spawn(key, modal_gpu, request)
             record = self._registry.get(key)
             if record is None:  # the reserving submit failed to spawn and let go: try again
                 continue
             if record.get("call_id"):
                 return str(record["call_id"])
-            if self._clock() - float(record.get("pending_since", 0)) > self._stale_s:
-                # The reserving submit died between reserving and recording (its container was
-                # lost); after this long its spawn is taken to have failed.
+            stale = self._clock() - float(record.get("pending_since", 0)) > self._stale_s
+            # The reserving submit died between reserving and recording (its container was lost);
+            # after this long its spawn is taken to have failed. Of the submits that find it stale,
+            # only the one that creates this reservation's takeover key replaces it and spawns.
+            takeover = _takeover_key(request.job_id, record)
+            if stale and self._registry.put(takeover, {"at": self._clock()}, skip_if_exists=True):
                 log.warning("job %s: stale submit reservation taken over", request.job_id)
-                self._registry.put(key, {"pending_since": self._clock()})
+                self._registry.put(key, _reservation(self._clock))
                 return self._spawn(key, modal_gpu, request)
             if self._clock() >= deadline:
                 raise SubmitRejected(503, "a submit of this job is still in progress; retry")

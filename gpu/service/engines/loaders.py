@@ -72,12 +72,12 @@ class ReleasedTransformer:
         from huggingface_hub import snapshot_download
 
         from gpu.vap.attention import choose_backend
-        from gpu.vap.loading import load_transformer
+        from gpu.vap.loading import load_transformer, require_commit
 
         path = self.path_or_repo
         if not os.path.isdir(path):
-            path = snapshot_download(path, revision=self.revision)
-        model = load_transformer(path, self.dtype, self.revision, device)
+            path = snapshot_download(path, revision=require_commit(path, self.revision))
+        model = load_transformer(path, self.dtype, device)
         # The same choice as `load_pipeline` (forced / VAP_ATTENTION_BACKEND / probed fastest).
         backend = choose_backend(device, self.dtype, forced=self.attention_backend)
         if backend != "native":

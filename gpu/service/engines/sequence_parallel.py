@@ -35,7 +35,7 @@ from PIL import Image
 
 from gpu.parallel.sequence import SequenceParallel, apply_split
 from gpu.service.engines.loaders import TransformerOf
-from gpu.service.engines.single import StepCallback, VideoEngine, device_name
+from gpu.service.engines.single import Checkpoints, StepCallback, VideoEngine, device_name
 from gpu.service.engines.wire import CallReceiver, CallSender
 from gpu.service.generation import GenerationSpec
 
@@ -177,6 +177,7 @@ class SequenceParallelEngine:
         timeout_s: float = 600.0,
         startup_timeout_s: float = 1200.0,
         threads_per_rank: int | None = None,
+        weights: str = "",
     ) -> None:
         if world_size < 2:
             raise ValueError("world_size must be >= 2 (use VideoEngine for one device)")
@@ -186,6 +187,7 @@ class SequenceParallelEngine:
                 f"{world_size} ranks need {world_size} GPUs, {torch.cuda.device_count()} visible"
             )
         self.world_size = world_size
+        self.gpu_count = world_size  # reported as GpuResult.gpu_count
         self._lock = threading.Lock()
         self._broken: str | None = None
         deadline = time.monotonic() + startup_timeout_s  # for every rank's load, this one's included
@@ -217,7 +219,7 @@ class SequenceParallelEngine:
         self.pipeline = pipeline
         self.split: SequenceParallel = split  # rank 0's side of the split (its exchange counts)
         self._driver = _Driver(pipeline.transformer, self._commands)
-        self._inner = VideoEngine(pipeline, device, negative_prompt)
+        self._inner = VideoEngine(pipeline, device, negative_prompt, weights=weights)
         self.device_name = f"{world_size}x {device_name(device)}"
 
     def _wait_ready(self, ready: list[Connection], deadline: float) -> list[list[float]]:
@@ -247,14 +249,19 @@ class SequenceParallelEngine:
             raise ValueError(f"{tokens} tokens per stream cannot be split over {self.world_size} GPUs")
 
     def generate(
-        self, spec: GenerationSpec, image: Image.Image, ref_frames: list[Image.Image], on_step: StepCallback
+        self,
+        spec: GenerationSpec,
+        image: Image.Image,
+        ref_frames: list[Image.Image],
+        on_step: StepCallback,
+        checkpoints: Checkpoints | None = None,
     ) -> np.ndarray:
         with self._lock:
             if not self.healthy:
                 raise RuntimeError(f"sequence-parallel engine unusable ({self._broken or 'a rank exited'})")
             self.check_split(spec)
             try:
-                return self._inner.generate(spec, image, ref_frames, on_step)
+                return self._inner.generate(spec, image, ref_frames, on_step, checkpoints)
             except BaseException as exc:
                 if self._driver.in_forward:
                     self._broken = f"a forward was interrupted: {type(exc).__name__}"

@@ -39,17 +39,19 @@ def refresh_urls(
     call_id: str,
     purpose: Literal["start", "upload"],
     config: RunnerConfig,
-) -> GpuJobRequest:
+    *,
+    attempt: int = 1,
+) -> tuple[GpuJobRequest, UrlRefreshResponse | None]:
     """Ask `request.refresh_url` for fresh presigned URLs (signed like callbacks) and return the
-    request with them. Unreachable or unusable answers keep the URLs we have; 409 means the
+    request with them, and the answer (None without one: it also holds the URLs of the saved
+    denoising state). Unreachable or unusable answers keep the URLs we have; 409 means the
     service no longer wants this run: raise `JobFailed` (cancelled, "superseded", no callback)."""
     if not request.refresh_url:
-        return request
-    body = (
-        UrlRefreshRequest(job_id=request.job_id, call_id=call_id, purpose=purpose, sent_at=int(time.time()))
-        .model_dump_json()
-        .encode("utf-8")
+        return request, None
+    refresh = UrlRefreshRequest(
+        job_id=request.job_id, call_id=call_id, purpose=purpose, sent_at=int(time.time()), attempt=attempt
     )
+    body = refresh.model_dump_json().encode("utf-8")
     key = bytes.fromhex(request.callback_key)
     timeout = timeout_of(config, config.refresh_timeout_s)
 
@@ -65,20 +67,20 @@ def refresh_urls(
     except (UnsafeUrl, httpx.HTTPError) as exc:
         why = str(exc) if isinstance(exc, UnsafeUrl) else type(exc).__name__
         log.warning("URL refresh (%s) at %s failed: %s; keeping the URLs we have", purpose, host, why)
-        return request
+        return request, None
     if response.status_code == 409:
         raise JobFailed(GpuError(code="cancelled", message="superseded"), notify=False)
     if response.status_code != 200:
         status = response.status_code
         log.warning("URL refresh (%s) at %s: HTTP %s; keeping the URLs we have", purpose, host, status)
-        return request
+        return request, None
     try:
         fresh = UrlRefreshResponse.model_validate_json(response.content)
     except ValidationError:
         log.warning("URL refresh (%s) at %s: unreadable answer; keeping the URLs we have", purpose, host)
-        return request
+        return request, None
     update = {name: value for name in REFRESHABLE if (value := getattr(fresh, name)) is not None}
-    return request.model_copy(update=update)
+    return request.model_copy(update=update), fresh
 
 
 def send_callback(
@@ -91,13 +93,16 @@ def send_callback(
     progress: GpuProgress | None = None,
     result: GpuResult | None = None,
     error: GpuError | None = None,
+    attempt: int = 1,
 ) -> bool:
-    """POST one signed callback; terminal events retry with backoff, progress is best-effort."""
+    """POST one signed callback; terminal events retry with backoff, progress is best-effort.
+    `attempt`: which execution of the call sends it (a preempted input runs again: 2, 3, ...)."""
     callback = GpuCallback(
         job_id=request.job_id,
         call_id=call_id,
         event=event,
         sent_at=int(time.time()),
+        attempt=attempt,
         progress=progress,
         result=result,
         error=error,
@@ -151,9 +156,11 @@ class Progress:
         on_progress: ProgressHook | None,
         started: float,
         limit_s: float | None,
+        attempt: int = 1,
     ) -> None:
         self.http, self.request, self.call_id, self.config = http, request, call_id, config
         self.cancel, self.on_progress, self.started, self.limit_s = cancel, on_progress, started, limit_s
+        self.attempt = attempt
         self.last_sent = float("-inf")
 
     def check(self) -> None:
@@ -175,5 +182,7 @@ class Progress:
         if due and http is not None and request is not None:
             self.last_sent = now
             progress = GpuProgress(step=step, total=total)
-            send_callback(http, request, self.call_id, "progress", self.config, progress=progress)
+            send_callback(
+                http, request, self.call_id, "progress", self.config, progress=progress, attempt=self.attempt
+            )
         self.check()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vap_shared.budget import UPLOAD_MARGIN_S, Budget
 from vap_shared.gpu_contract import ErrorCode, GpuError
 
+from gpu.service.engines.single import DEFAULT_CHECKPOINT_EVERY_S
 from gpu.service.generation import DEFAULT_STEPS
 
 ALLOW_LOOPBACK_ENV = "VAP_ALLOW_HTTP_LOOPBACK"
@@ -52,9 +54,18 @@ class RunnerConfig:
     budget: Budget | None = None
     refresh_attempts: int = 2
     refresh_timeout_s: float = 10.0
+    # Save the denoising state at least this often (None: 30 s, under the budget's local time
+    # scale); a preempted run's re-run resumes from the last one.
+    checkpoint_every_s: float | None = None
     allow_http_loopback: bool = field(default_factory=_loopback_allowed_from_env)
     resolver: Resolver = resolve_host
     sleep: Callable[[float], None] = time.sleep
+
+    def checkpoint_interval_s(self) -> float:
+        if self.checkpoint_every_s is not None:
+            return self.checkpoint_every_s
+        scale = self.budget.time_scale if self.budget is not None else 1.0
+        return DEFAULT_CHECKPOINT_EVERY_S * scale
 
     def run_limit_s(self, now_unix: float, deadline_unix: int | None) -> float | None:
         """How long a job starting at `now_unix` may run (None: no limit)."""
@@ -78,5 +89,16 @@ class JobFailed(Exception):
         self.notify = notify
 
 
-def fail(code: ErrorCode, message: str, retryable: bool = False) -> JobFailed:
-    return JobFailed(GpuError(code=code, message=message, retryable=retryable))
+def fail(code: ErrorCode, message: str, retryable: bool = False, field: str | None = None) -> JobFailed:
+    return JobFailed(GpuError(code=code, message=message, retryable=retryable, field=field))
+
+
+@contextmanager
+def about(field: str) -> Iterator[None]:
+    """A failure inside the block is about request field `field` (the URL or media it names)."""
+    try:
+        yield
+    except JobFailed as exc:
+        if exc.error.field is not None:
+            raise
+        raise JobFailed(exc.error.model_copy(update={"field": field}), notify=exc.notify) from exc

@@ -26,6 +26,7 @@ from gpu.service.runner.config import MiB, RunnerConfig, fail
 # httpx logs every request's full URL at INFO; ours are presigned (the query is a credential for
 # the object), so only warnings from it may reach the logs.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -170,6 +171,39 @@ def download(
         raise fail("internal", f"cannot download the {what}: {type(exc).__name__}", True) from exc
     if total == 0:
         raise fail("input", f"the {what} is empty")
+    return b"".join(chunks)
+
+
+def fetch_optional(
+    http: httpx.Client, url: str, what: str, max_bytes: int, config: RunnerConfig
+) -> bytes | None:
+    """GET an object that may not exist (the service's presigned URL, pinned like `download`):
+    its bytes, or None when it is absent (404) or cannot be had (anything else, logged)."""
+    try:
+        target = pin_url(url, config)
+        with http.stream(
+            "GET",
+            target.url,
+            headers=target.headers,
+            extensions=target.extensions,
+            timeout=timeout_of(config),
+            follow_redirects=False,
+        ) as response:
+            if response.status_code != 200:
+                if response.status_code != 404:
+                    log.warning("%s at %s: HTTP %s; going without", what, host_of(url), response.status_code)
+                return None
+            chunks: list[bytes] = []
+            total = 0
+            for chunk in response.iter_bytes(1 * MiB):
+                total += len(chunk)
+                if total > max_bytes:
+                    log.warning("%s at %s: over %d bytes; going without", what, host_of(url), max_bytes)
+                    return None
+                chunks.append(chunk)
+    except (UnsafeUrl, httpx.HTTPError) as exc:
+        log.warning("%s at %s: %s; going without", what, host_of(url), type(exc).__name__)
+        return None
     return b"".join(chunks)
 
 
