@@ -542,7 +542,8 @@ def render(report: Report) -> str:
         f"wall time {report.wall_s:.0f} s"
     )
     lines.append(
-        f"- step shape {report.shape} (CFG batch 2); FLOPs per step counted on the model: "
+        f"- step shape {report.shape} (CFG batch 2); FLOPs per step (gpu.tools.flops, held equal to the "
+        f"count on the model): "
         f"{report.flops_steady:.4g} steady (reused step invariants), {report.flops_plain:.4g} plain; "
         f"device peak {_fmt(report.peak_tflops, '.1f')} dense bf16 TFLOP/s"
     )
@@ -728,7 +729,8 @@ def run_served_pipeline(
     report.pipeline = result
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of `python -m gpu.tools.bench` (also what `gpu.tools.check` runs it with)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -763,12 +765,19 @@ def main(argv: list[str] | None = None) -> int:
     args.kernel_tokens = args.kernel_tokens or (8192 if args.full else 256)
     if args.full and not torch.cuda.is_available():
         parser.error("no CUDA device: use --smoke for the CPU run")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    printed: list[str] = []
+
     def done(report: Report) -> None:
-        last = report.sections[-1] if report.sections else None
-        if last is not None:
-            print(f"[bench] {last['name']}: {last['status']} ({last.get('s', 0.0):.1f} s)", flush=True)
+        for row in report.sections[len(printed) :]:
+            printed.append(row["name"])
+            print(f"[bench] {row['name']}: {row['status']} ({row.get('s', 0.0):.1f} s)", flush=True)
         if args.write:
             write_report(args.write, report)
 
