@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SAM_STAMP := $(SAM_VENV)/.installed
 
 .PHONY: venv browser test test-fast lint typecheck local demo bench validate layer parity deploy smoke clean \
-	gallery-screenshot
+	gallery-screenshot gpu-check gpu-wheels
 
 $(STAMP): requirements/*.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,22 @@ layer: $(STAMP)
 parity: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m gpu.tools.parity.check_reference \
 		$(if $(VAP_REFERENCE),--reference "$(VAP_REFERENCE)") --write docs/parity.md
+
+# A GPU's first contact (docs/gpu-benchmarks.md): on any machine with a CUDA GPU and PyTorch, offline,
+# at most 9 minutes on one H100/H200; prints as it goes and writes docs/gpu-benchmarks.md. It installs
+# nothing but the wheels of .whl/ (what GPU_PY lacks of requirements/gpu-check*.txt, into
+# .local/gpu-check/site; the machine's torch is used), which `make gpu-wheels` downloads where the
+# package registry is reachable (for CPython 3.12 on manylinux x86_64). No venv involved: GPU_PY is
+# the Python that has torch. Without CUDA it runs the CPU path (tiny shapes), as `make test` does.
+GPU_PY ?= python3
+GPU_SITE := .local/gpu-check/site
+gpu-check:
+	$(GPU_PY) -m gpu.tools.wheels install --target $(GPU_SITE)
+	PYTHONPATH="$(CURDIR)/$(GPU_SITE):$(CURDIR):$(CURDIR)/shared" HF_HUB_OFFLINE=1 \
+		$(GPU_PY) -m gpu.tools.check --write docs/gpu-benchmarks.md
+
+gpu-wheels:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(GPU_PY)) -m gpu.tools.wheels download
 
 # Deploy: Modal app (weights checked) + the AWS stack wired to it, one command (README "Deploy"):
 #   make deploy STACK=vap [REGION=… PROFILE=…] [JOB_BUDGET_S=9000 MODAL_CONTAINERS=2

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from gpu.vap.attention import heads_major
+
 
 def split_sizes(length: int, world: int) -> list[int]:
     """Lengths of each rank's slice of `length` tokens: as even as possible, the first ones longer."""
@@ -36,8 +38,11 @@ def heads_to_send(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def received_sequence(y: torch.Tensor) -> torch.Tensor:
-    """`[S, B, H/N, Dh]` (every rank's rows of this rank's heads, in rank order) → `[B, S, H/N, Dh]`."""
-    return y.permute(1, 0, 2, 3)
+    """`[S, B, H/N, Dh]` (every rank's rows of this rank's heads, in rank order) → `[B, S, H/N, Dh]`
+    in heads-major memory (`gpu.vap.attention.heads_major`: one copy, after which `y` can go),
+    the layout every attention kernel reads as it is (cuDNN would copy a permuted view, and its
+    output, again)."""
+    return heads_major(y.permute(1, 0, 2, 3))
 
 
 def sequence_to_send(out: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,13 @@ checker) from configs with random weights directly on the GPU, then:
 3. the largest job the plan sends to each GPU type this device can stand in for, 1 step: its peak
    memory against the plan's estimate and that GPU's capacity.
 
-It exits 1 when a planned job does not fit, a backend's output disagrees with the math kernel, or
-nothing ran; `--write PATH` writes the report (docs/gpu-benchmarks.md documents its format).
+Each of these is a section of its own: an exception in one (out of memory, a kernel error, a
+missing package) is recorded in the report and the next section runs. The report is printed and
+(`--write PATH`) written after every section, so a run cut short still leaves what it measured.
+FLOPs per step come from THE formula (`gpu.tools.flops`; tests hold it equal to torch's count on
+the model). It exits 1 when a planned job does not fit, a backend's output disagrees with the
+math kernel, a section failed, or nothing ran. `python -m gpu.tools.check` runs it as one section
+of a GPU's first check (docs/gpu-benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import importlib.metadata
 import os
 import platform
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +45,17 @@ import torch
 from PIL import Image
 
 from gpu.service import routing
-from gpu.tools.flop_count import count_step
+from gpu.tools.flops import analytic_step_flops
 from gpu.tools.scaling import PEAK_TFLOPS
-from gpu.vap.attention import FLASH_4, backend_works, candidate_backends, choose_backend, local_attention
+from gpu.vap import compiling
+from gpu.vap.attention import (
+    FLASH_4,
+    backend_works,
+    candidate_backends,
+    choose_backend,
+    run_kernel,
+    served_shapes,
+)
 from gpu.vap.configs import RELEASED_14B_CONFIG
 from gpu.vap.geometry import IMAGE_TOKENS, RELEASED, TEXT_TOKENS
 from gpu.vap.tiny import TINY_TRANSFORMER_CONFIG
@@ -80,7 +94,31 @@ class Report:
     memory: list[dict[str, Any]] = field(default_factory=list)
     vae: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    sections: list[dict[str, Any]] = field(default_factory=list)  # name, status, s
     wall_s: float = 0.0
+
+
+@contextlib.contextmanager
+def section(
+    report: Report, name: str, device: torch.device, done: Callable[[Report], None]
+) -> Iterator[dict[str, Any]]:
+    """One isolated part of the run: any exception is recorded (status, problem) instead of ending
+    the run; the memory it held is released; `done(report)` follows every section."""
+    row: dict[str, Any] = {"name": name, "status": "running"}
+    report.sections.append(row)
+    started = time.monotonic()
+    try:
+        yield row
+        if row["status"] == "running":
+            row["status"] = "ok"
+    except Exception as exc:  # the next section runs whatever this one hit
+        row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        report.problems.append(f"section {name}: {type(exc).__name__}: {str(exc)[:200]}")
+        traceback.print_exc()
+    finally:
+        row["s"] = time.monotonic() - started
+        _free(device)
+        done(report)
 
 
 def _sync(device: torch.device) -> None:
@@ -186,8 +224,7 @@ def kernel_check(backend: str, device: torch.device, tokens: int, dtype: torch.d
     want = dispatch_attention_fn(
         q.float(), k.float(), v.float(), backend=AttentionBackendName("_native_math")
     )
-    name: Any = backend if backend == FLASH_4 else AttentionBackendName(backend)
-    return rel_err(local_attention(q, k, v, name), want)
+    return rel_err(run_kernel(backend, q, k, v), want)  # the kernel itself, never a fallback
 
 
 def bench_backends(
@@ -243,7 +280,7 @@ def bench_backends(
                 model.set_attention_backend(backend)
             if compiled:
                 torch._dynamo.reset()
-                model.compile_repeated_blocks(fullgraph=True)
+                compiling.compile_blocks(model)  # as served (gpu.vap.compiling)
             _reset_peak(device)
             started = time.monotonic()
             warm, sec, out = time_call(step, device, args.warmup, args.iters)
@@ -251,8 +288,18 @@ def bench_backends(
                 compile_s = time.monotonic() - started
             row.update(warmup_s=warm, s_per_step=sec, tflops=flops / sec / 1e12, s_50_steps=50 * sec)
             row["peak_gib"] = _peak_gib(device)
+            planned = planned_step_gib(shape) if device.type == "cuda" else None
+            if planned is not None and row["peak_gib"] is not None:
+                row["planned_gib"] = planned
+                if row["peak_gib"] > planned:
+                    row["failed"] = f"step peak {row['peak_gib']:.1f} GiB above the plan's {planned:.1f}"
             if peak:
                 row["pct_peak"] = 100 * flops / sec / 1e12 / peak
+            # The checked attention replaces a kernel that is wrong on a shape: then this row
+            # timed another kernel there.
+            others = {v for k, v in served_shapes().items() if k[0] == backend and v != backend}
+            if others:
+                row["failed"] = f"replaced by {', '.join(sorted(others))} on some of the step's shapes"
             if first is None:
                 first = out.float()
             else:
@@ -266,6 +313,25 @@ def bench_backends(
                 uncompile(model)
     model.reset_attention_backend()
     return rows, first
+
+
+def planned_step_gib(shape: Shape) -> float | None:
+    """What the memory plan allows one denoising step of `shape` on one GPU: the transformer's
+    weights, the rotary cache's bound and the denoising phase with the allocator's share of the
+    margin (`gpu.tools.plan`). Eager and compiled steps are both held to it."""
+    from gpu.tools.plan import MARGIN_FRACTION
+
+    table = routing.read_table()
+    key = (shape.width, shape.height, shape.frames, 1)
+    job = next(
+        (j for j in table["jobs"] if (j["width"], j["height"], j["num_frames"], j["gpus"]) == key), None
+    )
+    if job is None:
+        return None
+    weights = table["weights"]
+    denoise = job["phases"]["denoise"] * (1 + MARGIN_FRACTION)
+    planned = weights["transformer"] + weights["rotary_cache"] + denoise
+    return planned / GIB
 
 
 def uncompile(model: torch.nn.Module) -> None:
@@ -476,15 +542,16 @@ def render(report: Report) -> str:
         f"wall time {report.wall_s:.0f} s"
     )
     lines.append(
-        f"- step shape {report.shape} (CFG batch 2); FLOPs per step counted on the model: "
+        f"- step shape {report.shape} (CFG batch 2); FLOPs per step (gpu.tools.flops, held equal to the "
+        f"count on the model): "
         f"{report.flops_steady:.4g} steady (reused step invariants), {report.flops_plain:.4g} plain; "
         f"device peak {_fmt(report.peak_tflops, '.1f')} dense bf16 TFLOP/s"
     )
     lines += [
         "",
         "| backend | compile | s/step | TFLOP/s | % of peak | 50 steps (s) | warm-up (s) | peak GiB "
-        "| kernel rel err | step rel err | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| planned GiB | kernel rel err | step rel err | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.backends:
         status = r.get("failed") or r.get("error") or r.get("skipped") or "ok"
@@ -492,7 +559,8 @@ def render(report: Report) -> str:
             f"| {r['backend']} | {'yes' if r['compile'] else 'no'} | {_fmt(r.get('s_per_step'))} "
             f"| {_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('pct_peak'), '.1f')} "
             f"| {_fmt(r.get('s_50_steps'), '.1f')} | {_fmt(r.get('warmup_s'), '.1f')} "
-            f"| {_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('kernel_rel_err'), '.1e')} "
+            f"| {_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('planned_gib'), '.1f')} "
+            f"| {_fmt(r.get('kernel_rel_err'), '.1e')} "
             f"| {_fmt(r.get('model_rel_err'), '.1e')} | {status} |"
         )
     p = report.pipeline
@@ -531,6 +599,9 @@ def render(report: Report) -> str:
                 f"| {v['dtype']} | {v['s']:.3f} | {_fmt(v.get('peak_gib'), '.1f')} "
                 f"| {_fmt(v.get('psnr_vs_fp32'), '.1f')} |"
             )
+    if report.sections:
+        lines += ["", "| section | status | s |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['status']} | {_fmt(r.get('s'), '.1f')} |" for r in report.sections]
     lines += ["", "Result: " + ("; ".join(report.problems) if report.problems else "all checks passed"), ""]
     return "\n".join(lines)
 
@@ -553,7 +624,8 @@ def write_report(path: Path, report: Report) -> None:
 # -- main -------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> Report:
+def run(args: argparse.Namespace, done: Callable[[Report], None] = lambda report: None) -> Report:
+    """The whole check, section by section (`section`); `done(report)` after each one."""
     started = time.monotonic()
     deadline = started + args.budget_s
     full = not args.smoke
@@ -567,61 +639,98 @@ def run(args: argparse.Namespace) -> Report:
         device=name,
         versions=_versions(),
         shape=shape,
-        flops_steady=count_step(cfg, shape.frames, shape.height, shape.width, steady=True).total,
-        flops_plain=count_step(cfg, shape.frames, shape.height, shape.width, steady=False).total,
+        flops_steady=analytic_step_flops(cfg, shape.frames, shape.height, shape.width, steady=True),
+        flops_plain=analytic_step_flops(cfg, shape.frames, shape.height, shape.width, steady=False),
         peak_tflops=peak_tflops(name),
     )
+
+    def finished(report: Report) -> None:
+        report.wall_s = time.monotonic() - started
+        done(report)
+
     if full:
-        torch._dynamo.config.cache_size_limit = 64  # block variants × backends
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 VAE / CLIP convs and matmuls
         torch.backends.cudnn.allow_tf32 = True
-    model = build_transformer(cfg, device, dtype)
-    bench = (model, cfg, shape, device, dtype, report.flops_steady, report.peak_tflops, args, deadline)
-    report.backends, first = bench_backends(*bench)
+    model: WanTransformer3DMOTModel | None = None
+    first: torch.Tensor | None = None
+    bench: tuple[Any, ...] = ()
+    with section(report, "backends", device, finished):
+        model = build_transformer(cfg, device, dtype)
+        bench = (model, cfg, shape, device, dtype, report.flops_steady, report.peak_tflops, args, deadline)
+        report.backends, first = bench_backends(*bench)
+        _backend_problems(report, report.backends)
 
-    if not args.no_pipeline and time.monotonic() < deadline:
-        # As served: the probed backend, the memory options the plan gives this job's GPU class.
-        backend = choose_backend(device, dtype)
-        if backend != "native":
-            model.set_attention_backend(backend)
-        choice = routing.choose_gpu(shape.width, shape.height, shape.frames) if full else None
-        offload = choice.offload_encoders if choice else False
-        pipe = build_pipeline(full, device, offload, transformer=model)
-        result = run_pipeline(pipe, safety_classifier(full, device), shape, args.pipeline_steps, device)
-        result.update(offload_encoders=offload, backend=backend)
-        if choice:
-            result["planned_gib"] = choice.peak_gib
-        report.pipeline = result
-        del pipe
+    if not args.no_pipeline and model is not None:
+        with section(report, "pipeline", device, finished) as row:
+            if time.monotonic() < deadline:
+                run_served_pipeline(report, model, shape, device, dtype, full, args.pipeline_steps)
+            else:
+                row["status"] = "skipped: time budget"
         for gpu_name, job in planned_jobs(device):
-            if time.monotonic() + 150 > deadline:
-                report.problems.append(f"largest {gpu_name} job not checked: time budget")
-                continue
-
-            def factory(offload: bool) -> Any:
-                return build_pipeline(full, device, offload, transformer=model)
-
-            row = check_memory(gpu_name, job, factory, device)
-            report.memory.append(row)
-            if not row.get("fits"):
-                report.problems.append(f"largest planned {gpu_name} job {row['shape']} does not fit")
+            with section(report, f"memory {gpu_name}", device, finished) as row:
+                if time.monotonic() + 150 > deadline:
+                    row["status"] = "skipped: time budget"
+                    report.problems.append(f"largest {gpu_name} job not checked: time budget")
+                    continue
+                check = check_memory(gpu_name, job, _pipeline_factory(full, device, model), device)
+                report.memory.append(check)
+                if not check.get("fits"):
+                    report.problems.append(f"largest planned {gpu_name} job {check['shape']} does not fit")
         model.reset_attention_backend()
 
     if args.vae:
-        report.vae = bench_vae(full, device)
-    if args.compile and (device.type == "cuda" or args.compile == "always"):
-        compiled, _ = bench_backends(*bench, compiled=True, first=first)
-        report.backends += compiled
-    for r in report.backends:
-        if "failed" in r:
-            report.problems.append(f"{r['backend']} (compile={r['compile']}): {r['failed']}")
+        with section(report, "vae", device, finished):
+            report.vae = bench_vae(full, device)
+    if args.compile and model is not None and (device.type == "cuda" or args.compile == "always"):
+        with section(report, "compile", device, finished):
+            compiled, _ = bench_backends(*bench, compiled=True, first=first)
+            report.backends += compiled
+            _backend_problems(report, compiled)
     if not any("s_per_step" in r for r in report.backends):
         report.problems.append("no attention backend ran")
-    report.wall_s = time.monotonic() - started
+    finished(report)
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def _backend_problems(report: Report, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        if "failed" in r:
+            report.problems.append(f"{r['backend']} (compile={r['compile']}): {r['failed']}")
+
+
+def _pipeline_factory(full: bool, device: torch.device, model: Any) -> Callable[[bool], Any]:
+    def factory(offload: bool) -> Any:
+        return build_pipeline(full, device, offload, transformer=model)
+
+    return factory
+
+
+def run_served_pipeline(
+    report: Report,
+    model: WanTransformer3DMOTModel,
+    shape: Shape,
+    device: torch.device,
+    dtype: torch.dtype,
+    full: bool,
+    steps: int,
+) -> None:
+    """The end-to-end pipeline as served: the probed backend, the memory options the plan gives
+    this job's GPU class; its planned peak next to the measured one."""
+    backend = choose_backend(device, dtype)
+    if backend != "native":
+        model.set_attention_backend(backend)
+    choice = routing.choose_gpu(shape.width, shape.height, shape.frames) if full else None
+    offload = choice.offload_encoders if choice else False
+    pipe = build_pipeline(full, device, offload, transformer=model)
+    result = run_pipeline(pipe, safety_classifier(full, device), shape, steps, device)
+    result.update(offload_encoders=offload, backend=backend)
+    if choice:
+        result["planned_gib"] = choice.peak_gib
+    report.pipeline = result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of `python -m gpu.tools.bench` (also what `gpu.tools.check` runs it with)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -656,12 +765,24 @@ def main(argv: list[str] | None = None) -> int:
     args.kernel_tokens = args.kernel_tokens or (8192 if args.full else 256)
     if args.full and not torch.cuda.is_available():
         parser.error("no CUDA device: use --smoke for the CPU run")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    report = run(args)
-    text = render(report)
-    print(text)
-    if args.write:
-        write_report(args.write, report)
+
+    printed: list[str] = []
+
+    def done(report: Report) -> None:
+        for row in report.sections[len(printed) :]:
+            printed.append(row["name"])
+            print(f"[bench] {row['name']}: {row['status']} ({row.get('s', 0.0):.1f} s)", flush=True)
+        if args.write:
+            write_report(args.write, report)
+
+    report = run(args, done)
+    print(render(report), flush=True)
     return 1 if report.problems else 0
 
 

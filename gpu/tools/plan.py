@@ -5,9 +5,10 @@
     python -m gpu.tools.plan --check  # ... and exit 1 if gpu/tools/plan_table.py is not what the model gives
 
 A job's peak is the largest of its phases (`gpu.vap.footprint`): encode (UMT5 + CLIP), VAE encode,
-denoising (the transformer step and what the loop keeps), VAE decode, each on top of the weights
-resident on the GPU (transformer, VAE, safety checker, and the encoders unless they are kept in
-host memory), plus the allocator margin: `MARGIN_FIXED_GIB` (CUDA context, cuBLAS/cuDNN
+denoising (the transformer step and what the loop keeps, with the attention kernel family that
+allocates most), VAE decode, each on top of what stays resident on the GPU (transformer, VAE,
+safety checker, the rotary tables' cache bound, and the encoders unless they are kept in host
+memory), plus the allocator margin: `MARGIN_FIXED_GIB` (CUDA context, cuBLAS/cuDNN
 workspaces) and `MARGIN_FRACTION` of the phase's activations (caching-allocator rounding and
 fragmentation; run with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` to keep it small).
 
@@ -80,7 +81,7 @@ def _weights() -> dict[str, int]:
 
 def peak_bytes(weights: dict[str, int], phases: dict[str, int], offload_encoders: bool) -> int:
     """Peak of a job: the largest phase on top of the resident weights, margin included."""
-    resident = weights["transformer"] + weights["vae"] + weights["safety"]
+    resident = weights["transformer"] + weights["vae"] + weights["safety"] + weights["rotary_cache"]
     encoders = weights["text_encoder"] + weights["image_encoder"]
     if not offload_encoders:
         resident += encoders

@@ -8,7 +8,10 @@ Everything is counted from the models themselves (`gpu.vap.released`, `gpu.vap.m
   inputs and outputs included);
 - denoise: what the pipeline keeps for the loop (reference stream, contexts and their K/V, the
   first expert block's reference Q/K/V) plus the peak of a denoising step, as the pipeline runs it
-  (CFG rows shared, step-invariant work reused).
+  (CFG rows shared, step-invariant work reused), for each attention kernel family that may serve
+  it (`PLANNED_BACKENDS`: what each allocates, its per-shape check included), the largest kept;
+- the rotary tables: their cache's bound (`gpu.vap.rotary.CACHE_BYTES`), resident like weights
+  (a warm container keeps the last sizes' tables), so they are left out of the denoising trace.
 
 The denoising phase has the same sequence of operations for every token count S, and every tensor
 in it has a size affine in S (tokens, or the fixed context). So the live-bytes timeline at any S
@@ -21,29 +24,38 @@ so that figure bounds every shorter video at that resolution.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers.models.transformers.transformer_wan import WanAttention
 
+from gpu.vap.attention import FLASH_4, NATIVE
 from gpu.vap.geometry import IMAGE_TOKENS, RELEASED, TEXT_TOKENS, Grid, geometry_of
 from gpu.vap.metering import CudaKernels, LiveBytes, module_bytes
 from gpu.vap.released import Components, build_components
+from gpu.vap.rotary import CACHE_BYTES
 from gpu.vap.transformer import WanTransformer3DMOTModel
 
 LATENT_CHANNELS = 16
 CONDITION_CHANNELS = 20  # 4 mask + 16 condition latents
+# The attention kernels' allocation families a GPU may run (`gpu.vap.attention`): torch SDPA (and
+# FlashAttention 2/3, which allocate alike: output like Q, LSE), cuDNN SDPA through diffusers
+# (its layout copies), FlashAttention 4 (output given, LSE).
+PLANNED_BACKENDS = (NATIVE, "_native_cudnn", FLASH_4)
 
 
 def sequence_exchange(tokens: int, gpus: int, batch: int = 2) -> int:
     """Bytes one GPU of a sequence-parallel job holds for the Ulysses all-to-alls, on top of the
     single-GPU trace at its share of the tokens (`tokens` per stream, whole video): for each of Q,
     K and V of the joint main + reference attention, a contiguous send copy and the received
-    tensor, each the size of the local Q. All six counted live at once (the send copies stay until
-    their exchange is waited on): an upper bound. `batch`: the CFG rows."""
+    tensor (copied once into heads-major memory, which every kernel reads as it is), each the
+    size of the local Q. All six counted live at once (the send copies stay until their exchange
+    is waited on): an upper bound. `batch`: the CFG rows."""
     if gpus == 1:
         return 0
     transformer = components().transformer
@@ -61,6 +73,7 @@ class Weights:
     image_encoder: int
     vae: int
     safety: int
+    rotary_cache: int  # the bound of the rotary tables' cache (gpu.vap.rotary)
 
 
 @functools.cache
@@ -78,7 +91,23 @@ def weights() -> Weights:
         image_encoder=module_bytes(c.image_encoder),
         vae=module_bytes(c.vae),
         safety=module_bytes(c.safety_checker),
+        rotary_cache=CACHE_BYTES,
     )
+
+
+@contextlib.contextmanager
+def attention_backend(model: torch.nn.Module, backend: str) -> Iterator[None]:
+    """Every attention of `model` through `backend` for a meta-device trace (its package need
+    not be installed: on the meta device `gpu.vap.attention` only allocates like it)."""
+    processors: list[Any] = [m.processor for m in model.modules() if isinstance(m, WanAttention)]
+    saved = [getattr(p, "_attention_backend", None) for p in processors]
+    for processor in processors:
+        processor._attention_backend = None if backend == NATIVE else backend
+    try:
+        yield
+    finally:
+        for processor, old in zip(processors, saved, strict=True):
+            processor._attention_backend = old
 
 
 def _traced(module: torch.nn.Module, run: Callable[[], Any]) -> LiveBytes:
@@ -155,12 +184,15 @@ def denoise_timeline(
     image_dim: int | None = None,
 ) -> list[int]:
     """Live bytes after each operation of the pipeline's denoising phase for latent `grid`:
-    reference + context preparation, then `steps` CFG steps (batch 2, rows shared)."""
+    reference + context preparation, then `steps` CFG steps (batch 2, rows shared). The rotary
+    tables are made before the trace (their cache's bound is planned as resident)."""
     cfg = model.config
     text_dim = text_dim or int(cfg["text_dim"])
     image_dim = image_dim or int(cfg["image_dim"])
     dtype = model.dtype
     meta = torch.device("meta")
+    model.rotary(grid, meta, reference=True)
+    model.rotary(grid, meta)
 
     def run() -> None:
         f, h, w = grid
@@ -192,19 +224,23 @@ def denoise_timeline(
 
 
 class DenoiseModel:
-    """Exact live-bytes timeline of the denoising phase as a function of the tokens per stream."""
+    """Exact live-bytes timeline of the denoising phase as a function of the tokens per stream
+    (one attention backend: the model's, or `backend`)."""
 
     def __init__(
         self,
         model: WanTransformer3DMOTModel,
         grids: tuple[Grid, Grid],
+        backend: str | None = None,
         **kwargs: Any,
     ) -> None:
         (g1, g2) = grids
         self.tokens = (self._tokens(model, g1), self._tokens(model, g2))
         if self.tokens[0] == self.tokens[1]:
             raise ValueError("two different token counts are needed")
-        t1, t2 = (np.asarray(denoise_timeline(model, g, **kwargs), dtype=np.float64) for g in (g1, g2))
+        using = attention_backend(model, backend) if backend else contextlib.nullcontext()
+        with using:
+            t1, t2 = (np.asarray(denoise_timeline(model, g, **kwargs), dtype=np.float64) for g in (g1, g2))
         if t1.shape != t2.shape:
             raise RuntimeError("the denoising phase's operations depend on the size: cannot interpolate")
         self._base, self._slope = t1, (t2 - t1) / (self.tokens[1] - self.tokens[0])
@@ -218,10 +254,21 @@ class DenoiseModel:
         return round(float(np.max(self._base + self._slope * (tokens - self.tokens[0]))))
 
 
+class PlannedDenoise:
+    """The denoising phase's peak over every attention kernel family a GPU may run."""
+
+    def __init__(self, models: dict[str, DenoiseModel]) -> None:
+        self.models = models
+
+    def peak(self, tokens: int) -> int:
+        return max(m.peak(tokens) for m in self.models.values())
+
+
 @functools.cache
-def denoise_model() -> DenoiseModel:
-    """The released transformer, traced at the smallest and largest accepted videos' grids."""
+def denoise_model() -> PlannedDenoise:
+    """The released transformer, traced at the smallest and largest accepted videos' grids, once
+    per attention kernel family (`PLANNED_BACKENDS`)."""
     small, large = RELEASED.latent_grid(9, 480, 832), RELEASED.latent_grid(121, 720, 1280)
     transformer = components().transformer
     assert transformer is not None
-    return DenoiseModel(transformer, (small, large))
+    return PlannedDenoise({b: DenoiseModel(transformer, (small, large), backend=b) for b in PLANNED_BACKENDS})

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from gpu.vap import compiling
 from gpu.vap.attention import choose_backend
 from gpu.vap.pipeline import VAPPipeline
 from gpu.vap.transformer import WanTransformer3DMOTModel
@@ -185,6 +186,8 @@ def load_pipeline(
         pipe.transformer.set_attention_backend(backend)
     logger.info("attention backend on %s: %s", device, backend)
     if compile_blocks:
-        # Regional compile (one graph per block type): fuses the norm/modulation/rotary glue.
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        # Regional compile (fuses the norm/modulation/rotary glue), sized for every accepted size,
+        # and the default size compiled now rather than in the first job (gpu.vap.compiling).
+        compiling.compile_blocks(pipe.transformer)
+        compiling.warm_up(pipe.transformer, compiling.DEFAULT_SIZES)
     return pipe

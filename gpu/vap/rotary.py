@@ -8,7 +8,11 @@ repeated for the (real, imaginary) pair.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
+
+from gpu.vap.attention import empty_heads_major_like
 
 Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of one token stream
 
@@ -52,22 +56,47 @@ def rotary_tables(
     return angles.cos().float(), angles.sin().float()
 
 
+def table_bytes(head_dim: int, tokens: int) -> int:
+    """Bytes of one stream's (cos, sin) tables on the device (float32)."""
+    return 2 * tokens * head_dim * 4
+
+
+# The most the cache keeps: both streams' tables of one video of the largest accepted size
+# (720p, 121 frames: 111,600 tokens per stream, head_dim 128 -> 228.5 MB), with room to spare.
+# A warm container serves every size in turn; without a bound it would keep every size's tables
+# (~15 GB over all accepted sizes). The memory plan counts this bound as resident
+# (gpu.vap.footprint), and a test holds it above the largest accepted video's tables.
+CACHE_BYTES = 256 * 2**20
+
+
 class RotaryCache:
-    """Per-(grid, offset, device) cache of rotary tables; not a module, so `.to(dtype)` can't degrade it."""
+    """Rotary tables per (grid, offset, device), least recently used evicted past `max_bytes`.
 
-    def __init__(self, head_dim: int) -> None:
+    Not a module, so `.to(dtype)` can't degrade it. The entry just made is always kept (a video
+    larger than the bound still gets its tables: the others make room); an evicted table that a
+    running forward still holds stays valid, the cache only forgets it."""
+
+    def __init__(self, head_dim: int, max_bytes: int = CACHE_BYTES) -> None:
         self.head_dim = head_dim
-        self._cache: dict[tuple[int, int, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_bytes = max_bytes
+        self._cache: OrderedDict[tuple[int, int, int, int, str], Rotary] = OrderedDict()
 
-    def get(
-        self, grid: tuple[int, int, int], t_start: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tables the cache holds."""
+        return sum(t.numel() * t.element_size() for pair in self._cache.values() for t in pair)
+
+    def get(self, grid: tuple[int, int, int], t_start: int, device: torch.device) -> Rotary:
         key = (*grid, t_start, str(device))
         hit = self._cache.get(key)
-        if hit is None:
-            cos, sin = rotary_tables(self.head_dim, grid, t_start)
-            hit = (cos.to(device), sin.to(device))
-            self._cache[key] = hit
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        cos, sin = rotary_tables(self.head_dim, grid, t_start)
+        hit = (cos.to(device), sin.to(device))
+        self._cache[key] = hit
+        while len(self._cache) > 1 and self.nbytes > self.max_bytes:
+            self._cache.popitem(last=False)
         return hit
 
 
@@ -87,8 +116,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `[B, S, H, D]` pairs (x[2i], x[2i+1]) by the table angles; math in float32, piece by
     piece into an output of x's dtype (float32 intermediates of a whole 100k-token sequence would
-    be several GiB)."""
-    out = torch.empty_like(x)
+    be several GiB). The output is in heads-major memory, the layout every attention kernel reads
+    without a copy (`gpu.vap.attention`)."""
+    out = empty_heads_major_like(x)
     pieces = zip(
         *(t.tensor_split(ROTARY_PIECES, dim=1) for t in (out, x, cos, sin)),
         strict=True,

@@ -30,7 +30,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanTransformerBlock,
 )
 
-from gpu.vap.attention import FLASH_4, has_module, local_attention
+from gpu.vap.attention import FLASH_4, has_module, heads_major, heads_major_cat, local_attention
 from gpu.vap.geometry import TEXT_TOKENS
 from gpu.vap.rotary import Rotary, RotaryCache, apply_rotary
 from gpu.vap.split_plan import AttentionCore, SequenceSplitPlan, TokenSplit
@@ -110,9 +110,12 @@ def _qkv(
     shift: torch.Tensor,
     rotary: Rotary,
     need_query: bool = True,
+    value_heads_major: bool = True,
 ) -> QKV:
     """Self-attention Q/K/V (`[B, S, H, Dh]`, QK-norm and rotary applied, diffusers' layout) of the
     modulated, normalised `hidden_states`; each intermediate is dropped as soon as it is used.
+    Q and K come out in heads-major memory (`gpu.vap.attention.heads_major`), and V too unless
+    `value_heads_major=False` (the expert block copies it into the joint V anyway).
 
     Uses the fused QKV projection when `fuse_qkv_projections()` was called (one GEMM)."""
     x = _modulated_norm(norm, hidden_states, scale, shift)
@@ -126,7 +129,9 @@ def _qkv(
     del k
     query = None if q is None else apply_rotary(attn.norm_q(q).unflatten(2, (attn.heads, -1)), *rotary)
     del q
-    return query, key, v.unflatten(2, (attn.heads, -1))
+    value = v.unflatten(2, (attn.heads, -1))
+    del v
+    return query, key, heads_major(value) if value_heads_major else value
 
 
 def context_kv(attn: WanAttention, context: torch.Tensor) -> ContextKV:
@@ -298,7 +303,14 @@ class VAPExpertBlock(VAPBlock):
         is needed)."""
         r_shift, r_scale = _modulation(self.scale_shift_table_mot_ref, ref_temb)[:2]
         return _qkv(
-            self.attn1_mot_ref, self.norm1_mot_ref, ref_states, r_scale, r_shift, ref_rotary, need_query
+            self.attn1_mot_ref,
+            self.norm1_mot_ref,
+            ref_states,
+            r_scale,
+            r_shift,
+            ref_rotary,
+            need_query,
+            value_heads_major=False,
         )
 
     def forward(  # type: ignore[override]
@@ -320,18 +332,22 @@ class VAPExpertBlock(VAPBlock):
         expert block). (`forward`, so that regional `torch.compile` covers it.)"""
         mod = _modulation(self.scale_shift_table, temb)
         shift, scale, gate = mod[:3]
-        q, k, v = _qkv(self.attn1, self.norm1, hidden_states, scale, shift, rotary_emb)
+        q, k, v = _qkv(
+            self.attn1, self.norm1, hidden_states, scale, shift, rotary_emb, value_heads_major=False
+        )
         assert q is not None
         if ref_qkv is None:
             ref_qkv = self.reference_qkv(ref_states, ref_temb, ref_rotary, need_query=ref_output_needed)
         qr, kr, vr = ref_qkv
         del ref_qkv
         batch, n_main = q.shape[0], q.shape[1]
-        query = q if qr is None else torch.cat([q, _rows(qr, batch)], dim=1)
+        # The joint Q/K/V, [main; ref] along the sequence, in heads-major memory (any backend
+        # reads them without a copy); the last expert block's queries are the main stream's.
+        query = q if qr is None else heads_major_cat([q, _rows(qr, batch)])
         del q, qr
-        key = torch.cat([k, _rows(kr, batch)], dim=1)
+        key = heads_major_cat([k, _rows(kr, batch)])
         del k, kr
-        value = torch.cat([v, _rows(vr, batch)], dim=1)
+        value = heads_major_cat([v, _rows(vr, batch)])
         del v, vr
         out = self.attention_core(
             query, key, value, getattr(self.attn1.processor, "_attention_backend", None)
@@ -486,6 +502,17 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
             block.attention_core = core
 
     # -- step-invariant inputs (once per video) --------------------------------------------
+    def rotary(
+        self, latent_grid: tuple[int, int, int], device: torch.device, reference: bool = False
+    ) -> Rotary:
+        """The rotary tables of one stream for latents of `latent_grid` (a bounded cache,
+        `gpu.vap.rotary.RotaryCache`): the reference stream's temporal positions are -F..-1 (the
+        reference numbers its frames from -latent_frames), the target's 0..F-1."""
+        frames, height, width = latent_grid
+        p_t, p_h, p_w = self.config["patch_size"]
+        grid = (frames // p_t, height // p_h, width // p_w)
+        return self._rotary.get(grid, -frames if reference else 0, device)
+
     def prepare_reference(
         self,
         hidden_states_mot_ref: torch.Tensor,
@@ -500,10 +527,7 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         `hidden_states_mot_ref`: [1 or B, C_in, F, H, W] reference latents + mask + condition;
         the text/image embeddings carry the CFG batch (cond, uncond)."""
         _, _, frames, height, width = hidden_states_mot_ref.shape
-        p_t, p_h, p_w = self.config["patch_size"]
-        grid = (frames // p_t, height // p_h, width // p_w)
-        # Temporal positions -F..-1 (the reference's RoPE numbers frames from -latent_frames).
-        rotary = self._rotary.get(grid, -frames, hidden_states_mot_ref.device)
+        rotary = self.rotary((frames, height, width), hidden_states_mot_ref.device, reference=True)
         tokens = self.patch_embedding_mot_ref(hidden_states_mot_ref).flatten(2).transpose(1, 2).contiguous()
         timestep = torch.full((1,), timestep_mot_ref, device=tokens.device)
         _, proj, text, image = self.condition_embedder_mot_ref(
@@ -601,7 +625,7 @@ class WanTransformer3DMOTModel(ModelMixin, ConfigMixin, AttentionMixin):  # type
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config["patch_size"]
         grid = (frames // p_t, height // p_h, width // p_w)
-        rotary = self._rotary.get(grid, 0, hidden_states.device)
+        rotary = self.rotary((frames, height, width), hidden_states.device)
 
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)

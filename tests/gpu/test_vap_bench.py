@@ -83,3 +83,31 @@ def test_full_size_pipeline_code_builds_and_runs_with_small_configs(monkeypatch)
     assert pipe.encoders_offloaded
     result = bench.run_pipeline(pipe, bench.safety_classifier(True, cpu), bench.Shape(5, 16, 32), 2, cpu)
     assert result["steps"] == 2 and result["pipeline_s"] > 0 and "s_per_step" in result
+
+
+def test_a_section_that_raises_is_recorded_and_the_next_one_runs(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "run_pipeline", broken)  # not an out-of-memory error
+    assert bench.main(["--smoke", "--vae", "--iters", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "section pipeline: RuntimeError: CUDA error: an illegal memory access" in out
+    assert "| pipeline | failed: RuntimeError" in out
+    assert "| bfloat16 |" in out and "| vae | ok |" in out  # the section after it ran
+
+
+def test_the_report_is_written_after_every_section(monkeypatch, tmp_path):
+    doc = tmp_path / "bench.md"
+    seen: dict[str, str] = {}
+    real = bench.bench_vae
+
+    def vae_reads_the_document(full, device):
+        seen["doc"] = doc.read_text() if doc.exists() else ""
+        return real(full, device)
+
+    monkeypatch.setattr(bench, "bench_vae", vae_reads_the_document)
+    assert bench.main(["--smoke", "--vae", "--iters", "1", "--write", str(doc)]) == 0
+    # When the VAE section started, the backends and the pipeline were already on disk.
+    assert "| native | no |" in seen["doc"] and "End-to-end pipeline (48x32x9" in seen["doc"]
+    assert "| bfloat16 |" not in seen["doc"] and "| bfloat16 |" in doc.read_text()
