@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import cast
 from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
 
-from ..gpu_contract import CancelResponse, GpuCount, GpuJobRequest, StatusResponse, SubmitResponse
+from ..contract import BackendName, GpuCount
+from ..gpu_contract import CancelResponse, GpuJobRequest, StatusResponse, SubmitResponse
 from ..gpu_urls import refresh_url, service_url_fields
 from ..signing import derive_callback_key
 from .base import (
@@ -78,7 +79,7 @@ class ModalJobBuilder:
 class ModalBackend:
     """Every method raises `BackendError` when Modal cannot be asked or answers unexpectedly."""
 
-    name: Literal["modal", "fal"] = "modal"
+    name: BackendName = "modal"
 
     def __init__(
         self,
