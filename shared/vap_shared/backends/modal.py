@@ -14,6 +14,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
+from .. import routes
 from ..contract import BackendName, GpuCount
 from ..gpu_contract import CancelResponse, GpuJobRequest, StatusResponse, SubmitResponse
 from ..gpu_urls import refresh_url, service_url_fields
@@ -63,7 +64,7 @@ class ModalJobBuilder:
             video_url=media_url(request.video, self.sign_get),
             image_url=media_url(request.image, self.sign_get),
             output_put_url=self.output_put_url(request.job_id),
-            callback_url=f"{request.webhook_base_url.rstrip('/')}/callbacks/gpu/{request.job_id}",
+            callback_url=routes.url(request.webhook_base_url, "gpu", request.job_id),
             callback_key=key.hex(),
             settings=request.settings,
             num_inference_steps=self.num_inference_steps,
