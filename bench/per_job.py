@@ -94,8 +94,10 @@ def _sidecar(bucket: str, seed: int) -> dict[str, Any]:
 
 
 def _webhook_kind(event: dict[str, Any]) -> tuple[str, str | None]:
-    path = str(event.get("rawPath", ""))
-    if not path.startswith("/callbacks/gpu/"):
+    from vap_shared.routes import match_route
+
+    route = match_route(str(event.get("rawPath", "")))
+    if route is None or route[0] != "gpu":
         return "other", None
     try:
         body = json.loads(event.get("body") or "{}")

@@ -14,13 +14,15 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from vap_shared.contract import BACKEND_CHOICES
+
 from local_stack.stack import ROOT, LocalStack, LocalStackConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local_stack", description=__doc__)
     parser.add_argument("--engine", default="tiny", choices=["tiny", "fake", "none"], help="local GPU engine")
-    parser.add_argument("--backend", choices=["auto", "modal", "fal"], help="DefaultBackend parameter")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, help="DefaultBackend parameter")
     parser.add_argument("--state-file", type=Path, default=ROOT / ".local" / "stack.json")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

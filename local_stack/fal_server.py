@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from vap_shared.contract import DEFAULT_FPS, DEFAULT_NUM_FRAMES
 
 from local_stack.media import synth_mp4
 from local_stack.net import LoopbackServer
@@ -41,7 +42,6 @@ from local_stack.net import LoopbackServer
 log = logging.getLogger("local_stack.fal")
 
 _REQUIRED = ("prompt", "video_url", "image_url", "video_description")
-_SIZES = {"480p": (832, 480), "580p": (1024, 576), "720p": (1280, 720)}
 USER_ID = "local-fal-user"
 # Another fal account: its webhooks are signed with the same keys as ours.
 OTHER_USER_ID = "another-fal-account"
@@ -225,8 +225,9 @@ class FalServer:
             request.error = {"detail": "injected model error", "error_type": "internal_error"}
         else:
             width, height = self.behaviour.video_size
-            frames = int(settings.get("num_frames") or 49)
-            video = synth_mp4(width=width, height=height, frames=frames, fps=int(settings.get("fps") or 16))
+            frames = int(settings.get("num_frames") or DEFAULT_NUM_FRAMES)
+            fps = int(settings.get("fps") or DEFAULT_FPS)
+            video = synth_mp4(width=width, height=height, frames=frames, fps=fps)
             name = f"{uuid.uuid4().hex[:12]}.mp4"
             path = f"files/{request.request_id}/{name}"
             self.files[path] = video

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from vap_shared.contract import BACKEND_CHOICES, GPU_COUNTS
 
 from . import commands, costs, gallery, logs, urls
 from .errors import EXIT_JOB_FAILED, EXIT_STACK, CliError
@@ -57,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aspect-ratio", dest="aspect_ratio")
     p.add_argument("--resolution")
     p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
-    p.add_argument("--backend", help="auto, modal or fal (default: the stack's)")
+    p.add_argument("--backend", help=f"{', '.join(BACKEND_CHOICES)} (default: the stack's)")
     p.add_argument(
-        "--gpus", type=int, choices=(1, 2, 4, 8), help="GPUs for this job on Modal (default: the stack's)"
+        "--gpus", type=int, choices=GPU_COUNTS, help="GPUs for this job on Modal (default: the stack's)"
     )
     p.add_argument(
         "--no-reuse",

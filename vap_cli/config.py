@@ -27,11 +27,13 @@ from botocore.exceptions import (
 )
 from vap_shared.config import Settings
 from vap_shared.runtime import s3_client
+from vap_shared.settings_parser import text
 
 from .errors import CliError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MAX_SIDECAR_BYTES = 65_536
+# The functions' own defaults, for a stack whose parameters cannot be read.
+DEFAULT_MAX_SIDECAR_BYTES = Settings.max_sidecar_bytes
 DEFAULT_FAL_QUEUE_URL = Settings.fal_queue_url
 DEFAULT_FAL_ENDPOINT_ID = Settings.fal_endpoint_id
 
@@ -77,7 +79,7 @@ class StackInfo:
 
 
 def default_state_file() -> Path:
-    env = os.environ.get("VAP_LOCAL_STATE")
+    env = text(os.environ, "VAP_LOCAL_STATE")
     if env:
         return Path(env)
     here = Path.cwd() / ".local" / "stack.json"
@@ -90,7 +92,7 @@ def discover(
     region: str | None = None,
     local_state: Path | None = None,
 ) -> StackInfo:
-    stack = stack or os.environ.get("VAP_STACK")
+    stack = stack or text(os.environ, "VAP_STACK")
     if stack:
         return deployed(stack, profile, region)
     return local(local_state or default_state_file())

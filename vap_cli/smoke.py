@@ -23,6 +23,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
+from vap_shared.contract import (
+    BACKEND_CHOICES,
+    DEFAULT_FPS,
+    NUM_FRAMES_MIN,
+    AspectRatio,
+    Resolution,
+    frame_size,
+)
 
 from vap_cli.config import StackInfo, discover
 from vap_cli.errors import CliError
@@ -32,8 +40,10 @@ from vap_cli.submission import from_files, upload, validate
 
 PROMPT = "A small test pattern slowly drifts to the right (VAP smoke test)."
 DESCRIPTION = "Coloured bars slide to the right over a gradient."
-# 480p landscape (docs/gpu.md): what a 16:9 480p job must come back as.
-EXPECTED_SIZE = (832, 480)
+# The smallest job (fewest frames, 480p), landscape, and the size it must come back as.
+ASPECT_RATIO: AspectRatio = "16:9"
+RESOLUTION: Resolution = "480p"
+EXPECTED_SIZE = frame_size(ASPECT_RATIO, RESOLUTION)
 
 
 @dataclass
@@ -170,8 +180,8 @@ def run(
     stack: StackInfo,
     out: TextIO,
     backend: str | None = None,
-    frames: int = 9,
-    fps: int = 16,
+    frames: int = NUM_FRAMES_MIN,
+    fps: int = DEFAULT_FPS,
     timeout_s: float = 3600.0,
     poll_s: float = 2.0,
     notification: bool = True,
@@ -182,8 +192,8 @@ def run(
     settings: dict[str, Any] = {
         "num_frames": frames,
         "fps": fps,
-        "aspect_ratio": "16:9",
-        "resolution": "480p",
+        "aspect_ratio": ASPECT_RATIO,
+        "resolution": RESOLUTION,
         "seed": 7,
         "reuse": False,
     }
@@ -196,7 +206,7 @@ def run(
             cleanup.enter_context(listener)
         sub = from_files(str(video), str(image), PROMPT, DESCRIPTION, settings, name)
         validate(sub, stack)
-        out.write(f"smoke: submitting {frames} frames at 480p to the {stack.describe()}\n")
+        out.write(f"smoke: submitting {frames} frames at {RESOLUTION} to the {stack.describe()}\n")
         etag = upload(sub, stack)
         uploaded = time.monotonic()
         status = find_upload(stack, sub.name, etag, timeout_s=min(300.0, timeout_s))
@@ -248,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile")
     parser.add_argument("--region")
     parser.add_argument("--local-state", type=Path, help="local stack state file (default .local/stack.json)")
-    parser.add_argument("--backend", choices=["auto", "modal", "fal"], help="default: the stack's")
-    parser.add_argument("--frames", type=int, default=9)
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, help="default: the stack's")
+    parser.add_argument("--frames", type=int, default=NUM_FRAMES_MIN)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     parser.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     parser.add_argument("--no-notification", action="store_true", help="skip the SNS subscription")

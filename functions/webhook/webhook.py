@@ -11,7 +11,6 @@ import base64
 import binascii
 import gc
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ try:
     from vap_shared.config import Settings, settings_at_cold_start
     from vap_shared.fal_token import TOKEN_PARAM
     from vap_shared.naming import is_job_id
+    from vap_shared.routes import RouteName, match_route
     from vap_shared.runtime import Runtime
     from vap_shared.webhook_logic import (
         Delivery,
@@ -64,16 +64,11 @@ def reset() -> None:
 
 
 Logic = Callable[[Runtime, Delivery], Reply]
-# Three POST routes: a few lines here instead of Powertools' resolver, whose import (asyncio, every
-# event class) was the webhook's largest avoidable cold-start cost.
-ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"/callbacks/gpu/([^/]+)"), "gpu"),
-    (re.compile(r"/callbacks/gpu/([^/]+)/urls"), "urls"),
-    (re.compile(r"/callbacks/fal/([^/]+)"), "fal"),
-)
+# Three POST routes (`vap_shared.routes`): a few lines here instead of Powertools' resolver, whose
+# import (asyncio, every event class) was the webhook's largest avoidable cold-start cost.
 
 
-def _logic(route_name: str) -> Logic:
+def _logic(route_name: RouteName) -> Logic:
     # Resolved per request from this module's names (so they can be replaced, as the recovery
     # tests do to lose a callback on its way).
     return {"gpu": handle_gpu_callback, "urls": handle_url_refresh, "fal": handle_fal_webhook}[route_name]
@@ -117,12 +112,11 @@ def route(event: LambdaFunctionUrlEvent) -> tuple[str, Logic] | None:
     """The job id and logic for the event's method and path; None for anything else."""
     if str(event.http_method or "").upper() != "POST":
         return None
-    path = str(event.raw_path or "")
-    for pattern, name in ROUTES:
-        match = pattern.fullmatch(path)
-        if match:
-            return match.group(1), _logic(name)
-    return None
+    found = match_route(str(event.raw_path or ""))
+    if found is None:
+        return None
+    name, job_id = found
+    return job_id, _logic(name)
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -12,24 +12,26 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vap_shared.gpu_contract import AspectRatio, GenerationSettings, Resolution
+from vap_shared.contract import (
+    DEFAULT_STEPS,
+    FPS_MAX,
+    FPS_MIN,
+    GUIDANCE_SCALE_ABOVE,
+    GUIDANCE_SCALE_MAX,
+    NUM_FRAMES_MAX,
+    NUM_FRAMES_MIN,
+    SEED_MAX,
+    STEPS_MAX,
+    AspectRatio,
+    Resolution,
+    frame_size,
+)
+from vap_shared.gpu_contract import GenerationSettings
+from vap_shared.settings_parser import integer
 
 from gpu.vap.geometry import RELEASED
 
-# Landscape (width, height); 9:16 swaps them. All multiples of 16 (VAE ×8, patch ×2: RELEASED).
-# 580p is 1024×576 rather than a literal 580 lines: 580 is not a multiple of 16 and 576 is the
-# nearest 16:9 size that is.
-LANDSCAPE_SIZES: dict[Resolution, tuple[int, int]] = {
-    "480p": (832, 480),
-    "580p": (1024, 576),
-    "720p": (1280, 720),
-}
-MIN_FRAMES = 9
-MAX_FRAMES = 121
-MAX_SEED = 2**32 - 1
-DEFAULT_STEPS = 50
 STEPS_ENV = "VAP_DEFAULT_STEPS"
-MAX_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,18 @@ class GenerationSpec:
 
 def target_size(aspect_ratio: AspectRatio, resolution: Resolution) -> tuple[int, int]:
     """(width, height) for a sidecar's aspect ratio and resolution."""
-    width, height = LANDSCAPE_SIZES[resolution]
-    return (width, height) if aspect_ratio == "16:9" else (height, width)
+    return frame_size(aspect_ratio, resolution)
 
 
 def valid_num_frames(requested: int) -> int:
-    """The nearest 4k+1 frame count in [MIN_FRAMES, MAX_FRAMES]; ties round up.
+    """The nearest 4k+1 frame count in [NUM_FRAMES_MIN, NUM_FRAMES_MAX]; ties round up.
 
     The Wan VAE compresses time 4× after the first frame, so only 4k+1 frames decode exactly.
     """
     step = RELEASED.temporal
-    clamped = min(max(requested, MIN_FRAMES), MAX_FRAMES)
+    clamped = min(max(requested, NUM_FRAMES_MIN), NUM_FRAMES_MAX)
     k = (clamped - 1 + step // 2) // step  # + half a step: rounds to nearest, ties up
-    return min(step * k + 1, MAX_FRAMES)
+    return min(step * k + 1, NUM_FRAMES_MAX)
 
 
 def resolve_seed(seed: int | None, seed_from: str | None = None) -> int:
@@ -73,22 +74,17 @@ def resolve_seed(seed: int | None, seed_from: str | None = None) -> int:
     if seed is None:
         if seed_from is not None:
             digest = hashlib.sha256(b"vap-seed:" + seed_from.encode()).digest()
-            return int.from_bytes(digest[:8], "big") % (MAX_SEED + 1)
-        return secrets.randbelow(MAX_SEED + 1)
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be within 0..{MAX_SEED}, got {seed}")
+            return int.from_bytes(digest[:8], "big") % (SEED_MAX + 1)
+        return secrets.randbelow(SEED_MAX + 1)
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be within 0..{SEED_MAX}, got {seed}")
     return seed
 
 
 def default_steps(env: Mapping[str, str] | None = None, fallback: int = DEFAULT_STEPS) -> int:
-    """Server default for denoising steps: `VAP_DEFAULT_STEPS` if set, else `fallback`."""
-    raw = (os.environ if env is None else env).get(STEPS_ENV, "").strip()
-    if not raw:
-        return fallback
-    steps = int(raw)
-    if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"{STEPS_ENV} must be within 1..{MAX_STEPS}, got {steps}")
-    return steps
+    """Server default for denoising steps: `VAP_DEFAULT_STEPS` if set, else `fallback`; raises
+    `SettingsError`."""
+    return integer(os.environ if env is None else env, STEPS_ENV, fallback, 1, STEPS_MAX)
 
 
 def build_spec(
@@ -97,10 +93,13 @@ def build_spec(
     """Map validated sidecar settings (plus the request's step override) to a `GenerationSpec`;
     `seed_from` picks the seed a sidecar leaves open (`resolve_seed`)."""
     width, height = target_size(settings.aspect_ratio, settings.resolution)
-    if not 1 <= settings.fps <= 60:
-        raise ValueError(f"fps must be within 1..60, got {settings.fps}")
-    if not 1 < settings.guidance_scale <= 20:
-        raise ValueError(f"guidance_scale must be > 1 and <= 20, got {settings.guidance_scale}")
+    if not FPS_MIN <= settings.fps <= FPS_MAX:
+        raise ValueError(f"fps must be within {FPS_MIN}..{FPS_MAX}, got {settings.fps}")
+    if not GUIDANCE_SCALE_ABOVE < settings.guidance_scale <= GUIDANCE_SCALE_MAX:
+        raise ValueError(
+            f"guidance_scale must be > {GUIDANCE_SCALE_ABOVE:g} and <= {GUIDANCE_SCALE_MAX:g}, "
+            f"got {settings.guidance_scale}"
+        )
     return GenerationSpec(
         prompt=settings.prompt.strip(),
         ref_prompt=settings.video_description.strip(),

@@ -19,11 +19,8 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps
+from vap_shared.contract import MAX_IMAGE_PIXELS, MAX_SOURCE_FRAMES  # PIL's own bomb guard is per process
 
-# A sidecar's video longer than this is refused rather than decoded (60 s at 60 fps).
-MAX_SOURCE_FRAMES = 3600
-# Images larger than this are refused (PIL's decompression-bomb guard is per process; be explicit).
-MAX_IMAGE_PIXELS = 64_000_000
 ENCODE_CRF = 18  # visually lossless-ish for generated video; the files stay a few MB
 
 

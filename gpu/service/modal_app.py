@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 # `modal deploy gpu/service/modal_app.py` imports this file by path: make `gpu` and `vap_shared` importable.
 try:
@@ -28,14 +28,26 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
 import modal
+from vap_shared.contract import (
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_FPS,
+    DEFAULT_GPUS,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_FRAMES,
+    DEFAULT_RESOLUTION,
+    DEFAULT_SAFETY_CHECKER,
+    AspectRatio,
+    GpuCount,
+    Resolution,
+)
 from vap_shared.gpu_contract import GenerationSettings
+from vap_shared.settings_parser import SettingsError
 
 from gpu.service import routing
 from gpu.service.generation import target_size
 from gpu.service.modal_settings import (
     GpuClass,
     ModalSettings,
-    SettingsError,
     forwarded_env,
     offered_class,
     read_settings,
@@ -426,21 +438,19 @@ def main(
     prompt: str,
     video_description: str,
     out: str = "vap-trial",
-    resolution: Literal["480p", "580p", "720p"] = "480p",
-    aspect_ratio: Literal["16:9", "9:16"] = "9:16",
-    num_frames: int = 49,
-    fps: int = 16,
+    resolution: Resolution = DEFAULT_RESOLUTION,
+    aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    fps: int = DEFAULT_FPS,
     seed: int | None = None,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     steps: int | None = None,
-    gpus: Literal[1, 2, 4, 8] = 1,
+    gpus: GpuCount = DEFAULT_GPUS,
     gpu: str = "",
-    safety_checker: bool = True,
+    safety_checker: bool = DEFAULT_SAFETY_CHECKER,
 ) -> None:
     """Generate one video on Modal from local files (no AWS) and save video.mp4, poster.jpg,
     preview.webp and result.json (seed, size, timings) under --out."""
-    from vap_shared.gpu_contract import GenerationSettings
-
     settings = GenerationSettings(
         prompt=prompt, video_description=video_description, seed=seed, num_frames=num_frames, fps=fps,
         enable_safety_checker=safety_checker, aspect_ratio=aspect_ratio, resolution=resolution,

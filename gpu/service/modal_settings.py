@@ -14,8 +14,16 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from vap_shared.budget import DEFAULT_BUDGET_S, DEFAULT_MODAL_CONTAINERS, Budget, BudgetError
-from vap_shared.config import GPU_COUNTS
+from vap_shared.budget import (
+    DEFAULT_BUDGET_S,
+    DEFAULT_MODAL_CONTAINERS,
+    MAX_BUDGET_S,
+    MIN_BUDGET_S,
+    Budget,
+    BudgetError,
+)
+from vap_shared.contract import DEFAULT_STEPS, GPU_COUNTS, STEPS_MAX
+from vap_shared.settings_parser import SettingsError, flag, integer, names, text
 
 APP = "VAP_MODAL_APP"
 GPUS = "VAP_MODAL_GPUS"
@@ -49,13 +57,8 @@ REMOVED_NAMES: dict[str, str] = {
 
 # One class per offered choice: pinned H100 and H200 for one GPU, H100 x 2/4/8 for sequence parallel.
 DEFAULT_GPUS = ("H100!", "H200", "H100:2", "H100:4", "H100:8")
-MAX_STEPS = 200
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # gpu.vap.loading.is_commit (this module imports no torch)
 _GPU_RE = re.compile(r"^(?P<type>[A-Z][A-Z0-9-]*)(?P<pin>!?)(?::(?P<count>\d+))?$")
-
-
-class SettingsError(ValueError):
-    """A deploy-time setting is missing its meaning or out of range."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,8 @@ def parse_gpu(modal_gpu: str) -> GpuClass:
         raise SettingsError(f"{GPUS}: {modal_gpu!r} is not a Modal GPU string like 'H100!' or 'H100:8'")
     count = int(match["count"] or 1)
     if count not in GPU_COUNTS:
-        raise SettingsError(f"{GPUS}: {modal_gpu!r} asks for {count} GPUs; one job uses 1, 2, 4 or 8")
+        allowed = ", ".join(str(n) for n in GPU_COUNTS)
+        raise SettingsError(f"{GPUS}: {modal_gpu!r} asks for {count} GPUs; one job uses one of {allowed}")
     return GpuClass(modal_gpu=modal_gpu.strip(), gpu_type=match["type"], count=count)
 
 
@@ -106,7 +110,7 @@ class ModalSettings:
     min_containers: int = 0  # > 0 keeps warm GPUs (billed while idle)
     scaledown_s: int = 300  # an idle container is kept this long for the next job
     budget: Budget = field(default_factory=Budget)
-    default_steps: int = 50
+    default_steps: int = DEFAULT_STEPS
     compile_blocks: bool = False  # regional torch.compile: faster steps, slower cold start
     revision: str = ""  # the VAP weights' commit (40 hex; "" = gpu.vap.loading.VAP_REVISION)
     volume: str = "vap-weights"
@@ -126,57 +130,40 @@ class ModalSettings:
         return next((g for g in self.gpus if g.modal_gpu == modal_gpu), None)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise SettingsError(f"{name} must be within {low}..{high}, got {value}")
-    return value
-
-
-def _names(raw: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in raw.split(",") if n.strip())
-
-
 def read_settings(env: Mapping[str, str] | None = None) -> ModalSettings:
     """The settings in `env` (default: this process's environment); raises `SettingsError`."""
     env = os.environ if env is None else env
     removed = [f"{name} ({why})" for name, why in REMOVED_NAMES.items() if env.get(name, "").strip()]
     if removed:
         raise SettingsError("no longer read: " + "; ".join(removed))
-    gpus = tuple(parse_gpu(g) for g in _names(env.get(GPUS, ""))) or ModalSettings.gpus
-    names = [g.class_name for g in gpus]
-    if len(set(names)) != len(names):
+    gpus = tuple(parse_gpu(g) for g in names(env.get(GPUS, ""))) or ModalSettings.gpus
+    class_names = [g.class_name for g in gpus]
+    if len(set(class_names)) != len(class_names):
         raise SettingsError(f"{GPUS} lists one GPU choice twice: {', '.join(g.modal_gpu for g in gpus)}")
-    max_containers = _int(env, MAX_CONTAINERS, DEFAULT_MODAL_CONTAINERS, 1, 1000)
+    max_containers = integer(env, MAX_CONTAINERS, DEFAULT_MODAL_CONTAINERS, 1, 1000)
     try:
-        budget = Budget(job_s=_int(env, BUDGET, DEFAULT_BUDGET_S, 1, 10**7), modal_containers=max_containers)
-    except BudgetError as exc:
+        budget = Budget(
+            job_s=integer(env, BUDGET, DEFAULT_BUDGET_S, MIN_BUDGET_S, MAX_BUDGET_S),
+            modal_containers=max_containers,
+        )
+    except BudgetError as exc:  # pragma: no cover - both values are range-checked above
         raise SettingsError(f"{BUDGET}: {exc}") from None
-    revision = env.get(REVISION, "").strip()
+    revision = text(env, REVISION)
     if revision and not _COMMIT_RE.fullmatch(revision):
         raise SettingsError(f"{REVISION} must be a commit (40 hex digits), not a branch or tag: {revision!r}")
-    compile_raw = env.get(COMPILE, "").strip()
-    if compile_raw not in ("", "0", "1"):
-        raise SettingsError(f"{COMPILE} must be 0 or 1, got {compile_raw!r}")
     return ModalSettings(
-        app_name=env.get(APP, "").strip() or ModalSettings.app_name,
+        app_name=text(env, APP, ModalSettings.app_name),
         gpus=gpus,
         max_containers=max_containers,
-        min_containers=_int(env, MIN_CONTAINERS, 0, 0, max_containers),
-        scaledown_s=_int(env, SCALEDOWN, 300, 2, 3600),  # Modal's allowed range
+        min_containers=integer(env, MIN_CONTAINERS, 0, 0, max_containers),
+        scaledown_s=integer(env, SCALEDOWN, 300, 2, 3600),  # Modal's allowed range
         budget=budget,
-        default_steps=_int(env, STEPS, 50, 1, MAX_STEPS),
-        compile_blocks=compile_raw == "1",
+        default_steps=integer(env, STEPS, DEFAULT_STEPS, 1, STEPS_MAX),
+        compile_blocks=flag(env, COMPILE),
         revision=revision,
-        volume=env.get(VOLUME, "").strip() or ModalSettings.volume,
-        secrets=_names(env.get(SECRETS, "")),
-        calls_dict=env.get(CALLS_DICT, "").strip() or ModalSettings.calls_dict,
+        volume=text(env, VOLUME, ModalSettings.volume),
+        secrets=names(env.get(SECRETS, "")),
+        calls_dict=text(env, CALLS_DICT, ModalSettings.calls_dict),
     )
 
 

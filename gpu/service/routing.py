@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vap_shared.config import GPU_COUNTS
+from vap_shared.contract import GPU_COUNTS
 from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
 from vap_shared.gpu_contract import GenerationSettings
 
@@ -159,7 +159,7 @@ def gpus_within(
     if run_limit_s is None:
         return [gpus]
     shape = JobShape(width, height, frames, steps)
-    fitting = [n for n in GPU_COUNTS if n >= gpus and estimate(shape, n).total_s <= run_limit_s]
+    fitting: list[int] = [n for n in GPU_COUNTS if n >= gpus and estimate(shape, n).total_s <= run_limit_s]
     return fitting or [gpus]
 
 

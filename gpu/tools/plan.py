@@ -28,9 +28,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vap_shared.config import GPU_COUNTS
+from vap_shared.contract import (
+    ASPECT_RATIOS,
+    GPU_COUNTS,
+    NUM_FRAMES_MAX,
+    NUM_FRAMES_MIN,
+    RESOLUTIONS,
+    frame_size,
+)
 
-from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.service.generation import valid_num_frames
 from gpu.service.routing import GIB, OFFERED, gpu_type, modal_gpu, read_table
 from gpu.vap import footprint
 from gpu.vap.geometry import RELEASED
@@ -42,14 +49,14 @@ TABLE_PATH = Path(__file__).with_name("plan_table.py")
 
 def accepted_sizes() -> Iterator[tuple[str, str, int, int]]:
     """(resolution, aspect, width, height) of every size a sidecar may ask for."""
-    for resolution, (width, height) in LANDSCAPE_SIZES.items():
-        yield resolution, "16:9", width, height
-        yield resolution, "9:16", height, width
+    for resolution in RESOLUTIONS:
+        for aspect in ASPECT_RATIOS:
+            yield resolution, aspect, *frame_size(aspect, resolution)
 
 
 def gpu_frame_counts() -> list[int]:
     """The frame counts the GPU runs (each requested 9..121 maps to its nearest 4k+1)."""
-    return sorted({valid_num_frames(n) for n in range(MIN_FRAMES, MAX_FRAMES + 1)})
+    return sorted({valid_num_frames(n) for n in range(NUM_FRAMES_MIN, NUM_FRAMES_MAX + 1)})
 
 
 # -- measuring (torch, meta device) ----------------------------------------------------------
@@ -64,7 +71,7 @@ def _phases(width: int, height: int, frames: int, gpus: int) -> dict[str, int]:
     # The VAE runs frame by frame (its trace depends on the frame count, ~seconds each): its peak
     # at the longest accepted video bounds every shorter one at that size. Transposed sizes
     # allocate the same, so one orientation is measured (footprint.vae).
-    vae = footprint.vae(MAX_FRAMES, min(width, height), max(width, height))
+    vae = footprint.vae(NUM_FRAMES_MAX, min(width, height), max(width, height))
     tokens = RELEASED.tokens_per_stream(frames, height, width)
     return {
         "encode": enc.peak,
@@ -170,7 +177,7 @@ def write_table(table: dict[str, Any], path: Path = TABLE_PATH) -> None:
 
 def _requested_ranges() -> dict[int, tuple[int, int]]:
     ranges: dict[int, tuple[int, int]] = {}
-    for n in range(MIN_FRAMES, MAX_FRAMES + 1):
+    for n in range(NUM_FRAMES_MIN, NUM_FRAMES_MAX + 1):
         lo, hi = ranges.get(valid_num_frames(n), (n, n))
         ranges[valid_num_frames(n)] = (min(lo, n), max(hi, n))
     return ranges
@@ -205,7 +212,7 @@ def report(table: dict[str, Any], gpus: int = 1) -> tuple[list[str], int]:
             )
     lines.append(
         "peak: per GPU, margin included; denoise / vae dec: activations above the weights "
-        f"(* measured at {MAX_FRAMES} frames, a bound for fewer)"
+        f"(* measured at {NUM_FRAMES_MAX} frames, a bound for fewer)"
     )
     return lines, failures
 

@@ -18,10 +18,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vap_shared.config import GPU_COUNTS
+from vap_shared.contract import (
+    ASPECT_RATIOS,
+    DEFAULT_NUM_FRAMES,
+    DEFAULT_RESOLUTION,
+    DEFAULT_STEPS,
+    GPU_COUNTS,
+    LANDSCAPE_SIZES,
+    RESOLUTIONS,
+    frame_size,
+)
 from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
 
-from gpu.service.generation import LANDSCAPE_SIZES
 from gpu.tools.flops import analytic_step_flops
 from gpu.vap.configs import RELEASED_14B_CONFIG
 from gpu.vap.geometry import RELEASED, geometry_of
@@ -52,10 +60,12 @@ H200 = Hardware(
 
 @dataclass(frozen=True)
 class JobShape:
-    width: int = 832
-    height: int = 480
-    num_frames: int = 49
-    steps: int = 50
+    """A job's size; by default the sidecar's defaults, landscape (16:9)."""
+
+    width: int = LANDSCAPE_SIZES[DEFAULT_RESOLUTION][0]
+    height: int = LANDSCAPE_SIZES[DEFAULT_RESOLUTION][1]
+    num_frames: int = DEFAULT_NUM_FRAMES
+    steps: int = DEFAULT_STEPS
     cfg: bool = True  # CFG runs as one transformer batch of 2
 
     @property
@@ -174,16 +184,14 @@ def format_table(shape: JobShape, hw: Hardware = H100) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Estimated time/cost per GPU count (sequence parallel).")
-    parser.add_argument("--resolution", choices=sorted(LANDSCAPE_SIZES), default="480p")
-    parser.add_argument("--aspect", choices=["16:9", "9:16"], default="16:9")
-    parser.add_argument("--frames", type=int, default=49)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--resolution", choices=RESOLUTIONS, default=DEFAULT_RESOLUTION)
+    parser.add_argument("--aspect", choices=ASPECT_RATIOS, default="16:9")
+    parser.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--gpu", choices=["H100", "H200"], default="H100")
     parser.add_argument("--efficiency", type=float, default=H100.efficiency)
     args = parser.parse_args(argv)
-    width, height = LANDSCAPE_SIZES[args.resolution]
-    if args.aspect == "9:16":
-        width, height = height, width
+    width, height = frame_size(args.aspect, args.resolution)
     base = H100 if args.gpu == "H100" else H200
     hw = Hardware(**{**base.__dict__, "efficiency": args.efficiency})
     print(format_table(JobShape(width, height, args.frames, args.steps), hw))

@@ -31,7 +31,9 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+
+from .contract import BackendName
+from .settings_parser import number
 
 STARTUP_S = 1200  # Modal startup_timeout: a cold container loading the weights
 MIN_RUN_S = 900  # the smallest per-run limit a budget may give (a 720p job needs many minutes)
@@ -126,7 +128,7 @@ class Budget:
         """The sweeper stops a job still queued/running this long after its dispatch."""
         return self.total_s + self._t(SWEEP_GRACE_S)
 
-    def capacity(self, backend: Literal["modal", "fal"]) -> int:
+    def capacity(self, backend: BackendName) -> int:
         """Jobs that may be outstanding (dispatched or running) at `backend` at once."""
         return 2 * self.modal_containers if backend == "modal" else self.fal_max_outstanding
 
@@ -142,11 +144,5 @@ class Budget:
 
 
 def local_time_scale(env: Mapping[str, str] | None = None) -> float:
-    """`VAP_LOCAL_TIME_SCALE` (local stack only; 1.0 when unset)."""
-    raw = (os.environ if env is None else env).get(LOCAL_TIME_SCALE_ENV, "").strip()
-    if not raw:
-        return 1.0
-    try:
-        return float(raw)
-    except ValueError:
-        raise BudgetError(f"{LOCAL_TIME_SCALE_ENV} must be a number, got {raw!r}") from None
+    """`VAP_LOCAL_TIME_SCALE` (local stack only; 1.0 when unset); raises `SettingsError`."""
+    return number(os.environ if env is None else env, LOCAL_TIME_SCALE_ENV, 1.0, above=0, high=1)

@@ -1,7 +1,9 @@
 """Typed settings read once from the Lambda environment (names in docs/contracts.md).
 
-The defaults here are THE defaults: template.yaml repeats each one as its parameter's `Default`
-(CloudFormation needs a literal) and `tests/unit/test_settings_source.py` keeps the two equal.
+The defaults here (and the contract's, `vap_shared.contract`) are THE defaults: template.yaml repeats
+each one as its parameter's `Default` (CloudFormation needs a literal) and
+`tests/unit/test_settings_source.py` keeps the two equal. Parsed by `vap_shared.settings_parser`: a
+malformed variable raises `SettingsError` naming it and what it allows.
 Every time limit comes from the job budget (`vap_shared.budget`), never from a setting of its own.
 """
 
@@ -11,61 +13,28 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, cast
 
 from .budget import (
     DEFAULT_BUDGET_S,
     DEFAULT_FAL_MAX_OUTSTANDING,
     DEFAULT_MODAL_CONTAINERS,
+    LOCAL_TIME_SCALE_ENV,
+    MAX_BUDGET_S,
+    MIN_BUDGET_S,
     Budget,
     BudgetError,
     local_time_scale,
 )
+from .contract import BACKEND_CHOICES, DEFAULT_BACKEND, DEFAULT_GPUS, GPU_COUNTS, MAX_GPUS, BackendChoice
+from .settings_parser import SettingsError, choice, integer, names, require, text
 
-BackendChoice = Literal["auto", "modal", "fal"]
-_BACKENDS = ("auto", "modal", "fal")
 MAX_SQS_DELAY_S = 900  # SQS DelaySeconds cannot be longer
-# GPUs one job may run on (sequence parallel over 40 attention heads: gpu/parallel).
-GPU_COUNTS = (1, 2, 4, 8)
-
-
-class ConfigError(ValueError):
-    """An environment variable is missing or malformed."""
-
-
-def _hosts(raw: str) -> tuple[str, ...]:
-    return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
-    return value
-
-
-def _gpu_count(env: Mapping[str, str], name: str, default: int) -> int:
-    value = _int(env, name, default)
-    if value not in GPU_COUNTS:
-        raise ConfigError(f"{name} must be one of {GPU_COUNTS}, got {value}")
-    return value
-
-
-def _scale(env: Mapping[str, str]) -> float:
-    try:
-        return local_time_scale(env)
-    except BudgetError as exc:
-        raise ConfigError(str(exc)) from None
+REQUIRED = ("BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN")
+BUDGET_SETTINGS = ("JOB_BUDGET_SECONDS", "MODAL_CONTAINERS", "FAL_MAX_OUTSTANDING", LOCAL_TIME_SCALE_ENV)
 
 
 def _prefix(env: Mapping[str, str], name: str, default: str) -> str:
-    value = env.get(name, "").strip() or default
+    value = text(env, name, default)
     return value if value.endswith("/") else value + "/"
 
 
@@ -77,7 +46,7 @@ class Settings:
     inbox_prefix: str = "inbox/"
     outputs_prefix: str = "outputs/"
     work_prefix: str = "work/"
-    default_backend: BackendChoice = "auto"
+    default_backend: BackendChoice = DEFAULT_BACKEND
     modal_endpoint_url: str = ""
     fal_endpoint_id: str = "fal-ai/video-as-prompt"
     fal_queue_url: str = "https://queue.fal.run"
@@ -120,8 +89,8 @@ class Settings:
     allow_http_loopback: bool = False
     # GPUs per job: a sidecar without `gpus` gets default_gpus (never more than max_gpus); a sidecar
     # asking for more than max_gpus is refused (stack parameters DefaultGpus, MaxGpus).
-    default_gpus: int = 1
-    max_gpus: int = 8
+    default_gpus: int = DEFAULT_GPUS
+    max_gpus: int = MAX_GPUS
 
     @property
     def gpus_by_default(self) -> int:
@@ -144,12 +113,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        missing = [n for n in ("BUCKET_NAME", "JOBS_TABLE", "TOPIC_ARN") if not env.get(n)]
-        if missing:
-            raise ConfigError(f"missing environment variables: {', '.join(missing)}")
-        backend = env.get("DEFAULT_BACKEND", "auto").strip().lower() or "auto"
-        if backend not in _BACKENDS:
-            raise ConfigError(f"DEFAULT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
+        require(env, REQUIRED)
         defaults = cls(bucket_name="", jobs_table="", topic_arn="")
         fal_hosts = env.get("FAL_MEDIA_HOSTS")
         allowed_hosts = env.get("ALLOWED_MEDIA_HOSTS")
@@ -160,47 +124,55 @@ class Settings:
             inbox_prefix=_prefix(env, "INBOX_PREFIX", "inbox/"),
             outputs_prefix=_prefix(env, "OUTPUTS_PREFIX", "outputs/"),
             work_prefix=_prefix(env, "WORK_PREFIX", "work/"),
-            default_backend=cast(BackendChoice, backend),
-            modal_endpoint_url=env.get("MODAL_ENDPOINT_URL", "").strip().rstrip("/"),
-            fal_endpoint_id=env.get("FAL_ENDPOINT_ID", "").strip().strip("/") or defaults.fal_endpoint_id,
-            fal_queue_url=(env.get("FAL_QUEUE_URL", "").strip() or defaults.fal_queue_url).rstrip("/"),
-            fal_jwks_url=env.get("FAL_JWKS_URL", "").strip() or defaults.fal_jwks_url,
-            fal_media_hosts=_hosts(fal_hosts) if fal_hosts is not None else defaults.fal_media_hosts,
-            fal_user_id=env.get("FAL_USER_ID", "").strip(),
+            default_backend=choice(env, "DEFAULT_BACKEND", BACKEND_CHOICES, defaults.default_backend),
+            modal_endpoint_url=text(env, "MODAL_ENDPOINT_URL").rstrip("/"),
+            fal_endpoint_id=text(env, "FAL_ENDPOINT_ID").strip("/") or defaults.fal_endpoint_id,
+            fal_queue_url=text(env, "FAL_QUEUE_URL", defaults.fal_queue_url).rstrip("/"),
+            fal_jwks_url=text(env, "FAL_JWKS_URL", defaults.fal_jwks_url),
+            fal_media_hosts=names(fal_hosts, lower=True)
+            if fal_hosts is not None
+            else defaults.fal_media_hosts,
+            fal_user_id=text(env, "FAL_USER_ID"),
             allowed_media_hosts=(
-                _hosts(allowed_hosts) if allowed_hosts is not None else defaults.allowed_media_hosts
+                names(allowed_hosts, lower=True)
+                if allowed_hosts is not None
+                else defaults.allowed_media_hosts
             ),
-            webhook_base_url=env.get("WEBHOOK_BASE_URL", "").strip().rstrip("/"),
-            signing_secret_arn=env.get("SIGNING_SECRET_ARN", "").strip(),
-            fal_key_secret_arn=env.get("FAL_KEY_SECRET_ARN", "").strip(),
-            modal_token_secret_arn=env.get("MODAL_TOKEN_SECRET_ARN", "").strip(),
-            max_sidecar_bytes=_int(env, "MAX_SIDECAR_BYTES", defaults.max_sidecar_bytes),
-            max_data_uri_bytes=_int(env, "MAX_DATA_URI_BYTES", defaults.max_data_uri_bytes),
-            max_output_bytes=_int(env, "MAX_OUTPUT_BYTES", defaults.max_output_bytes),
-            max_input_bytes=_int(env, "MAX_INPUT_BYTES", defaults.max_input_bytes),
-            job_ttl_days=_int(env, "JOB_TTL_DAYS", defaults.job_ttl_days),
-            ingest_max_attempts=_int(env, "INGEST_MAX_ATTEMPTS", defaults.ingest_max_attempts),
-            job_budget_seconds=_int(env, "JOB_BUDGET_SECONDS", defaults.job_budget_seconds),
-            modal_containers=_int(env, "MODAL_CONTAINERS", defaults.modal_containers),
-            fal_max_outstanding=_int(env, "FAL_MAX_OUTSTANDING", defaults.fal_max_outstanding),
+            webhook_base_url=text(env, "WEBHOOK_BASE_URL").rstrip("/"),
+            signing_secret_arn=text(env, "SIGNING_SECRET_ARN"),
+            fal_key_secret_arn=text(env, "FAL_KEY_SECRET_ARN"),
+            modal_token_secret_arn=text(env, "MODAL_TOKEN_SECRET_ARN"),
+            max_sidecar_bytes=integer(env, "MAX_SIDECAR_BYTES", defaults.max_sidecar_bytes),
+            max_data_uri_bytes=integer(env, "MAX_DATA_URI_BYTES", defaults.max_data_uri_bytes),
+            max_output_bytes=integer(env, "MAX_OUTPUT_BYTES", defaults.max_output_bytes),
+            max_input_bytes=integer(env, "MAX_INPUT_BYTES", defaults.max_input_bytes),
+            job_ttl_days=integer(env, "JOB_TTL_DAYS", defaults.job_ttl_days),
+            ingest_max_attempts=integer(env, "INGEST_MAX_ATTEMPTS", defaults.ingest_max_attempts),
+            job_budget_seconds=integer(
+                env, "JOB_BUDGET_SECONDS", defaults.job_budget_seconds, MIN_BUDGET_S, MAX_BUDGET_S
+            ),
+            modal_containers=integer(env, "MODAL_CONTAINERS", defaults.modal_containers),
+            fal_max_outstanding=integer(env, "FAL_MAX_OUTSTANDING", defaults.fal_max_outstanding),
             capacity_recheck_seconds=min(
                 MAX_SQS_DELAY_S,
-                _int(env, "CAPACITY_RECHECK_SECONDS", defaults.capacity_recheck_seconds),
+                integer(env, "CAPACITY_RECHECK_SECONDS", defaults.capacity_recheck_seconds),
             ),
-            ingest_queue_url=env.get("INGEST_QUEUE_URL", "").strip(),
-            local_time_scale=_scale(env),
-            ingest_dlq_url=env.get("INGEST_DLQ_URL", "").strip(),
-            ingest_max_receive_count=_int(env, "INGEST_MAX_RECEIVE_COUNT", defaults.ingest_max_receive_count),
-            store_queue_url=env.get("STORE_QUEUE_URL", "").strip(),
-            store_max_receive_count=_int(env, "STORE_MAX_RECEIVE_COUNT", defaults.store_max_receive_count),
+            ingest_queue_url=text(env, "INGEST_QUEUE_URL"),
+            local_time_scale=local_time_scale(env),
+            ingest_dlq_url=text(env, "INGEST_DLQ_URL"),
+            ingest_max_receive_count=integer(
+                env, "INGEST_MAX_RECEIVE_COUNT", defaults.ingest_max_receive_count
+            ),
+            store_queue_url=text(env, "STORE_QUEUE_URL"),
+            store_max_receive_count=integer(env, "STORE_MAX_RECEIVE_COUNT", defaults.store_max_receive_count),
             allow_http_loopback=env.get("VAP_ALLOW_HTTP_LOOPBACK", "") == "1",
-            default_gpus=_gpu_count(env, "DEFAULT_GPUS", defaults.default_gpus),
-            max_gpus=_gpu_count(env, "MAX_GPUS", defaults.max_gpus),
+            default_gpus=integer(env, "DEFAULT_GPUS", defaults.default_gpus, allowed=GPU_COUNTS),
+            max_gpus=integer(env, "MAX_GPUS", defaults.max_gpus, allowed=GPU_COUNTS),
         )
         try:
             settings.budget  # noqa: B018 - validate the budget once, at cold start
         except BudgetError as exc:
-            raise ConfigError(str(exc)) from None
+            raise SettingsError(f"{', '.join(BUDGET_SETTINGS)} do not make a job budget: {exc}") from None
         return settings
 
 
@@ -208,5 +180,5 @@ def settings_at_cold_start() -> Settings | None:
     """Read the environment once, at cold start; None where it is absent (tests import first)."""
     try:
         return Settings.from_env()
-    except ConfigError:
+    except SettingsError:
         return None

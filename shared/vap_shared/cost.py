@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from .settings_parser import number
+
 # Defaults: Modal's list prices per GPU-second (H100 $3.95/h, H200 $4.54/h) and fal's price for
 # fal-ai/video-as-prompt in third-party price tables (unverified on fal's own page).
 DEFAULT_MODAL_PER_SECOND: Final[Mapping[str, float]] = {"H100": 0.001097, "H200": 0.001261}
@@ -35,21 +37,9 @@ NOTE: Final = (
 _ROUND = 6
 
 
-class PriceError(ValueError):
-    """A price in the environment is not a non-negative number."""
-
-
 def _price(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise PriceError(f"{name} must be a number, got {raw!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise PriceError(f"{name} must be a non-negative number, got {raw!r}")
-    return value
+    """A price in the environment: a finite number of at least 0 (else `SettingsError`)."""
+    return number(env, name, default, low=0)
 
 
 @dataclass(frozen=True)

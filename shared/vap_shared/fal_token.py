@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import quote
+
+from .routes import url
 
 TOKEN_PARAM = "token"  # noqa: S105 - the query parameter's name, not a secret
 _CONTEXT = b"vap-fal-webhook-v1:"
@@ -31,5 +32,5 @@ def token_matches(stack_secret: bytes, job_id: str, token: str | None) -> bool:
 
 
 def fal_webhook_url(base_url: str, job_id: str, token: str) -> str:
-    """`{base}/callbacks/fal/{job_id}?token=<token>`: the `fal_webhook` of a submit."""
-    return f"{base_url.rstrip('/')}/callbacks/fal/{quote(job_id, safe='')}?{TOKEN_PARAM}={token}"
+    """The `fal` route's URL with `?token=<token>`: the `fal_webhook` of a submit."""
+    return f"{url(base_url, 'fal', job_id)}?{TOKEN_PARAM}={token}"

@@ -10,11 +10,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-AspectRatio = Literal["16:9", "9:16"]
-Resolution = Literal["480p", "580p", "720p"]
+from .contract import (
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_FPS,
+    DEFAULT_GPUS,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_FRAMES,
+    DEFAULT_RESOLUTION,
+    DEFAULT_SAFETY_CHECKER,
+    STEPS_MAX,
+    AspectRatio,
+    GpuCount,
+    Resolution,
+)
+
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ErrorCode = Literal["input", "safety", "internal", "cancelled", "timeout"]
-GpuCount = Literal[1, 2, 4, 8]
 # Fields of a `GpuJobRequest` that may hold the service's own presigned S3 URLs.
 ServiceUrlField = Literal["video_url", "image_url", "output_put_url", "poster_put_url", "preview_put_url"]
 
@@ -29,12 +40,12 @@ class GenerationSettings(_Wire):
     prompt: str
     video_description: str
     seed: int | None = None
-    num_frames: int = 49
-    fps: int = 16
-    enable_safety_checker: bool = True
-    aspect_ratio: AspectRatio = "9:16"
-    resolution: Resolution = "480p"
-    guidance_scale: float = 5.0
+    num_frames: int = DEFAULT_NUM_FRAMES
+    fps: int = DEFAULT_FPS
+    enable_safety_checker: bool = DEFAULT_SAFETY_CHECKER
+    aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
+    resolution: Resolution = DEFAULT_RESOLUTION
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
 
 
 class GpuJobRequest(_Wire):
@@ -46,9 +57,9 @@ class GpuJobRequest(_Wire):
     # Per-job HMAC key (hex of 32 bytes), derived from the stack secret by the caller.
     callback_key: str = Field(pattern=r"^[0-9a-f]{64}$")
     settings: GenerationSettings
-    num_inference_steps: int | None = Field(default=None, ge=1, le=200)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=STEPS_MAX)
     # GPUs of one container for this job (sequence parallel); the sidecar's `gpus`, capped by the stack.
-    gpus: GpuCount = 1
+    gpus: GpuCount = DEFAULT_GPUS
     # Unix time by which the result must be stored (dispatch + the stack's job budget). The GPU side
     # never runs past it: a job that starts too late, or would end too late, fails with `timeout`.
     deadline_unix: int | None = None

@@ -1,6 +1,6 @@
 """The service's own presigned URLs in a GPU request: which fields hold them, and fresh ones.
 
-A dispatch sends URLs that live the job budget; the GPU asks `POST .../callbacks/gpu/{job_id}/urls`
+A dispatch sends URLs that live the job budget; the GPU asks the `urls` route (`vap_shared.routes`)
 for fresh ones when the job starts (after Modal's queue and cold start) and before it uploads, so a
 URL never expires in a queue (and never outlives the Lambda credentials that signed it unnoticed).
 """
@@ -14,6 +14,7 @@ from .gpu_contract import ServiceUrlField, UrlRefreshResponse
 from .jobs import Job
 from .media import MediaRef
 from .naming import GPU_UPLOADS, RESUME_STATE, work_resume_key, work_upload_key
+from .routes import url
 
 GetSigner = Callable[[str, str], str]  # (bucket, key) -> presigned GET
 PutSigner = Callable[[str, str], str]  # (key, content type) -> presigned PUT in the stack's bucket
@@ -21,7 +22,7 @@ INPUT_FIELDS: tuple[ServiceUrlField, ...] = ("video_url", "image_url")
 
 
 def refresh_url(webhook_base_url: str, job_id: str) -> str:
-    return f"{webhook_base_url.rstrip('/')}/callbacks/gpu/{job_id}/urls"
+    return url(webhook_base_url, "urls", job_id)
 
 
 def service_url_fields(

@@ -13,10 +13,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from .contract import MAX_IMAGE_PIXELS  # the GPU side refuses the same
 from .media_source import ByteSource, MediaDamaged, ProbeBudgetExceeded
 
-# The GPU side refuses larger images (gpu/media.py MAX_IMAGE_PIXELS).
-MAX_IMAGE_PIXELS = 64_000_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # Bytes after IEND that are still accepted (some tools append a little).

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from secrets import randbelow
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
@@ -56,6 +56,7 @@ from . import metrics, reuse
 from .backends.base import REQUEST_WORST_S, Backend, BackendError, Dispatch, DispatchRequest
 from .backends.dispatch import DispatchFailed, dispatch
 from .backends.modal import SUBMIT_ATTEMPTS
+from .contract import SEED_MAX, BackendName
 from .errors import FieldError, PermanentJobError, TransientJobError, field_error
 from .gpu_contract import GenerationSettings
 from .gpu_urls import service_url_fields
@@ -69,7 +70,7 @@ from .runtime import Runtime
 from .s3_events import S3ObjectEvent
 from .s3_events import parse_sqs_body as parse_sqs_body  # the sweeper's dead-letter drain reads it here
 from .s3io import head, read_limited
-from .sidecar import SEED_MAX, Sidecar, SidecarInvalid, decode_json_object, validate_object
+from .sidecar import Sidecar, SidecarInvalid, decode_json_object, validate_object
 from .status_object import write_status
 
 logger = Logger(child=True)
@@ -221,7 +222,7 @@ class _GuardedBackend:
         self._inner = inner
         self._guard = guard
         self._capacity = capacity
-        self.name: Literal["modal", "fal"] = inner.name
+        self.name: BackendName = inner.name
 
     def submit(self, request: DispatchRequest) -> Dispatch:
         return self._guard.submit(self._inner, self._capacity, request)

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from .contract import BackendChoice, BackendName
 from .errors import FieldError
 
 State = Literal["received", "dispatched", "running", "succeeded", "failed", "cancelled"]
-BackendName = Literal["modal", "fal"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 # Where each state may be entered from. Callbacks can overtake ingest's own "dispatched" write
@@ -53,7 +53,7 @@ class Job(BaseModel):
     sidecar_etag: str = ""
     name: str = ""
     output_prefix: str = ""
-    requested_backend: Literal["auto", "modal", "fal"] | None = None
+    requested_backend: BackendChoice | None = None
     backend: BackendName | None = None
     backend_call_id: str | None = None
     fal_urls: dict[str, str] | None = None

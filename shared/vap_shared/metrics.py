@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
+from .contract import BACKEND_NAMES, BackendName
+
 if TYPE_CHECKING:
     from aws_lambda_powertools.metrics import EphemeralMetrics
 
@@ -46,9 +48,9 @@ INGEST_RECORD_CRASHES: Final = "IngestRecordCrashes"
 # Dimension names and their values.
 BACKEND: Final = "backend"
 ERROR_KIND: Final = "error_kind"
-Backend = Literal["modal", "fal", "reused", "none"]
+Backend = Literal[BackendName, "reused", "none"]
 ErrorKind = Literal["input", "safety", "internal", "timeout"]
-BACKENDS: Final[tuple[str, ...]] = ("modal", "fal", "reused", "none")
+BACKENDS: Final[tuple[str, ...]] = (*BACKEND_NAMES, "reused", "none")
 ERROR_KINDS: Final[tuple[str, ...]] = ("input", "safety", "internal", "timeout")
 
 Unit = Literal["Count", "Seconds", "None"]

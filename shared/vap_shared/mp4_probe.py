@@ -11,10 +11,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .contract import MAX_SOURCE_FRAMES  # the GPU side refuses the same
 from .media_source import ByteSource, MediaDamaged, ProbeBudgetExceeded
 
-# The GPU side refuses longer reference videos (gpu/media.py MAX_SOURCE_FRAMES: 60 s at 60 fps).
-MAX_SOURCE_FRAMES = 3600
 # Top-level boxes walked before giving up (a fragmented file has two per fragment).
 MAX_TOP_LEVEL_BOXES = 64
 # A `moov` larger than this is not read (hours of video); the file is left to the GPU side.

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import metrics, results
 from .backends.dispatch import gpu_error_allows_fallback
+from .contract import BackendName
 from .cost import GpuRun, estimate, gpu_run_of_result, gpu_type_of
 from .errors import FieldError, field_error
 from .fal_delivery import FalDelivery
@@ -58,7 +59,7 @@ class StoreRequest(BaseModel):
 
     version: Literal[1] = 1
     job_id: str = Field(min_length=1)
-    backend: Literal["modal", "fal"]
+    backend: BackendName
     call_id: str = Field(min_length=1)  # the Modal call id / fal request id the result is from
     attempt: int | None = Field(default=None, ge=1)  # the GPU attempt that reported it
     gpu_result: GpuResult | None = None

@@ -12,25 +12,38 @@ import json
 import math
 from collections.abc import Callable
 from difflib import get_close_matches
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import GPU_COUNTS  # the stack caps it further (MaxGpus)
+from .contract import (
+    ASPECT_RATIOS,
+    BACKEND_CHOICES,
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_FPS,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_FRAMES,
+    DEFAULT_RESOLUTION,
+    DEFAULT_SAFETY_CHECKER,
+    FPS_MAX,
+    FPS_MIN,
+    GPU_COUNTS,  # the stack caps it further (MaxGpus)
+    GUIDANCE_SCALE_ABOVE,
+    GUIDANCE_SCALE_MAX,
+    NUM_FRAMES_MAX,
+    NUM_FRAMES_MIN,
+    RESOLUTIONS,
+    SEED_MAX,
+    TEXT_MAX_CHARS,
+    URL_MAX_CHARS,
+    AspectRatio,
+    BackendChoice,
+    GpuCount,
+    Resolution,
+)
 from .errors import FieldError, field_error
-from .gpu_contract import AspectRatio, GenerationSettings, Resolution
+from .gpu_contract import GenerationSettings
 
-BackendName = Literal["auto", "modal", "fal"]
-
-TEXT_MAX = 5_000
-URL_MAX = 4_096
-SEED_MAX = 4_294_967_295
-NUM_FRAMES = (9, 121)
-FPS = (1, 60)
-GUIDANCE = (1.0, 20.0)  # > 1 and <= 20
-ASPECT_RATIOS = ("16:9", "9:16")
-RESOLUTIONS = ("480p", "580p", "720p")
-BACKENDS = ("auto", "modal", "fal")
 # The service's own fields: how and where to run, not what to generate (never sent to fal).
 SERVICE_FIELDS = ("backend", "reuse", "gpus")
 MEDIA_ALLOWED = (
@@ -44,22 +57,24 @@ class Sidecar(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    prompt: str = Field(min_length=1, max_length=TEXT_MAX)
-    video_description: str = Field(min_length=1, max_length=TEXT_MAX)
+    prompt: str = Field(min_length=1, max_length=TEXT_MAX_CHARS)
+    video_description: str = Field(min_length=1, max_length=TEXT_MAX_CHARS)
     video_url: str = Field(min_length=1)
     image_url: str = Field(min_length=1)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
-    num_frames: int = Field(default=49, ge=NUM_FRAMES[0], le=NUM_FRAMES[1])
-    fps: int = Field(default=16, ge=FPS[0], le=FPS[1])
-    enable_safety_checker: bool = True
-    aspect_ratio: AspectRatio = "9:16"
-    resolution: Resolution = "480p"
-    guidance_scale: float = Field(default=5.0, gt=GUIDANCE[0], le=GUIDANCE[1])
-    backend: BackendName | None = None
+    num_frames: int = Field(default=DEFAULT_NUM_FRAMES, ge=NUM_FRAMES_MIN, le=NUM_FRAMES_MAX)
+    fps: int = Field(default=DEFAULT_FPS, ge=FPS_MIN, le=FPS_MAX)
+    enable_safety_checker: bool = DEFAULT_SAFETY_CHECKER
+    aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
+    resolution: Resolution = DEFAULT_RESOLUTION
+    guidance_scale: float = Field(
+        default=DEFAULT_GUIDANCE_SCALE, gt=GUIDANCE_SCALE_ABOVE, le=GUIDANCE_SCALE_MAX
+    )
+    backend: BackendChoice | None = None
     # null/absent = true: an equal earlier job's result may be copied instead of running again.
     reuse: bool | None = None
     # GPUs of one container for this job; null/absent = the stack's DefaultGpus.
-    gpus: Literal[1, 2, 4, 8] | None = None
+    gpus: GpuCount | None = None
 
     def settings(self) -> GenerationSettings:
         return GenerationSettings(
@@ -168,13 +183,13 @@ def decode_json_object(raw: bytes, max_bytes: int) -> dict[str, Any]:
 
 
 def _text(name: str, value: Any) -> tuple[Any, str | None]:
-    allowed = f"text of 1 to {TEXT_MAX:,} characters"
+    allowed = f"text of 1 to {TEXT_MAX_CHARS:,} characters"
     if not isinstance(value, str):
         return None, f"`{name}` must be {allowed}; got {describe(value)}."
     trimmed = value.strip()
     if not trimmed:
         return None, f"`{name}` is empty; it must be {allowed}."
-    if len(trimmed) > TEXT_MAX:
+    if len(trimmed) > TEXT_MAX_CHARS:
         return None, f"`{name}` is {len(trimmed):,} characters long; it must be {allowed}."
     return trimmed, None
 
@@ -184,8 +199,8 @@ def _media(name: str, value: Any) -> tuple[Any, str | None]:
         return None, f"`{name}` must be text naming the media: {MEDIA_ALLOWED}; got {describe(value)}."
     if not value.strip():
         return None, f"`{name}` is empty; it must be {MEDIA_ALLOWED}."
-    if not value.startswith("data:") and len(value) > URL_MAX:
-        return None, f"`{name}` is {len(value):,} characters long; at most {URL_MAX:,} are allowed."
+    if not value.startswith("data:") and len(value) > URL_MAX_CHARS:
+        return None, f"`{name}` is {len(value):,} characters long; at most {URL_MAX_CHARS:,} are allowed."
     return value.strip(), None
 
 
@@ -236,11 +251,11 @@ def _enum(options: tuple[str, ...], nullable: bool = False) -> Callable[[str, An
 
 
 def _guidance(name: str, value: Any) -> tuple[Any, str | None]:
-    allowed = "a number greater than 1 and at most 20"
+    allowed = f"a number greater than {GUIDANCE_SCALE_ABOVE:g} and at most {GUIDANCE_SCALE_MAX:g}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, f"`{name}` must be {allowed}; got {describe(value)}."
     number = float(value)
-    if not math.isfinite(number) or not GUIDANCE[0] < number <= GUIDANCE[1]:
+    if not math.isfinite(number) or not GUIDANCE_SCALE_ABOVE < number <= GUIDANCE_SCALE_MAX:
         return None, f"`{name}` is {value:g}, which is out of range; it must be {allowed}."
     return number, None
 
@@ -251,13 +266,13 @@ CHECKS: dict[str, Callable[[str, Any], tuple[Any, str | None]]] = {
     "video_url": _media,
     "image_url": _media,
     "seed": _int_range(0, SEED_MAX, nullable=True),
-    "num_frames": _int_range(*NUM_FRAMES),
-    "fps": _int_range(*FPS),
+    "num_frames": _int_range(NUM_FRAMES_MIN, NUM_FRAMES_MAX),
+    "fps": _int_range(FPS_MIN, FPS_MAX),
     "enable_safety_checker": _bool,
     "aspect_ratio": _enum(ASPECT_RATIOS),
     "resolution": _enum(RESOLUTIONS),
     "guidance_scale": _guidance,
-    "backend": _enum(BACKENDS, nullable=True),
+    "backend": _enum(BACKEND_CHOICES, nullable=True),
     "reuse": _nullable_bool,
     "gpus": _gpu_count,
 }

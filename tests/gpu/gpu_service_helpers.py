@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from vap_shared import routes
 from vap_shared.gpu_contract import GenerationSettings, GpuCallback, GpuJobRequest, UrlRefreshRequest
 from vap_shared.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, verify_callback
 
@@ -31,8 +32,8 @@ class Recorded:
 
 
 class StubServices:
-    """Serves `/media/<name>`, accepts `PUT /upload/<name>`, records `POST /callbacks/gpu/<job>`,
-    answers `POST /callbacks/gpu/<job>/urls` (the URL refresh) from `refresh_answers`.
+    """Serves `/media/<name>`, accepts `PUT /upload/<name>`, records POSTs to the `gpu` route
+    (`vap_shared.routes`), answers the `urls` route (the URL refresh) from `refresh_answers`.
 
     `expired`: paths (e.g. "/media/image.png") answered 403 like an expired presigned S3 URL.
     `refresh_answers`: (status, JSON body) per refresh call, in order; the last one repeats.
@@ -104,7 +105,8 @@ class StubServices:
 
             def do_POST(self) -> None:
                 body = self._body()
-                if self.path.endswith("/urls"):
+                route = routes.match_route(self.path)
+                if route is not None and route[0] == "urls":
                     self._refresh(body)
                     return
                 with stub.lock:
@@ -157,7 +159,7 @@ class StubServices:
             video_url=f"{self.base}/media/ref.mp4",
             image_url=f"{self.base}/media/image.png",
             output_put_url=f"{self.base}/upload/{job_id}.mp4",
-            callback_url=f"{self.base}/callbacks/gpu/{job_id}",
+            callback_url=routes.url(self.base, "gpu", job_id),
             callback_key=KEY_HEX,
             settings=GenerationSettings(**fields),
             num_inference_steps=steps,

@@ -1,8 +1,9 @@
 import pytest
+from vap_shared.contract import SEED_MAX
 from vap_shared.gpu_contract import GenerationSettings
+from vap_shared.settings_parser import SettingsError
 
 from gpu.service.generation import (
-    MAX_SEED,
     build_spec,
     default_steps,
     resolve_seed,
@@ -46,19 +47,22 @@ def test_num_frames_always_valid():
 
 def test_seed_given_is_kept_and_absent_is_random():
     assert resolve_seed(0) == 0
-    assert resolve_seed(MAX_SEED) == MAX_SEED
+    assert resolve_seed(SEED_MAX) == SEED_MAX
     drawn = {resolve_seed(None) for _ in range(20)}
-    assert len(drawn) > 15 and all(0 <= s <= MAX_SEED for s in drawn)
+    assert len(drawn) > 15 and all(0 <= s <= SEED_MAX for s in drawn)
     with pytest.raises(ValueError):
-        resolve_seed(MAX_SEED + 1)
+        resolve_seed(SEED_MAX + 1)
 
 
 def test_default_steps_env():
     assert default_steps({}) == 50
     assert default_steps({}, fallback=2) == 2
     assert default_steps({"VAP_DEFAULT_STEPS": "30"}) == 30
-    with pytest.raises(ValueError):
-        default_steps({"VAP_DEFAULT_STEPS": "0"})
+    for bad in ("0", "201", "many"):
+        with pytest.raises(
+            SettingsError, match=f"VAP_DEFAULT_STEPS must be a whole number from 1 to 200, got '{bad}'"
+        ):
+            default_steps({"VAP_DEFAULT_STEPS": bad})
 
 
 def test_build_spec_maps_everything():
@@ -76,7 +80,7 @@ def test_build_spec_maps_everything():
 def test_build_spec_defaults_and_random_seed():
     spec = build_spec(GenerationSettings(prompt="p", video_description="d"), None, 50)
     assert (spec.width, spec.height, spec.num_frames, spec.fps) == (480, 832, 49, 16)
-    assert spec.safety is True and 0 <= spec.seed <= MAX_SEED
+    assert spec.safety is True and 0 <= spec.seed <= SEED_MAX
 
 
 def test_build_spec_rejects_out_of_range():
@@ -90,5 +94,5 @@ def test_a_seed_left_open_is_drawn_from_the_job_id_the_same_on_every_attempt():
     # A re-run after a preemption must draw the same noise to continue the saved state.
     first, again = resolve_seed(None, "job-1"), resolve_seed(None, "job-1")
     assert first == again != resolve_seed(None, "job-2")
-    assert all(0 <= resolve_seed(None, f"job-{i}") <= MAX_SEED for i in range(50))
+    assert all(0 <= resolve_seed(None, f"job-{i}") <= SEED_MAX for i in range(50))
     assert resolve_seed(7, "job-1") == 7  # the sidecar's own seed always wins

@@ -3,6 +3,7 @@ import time
 import httpx
 import pytest
 from gpu_service_helpers import StubServices
+from vap_shared import routes
 
 from gpu.service import media
 from gpu.service.local_server import start_local_gpu_server
@@ -57,7 +58,7 @@ def test_local_server_idempotent_submit_refresh_and_previews():
         try:
             request = stub.request(job_id="job-p", num_frames=9, steps=None).model_copy(
                 update={
-                    "refresh_url": f"{stub.base}/callbacks/gpu/job-p/urls",
+                    "refresh_url": routes.url(stub.base, "urls", "job-p"),
                     "output_put_url": f"{stub.base}/upload/expired.mp4",
                     "poster_put_url": f"{stub.base}/upload/poster.jpg",
                     "preview_put_url": f"{stub.base}/upload/preview.webp",

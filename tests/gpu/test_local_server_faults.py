@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from gpu_service_helpers import StubServices
+from vap_shared import routes
 
 from gpu.service.local_server import ModalFaults, start_local_gpu_server
 
@@ -77,7 +78,7 @@ def test_a_preempted_run_runs_again_on_a_fresh_worker_and_resumes():
         first_engine = server.executor.engine
         try:
             request = _request(stub).model_copy(
-                update={"refresh_url": f"{stub.base}/callbacks/gpu/job-1/urls"}
+                update={"refresh_url": routes.url(stub.base, "urls", "job-1")}
             )
             urls = {
                 "resume_get_url": f"{stub.base}/media/state",

@@ -19,10 +19,11 @@ from gpu_service_helpers import FakeDict, StubServices
 from modal._utils.async_utils import synchronizer
 from PIL import Image
 from vap_shared.budget import Budget
+from vap_shared.settings_parser import SettingsError
 
 from gpu.service import media, modal_settings, routing
 from gpu.service.engines.single import FakeEngine
-from gpu.service.modal_settings import SettingsError, read_settings
+from gpu.service.modal_settings import read_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,13 +174,13 @@ def test_removed_and_invalid_settings_are_refused():
         read_settings({"VAP_MODAL_TIMEOUT_S": "3600"})
     with pytest.raises(SettingsError, match="VAP_MODAL_GPU "):
         read_settings({"VAP_MODAL_GPU": "H100"})
-    with pytest.raises(SettingsError, match="1, 2, 4 or 8"):
+    with pytest.raises(SettingsError, match="asks for 3 GPUs; one job uses one of 1, 2, 4, 8"):
         read_settings({"VAP_MODAL_GPUS": "H100:3"})
     with pytest.raises(SettingsError, match="twice"):
         read_settings({"VAP_MODAL_GPUS": "H100!,H100"})
-    with pytest.raises(SettingsError, match="VAP_JOB_BUDGET_S"):
+    with pytest.raises(SettingsError, match="VAP_JOB_BUDGET_S must be a whole number from 4800 to 86400"):
         read_settings({"VAP_JOB_BUDGET_S": "1800"})  # below startup + 2 x 600
-    with pytest.raises(SettingsError, match="VAP_MODAL_COMPILE"):
+    with pytest.raises(SettingsError, match="VAP_MODAL_COMPILE must be 0 or 1, got 'yes'"):
         read_settings({"VAP_MODAL_COMPILE": "yes"})
     for moving in ("main", "v1", "f0d6ab47"):  # a branch, a tag, a short hash: none pins the weights
         with pytest.raises(SettingsError, match="VAP_REVISION must be a commit"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from vap_shared.contract import LANDSCAPE_SIZES, NUM_FRAMES_MAX, NUM_FRAMES_MIN
 
 from gpu.parallel.layout import (
     bounds,
@@ -14,7 +15,6 @@ from gpu.parallel.layout import (
     sequence_to_send,
     split_sizes,
 )
-from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES
 from gpu.vap.geometry import RELEASED
 
 
@@ -113,7 +113,7 @@ def test_every_accepted_size_splits_evenly_over_2_4_8():
     sizes = [*LANDSCAPE_SIZES.values(), *[(h, w) for w, h in LANDSCAPE_SIZES.values()]]
     seen = 0
     for width, height in sizes:
-        for frames in range(MIN_FRAMES, MAX_FRAMES + 1, 4):
+        for frames in range(NUM_FRAMES_MIN, NUM_FRAMES_MAX + 1, 4):
             tokens = RELEASED.tokens_per_stream(frames, height, width)
             for world in (2, 4, 8):
                 assert tokens % world == 0 and 40 % world == 0, (width, height, frames, world)

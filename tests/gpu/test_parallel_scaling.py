@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from vap_shared.contract import GPU_COUNTS
 
 from gpu.tools.flops import analytic_step_flops
 from gpu.tools.scaling import (
@@ -92,7 +93,7 @@ def test_the_estimate_prices_the_one_flop_formula():
 
 def test_table_trades_cost_for_latency():
     rows = table(JobShape())
-    assert [r.gpus for r in rows] == [1, 2, 4, 8]
+    assert [r.gpus for r in rows] == list(GPU_COUNTS)
     assert all(a.total_s > b.total_s for a, b in itertools.pairwise(rows))
     assert all(a.cost_usd < b.cost_usd for a, b in itertools.pairwise(rows))
     one, eight = rows[0], rows[-1]

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from vap_shared.contract import LANDSCAPE_SIZES, NUM_FRAMES_MAX, NUM_FRAMES_MIN
 
 from gpu.service import routing
-from gpu.service.generation import LANDSCAPE_SIZES, MAX_FRAMES, MIN_FRAMES, valid_num_frames
+from gpu.service.generation import valid_num_frames
 from gpu.tools import plan
 from gpu.vap.geometry import RELEASED
 
@@ -28,7 +29,7 @@ def test_plan_covers_every_accepted_size_and_all_fit():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines() if line.endswith((" yes", " NO"))]
     seen = {(r[0], r[1], r[2], int(r[3])) for r in rows if r[-1] == "yes"}
-    frames = {valid_num_frames(n) for n in range(MIN_FRAMES, MAX_FRAMES + 1)}
+    frames = {valid_num_frames(n) for n in range(NUM_FRAMES_MIN, NUM_FRAMES_MAX + 1)}
     expected = set()
     for resolution, (w, h) in LANDSCAPE_SIZES.items():
         for aspect, size in (("16:9", f"{w}x{h}"), ("9:16", f"{h}x{w}")):

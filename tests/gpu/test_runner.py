@@ -7,6 +7,7 @@ import httpx
 import pytest
 from gpu_service_helpers import StubServices
 from PIL import Image
+from vap_shared import routes
 from vap_shared.budget import RUNNER_MARGIN_S, UPLOAD_MARGIN_S, Budget
 
 from gpu.service import media
@@ -341,9 +342,7 @@ def test_expired_output_url_is_retryable(stub, http):
 
 
 def with_refresh(stub, request, **update):
-    return request.model_copy(
-        update={"refresh_url": f"{stub.base}/callbacks/gpu/{request.job_id}/urls", **update}
-    )
+    return request.model_copy(update={"refresh_url": routes.url(stub.base, "urls", request.job_id), **update})
 
 
 def test_refresh_at_start_and_before_upload_replaces_the_urls(stub, http):
@@ -382,7 +381,7 @@ def test_refresh_that_fails_keeps_the_urls_we_have(stub, http, answer):
 def test_refresh_endpoint_unreachable_keeps_the_urls_we_have(stub, http):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/callbacks/gpu/job-1/urls"
+        closed = routes.url(f"http://127.0.0.1:{sock.getsockname()[1]}", "urls", "job-1")
     request = stub.request(steps=2).model_copy(update={"refresh_url": closed})
     result = run_job(request, FakeEngine(), http, config=config(), safety=Flags())
     assert result.bytes > 0 and list(stub.recorded.uploads) == ["/upload/job-1.mp4"]

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from gpu_service_helpers import StubServices
+from vap_shared import routes
 
 from gpu.service.engines.single import Checkpoints, DownscaledEngine, FakeEngine, VideoEngine
 from gpu.service.runner.config import RunnerConfig
@@ -58,7 +59,7 @@ def _request(stub: StubServices, steps: int = 6, job_id: str = "job-1", **settin
             },
         )
     ]
-    return request.model_copy(update={"refresh_url": f"{stub.base}/callbacks/gpu/{job_id}/urls"})
+    return request.model_copy(update={"refresh_url": routes.url(stub.base, "urls", job_id)})
 
 
 def _stored_state(stub: StubServices) -> bytes | None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from stack_helpers import jobs_for
+from vap_shared import routes
 from vap_shared.fal_token import fal_webhook_token
 
 from local_stack import LocalStack
@@ -65,7 +66,7 @@ def test_fal_example_is_dispatched_unchanged(stack: LocalStack, fal_job: dict[st
         SecretId=stack.deployment.outputs["SigningSecretArn"]
     )
     token = fal_webhook_token(signing["SecretString"].encode(), job_id)
-    assert request.webhook_url == f"{stack.webhook_url.rstrip('/')}/callbacks/fal/{job_id}?token={token}"
+    assert request.webhook_url == f"{routes.url(stack.webhook_url, 'fal', job_id)}?token={token}"
 
 
 def test_fal_webhook_stores_video_and_notifies_once(stack: LocalStack, fal_job: dict[str, Any]) -> None:

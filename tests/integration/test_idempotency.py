@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from stack_helpers import get_json, jobs_for, settle, sidecar
+from vap_shared import routes
 from vap_shared.signing import derive_callback_key, signed_headers
 
 from local_stack import LocalStack
@@ -71,7 +72,7 @@ def test_repeated_gpu_callbacks_notify_once(stack: LocalStack, finished_job: dic
     body = _callback(
         stack, note["job_id"], job["backend_call_id"]["S"], "succeeded", result=metadata["result"]
     )
-    url = f"{stack.webhook_url.rstrip('/')}/callbacks/gpu/{note['job_id']}"
+    url = routes.url(stack.webhook_url, "gpu", note["job_id"])
     for _ in range(3):
         reply = httpx.post(url, content=body, headers=signed_headers(_job_key(stack, note["job_id"]), body))
         assert reply.status_code == 200, reply.text
@@ -84,7 +85,7 @@ def test_forged_or_stale_gpu_callbacks_get_401(stack: LocalStack, finished_job: 
     note = finished_job["note"].body
     job_id = note["job_id"]
     before = _job(stack, finished_job["key"])
-    url = f"{stack.webhook_url.rstrip('/')}/callbacks/gpu/{job_id}"
+    url = routes.url(stack.webhook_url, "gpu", job_id)
     failed = {"error": {"code": "internal", "message": "forged", "retryable": False}}
     body = _callback(stack, job_id, before["backend_call_id"]["S"], "failed", **failed)
     good_key = _job_key(stack, job_id)

@@ -29,6 +29,7 @@ import ingest
 import pytest
 import webhook
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from vap_shared import routes
 from vap_shared.config import Settings
 from vap_shared.ingest_logic import Ingestor
 from vap_shared.s3io import StoreError, stream_url_to_s3
@@ -252,14 +253,14 @@ def test_corpus_is_big_enough() -> None:
 
 @dataclass
 class Delivery:
-    kind: str  # "gpu" | "fal"
+    kind: routes.RouteName  # "gpu" | "fal"
     job_id: str
     path_job_id: str
     body: bytes
     headers: dict[str, str]
 
     def event(self) -> dict[str, Any]:
-        return url_event(f"/callbacks/{self.kind}/{self.path_job_id}", self.body, self.headers)
+        return url_event(routes.path(self.kind, self.path_job_id), self.body, self.headers)
 
 
 def _dispatched(st: Any, backend: str, name: str) -> Any:

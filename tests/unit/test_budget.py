@@ -22,7 +22,8 @@ from vap_shared.budget import (
     Budget,
     BudgetError,
 )
-from vap_shared.config import ConfigError, Settings
+from vap_shared.config import Settings
+from vap_shared.settings_parser import SettingsError
 from vap_shared.sweeper.deadline import DeadlineSweep
 
 from local_stack.cfn import load_template
@@ -145,7 +146,7 @@ def test_settings_build_the_same_budget_and_the_sweeper_waits_for_it(b: Budget) 
     ],
 )
 def test_values_outside_the_invariants_are_refused_at_cold_start(name: str, value: str) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(SettingsError, match=name):
         Settings.from_env({**BASE_ENV, name: value})
 
 

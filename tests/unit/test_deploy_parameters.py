@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from vap_shared.config import Settings
+from vap_shared.contract import BACKEND_CHOICES, GPU_COUNTS
 
 from local_stack.cfn import load_template
 from vap_cli import deploy
@@ -126,8 +127,8 @@ class _Never:
 
 def test_a_parameter_cloudformation_would_refuse_is_refused_first(capsys: pytest.CaptureFixture[str]) -> None:
     cases = {
-        "DefaultBackend=gpu": "not one of auto, modal, fal",
-        "MaxGpus=3": "not one of 1, 2, 4, 8",
+        "DefaultBackend=gpu": "not one of " + ", ".join(BACKEND_CHOICES),
+        "MaxGpus=3": "not one of " + ", ".join(str(n) for n in GPU_COUNTS),
         "LogRetentionDays=31": "not one of",
         "MaxConcurrency=ten": "must be a number",
         "MaxConcurrency=1": "below its minimum 2",

@@ -14,6 +14,7 @@ from typing import Any
 import ingest
 import pytest
 import webhook
+from vap_shared import routes
 from vap_shared.fal_webhook import JwksCache, parse_jwks, verify_fal_webhook
 from vap_shared.signing import SignatureError
 from vap_testkit import FalKeys, call, handlers_on, sqs_event, stack, upload_fal_example, url_event
@@ -90,6 +91,6 @@ def test_the_webhook_answers_401_to_another_fal_user_when_fal_user_id_is_set(
         delivery = {"request_id": job.backend_call_id, "status": "ERROR", "error": "boom"}
         body = json.dumps(delivery).encode()
         headers = st.services.fal_keys.headers(job.backend_call_id, body, user=sender)
-        response = call(webhook.handler, url_event(f"/callbacks/fal/{job_id}", body, headers))
+        response = call(webhook.handler, url_event(routes.path("fal", job_id), body, headers))
         assert response["statusCode"] == status
         assert st.store.get(job_id).state == ("dispatched" if status == 401 else "failed")

@@ -13,6 +13,7 @@ from typing import Any
 import ingest
 import pytest
 import webhook
+from vap_shared import routes
 from vap_shared.jobs import iso, utcnow
 from vap_shared.signing import signed_headers
 from vap_testkit import (
@@ -72,9 +73,7 @@ def _refresh(st: Stack, job: Any, attempt: int) -> int:
         }
     ).encode()
     headers = {k.lower(): v for k, v in signed_headers(st.gpu_key(job.job_id), body).items()}
-    return int(
-        call(webhook.handler, url_event(f"/callbacks/gpu/{job.job_id}/urls", body, headers))["statusCode"]
-    )
+    return int(call(webhook.handler, url_event(routes.path("urls", job.job_id), body, headers))["statusCode"])
 
 
 def _shown(st: Stack, job: Any) -> Any:

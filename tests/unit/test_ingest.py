@@ -5,6 +5,7 @@ import time
 import httpx
 import ingest
 import pytest
+from vap_shared import routes
 from vap_shared.ingest_logic import Ingestor, parse_sqs_body
 from vap_shared.signing import derive_callback_key
 from vap_testkit import (
@@ -68,7 +69,7 @@ def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st)
     assert str(request.url) == f"{MODAL_URL}/submit"
     body = json.loads(request.content)
     assert body["job_id"] == job.job_id
-    assert body["callback_url"] == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}"
+    assert body["callback_url"] == routes.url(WEBHOOK_BASE, "gpu", job.job_id)
     assert bytes.fromhex(body["callback_key"]) == derive_callback_key(
         b"test-stack-secret-0123456789abcdef", job.job_id
     )
@@ -76,7 +77,7 @@ def test_happy_path_dispatches_to_modal_with_presigned_urls_and_callback_key(st)
     assert f"work/{job.job_id}/video.mp4" in body["output_put_url"]
     # URLs live the job budget; the GPU renews them at start and before upload.
     assert f"X-Amz-Expires={st.runtime.settings.budget.url_ttl_s}" in body["output_put_url"]
-    assert body["refresh_url"] == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}/urls"
+    assert body["refresh_url"] == routes.url(WEBHOOK_BASE, "urls", job.job_id)
     assert body["service_urls"] == [
         "video_url",
         "image_url",
@@ -127,7 +128,7 @@ def test_fal_example_dispatched_to_fal_with_urls_unchanged(st):
     # The webhook URL carries the job's token (vap_shared.fal_token): only we and fal know it.
     assert (
         request.url.params["fal_webhook"]
-        == f"{WEBHOOK_BASE}/callbacks/fal/{job.job_id}?token={fal_token(job.job_id)}"
+        == f"{routes.url(WEBHOOK_BASE, 'fal', job.job_id)}?token={fal_token(job.job_id)}"
     )
     body = json.loads(request.content)
     assert body["video_url"] == FAL_EXAMPLE["video_url"] and body["image_url"] == FAL_EXAMPLE["image_url"]

@@ -1,10 +1,11 @@
 import boto3
 import pytest
 from moto import mock_aws
-from vap_shared.config import ConfigError, Settings
+from vap_shared.config import Settings
 from vap_shared.job_store import JobStore
 from vap_shared.jobs import Job
 from vap_shared.naming import job_id, output_keys, output_prefix, parse_event_time, sidecar_name
+from vap_shared.settings_parser import SettingsError
 from vap_shared.urls import host_matches
 
 NOW = "2026-11-25T18:00:00.000000Z"
@@ -116,11 +117,13 @@ def test_settings_from_env():
     s = Settings.from_env(env)
     assert s.allowed_media_hosts == ("a.com", "*.b.org") and s.inbox_prefix == "inbox/"
     assert s.fal_queue_url == "https://queue.fal.run" and not s.allow_http_loopback
-    with pytest.raises(ConfigError):
+    with pytest.raises(SettingsError, match="missing environment variables: JOBS_TABLE, TOPIC_ARN"):
         Settings.from_env({"BUCKET_NAME": "b"})
-    with pytest.raises(ConfigError):
+    with pytest.raises(SettingsError, match="DEFAULT_BACKEND must be one of auto, modal, fal, got 'gpu'"):
         Settings.from_env({**env, "DEFAULT_BACKEND": "gpu"})
-    with pytest.raises(ConfigError):
+    with pytest.raises(
+        SettingsError, match="MAX_SIDECAR_BYTES must be a whole number of at least 1, got 'lots'"
+    ):
         Settings.from_env({**env, "MAX_SIDECAR_BYTES": "lots"})
 
 

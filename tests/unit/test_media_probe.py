@@ -11,6 +11,7 @@ import boto3
 import pytest
 from media_kit import box, mp4, png
 from moto import mock_aws
+from vap_shared.contract import MAX_SOURCE_FRAMES
 from vap_shared.media_probe import media_problem
 from vap_shared.media_source import (
     MAX_PROBE_GETS,
@@ -19,7 +20,7 @@ from vap_shared.media_source import (
     S3RangeSource,
     SourceChanged,
 )
-from vap_shared.mp4_probe import MAX_SOURCE_FRAMES, check_mp4
+from vap_shared.mp4_probe import check_mp4
 
 from local_stack.media import synth_image, synth_mp4
 
@@ -270,13 +271,3 @@ def test_the_read_budget_bounds_a_probe() -> None:
             return super().read(offset, length)
 
     assert media_problem("video_url", Spread(box(b"ftyp", b"isom", bytes(4)) + many)) is None
-
-
-def test_the_limits_are_the_gpu_sides() -> None:
-    """Ingest refuses exactly what the GPU side would refuse after a cold start."""
-    from vap_shared.image_probe import MAX_IMAGE_PIXELS
-
-    from gpu.service import media as gpu_media
-
-    assert MAX_SOURCE_FRAMES == gpu_media.MAX_SOURCE_FRAMES
-    assert MAX_IMAGE_PIXELS == gpu_media.MAX_IMAGE_PIXELS

@@ -6,13 +6,13 @@ import pytest
 from vap_shared.cost import (
     AWS_PER_JOB,
     GpuRun,
-    PriceError,
     Prices,
     by_backend,
     estimate,
     gpu_run_of_result,
     gpu_type_of,
 )
+from vap_shared.settings_parser import SettingsError
 
 from tests.notification_schema import _validator
 
@@ -36,7 +36,7 @@ def test_prices_from_the_stack_parameters() -> None:
     prices = Prices.from_env(env)
     assert prices.modal_per_second == {"H100": 0.002, "H200": 0.003} and prices.fal_per_video == 0.5
     for bad in ("x", "-1", "nan", "inf"):
-        with pytest.raises(PriceError, match="FAL_PRICE_PER_VIDEO"):
+        with pytest.raises(SettingsError, match="FAL_PRICE_PER_VIDEO must be a number of at least 0"):
             Prices.from_env({"FAL_PRICE_PER_VIDEO": bad})
 
 

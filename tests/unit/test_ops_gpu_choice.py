@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from vap_shared.contract import GPU_COUNTS
 from vap_shared.cost import DEFAULT_MODAL_PER_SECOND
 
 from bench import gpu_choice
@@ -24,8 +25,8 @@ def test_the_readme_section_is_the_commands_output() -> None:
 
 def test_the_table_has_every_gpu_count_for_each_job_and_says_it_is_an_estimate() -> None:
     rows = [line for line in gpu_choice.section().splitlines() if line.startswith("| ") and "job:" in line]
-    assert len(rows) == len(gpu_choice.JOBS) * len(scaling.GPU_COUNTS)
-    assert [row.split("|")[3].strip() for row in rows[:4]] == ["1", "2", "4", "8"]
+    assert len(rows) == len(gpu_choice.JOBS) * len(GPU_COUNTS)
+    assert [row.split("|")[3].strip() for row in rows[:4]] == [str(n) for n in GPU_COUNTS]
     assert "ESTIMATES, not measurements" in gpu_choice.section()
     # More GPUs: shorter, never cheaper (the GPU-seconds multiply by the count).
     for _, shape in gpu_choice.JOBS:

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 from ops_flow import gpu_succeeds, submit
-from vap_shared.config import ConfigError, Settings
+from vap_shared.config import Settings
+from vap_shared.contract import GPU_COUNTS
+from vap_shared.settings_parser import SettingsError
 from vap_shared.sidecar import SidecarInvalid, validate_object
 from vap_testkit import FakeServices, Stack, handlers_on, stack
 
@@ -33,7 +35,7 @@ def _messages(fields: dict[str, Any]) -> list[str]:
     return [e["message"] for e in caught.value.errors]
 
 
-@pytest.mark.parametrize("value", [1, 2, 4, 8, None])
+@pytest.mark.parametrize("value", [*GPU_COUNTS, None])
 def test_gpus_takes_the_counts_a_job_can_be_split_over(value: int | None) -> None:
     assert validate_object({**BASE, "gpus": value}).gpus == value
 
@@ -61,7 +63,7 @@ def test_stack_gpu_settings() -> None:
     assert (Settings.from_env(ENV).default_gpus, Settings.from_env(ENV).max_gpus) == (1, 8)
     capped = Settings.from_env({**ENV, "DEFAULT_GPUS": "8", "MAX_GPUS": "2"})
     assert capped.gpus_by_default == 2
-    with pytest.raises(ConfigError, match="MAX_GPUS must be one of"):
+    with pytest.raises(SettingsError, match="MAX_GPUS must be one of 1, 2, 4, 8, got '3'"):
         Settings.from_env({**ENV, "MAX_GPUS": "3"})
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import ingest
 import pytest
 import webhook
-from vap_shared.sidecar import SEED_MAX
+from vap_shared.contract import SEED_MAX
 from vap_testkit import (
     FAL_EXAMPLE,
     FakeServices,

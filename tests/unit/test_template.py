@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from template_kit import transformed_template
+from vap_shared.contract import BACKEND_CHOICES
 
 from local_stack.cfn import Resolver, Template, load_template
 
@@ -300,7 +301,7 @@ def test_webhook_base_url_has_no_trailing_slash(sam: Template) -> None:
 
 def test_default_backend_parameter(sam: Template) -> None:
     backend = sam["Parameters"]["DefaultBackend"]
-    assert set(backend["AllowedValues"]) == {"auto", "modal", "fal"}
+    assert tuple(backend["AllowedValues"]) == BACKEND_CHOICES
     assert env_of(sam, "IngestFunction")["DEFAULT_BACKEND"] == {"Ref": "DefaultBackend"}
     for name in ("ModalEndpointUrl", "FalEndpointId", "MaxConcurrency", "AllowedMediaHosts"):
         assert name in sam["Parameters"]

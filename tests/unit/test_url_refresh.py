@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import ingest
 import pytest
 import webhook
+from vap_shared import routes
 from vap_shared.gpu_contract import GpuJobRequest, UrlRefreshResponse
 from vap_shared.jobs import iso, utcnow
 from vap_shared.naming import GPU_UPLOADS, RESUME_STATE
@@ -66,7 +67,7 @@ def _refresh(st: Stack, job_id: str, call_id: str, key: bytes | None = None, **b
     payload = {"job_id": job_id, "call_id": call_id, "purpose": "start", "sent_at": int(time.time()), **body}
     raw = json.dumps(payload).encode()
     headers = {k.lower(): v for k, v in signed_headers(key or st.gpu_key(job_id), raw).items()}
-    response = call(webhook.handler, url_event(f"/callbacks/gpu/{job_id}/urls", raw, headers))
+    response = call(webhook.handler, url_event(routes.path("urls", job_id), raw, headers))
     return response["statusCode"], json.loads(response["body"])
 
 
@@ -81,7 +82,7 @@ def test_the_dispatched_request_names_the_refresh_endpoint(st: Stack, services: 
     job = _dispatch(st, image="https://storage.googleapis.com/falserverless/face.jpg")
     (sent,) = services.sent  # type: ignore[attr-defined]
     request = GpuJobRequest.model_validate({k: v for k, v in sent.items() if k != "call_id"})
-    assert request.refresh_url == f"{WEBHOOK_BASE}/callbacks/gpu/{job.job_id}/urls"
+    assert request.refresh_url == routes.url(WEBHOOK_BASE, "urls", job.job_id)
     # The user's https image is theirs: an error on it is an input error; ours are not (the
     # previews' PUTs included: a refresh renews them too).
     ours = ("video_url", "output_put_url", "poster_put_url", "preview_put_url")
@@ -173,7 +174,7 @@ def test_bad_signature_unknown_job_and_mismatched_body(st: Stack) -> None:
     # Signed with this job's key, but the body names another job.
     raw = json.dumps({"job_id": "other", "call_id": "c", "purpose": "start", "sent_at": int(time.time())})
     headers = {k.lower(): v for k, v in signed_headers(st.gpu_key(job.job_id), raw.encode()).items()}
-    response = call(webhook.handler, url_event(f"/callbacks/gpu/{job.job_id}/urls", raw.encode(), headers))
+    response = call(webhook.handler, url_event(routes.path("urls", job.job_id), raw.encode(), headers))
     assert response["statusCode"] == 401
 
 

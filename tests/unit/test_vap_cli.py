@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import random
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
+from vap_shared.config import Settings
 from vap_shared.jobs import Job
 
 from vap_cli.cancel import cancel_at_backend
 from vap_cli.config import StackInfo
 from vap_cli.errors import CliError
 from vap_cli.progress import render
-from vap_cli.submission import clean_name, coerce_row
+from vap_cli.submission import Submission, clean_name, coerce_row, validate
 
 
 class FakeSecrets:
@@ -149,3 +154,23 @@ def test_progress_lines() -> None:
     line = render({"state": "running", "phase": "running", "progress": {"step": 25, "total": 50}})
     assert line == "running [############------------] 25/50"
     assert render({"state": "running", "phase": "storing"}) == "storing"
+
+
+def test_a_sidecar_the_stacks_defaults_accept_passes_local_validation() -> None:
+    """Without the stack's MaxSidecarBytes (a local stack whose emulator does not describe it), `vap`
+    checks against the default the functions use, not a smaller one: a sidecar carrying a data: image
+    of a few hundred KB, which ingest accepts, is not refused before upload."""
+    pixels = random.Random(7).randbytes(256 * 256 * 3)
+    png = io.BytesIO()
+    Image.frombytes("RGB", (256, 256), pixels).save(png, format="PNG")
+    sidecar = {
+        "prompt": "p",
+        "video_description": "d",
+        "video_url": "clip.mp4",
+        "image_url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii"),
+    }
+    assert len(json.dumps(sidecar)) > 128 * 1024
+    info = stack()
+    functions_default = Settings(bucket_name="b", jobs_table="t", topic_arn="a").max_sidecar_bytes
+    assert info.max_sidecar_bytes == functions_default
+    validate(Submission(name="big", sidecar=sidecar), info)

@@ -4,6 +4,7 @@ import time
 import ingest
 import pytest
 import webhook
+from vap_shared import routes
 from vap_shared.signing import signed_headers
 from vap_testkit import (
     BUCKET,
@@ -178,7 +179,7 @@ def test_gpu_input_error_names_the_field_it_is_about(st):
 
 
 def _unsigned(st, job, body: bytes, headers):
-    return url_event(f"/callbacks/gpu/{job.job_id}", body, headers)
+    return url_event(routes.path("gpu", job.job_id), body, headers)
 
 
 @pytest.mark.parametrize(
@@ -221,18 +222,17 @@ def test_gpu_body_for_another_job_is_rejected(st):
 def test_unknown_job_404_size_413_content_type_415(st):
     payload = {"job_id": "20991231T000000Z-0000000000", "call_id": "x", "event": "progress", "sent_at": 1}
     assert post(gpu_callback_event(st, "20991231T000000Z-0000000000", payload))[0] == 404
-    big = url_event("/callbacks/gpu/j", b"{" + b" " * 300_000 + b"}", {"content-type": "application/json"})
+    path = routes.path("gpu", "j")
+    big = url_event(path, b"{" + b" " * 300_000 + b"}", {"content-type": "application/json"})
     assert post(big)[0] == 413
-    assert (
-        post(url_event("/callbacks/gpu/j", b"a=b", {"content-type": "application/x-www-form-urlencoded"}))[0]
-        == 415
-    )
+    assert post(url_event(path, b"a=b", {"content-type": "application/x-www-form-urlencoded"}))[0] == 415
     assert post(url_event("/nope", b"{}", {"content-type": "application/json"}))[0] == 404
     # Only POST reaches a route; a trailing path segment is not a job id.
-    get = url_event("/callbacks/gpu/j", b"{}", {"content-type": "application/json"})
+    get = url_event(path, b"{}", {"content-type": "application/json"})
     get["requestContext"]["http"]["method"] = "GET"
     assert post(get)[0] == 404
-    assert post(url_event("/callbacks/fal/j/extra", b"{}", {"content-type": "application/json"}))[0] == 404
+    extra = routes.path("fal", "j") + "/extra"
+    assert post(url_event(extra, b"{}", {"content-type": "application/json"}))[0] == 404
 
 
 def test_terminal_job_is_a_no_op(st):

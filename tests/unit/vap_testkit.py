@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from media_kit import mp4, png
 from moto import mock_aws
+from vap_shared import routes
 from vap_shared.config import Settings
 from vap_shared.runtime import Runtime
 from vap_shared.signing import derive_callback_key, signed_headers
@@ -494,13 +495,13 @@ def fal_webhook_event(
     """A fal delivery to the job's webhook URL; `token` "derive" = the job's own, None = no token."""
     if token == "derive":
         token = fal_token(job_id)
-    return url_event(f"/callbacks/fal/{job_id}", body, headers, query={"token": token} if token else None)
+    return url_event(routes.path("fal", job_id), body, headers, query={"token": token} if token else None)
 
 
 def gpu_callback_event(st: Stack, job_id: str, payload: dict[str, Any], **kw: Any) -> dict[str, Any]:
     body = json.dumps(payload).encode()
     headers = {k.lower(): v for k, v in signed_headers(st.gpu_key(job_id), body).items()}
-    return url_event(f"/callbacks/gpu/{job_id}", body, headers, **kw)
+    return url_event(routes.path("gpu", job_id), body, headers, **kw)
 
 
 def gpu_result(seed: int, **overrides: Any) -> dict[str, Any]:

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vap_shared.budget import UPLOAD_MARGIN_S, Budget
+from vap_shared.contract import DEFAULT_STEPS
 from vap_shared.gpu_contract import ErrorCode, GpuError
 
 from gpu.service.engines.single import DEFAULT_CHECKPOINT_EVERY_S
-from gpu.service.generation import DEFAULT_STEPS
 
 ALLOW_LOOPBACK_ENV = "VAP_ALLOW_HTTP_LOOPBACK"
 MiB = 1024 * 1024

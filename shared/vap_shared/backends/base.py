@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from ..contract import BackendName
 from ..errors import FieldError
 from ..gpu_contract import GenerationSettings
 from ..media import MediaRef
@@ -19,7 +20,7 @@ ErrorKind = Literal["transient", "auth", "permanent"]
 
 @dataclass(frozen=True)
 class Dispatch:
-    backend: Literal["modal", "fal"]
+    backend: BackendName
     call_id: str
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -70,7 +71,7 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
-    name: Literal["modal", "fal"]
+    name: BackendName
 
     def submit(self, request: DispatchRequest) -> Dispatch: ...
 

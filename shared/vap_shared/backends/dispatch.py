@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
+from ..contract import BackendName
 from ..errors import FieldError, field_error
 from ..gpu_contract import GpuError
 from ..jobs import Job
 from .base import Backend, BackendError, Dispatch, DispatchRequest
 
-ORDER: dict[str, tuple[Literal["modal", "fal"], ...]] = {
+ORDER: dict[str, tuple[BackendName, ...]] = {
     "auto": ("modal", "fal"),
     "modal": ("modal",),
     "fal": ("fal",),
@@ -21,7 +21,7 @@ ORDER: dict[str, tuple[Literal["modal", "fal"], ...]] = {
 @dataclass(frozen=True)
 class DispatchOutcome:
     dispatch: Dispatch
-    fallback_from: Literal["modal", "fal"] | None = None
+    fallback_from: BackendName | None = None
     fallback_reason: str | None = None
 
 
@@ -68,7 +68,7 @@ def dispatch(request: DispatchRequest, choice: str, backends: Mapping[str, Backe
     raise _failure(failures)
 
 
-def fallback_target(job: Job) -> Literal["modal", "fal"] | None:
+def fallback_target(job: Job) -> BackendName | None:
     """The other backend, once, for jobs whose sidecar said `auto`."""
     if job.requested_backend != "auto" or job.fallback_from is not None or job.backend is None:
         return None

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
+from ..contract import BackendName
 from ..errors import FieldError, field_error
 from ..fal_token import fal_webhook_url
 from .base import (
@@ -87,7 +88,7 @@ class FalBackend:
     """`submit` raises `BackendError` classified for dispatch; `status`, `result` and `cancel` raise
     it when fal cannot be asked (network, auth, 5xx, a recorded URL off the queue host)."""
 
-    name: Literal["modal", "fal"] = "fal"
+    name: BackendName = "fal"
 
     def __init__(
         self,

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import cast
 from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
 
-from ..gpu_contract import CancelResponse, GpuCount, GpuJobRequest, StatusResponse, SubmitResponse
+from .. import routes
+from ..contract import BackendName, GpuCount
+from ..gpu_contract import CancelResponse, GpuJobRequest, StatusResponse, SubmitResponse
 from ..gpu_urls import refresh_url, service_url_fields
 from ..signing import derive_callback_key
 from .base import (
@@ -62,7 +64,7 @@ class ModalJobBuilder:
             video_url=media_url(request.video, self.sign_get),
             image_url=media_url(request.image, self.sign_get),
             output_put_url=self.output_put_url(request.job_id),
-            callback_url=f"{request.webhook_base_url.rstrip('/')}/callbacks/gpu/{request.job_id}",
+            callback_url=routes.url(request.webhook_base_url, "gpu", request.job_id),
             callback_key=key.hex(),
             settings=request.settings,
             num_inference_steps=self.num_inference_steps,
@@ -78,7 +80,7 @@ class ModalJobBuilder:
 class ModalBackend:
     """Every method raises `BackendError` when Modal cannot be asked or answers unexpectedly."""
 
-    name: Literal["modal", "fal"] = "modal"
+    name: BackendName = "modal"
 
     def __init__(
         self,
