@@ -18,6 +18,7 @@ from vap_shared.budget import (
     DEFAULT_BUDGET_S,
     DEFAULT_MODAL_CONTAINERS,
     MAX_BUDGET_S,
+    MAX_MODAL_CONTAINERS,
     MIN_BUDGET_S,
     Budget,
     BudgetError,
@@ -140,7 +141,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> ModalSettings:
     class_names = [g.class_name for g in gpus]
     if len(set(class_names)) != len(class_names):
         raise SettingsError(f"{GPUS} lists one GPU choice twice: {', '.join(g.modal_gpu for g in gpus)}")
-    max_containers = integer(env, MAX_CONTAINERS, DEFAULT_MODAL_CONTAINERS, 1, 1000)
+    max_containers = integer(env, MAX_CONTAINERS, DEFAULT_MODAL_CONTAINERS, 1, MAX_MODAL_CONTAINERS)
     try:
         budget = Budget(
             job_s=integer(env, BUDGET, DEFAULT_BUDGET_S, MIN_BUDGET_S, MAX_BUDGET_S),

@@ -47,6 +47,7 @@ RUNNER_MARGIN_S = 60  # the runner stops this long before Modal's hard timeout (
 UPLOAD_MARGIN_S = 120  # time kept for encode + upload + callback before the deadline
 SWEEP_GRACE_S = 600  # after the budget: callbacks in flight, retries of the webhook
 DEFAULT_MODAL_CONTAINERS = 2
+MAX_MODAL_CONTAINERS = 100  # template.yaml's ModalContainers MaxValue (a test compares them)
 DEFAULT_FAL_MAX_OUTSTANDING = 20
 SILENCE_MIN_S, SILENCE_MAX_S = 300, 1800
 LOCAL_TIME_SCALE_ENV = "VAP_LOCAL_TIME_SCALE"

@@ -14,6 +14,7 @@ from vap_shared.budget import (
     DEFAULT_FAL_MAX_OUTSTANDING,
     DEFAULT_MODAL_CONTAINERS,
     MAX_BUDGET_S,
+    MAX_MODAL_CONTAINERS,
     MIN_BUDGET_S,
 )
 from vap_shared.contract import (
@@ -62,7 +63,7 @@ FOREIGN_ENUMS = {"LogRetentionDays"}
 # Parameter -> the code's (MinValue, MaxValue, Default); None: the template sets none.
 BOUNDED_PARAMETERS: dict[str, tuple[int | None, int | None, int]] = {
     "JobBudgetSeconds": (MIN_BUDGET_S, MAX_BUDGET_S, DEFAULT_BUDGET_S),
-    "ModalContainers": (1, 100, DEFAULT_MODAL_CONTAINERS),
+    "ModalContainers": (1, MAX_MODAL_CONTAINERS, DEFAULT_MODAL_CONTAINERS),
     "FalMaxOutstanding": (1, 1000, DEFAULT_FAL_MAX_OUTSTANDING),
 }
 
