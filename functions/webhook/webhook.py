@@ -58,17 +58,11 @@ def reset() -> None:
 Logic = Callable[[Runtime, str, dict[str, str], bytes], Reply]
 # Three POST routes: a few lines here instead of Powertools' resolver, whose import (asyncio, every
 # event class) was the webhook's largest avoidable cold-start cost.
-ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"/callbacks/gpu/([^/]+)"), "gpu"),
-    (re.compile(r"/callbacks/gpu/([^/]+)/urls"), "urls"),
-    (re.compile(r"/callbacks/fal/([^/]+)"), "fal"),
+ROUTES: tuple[tuple[re.Pattern[str], Logic], ...] = (
+    (re.compile(r"/callbacks/gpu/([^/]+)"), handle_gpu_callback),
+    (re.compile(r"/callbacks/gpu/([^/]+)/urls"), handle_url_refresh),
+    (re.compile(r"/callbacks/fal/([^/]+)"), handle_fal_webhook),
 )
-
-
-def _logic(route_name: str) -> Logic:
-    # Resolved per request from this module's names (so they can be replaced, as the recovery
-    # tests do to lose a callback on its way).
-    return {"gpu": handle_gpu_callback, "urls": handle_url_refresh, "fal": handle_fal_webhook}[route_name]
 
 
 def _json(status: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -109,10 +103,10 @@ def route(event: dict[str, Any]) -> tuple[str, Logic] | None:
     if method != "POST":
         return None
     path = str(event.get("rawPath") or "")
-    for pattern, name in ROUTES:
+    for pattern, logic in ROUTES:
         match = pattern.fullmatch(path)
         if match:
-            return match.group(1), _logic(name)
+            return match.group(1), logic
     return None
 
 
