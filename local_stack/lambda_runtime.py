@@ -6,8 +6,7 @@ credentials of the function's role), then serves one invocation at a time. Envir
 while warm; one that crashed is replaced; an invocation still running at the function's `Timeout`
 is killed with its process and reported as Lambda reports it ("Task timed out after N seconds").
 What a worker prints is its log: EMF lines go to the stack's metric log (as CloudWatch Logs turns
-them into metrics), every other line is echoed to this process's stderr, prefixed with the
-function's logical id.
+them into metrics), every other line becomes a record of the logger `local_stack.function.<id>`.
 
 Workers are forked by a fork server (`lambda_zygote.py`, started once per process): the test
 process has threads (moto, pollers, HTTP servers) and forking it is unsafe; spawning an interpreter
@@ -41,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from local_stack import lambda_worker
 from local_stack.lambda_worker import LambdaContext, error_payload
@@ -184,17 +183,21 @@ def is_emf(line: str) -> bool:
 
 
 class FunctionLog:
-    """A function's log (its log group, for the local stack): the last `limit` lines, EMF lines
-    handed to `metrics`, the others echoed to stderr."""
+    """A function's log (its log group, for the local stack): the last `limit` lines kept, EMF
+    lines handed to `metrics`, every other line passed on as a record of the logger
+    `local_stack.function.<logical id>` (at the line's own level when it is a Powertools JSON line,
+    else INFO; the runtime's reports of a timeout or a crash at WARNING), so it shows wherever this
+    process's logging goes (stderr for `make local`, the captured log of a test)."""
 
     def __init__(self, name: str, limit: int = 20_000) -> None:
         self.name = name
         self.metrics: Callable[[str], None] | None = None
         self.echo = True
+        self.logger = logging.getLogger(f"local_stack.function.{name}")
         self._lines: deque[str] = deque(maxlen=limit)
         self._lock = threading.Lock()
 
-    def write(self, line: str, stream: TextIO | None = None) -> None:
+    def write(self, line: str, level: int | None = None) -> None:
         line = line.rstrip("\n")
         with self._lock:
             self._lines.append(line)
@@ -203,19 +206,18 @@ class FunctionLog:
                 self.metrics(line)
             return
         if self.echo and not line.startswith(("START RequestId:", "END RequestId:")):
-            out = stream or sys.stderr
-            with contextlib.suppress(ValueError, OSError):  # closed (the end of a test's capture)
-                out.write(f"[{self.name}] {line}\n")
+            self.logger.log(level or _level_of(line), "%s", line)
 
     def lines(self) -> list[str]:
         with self._lock:
             return list(self._lines)
 
 
-@dataclass
-class Invocation:
-    request_id: str
-    deadline_ms: int
+def _level_of(line: str) -> int:
+    if line.startswith('{"level":'):
+        name = line[10:].split('"', 1)[0]
+        return logging.getLevelName(name) if isinstance(logging.getLevelName(name), int) else logging.INFO
+    return logging.INFO
 
 
 class ProcessEnvironment:
@@ -339,14 +341,16 @@ class ProcessEnvironment:
             self.kill()
             message = f"Task timed out after {timeout_s:.2f} seconds"
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            self.function.log.write(f"{stamp}Z {request_id} {message}")
+            self.function.log.write(f"{stamp}Z {request_id} {message}", logging.WARNING)
             raise InvocationTimeout({"errorMessage": f"{stamp}Z {request_id} {message}"})
         try:
             kind, value = self._control.recv()
         except EOFError:
             self.healthy = False
             how = self._exit()
-            self.function.log.write(f"RequestId: {request_id} Error: Runtime exited with error: {how}")
+            self.function.log.write(
+                f"RequestId: {request_id} Error: Runtime exited with error: {how}", logging.WARNING
+            )
             raise RuntimeExit(
                 {
                     "errorType": "Runtime.ExitError",
@@ -386,7 +390,9 @@ class ThreadEnvironment:
         self.healthy = True
         self.init_ms = 0
         self.pid = os.getpid()
-        self._env = dict(env)
+        # The template's variables only (no Lambda reserved ones such as TZ or PATH: this is the
+        # harness's own process).
+        self._env = {**function.environment, **function.overrides, **function.role_environment()}
         self._fn: Callable[[Any, Any], Any] | None = function.callable_handler
 
     def start(self) -> None:
@@ -397,7 +403,7 @@ class ThreadEnvironment:
         for entry in reversed([str(fn.code_dir.resolve()), *(str(p) for p in fn.layers)]):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        with scoped_environ(self._env):
+        with scoped_environ({**self._env, "AWS_LAMBDA_FUNCTION_NAME": fn.name}):
             module = importlib.import_module(module_name)
             reset = getattr(module, "reset", None)  # the module may stay imported from an earlier stack
             if callable(reset):

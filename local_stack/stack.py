@@ -1,9 +1,10 @@
 """The whole local stack as one object: `with LocalStack() as stack: ...` (tests use it as a fixture).
 
-Pieces: moto in server mode with the stack from `template.yaml`; the ingest handler fed by an
-SQS poller; the webhook handler behind a loopback Function URL; the local GPU server (the same
-HTTP API as the Modal app); a local fal-protocol server; an SQS queue subscribed to the topic
-so notifications can be read.
+Pieces: moto in server mode with the stack from `template.yaml` (IAM enforced, deliveries at least
+once); the functions in their own execution environments (processes), fed by one SQS poller per
+event source of the template, the webhook behind a loopback Function URL; the local GPU server
+(the same HTTP API as the Modal app); a local fal-protocol server; an SQS queue subscribed to the
+topic so notifications can be read.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class LocalStackConfig:
     # Local-only: a shorter Timeout than the template's for some functions (logical id -> seconds),
     # so a test can watch a function be killed without waiting a minute.
     function_timeouts: dict[str, float] = field(default_factory=dict)
-    # Echo what the functions print (their log) to stderr, prefixed with the function's logical id.
+    # Pass what the functions print (their log) on to this process's logging (local_stack.function.<id>).
     function_logs: bool = True
     # IAM as on AWS: moto authorizes every request; each function calls AWS (and presigns) with
     # credentials of its own role from the template, the harness with an admin user's.
@@ -81,7 +82,7 @@ class LocalStackConfig:
     # How long a function's role credentials last (the Lambda service's, refreshed per environment).
     role_credentials_ttl_s: int = 12 * 3600
     # At-least-once delivery: this share of S3 event notifications, SQS receives and SNS deliveries
-    # to SQS is delivered twice (decided per message from `duplicate_seed`); 0 turns it off.
+    # to SQS is delivered twice (decided per message from `duplicate_seed`); 0 turns it off entirely.
     duplicate_rate: float = 0.03
     duplicate_seed: int = 0
 
@@ -165,7 +166,8 @@ class LocalStack:
                 "AWS_ENDPOINT_URL": self.endpoint_url,
             }
         )
-        self.duplicates.install()
+        if cfg.duplicate_rate > 0:  # 0: moto's own exactly-once delivery, forcing() included
+            self.duplicates.install()
         if cfg.lambda_isolation == "process":
             warm_up()  # the fork server of the execution environments imports its libraries meanwhile
         self.fal = FalServer(self.fal_key)
@@ -319,6 +321,9 @@ class LocalStack:
         )
 
     def _role_credentials(self, logical_id: str) -> Callable[[], dict[str, str]]:
+        if self.config.lambda_isolation == "thread":
+            # One process environment for every function: per-function credentials cannot be kept apart.
+            return lambda: dict(self.credentials)
         return lambda: self.role_credentials(logical_id)
 
     def client_as(self, service: str, credentials: Mapping[str, str]) -> Any:

@@ -134,3 +134,32 @@ def test_a_job_delivered_twice_at_every_hop_is_one_job_with_one_notification(
     deliveries = _notifications_of(stack, key)
     assert len({n.raw["MessageId"] for n in deliveries}) == 1  # published once, delivered twice
     assert len(stack.notifications_for(key)) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "ingest acknowledges a duplicate delivery while another invocation holds the job's dispatch "
+        "lease; when that invocation then fails transiently, the message is already deleted and the "
+        "job stays `received` for good (nothing retries it). For ingest's owners: report the "
+        "duplicate as a batch item failure instead of success."
+    ),
+)
+def test_a_duplicate_received_while_the_first_copy_fails_transiently_still_ends_the_job(
+    stack: LocalStack, fal: Any, sample_media: dict[str, bytes], folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fal answers slowly with 503 (the dispatch holds the lease for seconds), and the sidecar's
+    message is received a second time meanwhile: the job must still end (failed, after ingest's
+    attempts), notified once."""
+
+    def slow_and_unavailable(*args: Any, **kwargs: Any) -> tuple[int, Any]:
+        time.sleep(2.0)
+        return 503, {"detail": "injected failure", "error_type": "runner_scheduling_failure"}
+
+    monkeypatch.setattr(fal, "submit", slow_and_unavailable)
+    key = f"{folder}/duplicate-during-failure.json"
+    with stack.duplicates.forcing("sqs"):
+        stack.put_job(key, sidecar(backend="fal"), {f"{folder}/{n}": d for n, d in sample_media.items()})
+        # Fixed, it ends after ingest's 4 attempts (each 2 s + the tests' 5 s visibility timeout).
+        (note,) = stack.wait_for_notification(key, timeout_s=45)
+    assert note.body["status"] == "failed"

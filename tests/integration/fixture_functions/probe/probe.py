@@ -23,16 +23,30 @@ from typing import Any
 INVOCATIONS = 0  # per execution environment: module state survives warm invocations
 
 
+def _crash() -> None:
+    if "LAMBDA_TASK_ROOT" not in os.environ:  # run inside the harness (isolation "thread"): not ours to end
+        raise RuntimeError("not in an execution environment of its own: the probe will not end this process")
+    os._exit(3)
+
+
 def _aws(event: dict[str, Any]) -> dict[str, Any]:
     import boto3
+    from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    client = boto3.client(event["service"])
+    # S3 as the service's own clients use it: Signature Version 4, path style on an emulator.
+    config = (
+        Config(signature_version="s3v4", s3={"addressing_style": "path"})
+        if event["service"] == "s3"
+        else None
+    )
+    client = boto3.client(event["service"], config=config)
     try:
         result = getattr(client, event["operation"])(**event.get("params", {}))
     except ClientError as exc:
         return {"code": exc.response["Error"]["Code"], "message": exc.response["Error"].get("Message", "")}
-    result.pop("ResponseMetadata", None)
+    if isinstance(result, dict):
+        result.pop("ResponseMetadata", None)
     return {"code": "ok", "result": json.loads(json.dumps(result, default=str))}
 
 
@@ -45,7 +59,7 @@ def _batch(records: list[dict[str, Any]]) -> dict[str, Any]:
             )
         )
     if any(r["body"] == "exit-once" for r in first):
-        os._exit(3)
+        _crash()
     if any(r["body"] == "slow-once" for r in first):
         time.sleep(float(os.environ.get("PROBE_SLOW_S", "30")))
     return {"batchItemFailures": []}
@@ -59,7 +73,7 @@ def _run(event: dict[str, Any], context: Any) -> Any:
     if action == "raise":
         raise ValueError("the probe was asked to fail")
     if action == "exit":
-        os._exit(3)
+        _crash()
     if action == "metric":
         directive = {
             "Namespace": "Probe",
