@@ -35,6 +35,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -144,9 +145,10 @@ def _secretsmanager_resource(self: Any) -> str:
 
 
 class PresignedUrlDenied(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, signer: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.signer = signer
 
 
 def verify_presigned(
@@ -226,24 +228,35 @@ def verify_presigned(
     for policy in key.collect_policies():
         result = IAMPolicy(policy).is_action_permitted(action, resource)
         if result == PermissionResult.DENIED:
-            raise PresignedUrlDenied("AccessDenied", "Access Denied")
+            raise PresignedUrlDenied("AccessDenied", "Access Denied", key.arn)
         permitted = permitted or result == PermissionResult.PERMITTED
     if not permitted:
-        raise PresignedUrlDenied("AccessDenied", "Access Denied")
+        raise PresignedUrlDenied("AccessDenied", "Access Denied", key.arn)
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A request IAM refused: who, what, on what (`stack.denied`)."""
+
+    principal: str
+    action: str
+    resource: str
 
 
 class MotoAuthorizationGaps:
-    """The patches above, installed on moto's classes in this process (and removed again)."""
+    """The patches above, installed on moto's classes in this process (and removed again); every
+    refusal is recorded in `denied`."""
 
     def __init__(self) -> None:
         self._restore: list[Callable[[], None]] = []
+        self.denied: list[Denial] = []
 
     def install(self) -> None:
         from moto.core.authorization import ActionAuthenticatorMixin
         from moto.core.exceptions import AccessDeniedError
         from moto.dynamodb.responses import DynamoHandler
-        from moto.iam.access_control import IAMRequestBase, S3IAMRequest
-        from moto.s3.exceptions import S3ClientError
+        from moto.iam.access_control import IAMRequestBase, S3IAMRequest, create_access_key
+        from moto.s3.exceptions import S3AccessDeniedError, S3ClientError
         from moto.secretsmanager.responses import SecretsManagerResponse
         from moto.sns.responses import SNSResponse
         from werkzeug.exceptions import HTTPException
@@ -267,6 +280,29 @@ class MotoAuthorizationGaps:
                 return [("Content-Type", "application/x-amz-json-1.0")]
 
         original = ActionAuthenticatorMixin._authenticate_and_authorize_action
+        denied = self.denied
+
+        def record(self: Any, access_key_id: str, action: str, resource: str) -> None:
+            try:
+                principal = create_access_key(self.current_account, "aws", access_key_id, self.headers).arn
+            except Exception:
+                principal = access_key_id
+            denied.append(Denial(principal, action, resource))
+            log.info("denied: %s %s on %s", principal, action, resource)
+
+        def check(self: Any, iam_request_cls: type, resource: str, action: str) -> None:
+            try:
+                original(self, iam_request_cls, resource)
+            except (AccessDeniedError, S3AccessDeniedError) as exc:
+                auth = self.headers.get("Authorization", "")
+                access_key_id = (
+                    auth.split("Credential=", 1)[1].split("/", 1)[0] if "Credential=" in auth else ""
+                )
+                record(self, access_key_id, f"{_service_of(self.headers)}:{action}", resource)
+                json_service = _service_of(self.headers) in JSON_SERVICES and self.headers.get("X-Amz-Target")
+                if isinstance(exc, AccessDeniedError) and json_service:
+                    raise JsonAccessDenied(exc.message) from None
+                raise
 
         def authorize(self: Any, iam_request_cls: type, resource: str = "*") -> None:
             from moto import settings
@@ -286,6 +322,8 @@ class MotoAuthorizationGaps:
                         )
                     except PresignedUrlDenied as exc:
                         log.info("presigned %s %s refused: %s %s", self.method, resource, exc.code, exc)
+                        if exc.code == "AccessDenied" and exc.signer:
+                            denied.append(Denial(exc.signer, action, resource))
                         raise S3ClientError(exc.code, str(exc)) from None
                     return None
             action = self._get_action()
@@ -294,11 +332,7 @@ class MotoAuthorizationGaps:
                 # Authorized as the single call; only for the check (moto picks the method by it too).
                 self._get_action = lambda: SQS_BATCH_ACTIONS[action]
             try:
-                original(self, iam_request_cls, resource)
-            except AccessDeniedError as exc:
-                if headers.get("X-Amz-Target") and _service_of(headers) in JSON_SERVICES:
-                    raise JsonAccessDenied(exc.message) from None
-                raise
+                check(self, iam_request_cls, resource, SQS_BATCH_ACTIONS[action] if batch else action)
             finally:
                 if batch:
                     del self._get_action
@@ -309,7 +343,7 @@ class MotoAuthorizationGaps:
                 saved = self.data.get("Action")
                 self.data["Action"] = "GetObject"
                 try:
-                    original(self, iam_request_cls, f"arn:aws:s3:::{source}")
+                    check(self, iam_request_cls, f"arn:aws:s3:::{source}", "GetObject")
                 finally:
                     self.data["Action"] = saved
             return None

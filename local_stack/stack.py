@@ -31,7 +31,13 @@ from local_stack.at_least_once import AtLeastOnce
 from local_stack.emulator import ACCOUNT_ID, Deployer, Deployment, layer_dirs
 from local_stack.fal_server import FalServer
 from local_stack.function_url import FunctionUrlServer
-from local_stack.iam import MotoAuthorizationGaps, assume_role_as_lambda, create_admin, set_authorization
+from local_stack.iam import (
+    Denial,
+    MotoAuthorizationGaps,
+    assume_role_as_lambda,
+    create_admin,
+    set_authorization,
+)
 from local_stack.lambda_runtime import Isolation, LambdaFunction, scoped_environ, warm_up
 from local_stack.moto_server import AwsFault, MotoServer
 from local_stack.net import LOOPBACK, free_port
@@ -309,16 +315,31 @@ class LocalStack:
         self._moto_gaps.install()
         set_authorization(self.endpoint_url, True)
 
-    def role_credentials(self, logical_id: str) -> dict[str, str]:
-        """Fresh credentials of the function's role (what its environments get); the harness's own
-        without IAM."""
+    def role_credentials(self, logical_id: str, session_name: str | None = None) -> dict[str, str]:
+        """Fresh credentials of the function's role (what its environments get: the session is named
+        after the function, as Lambda names it); the harness's own without IAM."""
         assert self.deployment is not None
         if not self.config.iam:
             return dict(self.credentials)
         spec = self.deployment.functions[logical_id]
         return assume_role_as_lambda(
-            ACCOUNT_ID, self.region, spec.role_arn, spec.name, self.config.role_credentials_ttl_s
+            ACCOUNT_ID,
+            self.region,
+            spec.role_arn,
+            session_name or spec.name,
+            self.config.role_credentials_ttl_s,
         )
+
+    @property
+    def denied(self) -> list[Denial]:
+        """Every request IAM refused so far (principal, action, resource)."""
+        return self._moto_gaps.denied
+
+    def denials_of_functions(self, since: int = 0) -> list[Denial]:
+        """Refusals of the template's functions themselves (their role sessions), from `since` on:
+        each one is a permission the function's policy lacks for what its code does."""
+        names = {spec.name for spec in self.deployment.functions.values()} if self.deployment else set()
+        return [d for d in self.denied[since:] if d.principal.rsplit("/", 1)[-1] in names]
 
     def _role_credentials(self, logical_id: str) -> Callable[[], dict[str, str]]:
         if self.config.lambda_isolation == "thread":

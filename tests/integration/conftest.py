@@ -85,6 +85,17 @@ def _notifications_match_the_schema() -> Iterator[None]:
 _CHECKED: dict[int, int] = {}
 
 
+@pytest.fixture(autouse=True)
+def _functions_have_the_permissions_they_use() -> Iterator[None]:
+    """No call a template function makes is refused by IAM during a stack test (each refusal is a
+    permission its policy in template.yaml lacks; tests of denials use the probe function)."""
+    start = {id(local): len(local.denied) for local in _OPEN}
+    yield
+    for local in _OPEN:
+        refused = local.denials_of_functions(start.get(id(local), 0))
+        assert not refused, f"IAM refused calls of the functions (missing in template.yaml?): {refused}"
+
+
 @pytest.fixture(scope="session")
 def sample_media() -> dict[str, bytes]:
     """A tiny reference clip and target image, made with ffmpeg (nothing downloaded)."""

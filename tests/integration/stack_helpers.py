@@ -80,7 +80,7 @@ def probe_function(
             **env,
         },
         isolation=stack.config.lambda_isolation,
-        credentials=(lambda: stack.role_credentials(role_of))
+        credentials=(lambda: stack.role_credentials(role_of, "probe"))
         if role_of
         else (lambda: dict(stack.credentials)),
     )

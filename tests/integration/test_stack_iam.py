@@ -61,7 +61,10 @@ def test_each_function_calls_aws_as_its_own_role(stack: LocalStack) -> None:
         assert stack.deployment is not None
         spec = stack.deployment.functions[logical_id]
         role_name = spec.role_arn.rsplit("/", 1)[1]
-        assert identity["Arn"] == f"arn:aws:sts::123456789012:assumed-role/{role_name}/{spec.name}"
+        assert identity["Arn"] == f"arn:aws:sts::123456789012:assumed-role/{role_name}/probe"
+        # What the function's own environments get: its role, in a session named after it.
+        own = stack.client_as("sts", stack.role_credentials(logical_id)).get_caller_identity()
+        assert own["Arn"] == f"arn:aws:sts::123456789012:assumed-role/{role_name}/{spec.name}"
 
 
 def test_a_function_is_denied_what_its_role_does_not_allow(
@@ -69,6 +72,7 @@ def test_a_function_is_denied_what_its_role_does_not_allow(
 ) -> None:
     key = f"inbox/iam-{uuid.uuid4().hex[:8]}/x.json"
     stack.s3.put_object(Bucket=stack.bucket, Key=key, Body=b"{}")
+    before = len(stack.denied)
     # What the ingest role allows ...
     assert _call(as_ingest, "s3", "get_object", Bucket=stack.bucket, Key=key) == "ok"
     assert (
@@ -81,10 +85,13 @@ def test_a_function_is_denied_what_its_role_does_not_allow(
     assert _call(as_ingest, "sqs", "receive_message", QueueUrl=stack.dlq_url) == "AccessDeniedException"
     operator_topic = stack.deployment.outputs["OperatorTopicArn"] if stack.deployment else ""
     assert _call(as_ingest, "sns", "publish", TopicArn=operator_topic, Message="x") == "AccessDenied"
+    # Each refusal is recorded (the stack tests fail on any of a template function's own).
+    refused = {(d.action, d.principal.rsplit("/", 1)[-1]) for d in stack.denied[before:]}
+    assert {("s3:PutObject", "probe"), ("dynamodb:Scan", "probe"), ("sqs:ReceiveMessage", "probe")} <= refused
 
 
 def _presigning(stack: LocalStack, logical_id: str) -> object:
-    credentials = stack.role_credentials(logical_id)
+    credentials = stack.role_credentials(logical_id, "presigner")
     return boto3.session.Session(
         aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
