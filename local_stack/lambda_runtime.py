@@ -383,7 +383,7 @@ class ThreadEnvironment:
     """The handler in this process (isolation="thread"): imported under the function's
     environment, then called on the invoking thread. Nothing can be killed."""
 
-    def __init__(self, function: LambdaFunction, env: Mapping[str, str], fingerprint: str) -> None:
+    def __init__(self, function: LambdaFunction, fingerprint: str) -> None:
         self.function = function
         self.fingerprint = fingerprint
         self.generation = function._generation
@@ -613,12 +613,11 @@ class LambdaFunction:
             placeholder = object()
             self._busy.add(id(placeholder))
         try:
-            env_vars = {**base, **self.role_environment()}
             environment: Environment
             if self.isolation == "thread":
-                environment = ThreadEnvironment(self, env_vars, fingerprint)
+                environment = ThreadEnvironment(self, fingerprint)
             else:
-                environment = ProcessEnvironment(self, env_vars, fingerprint)
+                environment = ProcessEnvironment(self, {**base, **self.role_environment()}, fingerprint)
             environment.start()
         except BaseException:
             with self._lock:
