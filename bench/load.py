@@ -114,17 +114,18 @@ class _Gauge:
 
 
 @contextmanager
-def _count_dispatches() -> Iterator[_Gauge]:
-    """Count concurrent backend dispatches made by ingest (its `dispatch` call)."""
-    from vap_shared import ingest_logic
-
+def _count_dispatches(stack: Any) -> Iterator[_Gauge]:
+    """Count concurrent dispatches where they arrive: submits at the local fal server and at the
+    local GPU server (the functions run in their own processes, so ingest cannot be wrapped here)."""
     gauge = _Gauge()
-    original = ingest_logic.dispatch
-    ingest_logic.dispatch = gauge.wrap(original)
+    targets = [stack.fal] + ([stack.gpu.executor] if stack.gpu is not None else [])
+    for target in targets:
+        target.submit = gauge.wrap(target.submit)
     try:
         yield gauge
     finally:
-        ingest_logic.dispatch = original
+        for target in targets:
+            del target.submit
 
 
 def _parse(value: str | None) -> float | None:
@@ -194,7 +195,7 @@ def run_load(
         s3.put_object(Bucket=stack.bucket, Key=key, Body=raw, ContentType="application/json")
         uploaded_at[key] = sent
 
-    with _count_dispatches() as gauge:
+    with _count_dispatches(stack) as gauge:
         started = time.time()
         with ThreadPoolExecutor(max_workers=uploaders) as pool:
             list(pool.map(upload, keys))

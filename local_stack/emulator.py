@@ -3,8 +3,8 @@
 moto's CloudFormation creates the buckets, queues, table, topic, roles, functions, layer and
 event source mapping, but not secrets, queue/bucket policies, Function URLs, the bucket's
 notification, public access block, ownership controls, lifecycle, table TTL or reserved
-concurrency. Those are applied here from the same template's properties, through the same
-APIs CloudFormation would call.
+concurrency, and it keeps roles' inline policies in a form moto's IAM cannot evaluate. Those are
+applied here from the same template's properties, through the same APIs CloudFormation would call.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class FunctionSpec:
     environment: dict[str, str]
     reserved_concurrency: int | None
     log_group: str
+    role_arn: str = ""
 
 
 @dataclass
@@ -56,6 +57,7 @@ class EventSourceSpec:
     batch_size: int
     max_concurrency: int
     report_batch_item_failures: bool
+    batching_window_s: float = 0.0
 
 
 @dataclass
@@ -315,11 +317,12 @@ class Deployer:
         return Resolver(translated, refs, attrs)
 
     def _apply_skipped(self, translated: Template, resolver: Resolver) -> None:
-        s3, sqs, dynamodb, lam = (
+        s3, sqs, dynamodb, lam, iam = (
             self.client("s3"),
             self.client("sqs"),
             self.client("dynamodb"),
             self.client("lambda"),
+            self.client("iam"),
         )
         resources = translated["Resources"]
         for logical_id, resource in resources.items():
@@ -345,6 +348,17 @@ class Deployer:
                         "AttributeName": ttl["AttributeName"],
                     },
                 )
+            elif kind == "AWS::IAM::Role":
+                # moto's CloudFormation keeps inline policies as Python objects that its own IAM
+                # evaluator cannot read: put them again as JSON, through PutRolePolicy as CloudFormation
+                # does.
+                role_name = str(resolver.resolve({"Ref": logical_id}))
+                for policy in props.get("Policies", []):
+                    iam.put_role_policy(
+                        RoleName=role_name,
+                        PolicyName=policy["PolicyName"],
+                        PolicyDocument=json.dumps(policy["PolicyDocument"]),
+                    )
             elif kind == "AWS::Lambda::Function" and props.get("ReservedConcurrentExecutions") is not None:
                 lam.put_function_concurrency(
                     FunctionName=resolver.resolve({"Ref": logical_id}),
@@ -413,6 +427,7 @@ class Deployer:
                     environment={k: str(v) for k, v in env.items()},
                     reserved_concurrency=int(reserved_value) if reserved_value else None,
                     log_group=str(resolver.resolve(props.get("LoggingConfig", {}).get("LogGroup", ""))),
+                    role_arn=str(config.get("Role", "")),
                 )
             elif resource["Type"] == "AWS::Lambda::EventSourceMapping":
                 resolved = resolver.resolve(props)
@@ -425,6 +440,7 @@ class Deployer:
                         max_concurrency=int(resolved.get("ScalingConfig", {}).get("MaximumConcurrency", 2)),
                         report_batch_item_failures="ReportBatchItemFailures"
                         in resolved.get("FunctionResponseTypes", []),
+                        batching_window_s=float(resolved.get("MaximumBatchingWindowInSeconds", 0)),
                     )
                 )
 

@@ -2,7 +2,8 @@
 
 Mirrors what AWS does for a BUFFERED Function URL with AuthType NONE: lower-cased headers,
 text bodies passed as-is and others base64-encoded, a 6 MB request cap, 429 when the
-function's reserved concurrency is used up, 502 when the handler raises.
+function's reserved concurrency is used up, 502 when the invocation fails (the handler raises,
+is killed at its Timeout, or its environment crashes).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -109,7 +113,26 @@ class FunctionUrlServer:
     def __init__(self, function: LambdaFunction, port: int = 0) -> None:
         self.function = function
         self.requests: list[dict[str, Any]] = []  # (method, path, status) of each request, for tests
+        self.dropped: list[dict[str, Any]] = []  # events of the requests lost on their way
+        self._drops: list[Callable[[dict[str, Any]], bool]] = []
         self._server = LoopbackServer(self._handler_class(), port)
+
+    @contextmanager
+    def dropping(self, predicate: Callable[[dict[str, Any]], bool]) -> Iterator[list[dict[str, Any]]]:
+        """Lose the requests whose event matches `predicate` on the network: the connection is closed
+        without an answer and the function never sees them (the sender sees a connection error).
+        Yields the list of the events lost so far."""
+        self._drops.append(predicate)
+        try:
+            yield self.dropped
+        finally:
+            self._drops.remove(predicate)
+
+    def _dropped(self, event: dict[str, Any]) -> bool:
+        if any(predicate(event) for predicate in list(self._drops)):
+            self.dropped.append(event)
+            return True
+        return False
 
     @property
     def port(self) -> int:
@@ -143,9 +166,14 @@ class FunctionUrlServer:
                 event = build_event(
                     self.command, self.path, list(self.headers.items()), body, self.client_address[0]
                 )
+                if outer._dropped(event):
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 try:
                     ran, result = outer.function.try_invoke(event)
                 except Exception:
+                    # A function error, a timeout or a crash: the caller gets a bare 502.
                     self._reply(
                         502, {"content-type": "application/json"}, b'{"Message":"Internal Server Error"}'
                     )

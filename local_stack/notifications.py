@@ -22,12 +22,18 @@ class Notification:
 
 
 class NotificationReader:
-    """Drains the SQS queue subscribed to the topic into a list, on a background thread."""
+    """Drains the SQS queue subscribed to the topic into a list, on a background thread.
+
+    A correct consumer of an at-least-once topic: a delivery whose SNS MessageId was already read
+    is kept in `delivered` but not added to `received` again, so two notifications in
+    `received` mean the service published twice."""
 
     def __init__(self, sqs: Any, queue_url: str) -> None:
         self._sqs = sqs
         self.queue_url = queue_url
         self.received: list[Notification] = []
+        self.delivered: list[Notification] = []  # every message read, repeated deliveries included
+        self._seen: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="notifications", daemon=True)
@@ -56,10 +62,13 @@ class NotificationReader:
                     body = json.loads(envelope.get("Message", "null"))
                 except ValueError:
                     body = {"unparsed": envelope.get("Message")}
+                note = Notification(envelope.get("Subject", ""), attributes, body, envelope)
                 with self._lock:
-                    self.received.append(
-                        Notification(envelope.get("Subject", ""), attributes, body, envelope)
-                    )
+                    self.delivered.append(note)
+                    message_id = str(envelope.get("MessageId", message["MessageId"]))
+                    if message_id not in self._seen:
+                        self._seen.add(message_id)
+                        self.received.append(note)
                 self._sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
 
     def matching(self, predicate: Callable[[Notification], bool]) -> list[Notification]:

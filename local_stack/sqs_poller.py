@@ -1,10 +1,14 @@
 """Lambda's SQS event source mapping, run locally against the emulator's queue.
 
-What it reproduces: long-polling; batches of up to BatchSize; at most MaximumConcurrency
-invocations at once (one worker per concurrent execution); with ReportBatchItemFailures only
-the reported messages stay on the queue (a raised error or a malformed response fails the whole
-batch); failed messages come back after the visibility timeout and, past maxReceiveCount, the
-queue's redrive moves them to the DLQ.
+What it reproduces: long-polling; batches of up to BatchSize gathered for at most
+MaximumBatchingWindowInSeconds (and 6 MB of payload, Lambda's invoke limit); at most
+MaximumConcurrency invocations at once (one worker per concurrent execution); with
+ReportBatchItemFailures only the reported messages stay on the queue. A failed invocation (the
+handler raised, was killed at its timeout, its environment crashed, or it was throttled) or a
+malformed response fails the whole batch: nothing of it is deleted, so every message comes back
+after the visibility timeout with its receive count raised, and past maxReceiveCount the queue's
+redrive moves it to the DLQ. Visibility, delays, receive counts and the redrive are the queue's
+own (moto's).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from typing import Any
 from local_stack.lambda_runtime import LambdaFunction
 
 log = logging.getLogger("local_stack.sqs_poller")
+
+# Lambda's synchronous invocation payload limit: a batch never carries more.
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 
 
 @dataclass
@@ -73,6 +80,7 @@ class SqsPoller:
         max_concurrency: int,
         report_batch_item_failures: bool = True,
         wait_seconds: int = 1,
+        batching_window_s: float = 0.0,
     ) -> None:
         self._sqs = sqs
         self.queue_url = queue_url
@@ -83,6 +91,7 @@ class SqsPoller:
         self.max_concurrency = max_concurrency
         self.report_batch_item_failures = report_batch_item_failures
         self.wait_seconds = wait_seconds
+        self.batching_window_s = batching_window_s
         self.stats = PollerStats()
         # Bodies of every message received (tests re-send them to simulate duplicate deliveries).
         self.received_bodies: deque[str] = deque(maxlen=10_000)
@@ -120,16 +129,33 @@ class SqsPoller:
                 self._run_batch(messages)
 
     def _receive(self) -> list[dict[str, Any]]:
-        response = self._sqs.receive_message(
-            QueueUrl=self.queue_url,
-            MaxNumberOfMessages=min(self.batch_size, 10),
-            WaitTimeSeconds=self.wait_seconds,
-            AttributeNames=["All"],
-            MessageAttributeNames=["All"],
-        )
-        messages = list(response.get("Messages", []))
-        self.received_bodies.extend(m.get("Body", "") for m in messages)
-        return messages
+        """One batch: long-poll, then keep gathering until BatchSize, the batching window or the
+        payload limit ends it."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        window_end = time.monotonic() + self.batching_window_s
+        while len(batch) < self.batch_size and not self._stop.is_set():
+            left = window_end - time.monotonic()
+            if batch and left <= 0:
+                break
+            wait = self.wait_seconds if not batch else max(0, min(self.wait_seconds, int(left)))
+            response = self._sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=min(self.batch_size - len(batch), 10),
+                WaitTimeSeconds=wait,
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            )
+            messages = list(response.get("Messages", []))
+            for message in messages:
+                size += len(message.get("Body", "").encode())
+                batch.append(message)
+            if not messages and (not batch or self.batching_window_s <= 0):
+                break
+            if self.batching_window_s <= 0 or size >= MAX_PAYLOAD_BYTES:
+                break
+        self.received_bodies.extend(m.get("Body", "") for m in batch)
+        return batch
 
     def _run_batch(self, messages: list[dict[str, Any]]) -> None:
         stats = self.stats
@@ -154,7 +180,8 @@ class SqsPoller:
         """The ids of the messages that must stay on the queue."""
         try:
             result = self.function.invoke(event)
-        except Exception:
+        except Exception as exc:
+            log.warning("%s batch of %d failed as a whole: %s", self.function.logical_id, len(ids), exc)
             return set(ids)
         if not self.report_batch_item_failures:
             return set()
@@ -175,9 +202,12 @@ class SqsPoller:
         return failed
 
     def _delete(self, messages: list[dict[str, Any]]) -> None:
-        if not messages:
-            return
-        self._sqs.delete_message_batch(
-            QueueUrl=self.queue_url,
-            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
-        )
+        for start in range(0, len(messages), 10):
+            chunk = messages[start : start + 10]
+            response = self._sqs.delete_message_batch(
+                QueueUrl=self.queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(chunk)],
+            )
+            for failed in response.get("Failed", []):
+                # E.g. the message was received again meanwhile (at-least-once): it will come back.
+                log.warning("could not delete a processed message: %s", failed.get("Message", failed))

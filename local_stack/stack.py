@@ -1,9 +1,10 @@
 """The whole local stack as one object: `with LocalStack() as stack: ...` (tests use it as a fixture).
 
-Pieces: moto in server mode with the stack from `template.yaml`; the ingest handler fed by an
-SQS poller; the webhook handler behind a loopback Function URL; the local GPU server (the same
-HTTP API as the Modal app); a local fal-protocol server; an SQS queue subscribed to the topic
-so notifications can be read.
+Pieces: moto in server mode with the stack from `template.yaml` (IAM enforced, deliveries at least
+once); the functions in their own execution environments (processes), fed by one SQS poller per
+event source of the template, the webhook behind a loopback Function URL; the local GPU server
+(the same HTTP API as the Modal app); a local fal-protocol server; an SQS queue subscribed to the
+topic so notifications can be read.
 """
 
 from __future__ import annotations
@@ -15,22 +16,30 @@ import secrets
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import boto3
 import httpx
-from moto.server import ThreadedMotoServer
 from vap_shared import metrics
 from vap_shared.budget import LOCAL_TIME_SCALE_ENV
 
-from local_stack.emulator import Deployer, Deployment, layer_dirs
+from local_stack.at_least_once import AtLeastOnce
+from local_stack.emulator import ACCOUNT_ID, Deployer, Deployment, layer_dirs
 from local_stack.fal_server import FalServer
 from local_stack.function_url import FunctionUrlServer
-from local_stack.lambda_runtime import LambdaFunction
+from local_stack.iam import (
+    Denial,
+    MotoAuthorizationGaps,
+    assume_role_as_lambda,
+    create_admin,
+    set_authorization,
+)
+from local_stack.lambda_runtime import Isolation, LambdaFunction, scoped_environ, warm_up
+from local_stack.moto_server import AwsFault, MotoServer
 from local_stack.net import LOOPBACK, free_port
 from local_stack.notifications import Notification, NotificationReader
 from local_stack.sqs_poller import SqsPoller
@@ -65,6 +74,24 @@ class LocalStackConfig:
     # turns the 7200 s default into 8 s), for the functions and the in-process GPU server alike.
     time_scale: float | None = None
     state_file: Path | None = None
+    # How the functions run: "process" (default; each in execution-environment processes, killed at
+    # its Timeout, as Lambda does) or "thread" (in this process, timeouts only logged: for benchmarks
+    # that instrument the handlers in-process).
+    lambda_isolation: Isolation = "process"
+    # Local-only: a shorter Timeout than the template's for some functions (logical id -> seconds),
+    # so a test can watch a function be killed without waiting a minute.
+    function_timeouts: dict[str, float] = field(default_factory=dict)
+    # Pass what the functions print (their log) on to this process's logging (local_stack.function.<id>).
+    function_logs: bool = True
+    # IAM as on AWS: moto authorizes every request; each function calls AWS (and presigns) with
+    # credentials of its own role from the template, the harness with an admin user's.
+    iam: bool = True
+    # How long a function's role credentials last (the Lambda service's, refreshed per environment).
+    role_credentials_ttl_s: int = 12 * 3600
+    # At-least-once delivery: this share of S3 event notifications, SQS receives and SNS deliveries
+    # to SQS is delivered twice (decided per message from `duplicate_seed`); 0 turns it off entirely.
+    duplicate_rate: float = 0.03
+    duplicate_seed: int = 0
 
 
 class MetricLog:
@@ -85,21 +112,6 @@ class MetricLog:
         return [json.loads(line) for line in lines]
 
 
-@contextmanager
-def _env(values: Mapping[str, str]) -> Iterator[None]:
-    """Temporarily set environment variables (handler modules read some at import time)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class LocalStack:
     def __init__(self, config: LocalStackConfig | None = None) -> None:
         self.config = config or LocalStackConfig()
@@ -111,10 +123,17 @@ class LocalStack:
         self.gpu: Any = None
         self.webhook_server: FunctionUrlServer | None = None
         self.notifications: NotificationReader | None = None
+        self.duplicates = AtLeastOnce(self.config.duplicate_rate, self.config.duplicate_seed)
+        self._moto_gaps = MotoAuthorizationGaps()
+        # The harness's credentials (the admin user's once IAM is on).
+        self.credentials: dict[str, str] = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
         self.modal_token = (f"local-key-{secrets.token_hex(8)}", f"local-secret-{secrets.token_hex(16)}")
         self.fal_key = f"local-fal-{secrets.token_hex(16)}"
         self.endpoint_url = ""
-        self._moto: ThreadedMotoServer | None = None
+        self._moto: MotoServer | None = None
         self._saved_environ: dict[str, str] = {}
         self._saved_path: list[str] = []
         # The functions' metric lines (EMF), collected as their log groups would hold them.
@@ -139,22 +158,25 @@ class LocalStack:
         # moto's server logs every request at INFO through werkzeug.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         port = free_port()
-        self._moto = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
+        self._moto = MotoServer(LOOPBACK, port)
         self._moto.start()
         self.endpoint_url = f"http://{LOOPBACK}:{port}"
         # moto's backends are process-global: start from nothing even after an earlier stack.
         self._reset_moto()
+        os.environ.pop("AWS_SESSION_TOKEN", None)
         os.environ.update(
             {
-                # Dummy credentials: nothing here may ever reach real AWS.
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_SESSION_TOKEN": "testing",
+                # Dummy credentials until the admin user exists: nothing here may ever reach real AWS.
+                **self.credentials,
                 "AWS_DEFAULT_REGION": self.region,
                 "AWS_REGION": self.region,
                 "AWS_ENDPOINT_URL": self.endpoint_url,
             }
         )
+        if cfg.duplicate_rate > 0:  # 0: moto's own exactly-once delivery, forcing() included
+            self.duplicates.install()
+        if cfg.lambda_isolation == "process":
+            warm_up()  # the fork server of the execution environments imports its libraries meanwhile
         self.fal = FalServer(self.fal_key, time_scale=cfg.time_scale or 1.0)
         self.fal.start()
         self._start_gpu()
@@ -170,13 +192,16 @@ class LocalStack:
                 "ModalTokenSecret": json.dumps({"key": self.modal_token[0], "secret": self.modal_token[1]}),
             },
         )
-        self._load_functions(webhook_port)
+        if cfg.iam:
+            self._enable_iam()
         if cfg.visibility_timeout_s is not None:
             self._set_visibility_timeout(cfg.visibility_timeout_s)
         self._subscribe_notifications()
+        self._load_functions(webhook_port)
         self.webhook_server = FunctionUrlServer(self.functions[WEBHOOK], webhook_port)
         self.webhook_server.start()
-        metrics.set_output(self.metric_log.write)
+        if cfg.lambda_isolation == "thread":
+            metrics.set_output(self.metric_log.write)  # handlers in this process: no log to read
         self._start_pollers()
         if cfg.state_file is not None:
             cfg.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +212,8 @@ class LocalStack:
             poller.stop()
         metrics.set_output(None)
         self.pollers.clear()
+        for function in self.functions.values():
+            function.stop()
         for server in (self.webhook_server, self.notifications, self.fal):
             if server is not None:
                 server.stop()
@@ -195,9 +222,12 @@ class LocalStack:
             self.gpu.stop()
             self.gpu = None
         if self._moto is not None:
+            set_authorization(self.endpoint_url, False)
+            self._moto_gaps.uninstall()
             self._reset_moto()
             self._moto.stop()
             self._moto = None
+        self.duplicates.uninstall()
         if self._saved_environ:
             os.environ.clear()
             os.environ.update(self._saved_environ)
@@ -246,6 +276,8 @@ class LocalStack:
             env["WEBHOOK_BASE_URL"] = env["WEBHOOK_BASE_URL"].replace("https://", "http://", 1)
             assert env["WEBHOOK_BASE_URL"] == f"http://{LOOPBACK}:{webhook_port}", env["WEBHOOK_BASE_URL"]
         env["VAP_ALLOW_HTTP_LOOPBACK"] = "1"
+        # Lambda sets the region; the endpoint is the local stack's (every boto3 client follows it).
+        env.update(AWS_REGION=self.region, AWS_DEFAULT_REGION=self.region, AWS_ENDPOINT_URL=self.endpoint_url)
         cfg = self.config
         if cfg.capacity_recheck_s is not None and "INGEST_QUEUE_URL" in env:
             env["CAPACITY_RECHECK_SECONDS"] = str(cfg.capacity_recheck_s)
@@ -255,41 +287,94 @@ class LocalStack:
 
     def _load_functions(self, webhook_port: int) -> None:
         assert self.deployment is not None
-        for layer in reversed(layer_dirs(self.config.root, self.config.template)):
-            if str(layer) not in sys.path:
-                sys.path.insert(0, str(layer))
+        cfg = self.config
+        layers = layer_dirs(cfg.root, cfg.template)
         for logical_id, spec in self.deployment.functions.items():
-            env = self.local_environment(spec.environment, webhook_port)
             function = LambdaFunction(
                 logical_id=logical_id,
                 name=spec.name,
                 arn=spec.arn,
                 code_dir=spec.code_dir,
                 handler=spec.handler,
-                timeout_s=spec.timeout_s,
+                timeout_s=cfg.function_timeouts.get(logical_id, spec.timeout_s),
                 memory_mb=spec.memory_mb,
                 log_group=spec.log_group,
                 reserved_concurrency=spec.reserved_concurrency,
+                environment=self.local_environment(spec.environment, webhook_port),
+                layers=layers,
+                isolation=cfg.lambda_isolation,
+                credentials=self._role_credentials(logical_id),
             )
-            # Import under the function's own environment; afterwards the process keeps the union
-            # (both functions share this process; only POWERTOOLS_SERVICE_NAME differs).
-            with _env({**env, "AWS_LAMBDA_FUNCTION_NAME": spec.name}):
-                function.load()
-                # The module may still be imported from an earlier stack in this process.
-                function.reset()
+            function.log.metrics = self.metric_log.write
+            function.log.echo = cfg.function_logs
             self.functions[logical_id] = function
-            os.environ.update(env)
+
+    def _enable_iam(self) -> None:
+        """From here on moto authorizes every request; the harness signs as an admin user."""
+        self.credentials = create_admin(self.client("iam"))
+        os.environ.update(self.credentials)
+        self._moto_gaps.install()
+        set_authorization(self.endpoint_url, True)
+
+    def role_credentials(self, logical_id: str, session_name: str | None = None) -> dict[str, str]:
+        """Fresh credentials of the function's role (what its environments get: the session is named
+        after the function, as Lambda names it); the harness's own without IAM."""
+        assert self.deployment is not None
+        if not self.config.iam:
+            return dict(self.credentials)
+        spec = self.deployment.functions[logical_id]
+        return assume_role_as_lambda(
+            ACCOUNT_ID,
+            self.region,
+            spec.role_arn,
+            session_name or spec.name,
+            self.config.role_credentials_ttl_s,
+        )
+
+    @property
+    def denied(self) -> list[Denial]:
+        """Every request IAM refused so far (principal, action, resource)."""
+        return self._moto_gaps.denied
+
+    def denials_of_functions(self, since: int = 0) -> list[Denial]:
+        """Refusals of the template's functions themselves (their role sessions), from `since` on:
+        each one is a permission the function's policy lacks for what its code does."""
+        names = {spec.name for spec in self.deployment.functions.values()} if self.deployment else set()
+        return [d for d in self.denied[since:] if d.principal.rsplit("/", 1)[-1] in names]
+
+    def _role_credentials(self, logical_id: str) -> Callable[[], dict[str, str]]:
+        if self.config.lambda_isolation == "thread":
+            # One process environment for every function: per-function credentials cannot be kept apart.
+            return lambda: dict(self.credentials)
+        return lambda: self.role_credentials(logical_id)
+
+    def client_as(self, service: str, credentials: Mapping[str, str]) -> Any:
+        """A client signing with these AWS_* credentials (e.g. a function's role's)."""
+        return boto3.client(  # type: ignore[call-overload]
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
+            aws_session_token=credentials.get("AWS_SESSION_TOKEN"),
+        )
 
     def _set_visibility_timeout(self, seconds: int) -> None:
-        url = self.ingest_queue_url
-        policy = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])["Attributes"].get(
-            "Policy"
-        )
-        attributes = {"VisibilityTimeout": str(seconds)}
-        if policy:
-            # moto drops the queue policy on any set_queue_attributes call that omits it.
-            attributes["Policy"] = policy
-        self.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+        """Every queue feeding a function gets this visibility timeout (local only)."""
+        assert self.deployment is not None
+        for source in self.deployment.event_sources:
+            url = self._queue_url_of(source.queue_arn)
+            policy = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])["Attributes"].get(
+                "Policy"
+            )
+            attributes = {"VisibilityTimeout": str(seconds)}
+            if policy:
+                # moto drops the queue policy on any set_queue_attributes call that omits it.
+                attributes["Policy"] = policy
+            self.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+
+    def _queue_url_of(self, queue_arn: str) -> str:
+        return str(self.sqs.get_queue_url(QueueName=queue_arn.rsplit(":", 1)[1])["QueueUrl"])
 
     def _subscribe_notifications(self) -> None:
         url = self.sqs.create_queue(QueueName=f"{self.config.stack_name}-notifications")["QueueUrl"]
@@ -303,9 +388,10 @@ class LocalStack:
     def _start_pollers(self) -> None:
         assert self.deployment is not None
         for source in self.deployment.event_sources:
-            queue_url = self.sqs.get_queue_url(QueueName=source.queue_arn.rsplit(":", 1)[1])["QueueUrl"]
+            queue_url = self._queue_url_of(source.queue_arn)
+            # Lambda polls the queue with the function's execution role.
             poller = SqsPoller(
-                self.client("sqs"),
+                self.client_as("sqs", self.role_credentials(source.function_logical_id)),
                 queue_url,
                 source.queue_arn,
                 self.region,
@@ -313,13 +399,15 @@ class LocalStack:
                 batch_size=source.batch_size,
                 max_concurrency=source.max_concurrency,
                 report_batch_item_failures=source.report_batch_item_failures,
+                batching_window_s=source.batching_window_s,
             )
             poller.start()
             self.pollers.append(poller)
 
     # ------------------------------------------------------------------ accessors
     def client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region)  # type: ignore[call-overload]
+        """A client of the harness (the admin user once IAM is on)."""
+        return self.client_as(service, self.credentials)
 
     @property
     def sqs(self) -> Any:
@@ -364,7 +452,11 @@ class LocalStack:
 
     @property
     def ingest_poller(self) -> SqsPoller:
-        return next(p for p in self.pollers if p.function.logical_id == INGEST)
+        return self.poller_for(INGEST)
+
+    def poller_for(self, function_logical_id: str) -> SqsPoller:
+        """The event source mapping feeding that function (every SQS event of the template has one)."""
+        return next(p for p in self.pollers if p.function.logical_id == function_logical_id)
 
     def describe(self) -> dict[str, Any]:
         """What `.local/stack.json` holds."""
@@ -384,25 +476,34 @@ class LocalStack:
             "notifications_queue_url": self.notifications.queue_url,
             "gpu_url": self.gpu.url if self.gpu is not None else None,
             "fal_url": self.fal.url,
-            "aws_access_key_id": "testing",
-            "aws_secret_access_key": "testing",
+            "aws_access_key_id": self.credentials["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": self.credentials["AWS_SECRET_ACCESS_KEY"],
         }
 
     # ------------------------------------------------------------------ helpers for tests and the demo
     @contextmanager
     def environment(self, **values: str) -> Iterator[None]:
-        """Run with some function environment variables changed (e.g. a dead MODAL_ENDPOINT_URL
-        for fault tests): the handlers start a fresh execution environment on entry and exit."""
+        """Run with some function environment variables changed (e.g. a dead MODAL_ENDPOINT_URL for
+        fault tests), for every function: invocations from here on land in new execution
+        environments that have them (like a configuration update); afterwards in environments with
+        the template's again."""
+        saved = {logical_id: function.overrides for logical_id, function in self.functions.items()}
         try:
-            with _env(values):
-                self._reset_functions()
+            for logical_id, function in self.functions.items():
+                function.set_overrides({**saved[logical_id], **values})
+            with scoped_environ(values) if self.config.lambda_isolation == "thread" else nullcontext():
                 yield
         finally:
-            self._reset_functions()
+            for logical_id, function in self.functions.items():
+                function.set_overrides(saved[logical_id])
 
-    def _reset_functions(self) -> None:
-        for function in self.functions.values():
-            function.reset()
+    @contextmanager
+    def aws_fault(self, fault: AwsFault) -> Iterator[AwsFault]:
+        """AWS answers requests matching `fault` with its error while the block runs (at the API:
+        every client, the functions' too, sees it as it would see AWS's, retries included)."""
+        assert self._moto is not None
+        with self._moto.fault(fault) as injected:
+            yield injected
 
     def put_job(
         self, sidecar_key: str, sidecar: dict[str, Any] | bytes, media: Mapping[str, bytes] | None = None
@@ -428,13 +529,9 @@ class LocalStack:
         multiplied by it (local only, `VAP_LOCAL_TIME_SCALE`): e.g. 0.0003 makes a job overdue one
         second after its dispatch and stops a still-running one after four."""
         if time_scale is not None:
-            sweeper = self.functions[SWEEPER]  # only the sweeper starts afresh with the scale
-            try:
-                with _env({LOCAL_TIME_SCALE_ENV: str(time_scale)}):
-                    sweeper.reset()
-                    return self.run_sweeper()
-            finally:
-                sweeper.reset()
+            # Only the sweeper, in environments of its own that have the scale.
+            with self.functions[SWEEPER].overridden(**{LOCAL_TIME_SCALE_ENV: str(time_scale)}):
+                return self.run_sweeper()
         event = {
             "version": "0",
             "id": secrets.token_hex(8),

@@ -89,9 +89,8 @@ def handle_record(invocation: Invocation, record: SQSRecord) -> None:
 
 @logger.inject_lambda_context(clear_state=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    # A processor per invocation: it holds per-batch state, and the local stack runs concurrent
-    # invocations as threads of one process. Always answer with batchItemFailures (even when every
-    # record failed) so the event source mapping retries exactly the failed messages.
+    # A processor per invocation: it holds per-batch state. Always answer with batchItemFailures
+    # (even when every record failed) so the event source mapping retries exactly the failed messages.
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
     invocation = get_ingestor().invocation(lambda: context.get_remaining_time_in_millis() / 1000)
     return dict(

@@ -66,12 +66,11 @@ def reset() -> None:
 Logic = Callable[[Runtime, Delivery], Reply]
 # Three POST routes (`vap_shared.routes`): a few lines here instead of Powertools' resolver, whose
 # import (asyncio, every event class) was the webhook's largest avoidable cold-start cost.
-
-
-def _logic(route_name: RouteName) -> Logic:
-    # Resolved per request from this module's names (so they can be replaced, as the recovery
-    # tests do to lose a callback on its way).
-    return {"gpu": handle_gpu_callback, "urls": handle_url_refresh, "fal": handle_fal_webhook}[route_name]
+LOGIC: dict[RouteName, Logic] = {
+    "gpu": handle_gpu_callback,
+    "urls": handle_url_refresh,
+    "fal": handle_fal_webhook,
+}
 
 
 def _json(status: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +115,7 @@ def route(event: LambdaFunctionUrlEvent) -> tuple[str, Logic] | None:
     if found is None:
         return None
     name, job_id = found
-    return job_id, _logic(name)
+    return job_id, LOGIC[name]
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -21,6 +21,13 @@ STACK_PARAMETERS = {"MaxSidecarBytes": "65536", "MaxDataUriBytes": "65536"}
 VISIBILITY_TIMEOUT_S = 5
 # "tiny" runs the real VAP code path with random weights; "fake" skips the model (load tests).
 GPU_ENGINE = os.environ.get("VAP_LOCAL_GPU_ENGINE", "tiny")
+# What makes the stack as hard as AWS is on (LocalStackConfig's defaults). To watch the tests that
+# guard a behaviour fail, switch it off: VAP_LOCAL_LAMBDA_ISOLATION=thread (no process per execution
+# environment, no kill at the timeout), VAP_LOCAL_IAM=0 (no authorization), VAP_LOCAL_DUPLICATE_RATE=0
+# (exactly-once delivery).
+LAMBDA_ISOLATION = os.environ.get("VAP_LOCAL_LAMBDA_ISOLATION", "process")
+IAM = os.environ.get("VAP_LOCAL_IAM", "1") != "0"
+DUPLICATE_RATE = float(os.environ.get("VAP_LOCAL_DUPLICATE_RATE", LocalStackConfig.duplicate_rate))
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +35,12 @@ def stack() -> Iterator[LocalStack]:
     for noisy in ("botocore", "urllib3", "werkzeug", "moto"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = LocalStackConfig(
-        parameters=dict(STACK_PARAMETERS), visibility_timeout_s=VISIBILITY_TIMEOUT_S, gpu_engine=GPU_ENGINE
+        parameters=dict(STACK_PARAMETERS),
+        visibility_timeout_s=VISIBILITY_TIMEOUT_S,
+        gpu_engine=GPU_ENGINE,
+        lambda_isolation="thread" if LAMBDA_ISOLATION == "thread" else "process",
+        iam=IAM,
+        duplicate_rate=DUPLICATE_RATE,
     )
     local = LocalStack(config)
     _OPEN.append(local)
@@ -71,6 +83,17 @@ def _notifications_match_the_schema() -> Iterator[None]:
 
 
 _CHECKED: dict[int, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _functions_have_the_permissions_they_use() -> Iterator[None]:
+    """No call a template function makes is refused by IAM during a stack test (each refusal is a
+    permission its policy in template.yaml lacks; tests of denials use the probe function)."""
+    start = {id(local): len(local.denied) for local in _OPEN}
+    yield
+    for local in _OPEN:
+        refused = local.denials_of_functions(start.get(id(local), 0))
+        assert not refused, f"IAM refused calls of the functions (missing in template.yaml?): {refused}"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ fal; fal's own failures end the job with fal's reason; both down fails the job w
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from stack_helpers import dlq_depth, get_json, settle, sidecar
 
 from local_stack import LocalStack
 from local_stack.fal_server import FalServer
+from local_stack.moto_server import AwsFault
 from local_stack.net import LOOPBACK
 
 pytestmark = pytest.mark.stack
@@ -182,43 +182,29 @@ def test_both_backends_down_fails_with_both_reasons(
 # ---------------------------------------------------------------------------------------------- storage
 
 
-@pytest.mark.parametrize("operation", ["upload_part", "put_object"])
+@pytest.mark.parametrize("operation", ["UploadPart", "PutObject"])
 def test_s3_error_while_storing_a_fal_result_is_retried_without_partial_objects(
-    stack: LocalStack,
-    fal: FalServer,
-    media: dict[str, bytes],
-    folder: str,
-    monkeypatch: pytest.MonkeyPatch,
-    operation: str,
+    stack: LocalStack, fal: FalServer, media: dict[str, bytes], folder: str, operation: str
 ) -> None:
-    """S3 fails once while the store function stores the result (the video part, or metadata.json):
-    the webhook had answered fal at once, the store request comes back from the store queue after
-    its retry delay, and the job ends stored once and notified once."""
-    from botocore.exceptions import ClientError
-
+    """S3 fails while the store function stores the result (the video part, or metadata.json), through
+    the SDK's own retries: the webhook had answered fal at once, the store request comes back from the
+    store queue after its retry delay, and the job ends stored once and notified once."""
+    outputs = f"outputs/{folder.removeprefix('inbox/')}/"
+    fault = AwsFault(
+        "s3",
+        operation,
+        match=lambda r: (
+            r.key.startswith(outputs) and (operation == "UploadPart" or r.key.endswith("metadata.json"))
+        ),
+        times=3,  # every attempt of one SDK call (standard retry mode): the store attempt fails
+    )
     quiet(stack)
-    failures: list[str] = []
     key = f"{folder}/s3-fault.json"
     # The stack's time scale shortens the store queue's retry delay (30 s) to well under a second.
-    with stack.environment(VAP_LOCAL_TIME_SCALE="0.01"):
-        s3 = sys.modules["store"].get_runtime().s3
-        original = getattr(s3, operation)
-
-        def failing(**kwargs: Any) -> Any:
-            key = kwargs.get("Key", "")
-            if (
-                not failures
-                and key.startswith(f"outputs/{folder.removeprefix('inbox/')}/")
-                and (operation == "upload_part" or key.endswith("metadata.json"))
-            ):
-                failures.append(key)
-                raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, operation)
-            return original(**kwargs)
-
-        monkeypatch.setattr(s3, operation, failing)
+    with stack.environment(VAP_LOCAL_TIME_SCALE="0.01"), stack.aws_fault(fault):
         stack.put_job(key, sidecar(backend="fal"), media)
         (note,) = stack.wait_for_notification(key, timeout_s=120)
-    assert failures, "the fault was not injected"
+    assert len(fault.hits) == 3, "the fault was not injected"
     assert note.body["status"] == "succeeded", note.body
     (request,) = [r for r in fal.requests.values() if r.webhook_url and note.body["job_id"] in r.webhook_url]
     assert request.deliveries[-1] == 200 and 500 not in request.deliveries, request.deliveries

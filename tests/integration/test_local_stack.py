@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.stack
 
 
 def stub(fn: Any, reserved: int | None = None) -> LambdaFunction:
-    function = LambdaFunction(
+    """A function whose handler is `fn`, run in this process (a test double of the function)."""
+    return LambdaFunction(
         logical_id="Stub",
         name="stub",
         arn="arn:aws:lambda:us-east-1:123456789012:function:stub",
@@ -31,11 +33,9 @@ def stub(fn: Any, reserved: int | None = None) -> LambdaFunction:
         timeout_s=30,
         memory_mb=128,
         reserved_concurrency=reserved,
+        isolation="thread",
+        callable_handler=fn,
     )
-    function._fn = fn
-    if reserved:
-        function._slots = threading.BoundedSemaphore(reserved)
-    return function
 
 
 def wait_until(predicate: Any, timeout_s: float = 30.0) -> None:
@@ -85,16 +85,25 @@ def test_template_settings_moto_skips_are_applied(stack: LocalStack) -> None:
 
 
 def test_handlers_get_the_template_environment(stack: LocalStack) -> None:
-    import os
-
-    assert os.environ["BUCKET_NAME"] == stack.bucket
-    assert os.environ["WEBHOOK_BASE_URL"] == stack.webhook_url.rstrip("/")
-    assert os.environ["AWS_ENDPOINT_URL"] == stack.endpoint_url
-    assert os.environ["VAP_ALLOW_HTTP_LOOPBACK"] == "1"
-    assert stack.gpu is not None and os.environ["MODAL_ENDPOINT_URL"] == stack.gpu.url.rstrip("/")
-    assert stack.fal is not None and os.environ["FAL_QUEUE_URL"] == stack.fal.url
+    ingest = stack.functions["IngestFunction"].effective_environment()
+    assert ingest["BUCKET_NAME"] == stack.bucket
+    assert ingest["WEBHOOK_BASE_URL"] == stack.webhook_url.rstrip("/")
+    assert ingest["AWS_ENDPOINT_URL"] == stack.endpoint_url
+    assert ingest["VAP_ALLOW_HTTP_LOOPBACK"] == "1"
+    assert stack.gpu is not None and ingest["MODAL_ENDPOINT_URL"] == stack.gpu.url.rstrip("/")
+    assert stack.fal is not None and ingest["FAL_QUEUE_URL"] == stack.fal.url
+    # Each function gets only what the template gives it (no union of the three).
+    webhook = stack.functions["WebhookFunction"].effective_environment()
+    assert webhook["POWERTOOLS_SERVICE_NAME"] == "vap-webhook" and "INGEST_QUEUE_URL" not in webhook
     assert set(stack.describe()) >= {"endpoint_url", "region", "bucket", "inbox_prefix", "outputs_prefix",
                                      "topic_arn", "webhook_url", "notifications_queue_url"}  # fmt: skip
+
+
+@pytest.fixture
+def exactly_once(stack: LocalStack) -> Iterator[None]:
+    """No duplicate receives: these tests count the event source mapping's own deliveries."""
+    with stack.duplicates.forcing("sqs", rate=0.0):
+        yield
 
 
 def _queue_with_dlq(stack: LocalStack, max_receive: int = 2) -> tuple[str, str, str]:
@@ -109,7 +118,9 @@ def _queue_with_dlq(stack: LocalStack, max_receive: int = 2) -> tuple[str, str, 
     return url, arn, dlq
 
 
-def test_partial_batch_failures_are_redelivered_then_dead_lettered(stack: LocalStack) -> None:
+def test_partial_batch_failures_are_redelivered_then_dead_lettered(
+    stack: LocalStack, exactly_once: None
+) -> None:
     url, arn, dlq = _queue_with_dlq(stack)
     calls: list[list[str]] = []
 
@@ -138,7 +149,7 @@ def test_partial_batch_failures_are_redelivered_then_dead_lettered(stack: LocalS
     assert dead["Body"] == "bad"
 
 
-def test_raised_error_fails_the_whole_batch(stack: LocalStack) -> None:
+def test_raised_error_fails_the_whole_batch(stack: LocalStack, exactly_once: None) -> None:
     url, arn, dlq = _queue_with_dlq(stack, max_receive=1)
 
     def handler(event: dict[str, Any], context: Any) -> None:
@@ -154,7 +165,7 @@ def test_raised_error_fails_the_whole_batch(stack: LocalStack) -> None:
     assert poller.stats.deleted == 0
 
 
-def test_maximum_concurrency_caps_invocations(stack: LocalStack) -> None:
+def test_maximum_concurrency_caps_invocations(stack: LocalStack, exactly_once: None) -> None:
     url, arn, _ = _queue_with_dlq(stack, max_receive=5)
     active, peak, lock = [0], [0], threading.Lock()
 
@@ -223,7 +234,7 @@ def test_function_url_throttles_at_reserved_concurrency() -> None:
     try:
         first = threading.Thread(target=httpx.post, args=(server.url,), kwargs={"content": b"{}"})
         first.start()
-        wait_until(lambda: server.function._slots is not None and server.function._slots._value == 0)  # type: ignore[attr-defined]
+        wait_until(lambda: server.function.environments == 1)
         assert httpx.post(server.url, content=b"{}").status_code == 429
         release.set()
         first.join()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +14,7 @@ from test_backend_faults import quiet
 
 from local_stack import LocalStack
 from local_stack.fal_server import FalServer
+from local_stack.moto_server import AwsFault
 
 pytestmark = pytest.mark.stack
 
@@ -80,45 +80,48 @@ def test_lost_fal_webhook_is_recovered_by_the_sweeper(
     assert len(stack.notifications_for(key)) == 1
 
 
+def _terminal_gpu_callback(event: dict[str, Any]) -> bool:
+    if not str(event.get("rawPath", "")).startswith("/callbacks/gpu/"):
+        return False
+    try:
+        return json.loads(event.get("body") or "{}").get("event") in ("succeeded", "failed")
+    except ValueError:
+        return False
+
+
 def test_lost_gpu_callback_is_recovered_from_the_gpu_status_endpoint(
-    stack: LocalStack,
-    sample_media: dict[str, bytes],
-    folder: str,
-    overdue: None,
-    monkeypatch: pytest.MonkeyPatch,
+    stack: LocalStack, sample_media: dict[str, bytes], folder: str, overdue: None
 ) -> None:
     if stack.gpu is None:
         pytest.skip("no local GPU server")
-    webhook = sys.modules["webhook"]
-    real = webhook.handle_gpu_callback
-    lost: list[str] = []
-
-    def lose_terminal_callbacks(rt: Any, delivery: Any) -> Any:
-        if json.loads(delivery.body).get("event") != "progress":
-            lost.append(delivery.job_id)
-            from vap_shared.webhook_logic import Reply
-
-            return Reply(200, {"ok": True})  # swallowed on the way: the webhook never sees it
-        return real(rt, delivery)
-
-    monkeypatch.setattr(webhook, "handle_gpu_callback", lose_terminal_callbacks)
+    assert stack.webhook_server is not None
     key = f"{folder}/lost-gpu.json"
-    stack.put_job(key, sidecar(backend="modal"), _media(folder, sample_media))
-    _wait(lambda: lost, timeout_s=300)
-    monkeypatch.setattr(webhook, "handle_gpu_callback", real)
-    job = _job(stack, key)
-    assert job["state"] in ("dispatched", "running")
-    status = httpx.get(
-        f"{stack.gpu.url.rstrip('/')}/status/{job['backend_call_id']}",
-        headers={"Modal-Key": stack.modal_token[0], "Modal-Secret": stack.modal_token[1]},
-    ).json()
-    assert status["state"] == "succeeded", status
-    time.sleep(OVERDUE_S + 0.1)
-    report = sweep(stack)
+    gpu_status: dict[str, Any] = {}
+
+    def gpu_says_succeeded(call_id: str) -> bool:
+        assert stack.gpu is not None
+        gpu_status.update(
+            httpx.get(
+                f"{stack.gpu.url.rstrip('/')}/status/{call_id}",
+                headers={"Modal-Key": stack.modal_token[0], "Modal-Secret": stack.modal_token[1]},
+            ).json()
+        )
+        return gpu_status["state"] == "succeeded"
+
+    # Every attempt of the GPU's terminal callback is lost on the network: the webhook never sees it.
+    with stack.webhook_server.dropping(_terminal_gpu_callback) as lost:
+        stack.put_job(key, sidecar(backend="modal"), _media(folder, sample_media))
+        _wait(lambda: lost, timeout_s=300)
+        job = _job(stack, key)
+        assert job["state"] in ("dispatched", "running")
+        _wait(lambda: gpu_says_succeeded(job["backend_call_id"]), timeout_s=60)
+        time.sleep(OVERDUE_S + 0.1)
+        report = sweep(stack)
     assert report["jobs"][job["job_id"]] == "recovered", report
     (note,) = stack.wait_for_notification(key, timeout_s=60)
     assert note.body["status"] == "succeeded" and note.body["backend"] == "modal"
     assert stack.s3.head_object(Bucket=stack.bucket, Key=note.body["output_key"])["ContentLength"] > 0
+    assert all(job["job_id"] in e["rawPath"] for e in lost)  # only this job's callback was lost
     settle(0.5)
     assert len(stack.notifications_for(key)) == 1
 
@@ -157,30 +160,28 @@ def test_a_running_fal_request_past_the_deadline_is_waited_for_not_dropped(
     assert not request.cancelled
     (note,) = stack.wait_for_notification(key, timeout_s=60)
     assert note.body["status"] == "succeeded" and note.body["backend"] == "fal"
-    assert request.deliveries and request.deliveries[0] == 200
+    _wait(lambda: request.deliveries)  # recorded once the webhook has answered (after it notified)
+    assert request.deliveries[0] == 200
 
 
 def test_a_crash_looping_sidecar_is_failed_from_the_dlq_by_the_sweeper(
-    stack: LocalStack, sample_media: dict[str, bytes], folder: str, monkeypatch: pytest.MonkeyPatch
+    stack: LocalStack, sample_media: dict[str, bytes], folder: str
 ) -> None:
-    """Ingest crashes (a bug, not bad input) on every delivery of one sidecar: after
-    maxReceiveCount deliveries SQS moves it to the DLQ; the sweeper then fails the job with an
-    internal-error message and one notification, and deletes the dead letter."""
-    from vap_shared import ingest_logic
-
+    """Ingest fails with an error it does not handle on every delivery of one sidecar (S3 answers
+    500 to every read of it, through the SDK's retries): after maxReceiveCount deliveries SQS moves
+    it to the DLQ; the sweeper then fails the job with an internal-error message and one
+    notification, and deletes the dead letter."""
     key = f"{folder}/crash-loop.json"
-    real_process = ingest_logic.Ingestor._process
-
-    def crashing(self: Any, job: Any, event: Any, receive_count: int) -> None:
-        if event.key == key:
-            raise RuntimeError("a bug in ingest")
-        real_process(self, job, event, receive_count)
-
-    monkeypatch.setattr(ingest_logic.Ingestor, "_process", crashing)
+    sidecar_reads = AwsFault(
+        "s3", "GetObject", match=lambda request: request.key == key, code="InternalError", status=500
+    )
     quiet(stack)
-    stack.put_job(key, sidecar(), _media(folder, sample_media))
-    # 5 deliveries, 5 s apart (the tests' visibility timeout), then the redrive.
-    _wait(lambda: stack.queue_depth(stack.dlq_url) >= 1, timeout_s=120)
+    stack.run_sweeper()  # drains what earlier tests left in the DLQ
+    with stack.aws_fault(sidecar_reads):
+        stack.put_job(key, sidecar(), _media(folder, sample_media))
+        # 5 deliveries, 5 s apart (the tests' visibility timeout), then the redrive.
+        _wait(lambda: stack.queue_depth(stack.dlq_url) >= 1, timeout_s=120)
+    assert sidecar_reads.hits, "the fault was not injected"
     assert _job(stack, key)["state"] == "received" and not stack.notifications_for(key)
 
     report = stack.run_sweeper()
