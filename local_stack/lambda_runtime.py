@@ -537,11 +537,14 @@ class LambdaFunction:
         """The function's code, then its layers, then the interpreter's own libraries: a worker sees
         nothing else of this repository (as on Lambda: /var/task, /opt/python, the runtime)."""
         repo = Path(__file__).resolve().parent.parent
+        # The interpreter's libraries may live inside the checkout (`make venv` puts .venv there).
+        libraries = Path(sys.prefix).resolve()
         own = [str(self.code_dir.resolve()), *(str(p.resolve()) for p in self.layers)]
         runtime = []
         for entry in sys.path:
             path = Path(entry or ".").resolve()
-            if path == repo or repo in path.parents:
+            inside_repo = path == repo or repo in path.parents
+            if inside_repo and not (path == libraries or libraries in path.parents):
                 continue
             runtime.append(entry)
         return [*own, *runtime]
