@@ -165,3 +165,32 @@ def test_a_submit_that_never_connected_falls_back_at_once(services: GpuAndFal) -
     outcome = dispatch(request(), "auto", rt.backends)
     assert outcome.dispatch.backend == "fal"
     assert outcome.fallback_reason == "connection failed (ConnectError)"
+
+
+def test_a_transient_5xx_is_retried_with_the_same_job_id_and_stays_on_modal() -> None:
+    """The local GPU server answers its first submit 502 after spawning the job (Modal's web endpoints
+    fail now and then, sometimes after the request took effect): the retry gets the same call."""
+    from gpu.service.local_server import ModalFaults, start_local_gpu_server
+
+    faults = ModalFaults(error_rate=1.0, error_after_share=1.0)
+    gpu = start_local_gpu_server(0, "k", "s", "fake", faults=faults)
+    fal = GpuAndFal(stalls=0)
+    try:
+        submitted: list[str] = []
+        original = gpu.executor.submit
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            submitted.append("submit")
+            faults.error_rate = 0.0  # the blip passes: the retry is answered
+            return original(*args, **kwargs)
+
+        gpu.executor.submit = counting  # type: ignore[method-assign]
+        rt = runtime(gpu.url.rstrip("/"), f"{fal.url}/fal")
+        outcome = dispatch(request(), "auto", rt.backends)
+        assert outcome.dispatch.backend == "modal" and outcome.fallback_from is None
+        assert fal.fal_bodies == [] and submitted  # the first submit had spawned the job
+        status = rt.modal.status(outcome.dispatch.call_id)
+        assert status is not None and status.call_id == outcome.dispatch.call_id
+    finally:
+        gpu.stop()
+        fal.close()

@@ -34,8 +34,11 @@ from .base import (
 )
 
 # After an error that may have reached the GPU API (base.MAY_HAVE_ARRIVED: Modal may have queued the
-# job) the submit is retried with the same job id, which the GPU API answers with the same call id.
+# job) or a transient 5xx answer (Modal's web endpoints answer one now and then, sometimes after the
+# submit took effect), the submit is retried with the same job id, which the GPU API answers with the
+# same call id: a blip costs neither a fal run nor a second GPU run.
 SUBMIT_ATTEMPTS = 2
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class ModalBackend:
         for attempt in range(1, self._submit_attempts + 1):
             try:
                 response = self._call("POST", "/submit", headers, body)
+                if response.status_code in TRANSIENT_STATUSES and attempt < self._submit_attempts:
+                    continue
                 break
             except MAY_HAVE_ARRIVED as exc:
                 # Modal may have queued it: ask again for the same job id before falling back, so
