@@ -92,6 +92,13 @@ class LocalStackConfig:
     # to SQS is delivered twice (decided per message from `duplicate_seed`); 0 turns it off entirely.
     duplicate_rate: float = 0.03
     duplicate_seed: int = 0
+    # Modal as it is (the local GPU server): this share of `/submit` and `/status` requests is answered
+    # with a transient 5xx (half of them after the request took effect), and of runs is preempted once
+    # mid-run and run again on a fresh worker (same call id), as Modal does with GPU inputs; both
+    # seeded by `gpu_fault_seed`. 0 turns each off.
+    gpu_error_rate: float = 0.02
+    gpu_preempt_rate: float = 0.05
+    gpu_fault_seed: int = 0
 
 
 class MetricLog:
@@ -247,15 +254,19 @@ class LocalStack:
     def _start_gpu(self) -> None:
         if self.config.gpu_engine == "none":
             return
-        from gpu.service.local_server import start_local_gpu_server
+        from gpu.service.local_server import ModalFaults, start_local_gpu_server
 
+        cfg = self.config
         self.gpu = start_local_gpu_server(
             0,
             self.modal_token[0],
             self.modal_token[1],
-            self.config.gpu_engine,  # type: ignore[arg-type]
-            steps=self.config.gpu_steps,
-            workers=self.config.gpu_workers,
+            cfg.gpu_engine,  # type: ignore[arg-type]
+            steps=cfg.gpu_steps,
+            workers=cfg.gpu_workers,
+            faults=ModalFaults(
+                error_rate=cfg.gpu_error_rate, preempt_rate=cfg.gpu_preempt_rate, seed=cfg.gpu_fault_seed
+            ),
         )
 
     def local_environment(self, function_env: Mapping[str, str], webhook_port: int) -> dict[str, str]:

@@ -113,12 +113,14 @@ class BackendBusy(Exception):
 
 
 class JobWaiting(Exception):
-    """Raised by `handle_event` for a job that waits for capacity (its lease is released)."""
+    """Raised by `handle_event` for a job that must be looked at again later: it waits for backend
+    capacity (its lease is released), or another delivery holds its dispatch lease (that one may
+    still fail and leave the job to this copy)."""
 
-    def __init__(self, job_id: str, backend: str) -> None:
-        super().__init__(f"job {job_id} waits for {backend}")
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} waits for {reason}")
         self.job_id = job_id
-        self.backend = backend
+        self.reason = reason
 
 
 class OutOfTime(Exception):
@@ -304,12 +306,11 @@ class Ingestor:
             delay = self.settings.capacity_recheck_seconds
             # Jitter: a burst's waiting jobs do not all look again at the same moment.
             delay = random.randint(max(1, delay // 2), delay) if delay > 1 else delay
-            backends = ", ".join(sorted({w.backend for w in waiting}))
             self.hand_back(
                 delivery,
                 counted=False,
                 delay=delay,
-                reason=f"waiting for backend capacity ({backends})",
+                reason="waiting for " + "; ".join(sorted({w.reason for w in waiting})),
                 job_ids=[w.job_id for w in waiting],
             )
         return touched
@@ -359,13 +360,15 @@ class Ingestor:
             logger.info("duplicate event for a dispatched job", extra={"job_id": jid, "state": job.state})
             return jid
         if not self.rt.store.acquire_dispatch_lease(jid, int(time.time()), DISPATCH_LEASE_SECONDS):
+            # Not consumed: if the holder fails with a retryable error, its own message may be gone
+            # (a duplicate delivery of it) and this copy is what brings the job back.
             logger.info("another invocation is dispatching this job", extra={"job_id": jid})
-            return jid
+            raise JobWaiting(jid, "another delivery dispatching it")
         try:
             self._process(job, event, attempt, time_left_s)
         except BackendBusy as exc:
             self.rt.store.release_dispatch_lease(jid)
-            raise JobWaiting(jid, exc.backend) from None
+            raise JobWaiting(jid, f"backend capacity ({exc.backend})") from None
         except OutOfTime as exc:
             self.rt.store.release_dispatch_lease(jid)
             raise HandBack(jid, str(exc), exc.counted) from None

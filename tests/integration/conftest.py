@@ -24,10 +24,12 @@ GPU_ENGINE = os.environ.get("VAP_LOCAL_GPU_ENGINE", "tiny")
 # What makes the stack as hard as AWS is on (LocalStackConfig's defaults). To watch the tests that
 # guard a behaviour fail, switch it off: VAP_LOCAL_LAMBDA_ISOLATION=thread (no process per execution
 # environment, no kill at the timeout), VAP_LOCAL_IAM=0 (no authorization), VAP_LOCAL_DUPLICATE_RATE=0
-# (exactly-once delivery).
+# (exactly-once delivery), VAP_LOCAL_GPU_FAULTS=0 (a GPU server that never fails or preempts).
 LAMBDA_ISOLATION = os.environ.get("VAP_LOCAL_LAMBDA_ISOLATION", "process")
 IAM = os.environ.get("VAP_LOCAL_IAM", "1") != "0"
 DUPLICATE_RATE = float(os.environ.get("VAP_LOCAL_DUPLICATE_RATE", LocalStackConfig.duplicate_rate))
+# VAP_LOCAL_GPU_FAULTS=0: the local GPU server never answers 5xx and never preempts.
+GPU_FAULTS = os.environ.get("VAP_LOCAL_GPU_FAULTS", "1") != "0"
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +43,8 @@ def stack() -> Iterator[LocalStack]:
         lambda_isolation="thread" if LAMBDA_ISOLATION == "thread" else "process",
         iam=IAM,
         duplicate_rate=DUPLICATE_RATE,
+        gpu_error_rate=LocalStackConfig.gpu_error_rate if GPU_FAULTS else 0.0,
+        gpu_preempt_rate=LocalStackConfig.gpu_preempt_rate if GPU_FAULTS else 0.0,
     )
     local = LocalStack(config)
     _OPEN.append(local)

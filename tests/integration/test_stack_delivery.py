@@ -136,15 +136,6 @@ def test_a_job_delivered_twice_at_every_hop_is_one_job_with_one_notification(
     assert len(stack.notifications_for(key)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "ingest acknowledges a duplicate delivery while another invocation holds the job's dispatch "
-        "lease; when that invocation then fails transiently, the message is already deleted and the "
-        "job stays `received` for good (nothing retries it). For ingest's owners: report the "
-        "duplicate as a batch item failure instead of success."
-    ),
-)
 def test_a_duplicate_received_while_the_first_copy_fails_transiently_still_ends_the_job(
     stack: LocalStack, fal: Any, sample_media: dict[str, bytes], folder: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -164,6 +155,6 @@ def test_a_duplicate_received_while_the_first_copy_fails_transiently_still_ends_
     key = f"{folder}/duplicate-during-failure.json"
     with stack.duplicates.forcing("sqs"):
         stack.put_job(key, sidecar(backend="fal"), {f"{folder}/{n}": d for n, d in sample_media.items()})
-        # Fixed, the redelivery (after the tests' 5 s visibility timeout) dispatches it.
+        # The duplicate, seeing the lease held, is handed back (not acknowledged): it dispatches.
         (note,) = stack.wait_for_notification(key, timeout_s=30)
     assert note.body["status"] == "succeeded"

@@ -132,3 +132,38 @@ def test_duplicate_deliveries_of_a_waiting_job_make_one_dispatch(st: Stack, serv
         assert call(ingest.handler, sqs_event(message["Body"])) == {"batchItemFailures": []}
     assert _job(st, "inbox/cap/job-2.json").state == "dispatched"
     assert len(services.calls("modal.test")) == 3 and st.handed_back() == []
+
+
+def test_a_copy_arriving_while_another_delivery_holds_the_lease_is_handed_back_not_dropped(
+    st: Stack, services: FakeServices
+) -> None:
+    """At-least-once: SQS may hand the same message to two invocations. The one that finds the lease
+    taken must not acknowledge it (that deletes the message the lease holder may still need if its
+    submit fails); it hands it back, uncounted, and a later look finds the job dispatched or free."""
+    event = _upload(st, 0, "modal")
+    ingest.get_ingestor().get_or_create(_first_job_id(event), _first_event(event))
+    job_id = _first_job_id(event)
+    assert st.store.acquire_dispatch_lease(job_id, int(utcnow().timestamp()), 120)  # the other copy's
+    assert call(ingest.handler, sqs_event(event)) == {"batchItemFailures": []}
+    (message,) = st.handed_back()
+    assert json.loads(message["Body"]) == event
+    assert message["MessageAttributes"]["vap_attempts"]["StringValue"] == "0"  # not an attempt
+    assert services.calls("modal.test") == [] and st.store.get(job_id).state == "received"
+    # The lease holder failed and let go: the handed-back copy dispatches the job.
+    st.store.release_dispatch_lease(job_id)
+    assert call(ingest.handler, sqs_event(json.loads(message["Body"]))) == {"batchItemFailures": []}
+    assert st.store.get(job_id).state == "dispatched"
+
+
+def _first_event(event: dict[str, Any]) -> Any:
+    from vap_shared.s3_events import parse_sqs_body
+
+    (parsed,) = parse_sqs_body(json.dumps(event))
+    return parsed
+
+
+def _first_job_id(event: dict[str, Any]) -> str:
+    from vap_shared.naming import job_id
+
+    e = _first_event(event)
+    return job_id(e.event_time, e.bucket, e.key, e.etag, e.sequencer)
