@@ -23,6 +23,7 @@ import base64
 import hashlib
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -71,6 +72,12 @@ class FalBehaviour:
     # Before each real delivery, this many signed for another fal account (their own request id and
     # video) to the job's webhook path without our URL's query (all an outsider knows is the job id).
     impostor_deliveries: int = 0
+    # Chaos (bench.chaos; 0 = off): this share of submits is answered 503 (fal momentarily unable
+    # to take a request), and of requests gets one delivery from another fal account before the
+    # real one; each draw is seeded by `seed`.
+    submit_error_rate: float = 0.0
+    impostor_rate: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -111,6 +118,7 @@ class FalServer:
         self._private_key = Ed25519PrivateKey.generate()
         self._kid = uuid.uuid4().hex[:16]
         self._lock = threading.Lock()
+        self._draws: dict[str, int] = {}
         self._workers: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._server = LoopbackServer(self._handler_class(), port)
@@ -177,8 +185,11 @@ class FalServer:
     def submit(self, endpoint_id: str, body: bytes, query: str, headers: dict[str, str]) -> tuple[int, Any]:
         if headers.get("authorization") != f"Key {self.api_key}":
             return 401, {"detail": "Invalid authentication credentials"}
-        if self.behaviour.submit_status is not None:
-            return self.behaviour.submit_status, {
+        status = self.behaviour.submit_status
+        if status is None and self._draw("submit") < self.behaviour.submit_error_rate:
+            status = 503
+        if status is not None:
+            return status, {
                 "detail": "injected failure",
                 "error_type": "runner_scheduling_failure",
             }
@@ -254,6 +265,13 @@ class FalServer:
             {"request_id": request.request_id, "gateway_request_id": request.request_id, **body}
         ).encode()
 
+    def _draw(self, kind: str) -> float:
+        """A number in [0, 1) for the `kind`-th chaos decision, from the behaviour's seed."""
+        with self._lock:
+            self._draws[kind] = self._draws.get(kind, 0) + 1
+            count = self._draws[kind]
+        return random.Random(f"{self.behaviour.seed}:{kind}:{count}").random()
+
     def _client(self) -> httpx.Client:
         limit = self.behaviour.webhook_timeout_s
         return httpx.Client(timeout=httpx.Timeout(limit, connect=min(limit, 5.0)))
@@ -271,7 +289,8 @@ class FalServer:
         body = self.webhook_body(request)
         behaviour = self.behaviour
         with self._client() as client:
-            for _ in range(behaviour.impostor_deliveries):
+            impostors = behaviour.impostor_deliveries + (self._draw("impostor") < behaviour.impostor_rate)
+            for _ in range(impostors):
                 request.impostor_answers.append(
                     self.send_as_another_account(without_query(request.webhook_url))
                 )

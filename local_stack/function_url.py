@@ -115,6 +115,10 @@ class FunctionUrlServer:
         self.requests: list[dict[str, Any]] = []  # (method, path, status) of each request, for tests
         self.dropped: list[dict[str, Any]] = []  # events of the requests lost on their way
         self._drops: list[Callable[[dict[str, Any]], bool]] = []
+        # Chaos (bench.chaos; off by default): seconds to hold back this answer, drawn per request
+        # (None: answer at once). The function has run; only its answer is late for the caller.
+        self.answer_delay: Callable[[], float | None] | None = None
+        self.slow_answers = 0
         self._server = LoopbackServer(self._handler_class(), port)
 
     @contextmanager
@@ -182,6 +186,10 @@ class FunctionUrlServer:
                     self._reply(429, {"content-type": "application/json"}, b'{"Message":"Rate Exceeded."}')
                     return
                 status, headers, payload = render_response(result)
+                delay = outer.answer_delay() if outer.answer_delay is not None else None
+                if delay:
+                    outer.slow_answers += 1
+                    time.sleep(delay)
                 self._reply(status, headers, payload)
 
             def _reply(self, status: int, headers: dict[str, str], payload: bytes) -> None:

@@ -323,7 +323,7 @@ class ProcessEnvironment:
             return f"signal: {signal.Signals(-code).name.removeprefix('SIG').lower()}"
         return f"exit status {code}"
 
-    def invoke(self, event: Any, timeout_s: float) -> Any:
+    def invoke(self, event: Any, timeout_s: float, crash_after_s: float | None = None) -> Any:
         assert self._control is not None
         request_id = str(uuid.uuid4())
         deadline = time.time() + timeout_s
@@ -337,6 +337,14 @@ class ProcessEnvironment:
                     "errorMessage": f"RequestId: {request_id} Error: Runtime exited",
                 }
             ) from None
+        crashes = crash_after_s is not None and crash_after_s < deadline - time.time()
+        if crashes and not self._control.poll(crash_after_s):
+            # The environment dies mid-invocation (as a sandbox killed for memory does).
+            self.kill()
+            self.function.count_crash()
+            message = f"RequestId: {request_id} Error: Runtime exited with error: signal: killed"
+            self.function.log.write(message, logging.WARNING)
+            raise RuntimeExit({"errorType": "Runtime.ExitError", "errorMessage": message})
         if not self._control.poll(max(0.0, deadline - time.time())):
             self.kill()
             message = f"Task timed out after {timeout_s:.2f} seconds"
@@ -412,8 +420,8 @@ class ThreadEnvironment:
         # The functions share this process: it keeps the union of their environments.
         os.environ.update(self._env)
 
-    def invoke(self, event: Any, timeout_s: float) -> Any:
-        assert self._fn is not None
+    def invoke(self, event: Any, timeout_s: float, crash_after_s: float | None = None) -> Any:
+        assert self._fn is not None  # a thread cannot be killed: `crash_after_s` is not applied
         request_id = str(uuid.uuid4())
         fn = self.function
         context = LambdaContext(
@@ -491,6 +499,10 @@ class LambdaFunction:
     credentials: Callable[[], dict[str, str]] | None = field(default=None, repr=False)
     # isolation="thread" only: call this instead of importing `handler` (test doubles).
     callable_handler: Callable[[Any, Any], Any] | None = field(default=None, repr=False)
+    # Chaos (bench.chaos; off by default): seconds after which this invocation's environment is
+    # killed mid-run, or None to let it run (drawn per invocation); `crashes` counts the kills.
+    crash_after: Callable[[], float | None] | None = field(default=None, repr=False)
+    crashes: int = 0
     invocations: int = 0
     errors: int = 0
     timeouts: int = 0
@@ -645,6 +657,10 @@ class LambdaFunction:
             old.stop()
 
     # ------------------------------------------------------------------ invoking
+    def count_crash(self) -> None:
+        with self._lock:
+            self.crashes += 1
+
     def invoke(self, event: Any) -> Any:
         """Invoke synchronously: the handler's result, or FunctionError (its error, a timeout, a
         crash), or Throttled at the reserved concurrency."""
@@ -653,7 +669,8 @@ class LambdaFunction:
             self.invocations += 1
         try:
             env = self._acquire()
-            return env.invoke(event, self.timeout_s)
+            crash_after_s = self.crash_after() if self.crash_after is not None else None
+            return env.invoke(event, self.timeout_s, crash_after_s)
         except Throttled:
             with self._lock:
                 self.invocations -= 1

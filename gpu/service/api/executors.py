@@ -109,6 +109,11 @@ class LocalExecutor:
         self._jobs: dict[str, str] = {}  # job id -> call id: a repeated submit gets the same call
         self._lock = threading.Lock()
 
+    def runs(self) -> dict[str, tuple[JobState, int]]:
+        """Job id -> (state, attempts) of every call still remembered (what a benchmark counts)."""
+        with self._lock:
+            return {call.request.job_id: (call.state, call.attempts) for call in self._calls.values()}
+
     def submit(self, request: GpuJobRequest) -> str:
         with self._lock:
             known = self._jobs.get(request.job_id)
