@@ -2,10 +2,10 @@
 
 The local stack with a short job budget (VAP_LOCAL_TIME_SCALE: 9000 s -> 18 s; the sweeper asks
 about a job after 3 s of silence and stops it after 20 s), a pool of 2 GPU workers
-(ModalContainers 2 -> capacity 4) with a slow fake engine, and 12 sidecars at once: every job succeeds within the
-budget, the sweeper (run throughout) never has to stop one, at most 4 are ever outstanding at the
-GPU, and the ones waiting show `queued` in status.json. Without the capacity check all 12 queue at
-the GPU at once, and a longer burst outlives any budget there.
+(ModalContainers 2 -> capacity 4) with a slow fake engine, and 12 sidecars at once: every job
+succeeds within the budget, the sweeper (run throughout) never has to stop one, at most 4 are ever
+outstanding at the GPU, and the ones waiting show `queued` in status.json. Without the capacity
+check all 12 queue at the GPU at once, and a longer burst outlives any budget there.
 """
 
 from __future__ import annotations
