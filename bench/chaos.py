@@ -29,9 +29,11 @@ import logging
 import os
 import platform
 import random
+import re
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +76,7 @@ class ChaosResult:
     paid_twice: list[str]
     slowest_s: float
     injected: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # a failed job's first message -> jobs
 
     @property
     def ok(self) -> bool:
@@ -91,7 +94,24 @@ class ChaosResult:
             ("slowest upload → terminal state", f"{self.slowest_s:.1f} s"),
             ("wall time", f"{self.elapsed_s:.0f} s"),
             ("faults injected", injected),
+            *((f"failed: {reason}", str(n)) for reason, n in self.failures.items()),
         ]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "jobs": self.jobs,
+            "seed": self.seed,
+            "faults": vars(self.faults),
+            "states": self.states,
+            "lost": self.lost,
+            "notified_twice": self.notified_twice,
+            "paid_twice": self.paid_twice,
+            "slowest_s": round(self.slowest_s, 1),
+            "elapsed_s": round(self.elapsed_s, 1),
+            "injected": self.injected,
+            "failures": self.failures,
+            "ok": self.ok,
+        }
 
     def table(self) -> str:
         lines = ["| measure | value |", "|---|---|"]
@@ -148,7 +168,7 @@ def _records(stack: Any, prefix: str) -> dict[str, list[dict[str, Any]]]:
         TableName=stack.jobs_table,
         FilterExpression="begins_with(sidecar_key, :p)",
         ExpressionAttributeValues={":p": {"S": prefix}},
-        ProjectionExpression="job_id, sidecar_key, #s, completed_at",
+        ProjectionExpression="job_id, sidecar_key, #s, completed_at, errors",
         ExpressionAttributeNames={"#s": "state"},
         ConsistentRead=True,
     ):
@@ -227,6 +247,7 @@ def run_chaos(stack: Any, jobs: int, seed: int, faults: Faults, timeout_s: float
         for n in stack.notifications.matching(lambda n: str(n.body.get("sidecar_key", "")).startswith(prefix))
     )
     states: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
     lost: list[str] = []
     slowest = 0.0
     job_ids: dict[str, str] = {}
@@ -239,6 +260,8 @@ def run_chaos(stack: Any, jobs: int, seed: int, faults: Faults, timeout_s: float
             continue
         record = terminal[0]
         states[record["state"]] += 1
+        if record["state"] == "failed":
+            failures[_first_message(record.get("errors"))] += 1
         job_ids[record["job_id"]] = key
         completed = _timestamp(record.get("completed_at"))
         if completed is not None:
@@ -254,7 +277,20 @@ def run_chaos(stack: Any, jobs: int, seed: int, faults: Faults, timeout_s: float
         paid_twice=_paid_twice(stack, job_ids),
         slowest_s=slowest,
         injected=_injected(stack),
+        failures=dict(failures.most_common()),
     )
+
+
+def _first_message(errors: Any) -> str:
+    """A failed job's first error, its numbers blanked so equal reasons count together."""
+    try:
+        first = json.loads(errors)[0] if isinstance(errors, str) else None
+    except (ValueError, IndexError, TypeError):
+        first = None
+    if not isinstance(first, dict):
+        return "(no reason recorded)"
+    text = f"{first.get('field') or ''}: {first.get('message')}".strip(": ")
+    return re.sub(r"\d+(\.\d+)?", "N", text)[:160]
 
 
 def _paid_twice(stack: Any, job_ids: dict[str, str]) -> list[str]:
@@ -331,13 +367,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--write", type=Path, help="put the table into this markdown file")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+    parser.add_argument(
+        "--rate",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"change a fault rate ({', '.join(Faults.__dataclass_fields__)})",
+    )
     args = parser.parse_args(argv)
+    try:
+        rates = {name: float(value) for name, value in (item.split("=", 1) for item in args.rate)}
+        faults = Faults(**rates)
+    except (ValueError, TypeError) as exc:
+        parser.error(f"--rate: {exc}")
 
     from local_stack import LocalStack
 
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "ERROR")
     logging.basicConfig(level=logging.ERROR)
-    faults = Faults()
+    # moto's CloudFormation names the resource types it skips (the stack applies those itself).
+    warnings.filterwarnings("ignore", message="Tried to parse", category=UserWarning)
     with LocalStack(stack_config(args.seed, faults)) as stack:
         result = run_chaos(stack, args.jobs, args.seed, faults, timeout_s=args.timeout)
     for name, value in result.rows():
@@ -347,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in result.notified_twice:
         print(f"notified twice: {key}")
     print("OK" if result.ok else "FAILED: jobs lost or notified twice")
+    if args.json:
+        args.json.write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
     if args.write:
         write_report(result, args.write, f"python -m bench.chaos --jobs {args.jobs} --seed {args.seed}")
     return 0 if result.ok else 1

@@ -25,7 +25,7 @@ from typing import Any
 import boto3
 import httpx
 from vap_shared import metrics
-from vap_shared.budget import LOCAL_TIME_SCALE_ENV
+from vap_shared.budget import DEFAULT_BUDGET_S, LOCAL_TIME_SCALE_ENV, Budget
 
 from local_stack.at_least_once import AtLeastOnce
 from local_stack.emulator import ACCOUNT_ID, Deployer, Deployment, layer_dirs
@@ -257,6 +257,13 @@ class LocalStack:
         from gpu.service.local_server import ModalFaults, start_local_gpu_server
 
         cfg = self.config
+        # The GPU side derives its run limits from the same budget as the functions, as the Modal
+        # app does (under the stack's time scale too).
+        budget = Budget(
+            job_s=int(cfg.parameters.get("JobBudgetSeconds", DEFAULT_BUDGET_S)),
+            modal_containers=cfg.gpu_workers,
+            time_scale=cfg.time_scale or 1.0,
+        )
         self.gpu = start_local_gpu_server(
             0,
             self.modal_token[0],
@@ -264,6 +271,7 @@ class LocalStack:
             cfg.gpu_engine,  # type: ignore[arg-type]
             steps=cfg.gpu_steps,
             workers=cfg.gpu_workers,
+            budget=budget,
             faults=ModalFaults(
                 error_rate=cfg.gpu_error_rate, preempt_rate=cfg.gpu_preempt_rate, seed=cfg.gpu_fault_seed
             ),
