@@ -5,8 +5,9 @@
 
 Every fault is drawn from `--seed` (threads still interleave as they will):
 - Lambda: an execution environment of ingest, webhook, store or sweeper killed mid-invocation
-  (`--kill-rate`; Lambda reports `Runtime.ExitError`, an SQS batch comes back, a webhook caller
-  gets a 502), on top of the stack's own kill at each function's timeout;
+  (`--rate kill_rate=0.05`; every rate in `Faults` is set this way; Lambda reports
+  `Runtime.ExitError`, an SQS batch comes back, a webhook caller gets a 502), on top of the
+  stack's own kill at each function's timeout;
 - at-least-once delivery: S3 notifications, SQS receives and SNS deliveries sometimes twice;
 - Modal (the local GPU server): transient 5xx on submit and status, GPUs preempted mid-run;
 - fal: submits answered 503, webhook answers too slow for fal (it gives up and delivers again),
@@ -76,7 +77,7 @@ class ChaosResult:
     paid_twice: list[str]
     slowest_s: float
     injected: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)  # a failed job's first message -> jobs
+    failures: dict[str, int] = field(default_factory=dict)  # a failed job's errors -> jobs
 
     @property
     def ok(self) -> bool:
@@ -261,7 +262,7 @@ def run_chaos(stack: Any, jobs: int, seed: int, faults: Faults, timeout_s: float
         record = terminal[0]
         states[record["state"]] += 1
         if record["state"] == "failed":
-            failures[_first_message(record.get("errors"))] += 1
+            failures[_reason(record.get("errors"))] += 1
         job_ids[record["job_id"]] = key
         completed = _timestamp(record.get("completed_at"))
         if completed is not None:
@@ -281,16 +282,16 @@ def run_chaos(stack: Any, jobs: int, seed: int, faults: Faults, timeout_s: float
     )
 
 
-def _first_message(errors: Any) -> str:
-    """A failed job's first error, its numbers blanked so equal reasons count together."""
+def _reason(errors: Any) -> str:
+    """A failed job's errors in one line, numbers blanked so that equal reasons count together."""
     try:
-        first = json.loads(errors)[0] if isinstance(errors, str) else None
-    except (ValueError, IndexError, TypeError):
-        first = None
-    if not isinstance(first, dict):
+        items = json.loads(errors) if isinstance(errors, str) else None
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not items:
         return "(no reason recorded)"
-    text = f"{first.get('field') or ''}: {first.get('message')}".strip(": ")
-    return re.sub(r"\d+(\.\d+)?", "N", text)[:160]
+    texts = [f"{e.get('field') or ''}: {e.get('message')}".strip(": ") for e in items if isinstance(e, dict)]
+    return re.sub(r"\d+(\.\d+)?", "N", " / ".join(texts))[:240]
 
 
 def _paid_twice(stack: Any, job_ids: dict[str, str]) -> list[str]:
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
     if args.write:
-        write_report(result, args.write, f"python -m bench.chaos --jobs {args.jobs} --seed {args.seed}")
+        command = f"python -m bench.chaos --jobs {args.jobs} --seed {args.seed}"
+        write_report(result, args.write, command + "".join(f" --rate {item}" for item in args.rate))
     return 0 if result.ok else 1
 
 

@@ -18,6 +18,7 @@ CLIENTS = ("s3", "dynamodb", "sns", "secretsmanager")
 FIRST_USE = {
     "ingest": ("store", "s3", "secrets", "backends"),  # a sidecar dispatched to Modal
     "webhook": ("store", "s3", "secrets"),  # a signed GPU callback (progress or result)
+    "store": ("store", "s3", "sqs", "http"),  # a finished run's result downloaded and stored
     "sweeper": ("store", "s3", "secrets", "http"),  # overdue jobs checked with their backend
 }
 
@@ -50,6 +51,12 @@ def main() -> None:
 
         t1 = time.perf_counter()
         rt = webhook.get_runtime()
+        t2 = time.perf_counter()
+    elif mode == "store":
+        import store
+
+        t1 = time.perf_counter()
+        rt = store.get_runtime()
         t2 = time.perf_counter()
     elif mode == "sweeper":
         import sweeper

@@ -27,7 +27,7 @@ from vap_cli import layer as lambda_layer
 CHILD = Path(__file__).resolve().parent / "cold_child.py"
 FUNCTION_DIRS = {
     name: ROOT / "functions" / name
-    for name in ("ingest", "webhook", "sweeper")  # the sweeper has no target; shown when present
+    for name in ("ingest", "webhook", "store", "sweeper")
     if (ROOT / "functions" / name / f"{name}.py").exists()
 }
 MODES = ("floor", "floor_clients", *FUNCTION_DIRS)

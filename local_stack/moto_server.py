@@ -120,6 +120,10 @@ class FaultInjector:
         self.app = app
         self.faults: list[AwsFault] = []
         self._lock = threading.Lock()
+        # moto's backends are not thread-safe: in a chaos run a DynamoDB query racing a write
+        # answered 500 ("dictionary changed size during iteration"), which DynamoDB never does for
+        # that. DynamoDB requests are quick and never long-poll, so they are served one at a time.
+        self._dynamodb = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if self.faults and not environ.get("PATH_INFO", "").startswith("/moto-api"):
@@ -135,6 +139,9 @@ class FaultInjector:
                 status, headers, payload = _error_response(fault, request)
                 start_response(status, [*headers, ("Content-Length", str(len(payload)))])
                 return [payload]
+        if _credential_scope_service(environ) == "dynamodb":
+            with self._dynamodb:
+                return list(self.app(environ, start_response))
         return self.app(environ, start_response)
 
 

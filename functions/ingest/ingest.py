@@ -7,14 +7,11 @@ responses via Powertools; the logic lives in `vap_shared.ingest_logic`.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
-# Cold start: no garbage collections while the imports below build ~90,000 long-lived objects
-# (~20 ms of an init here), then freeze them so later collections do not scan them either.
-_gc_was_enabled = gc.isenabled()
-gc.disable()
-try:
+from vap_shared.cold_imports import collector_paused
+
+with collector_paused():  # cold start: see vap_shared.cold_imports
     from aws_lambda_powertools import Logger
     from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
@@ -25,10 +22,6 @@ try:
     from vap_shared.ingest_logic import ATTEMPTS_ATTRIBUTE, Delivery, Ingestor, Invocation
     from vap_shared.runtime import Runtime
     from vap_shared.s3_events import parse_sqs_body
-finally:
-    gc.freeze()
-    if _gc_was_enabled:
-        gc.enable()
 
 logger = Logger()
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger
-from aws_lambda_powertools.utilities.data_classes import SQSEvent
-from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import ValidationError
-from vap_shared.config import Settings, settings_at_cold_start
-from vap_shared.result_store import MIN_DOWNLOAD_S, STORE_RESERVE_S, StoreRequest, store_result
-from vap_shared.runtime import Runtime
+from vap_shared.cold_imports import collector_paused
+
+with collector_paused():  # cold start: see vap_shared.cold_imports
+    from aws_lambda_powertools import Logger
+    from aws_lambda_powertools.utilities.data_classes import SQSEvent
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+    from pydantic import ValidationError
+    from vap_shared.config import Settings, settings_at_cold_start
+    from vap_shared.result_store import MIN_DOWNLOAD_S, STORE_RESERVE_S, StoreRequest, store_result
+    from vap_shared.runtime import Runtime
 
 logger = Logger()
 

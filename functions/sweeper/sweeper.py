@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger
-from aws_lambda_powertools.utilities.typing import LambdaContext
-from vap_shared.config import Settings, settings_at_cold_start
-from vap_shared.runtime import Runtime
-from vap_shared.sweeper import sweep
+from vap_shared.cold_imports import collector_paused
+
+with collector_paused():  # cold start: see vap_shared.cold_imports
+    from aws_lambda_powertools import Logger
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+    from vap_shared.config import Settings, settings_at_cold_start
+    from vap_shared.runtime import Runtime
+    from vap_shared.sweeper import sweep
 
 logger = Logger()
 

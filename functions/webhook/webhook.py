@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gc
 import json
 from collections.abc import Callable
 from typing import Any
 
-# Cold start: no garbage collections while the imports below build ~90,000 long-lived objects
-# (~20 ms of an init here), then freeze them so later collections do not scan them either.
-_gc_was_enabled = gc.isenabled()
-gc.disable()
-try:
+from vap_shared.cold_imports import collector_paused
+
+with collector_paused():  # cold start: see vap_shared.cold_imports
     from aws_lambda_powertools import Logger
     from aws_lambda_powertools.utilities.data_classes import LambdaFunctionUrlEvent
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -34,10 +31,6 @@ try:
         handle_gpu_callback,
         handle_url_refresh,
     )
-finally:
-    gc.freeze()
-    if _gc_was_enabled:
-        gc.enable()
 
 logger = Logger()
 
