@@ -177,7 +177,7 @@ def child(approach: str, url: str, endpoint: str, size: int) -> dict[str, Any]:
     import boto3
     import httpx
     from botocore.config import Config
-    from vap_shared.runtime import HTTP_TIMEOUT
+    from vap_shared.http_limits import HTTP_TIMEOUT
     from vap_shared.s3io import stream_url_to_s3
 
     # The same client settings as `vap_shared.runtime.Runtime.build` (path style: loopback endpoint).

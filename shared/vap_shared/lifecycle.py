@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger
 
 from . import metrics
-from .backends.base import DispatchRequest
-from .backends.dispatch import DispatchFailed, fallback_target
-from .backends.dispatch import dispatch as dispatch_to
 from .errors import FieldError
-from .gpu_contract import GenerationSettings
 from .jobs import Job, iso, utcnow
-from .media import MediaRef
 from .naming import output_keys
 from .reuse import ReuseEntry
 from .runtime import Runtime
 from .s3io import put_json
 from .status_object import write_status
+
+if TYPE_CHECKING:
+    from .backends.base import DispatchRequest
 
 logger = Logger(child=True)
 
@@ -183,6 +181,10 @@ def remember_result(rt: Runtime, job: Job) -> bool:
 
 
 def request_from_job(job: Job) -> DispatchRequest:
+    from .backends.base import DispatchRequest
+    from .gpu_contract import GenerationSettings
+    from .media import MediaRef
+
     inputs = job.inputs or {}
     return DispatchRequest(
         job_id=job.job_id,
@@ -204,6 +206,10 @@ def fall_back_or_fail(
 ) -> Job | None:
     """After a backend reported failure: re-dispatch once to the other backend when the sidecar
     allows it (`auto`, not fallen back yet), else fail the job (`kind`: see `fail_job`)."""
+    # The backends load here, not at a cold start: the store function needs them only to fall back.
+    from .backends.dispatch import DispatchFailed, fallback_target
+    from .backends.dispatch import dispatch as dispatch_to
+
     target = fallback_target(job) if allow else None
     if target is None or not job.inputs or not job.webhook_base_url:
         return fail_job(rt, job.job_id, errors, kind=kind)

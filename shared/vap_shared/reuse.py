@@ -27,14 +27,16 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from . import results, s3io
-from .media import MediaRef
 from .results import StoredResult
+
+if TYPE_CHECKING:
+    from .media import MediaRef  # a type only: the store function builds no media references
 
 KEY_VERSION: Final = 1  # bump to stop reusing results made before a change of the model or pipeline
 CHUNK_BYTES: Final = 1024 * 1024

@@ -10,14 +10,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
-
 from .config import Settings
+from .http_limits import HTTP_TIMEOUT
 from .job_store import JobStore  # every route uses the jobs table (and so boto3): loaded at init
 from .naming import GPU_UPLOADS, work_upload_key, work_video_key
 from .s3io import presign_get, presign_put
 
 if TYPE_CHECKING:
+    import httpx
+
     from .backends.base import Backend
     from .backends.fal import FalBackend
     from .backends.modal import ModalBackend
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from .notifier import Notifier
     from .reuse import ReuseStore
     from .secrets import Secrets
-
-HTTP_TIMEOUT = httpx.Timeout(30.0, connect=3.0, pool=3.0)
 
 T = TypeVar("T")
 
@@ -187,6 +186,8 @@ class Runtime:
     @property
     def http(self) -> httpx.Client:
         def make() -> httpx.Client:
+            import httpx  # here, not at init: see vap_shared.http_limits
+
             # httpx logs every request's URL at INFO, and Lambda's JSON logging passes INFO on: a fal
             # submit's URL carries the job's webhook token (vap_shared.fal_token), which must not
             # reach the logs.

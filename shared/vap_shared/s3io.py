@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
-import httpx
 from botocore.exceptions import ClientError
 
 from .urls import UrlNotAllowed, check_fetch_url
+
+if TYPE_CHECKING:
+    import httpx
 
 PART_SIZE = 8 * 1024 * 1024  # S3 parts must be >= 5 MiB except the last
 MAX_REDIRECTS = 3
@@ -135,6 +137,8 @@ def stream_url_to_s3(
     https + allow-listed hosts only (each redirect re-checked), size and wall-time caps. On any
     failure the multipart upload is aborted, so no partial object is left. Returns the size.
     """
+    import httpx  # loaded with `http` already; not at init (vap_shared.http_limits)
+
     deadline = time.monotonic() + timeout_s
     upload_id: str | None = None
     try:

@@ -16,6 +16,7 @@ import webhook
 from botocore.exceptions import ClientError
 from test_sweeper import SweepServices
 from vap_shared import ingest_logic, job_store, lifecycle, notifier, result_store, results
+from vap_shared.backends import dispatch as dispatch_module
 from vap_shared.jobs import utcnow
 from vap_shared.sweeper import sweep
 from vap_testkit import (
@@ -295,7 +296,7 @@ def test_crash_during_fallback_dispatch_ends_in_one_clear_failure(st, services, 
     sweeper, fails the job with Modal's reason."""
     deliver(upload(st, backend="auto"))
     job = the_job(st)
-    crash_once(monkeypatch, lifecycle, "dispatch_to")
+    crash_once(monkeypatch, dispatch_module, "dispatch")  # the fallback's submit (ingest's is bound)
     error = {"code": "internal", "message": "GPU lost", "retryable": True}
     body = {
         "job_id": job.job_id,

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
-
-import httpx
 
 from ..contract import BackendName
 from ..errors import FieldError
-from ..gpu_contract import GenerationSettings
-from ..media import MediaRef
+from ..http_limits import SUBMIT_TIMEOUT
 from ..urls import UrlNotAllowed, check_service_url
+
+if TYPE_CHECKING:
+    # Types only: the error classification here is imported where no request is built (a result's
+    # store), so it does not load the request's models.
+    import httpx
+
+    from ..gpu_contract import GenerationSettings
+    from ..media import MediaRef
 
 ErrorKind = Literal["transient", "auth", "permanent"]
 
@@ -78,11 +83,16 @@ class Backend(Protocol):
 
 UrlSigner = Callable[[str, str], str]  # (bucket, key) -> presigned GET URL
 
-SUBMIT_TIMEOUT = httpx.Timeout(10.0, connect=3.0, pool=3.0)
 # The longest one submit request can take before it fails: connecting, then waiting for the answer.
-REQUEST_WORST_S = (SUBMIT_TIMEOUT.connect or 0.0) + (SUBMIT_TIMEOUT.read or 0.0)
-# Errors after which a request may have reached the backend (so it may have queued the job).
-MAY_HAVE_ARRIVED = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+REQUEST_WORST_S = SUBMIT_TIMEOUT.connect + SUBMIT_TIMEOUT.read
+
+
+def may_have_arrived(exc: Exception) -> bool:
+    """After this error the request may have reached the backend (so it may have queued the job)."""
+    import httpx  # loaded with the client already; not at init (vap_shared.http_limits)
+
+    arrived = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+    return isinstance(exc, arrived)
 
 
 def media_url(ref: MediaRef, sign: UrlSigner) -> str:
@@ -95,7 +105,9 @@ def media_url(ref: MediaRef, sign: UrlSigner) -> str:
 
 
 def classify_http_error(backend: str, exc: httpx.HTTPError) -> BackendError:
-    arrived = isinstance(exc, MAY_HAVE_ARRIVED)
+    import httpx
+
+    arrived = may_have_arrived(exc)
     if isinstance(exc, httpx.TimeoutException):
         reason = f"timed out ({type(exc).__name__})"
         return BackendError(backend, "transient", reason, may_have_arrived=arrived)

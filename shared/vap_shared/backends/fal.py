@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
-
-import httpx
 
 from ..contract import BackendName
 from ..errors import FieldError, field_error
@@ -31,6 +29,9 @@ from .base import (
     on_service,
     service_url,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 UrlKind = Literal["status_url", "response_url", "cancel_url"]
 # fal's answers to a cancel: removed from the queue (OK / CANCELLATION_REQUESTED), already running
@@ -113,6 +114,8 @@ class FalBackend:
     # ------------------------------------------------------------------ plumbing
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """The only way the fal key leaves: to the configured queue host, over https."""
+        import httpx  # loaded with the client already; not at init (vap_shared.http_limits)
+
         service_url("fal", self._queue_url, self._allow_loopback)
         if not on_service(url, self._queue_url):
             raise BackendError("fal", "permanent", "refused a URL off the configured fal queue host")

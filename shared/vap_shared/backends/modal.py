@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote
 
-import httpx
 from pydantic import ValidationError
 
 from .. import routes
@@ -20,7 +19,6 @@ from ..gpu_contract import CancelResponse, GpuJobRequest, StatusResponse, Submit
 from ..gpu_urls import refresh_url, service_url_fields
 from ..signing import derive_callback_key
 from .base import (
-    MAY_HAVE_ARRIVED,
     SUBMIT_TIMEOUT,
     BackendError,
     Dispatch,
@@ -29,11 +27,15 @@ from .base import (
     classify_http_error,
     classify_status,
     json_object,
+    may_have_arrived,
     media_url,
     service_url,
 )
 
-# After an error that may have reached the GPU API (base.MAY_HAVE_ARRIVED: Modal may have queued the
+if TYPE_CHECKING:
+    import httpx
+
+# After an error that may have reached the GPU API (base.may_have_arrived: Modal may have queued the
 # job) or a transient 5xx answer (Modal's web endpoints answer one now and then, sometimes after the
 # submit took effect), the submit is retried with the same job id, which the GPU API answers with the
 # same call id: a blip costs neither a fal run nor a second GPU run.
@@ -129,6 +131,8 @@ class ModalBackend:
         return self._jobs.build(request)
 
     def submit(self, request: DispatchRequest) -> Dispatch:
+        import httpx  # loaded with the client already; not at init (vap_shared.http_limits)
+
         headers = self._headers()
         body = self.build_request(request).model_dump_json().encode("utf-8")
         headers["Content-Type"] = "application/json"
@@ -139,7 +143,9 @@ class ModalBackend:
                 if response.status_code in TRANSIENT_STATUSES and attempt < self._submit_attempts:
                     continue
                 break
-            except MAY_HAVE_ARRIVED as exc:
+            except httpx.HTTPError as exc:
+                if not may_have_arrived(exc):  # never reached Modal (connect error): fall back at once
+                    raise classify_http_error("modal", exc) from None
                 # Modal may have queued it: ask again for the same job id before falling back, so
                 # one job never runs on both backends because an answer was slow.
                 if attempt == self._submit_attempts:
@@ -147,8 +153,6 @@ class ModalBackend:
                     if attempt > 1:
                         error.reason += f"; tried {attempt} times with the same job id"
                     raise error from None
-            except httpx.HTTPError as exc:  # never reached Modal (connect error): fall back at once
-                raise classify_http_error("modal", exc) from None
         assert response is not None
         if response.status_code not in (200, 202):
             raise classify_status("modal", response)
@@ -161,6 +165,8 @@ class ModalBackend:
     # ------------------------------------------------------------------ status / cancel
     def status(self, call_id: str) -> StatusResponse | None:
         """The GPU API's status of a call; None when the API answers that it does not know it."""
+        import httpx
+
         headers = self._headers()
         try:
             response = self._call("GET", f"/status/{quote(call_id, safe='')}", headers)
@@ -177,6 +183,8 @@ class ModalBackend:
 
     def cancel(self, call_id: str) -> bool:
         """Ask the GPU API to stop a call: True if it was stopped, False if it had already finished."""
+        import httpx
+
         headers = self._headers()
         try:
             response = self._call("POST", f"/cancel/{quote(call_id, safe='')}", headers)

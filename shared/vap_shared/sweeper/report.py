@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..backends.base import SUBMIT_TIMEOUT
 from ..backends.modal import SUBMIT_ATTEMPTS
+from ..http_limits import SUBMIT_TIMEOUT
 from ..jobs import Job
 
 MAX_JOBS_PER_RUN = 200
 
 # What one backend request may take at worst (s): connecting, waiting for a pooled connection and
 # the read limit (every backend client uses SUBMIT_TIMEOUT).
-REQUEST_S = sum(limit or 0.0 for limit in (SUBMIT_TIMEOUT.connect, SUBMIT_TIMEOUT.pool, SUBMIT_TIMEOUT.read))
+REQUEST_S = SUBMIT_TIMEOUT.connect + SUBMIT_TIMEOUT.pool + SUBMIT_TIMEOUT.read
 # The AWS calls that record and announce one job's outcome (job record, S3 objects, SNS, SQS).
 AWS_WORK_S = 15.0
 # A piece of a run starts only while the invocation has at least its worst case left (ms):
