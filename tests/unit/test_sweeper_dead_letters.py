@@ -107,6 +107,19 @@ def test_a_crash_looping_sidecar_ends_failed_with_one_notification(st, monkeypat
     assert run(st)["dead_letters"] == {}
 
 
+def test_two_copies_of_a_dead_letter_in_one_run_fail_the_job_once(st, monkeypatch):
+    event = upload(st)
+    crash_ingest(monkeypatch)
+    call(ingest.handler, sqs_event(event, receive_count=5))
+    job = the_job(st)
+    dead_letter(st, event)
+    dead_letter(st, event)  # at-least-once: the redrive delivered it twice
+    result = run(st)
+    assert result["dead_letters"] == {"failed": 1, "done": 1} and result["dead_letters_left"] == 0
+    assert result["jobs"] == {job.job_id: "dead-letter-failed"}  # what the run did to the job
+    assert the_job(st).state == "failed" and len(st.notifications()) == 1
+
+
 def test_a_dead_letter_without_a_record_gets_one_created_and_failed(st):
     event = upload(st, "inbox/dl/never-recorded.json")
     dead_letter(st, event)  # ingest crashed before it even created the record

@@ -96,19 +96,21 @@ class DeadLetterDrain:
         ):
             return "skipped"
         jid = make_job_id(event.event_time, event.bucket, event.key, event.etag, event.sequencer)
+        # A job's outcome in the report is what its first dead letter of this run did: SQS delivers
+        # at least once, and a second copy only finds the job that the first one ended.
         # The record as ingest creates it (ingest may have crashed before creating it).
         job = Ingestor(self.rt).get_or_create(jid, event)
         if job.terminal:
             finalize_terminal(self.rt, job)  # report, status and the one notification, if missing
-            report.outcomes[jid] = "dead-letter-done"
+            report.outcomes.setdefault(jid, "dead-letter-done")
             return "done"
         if job.state != "received":
             # Dispatched before the crash: a backend has it, the deadline sweep settles it.
-            report.outcomes[jid] = "dead-letter-dispatched"
+            report.outcomes.setdefault(jid, "dead-letter-dispatched")
             return "dispatched"
         # Taking the dispatch lease keeps a live duplicate delivery from dispatching a failed job.
         if not self.rt.store.acquire_dispatch_lease(jid, int(time.time()), DISPATCH_LEASE_SECONDS):
-            report.outcomes[jid] = "dead-letter-busy"
+            report.outcomes.setdefault(jid, "dead-letter-busy")
             return "busy"
         attempts = s.ingest_max_receive_count
         message = (
@@ -120,5 +122,5 @@ class DeadLetterDrain:
             extra={"job_id": jid, "key": event.key, "attempts": attempts},
         )
         fail_job(self.rt, jid, [field_error(None, message)])
-        report.outcomes[jid] = "dead-letter-failed"
+        report.outcomes.setdefault(jid, "dead-letter-failed")
         return "failed"
