@@ -322,7 +322,7 @@ def _injected(stack: Any) -> dict[str, int]:
     }
 
 
-def stack_config(seed: int, faults: Faults) -> Any:
+def stack_config(seed: int, faults: Faults, time_scale: float = 0.01) -> Any:
     from local_stack import LocalStackConfig
 
     return LocalStackConfig(
@@ -332,8 +332,8 @@ def stack_config(seed: int, faults: Faults) -> Any:
         gpu_steps=8,
         gpu_workers=4,
         visibility_timeout_s=5,
-        # A 9000 s budget becomes 90 s: the sweeper's ask and stop points fall inside the run.
-        time_scale=0.01,
+        # 0.01 makes the 9000 s budget 90 s: the sweeper's ask and stop points fall inside the run.
+        time_scale=time_scale,
         duplicate_rate=faults.duplicate_rate,
         duplicate_seed=seed,
         gpu_error_rate=faults.gpu_error_rate,
@@ -370,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="put the table into this markdown file")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.01,
+        help="the stack's time scale (0.01: the 9000 s job budget lasts 90 s)",
+    )
+    parser.add_argument(
         "--rate",
         action="append",
         default=[],
@@ -389,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     # moto's CloudFormation names the resource types it skips (the stack applies those itself).
     warnings.filterwarnings("ignore", message="Tried to parse", category=UserWarning)
-    with LocalStack(stack_config(args.seed, faults)) as stack:
+    with LocalStack(stack_config(args.seed, faults, args.time_scale)) as stack:
         result = run_chaos(stack, args.jobs, args.seed, faults, timeout_s=args.timeout)
     for name, value in result.rows():
         print(f"{name:34} {value}")
@@ -402,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
     if args.write:
         command = f"python -m bench.chaos --jobs {args.jobs} --seed {args.seed}"
+        if args.time_scale != parser.get_default("time_scale"):
+            command += f" --time-scale {args.time_scale:g}"
         write_report(result, args.write, command + "".join(f" --rate {item}" for item in args.rate))
     return 0 if result.ok else 1
 

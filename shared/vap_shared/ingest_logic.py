@@ -40,6 +40,7 @@ is answered with a copy of that job's result (no backend call, no capacity taken
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import threading
 import time
@@ -76,8 +77,11 @@ from .status_object import write_status
 logger = Logger(child=True)
 
 # Longer than an invocation (the function's 60 s timeout), shorter than the queue's visibility
-# timeout, so a killed attempt's redelivery can take over.
+# timeout, so a killed attempt's redelivery can take over. An invocation that knows its time left
+# holds it only until Lambda has surely stopped it (+ LEASE_MARGIN_S): a killed invocation's job
+# is then free for a duplicate copy soon after, not a minute later.
 DISPATCH_LEASE_SECONDS = 120
+LEASE_MARGIN_S = 5
 MEDIA_FIELDS = ("video_url", "image_url")
 # A place taken at a backend counts from the admission record until the job shows in the index:
 # longer than a dispatch (its lease) plus the index's lag.
@@ -86,6 +90,15 @@ ADMISSION_HOLD_SECONDS = DISPATCH_LEASE_SECONDS + 60
 ATTEMPTS_ATTRIBUTE = "vap_attempts"
 
 TimeLeft = Callable[[], float]  # seconds left in this invocation
+
+
+def lease_seconds(time_left_s: TimeLeft | None) -> int:
+    """How long a dispatch lease taken now lasts: no longer than its invocation can run."""
+    if time_left_s is None:
+        return DISPATCH_LEASE_SECONDS
+    return min(DISPATCH_LEASE_SECONDS, math.ceil(max(0.0, time_left_s())) + LEASE_MARGIN_S)
+
+
 # Worst cases, in seconds of the invocation. A submit: each request's connect + read timeout (Modal
 # is asked twice with the same job id when an answer is lost).
 SUBMIT_WORST_S: dict[str, float] = {"modal": SUBMIT_ATTEMPTS * REQUEST_WORST_S, "fal": REQUEST_WORST_S}
@@ -359,7 +372,7 @@ class Ingestor:
         if job.state != "received":
             logger.info("duplicate event for a dispatched job", extra={"job_id": jid, "state": job.state})
             return jid
-        if not self.rt.store.acquire_dispatch_lease(jid, int(time.time()), DISPATCH_LEASE_SECONDS):
+        if not self.rt.store.acquire_dispatch_lease(jid, int(time.time()), lease_seconds(time_left_s)):
             # Not consumed: if the holder fails with a retryable error, its own message may be gone
             # (a duplicate delivery of it) and this copy is what brings the job back.
             logger.info("another invocation is dispatching this job", extra={"job_id": jid})

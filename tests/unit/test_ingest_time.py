@@ -8,6 +8,7 @@ context reads the time left from it, as `get_remaining_time_in_millis()` does on
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -304,3 +305,25 @@ def test_the_function_timeout_leaves_room_for_a_record() -> None:
     assert timeout == TIMEOUT_S
     assert timeout >= RECORD_START_S + 3
     assert timeout < DISPATCH_LEASE_SECONDS < resources["IngestQueue"]["Properties"]["VisibilityTimeout"]
+
+
+@pytest.mark.parametrize("time_left_s", [TIMEOUT_S, 20.0])
+def test_a_dispatch_lease_lasts_no_longer_than_its_invocation_can(
+    st: Stack, clock: Clock, monkeypatch: pytest.MonkeyPatch, time_left_s: float
+) -> None:
+    """Lambda stops an invocation at its timeout: a lease that outlived it would keep a killed
+    invocation's job from a duplicate copy for nothing (it used to last 120 s whatever was left)."""
+    from vap_shared.ingest_logic import LEASE_MARGIN_S
+
+    held: list[float] = []
+
+    def process(self: Ingestor, job: Any, *args: Any) -> None:
+        current = st.store.get(job.job_id)
+        assert current is not None and current.dispatch_lease_until is not None
+        held.append(current.dispatch_lease_until - time.time())
+
+    monkeypatch.setattr(Ingestor, "_process", process)
+    context = LambdaContext(clock, timeout_s=time_left_s)
+    ingest.handler({"Records": [record(upload(st, 1), 1)]}, context)
+    (lease_s,) = held
+    assert time_left_s - 1 <= lease_s <= time_left_s + LEASE_MARGIN_S + 1
