@@ -13,7 +13,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from . import metrics
-from .backends.fal import fal_detail_errors
 from .errors import FieldError, field_error
 
 
@@ -50,6 +49,8 @@ class FalDelivery(BaseModel):
 
     def failure_errors(self) -> list[FieldError]:
         if self.rejected:
+            from .backends.fal import fal_detail_errors  # fal's rejection format; rare: loaded here
+
             return fal_detail_errors(self.output["detail"])
         if self.payload_error:
             return [field_error(None, f"fal.ai could not return the result: {self.payload_error}")]

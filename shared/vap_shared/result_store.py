@@ -23,7 +23,6 @@ from aws_lambda_powertools import Logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import metrics, results
-from .backends.dispatch import gpu_error_allows_fallback
 from .contract import BackendName
 from .cost import GpuRun, estimate, gpu_run_of_result, gpu_type_of
 from .errors import FieldError, field_error
@@ -121,6 +120,8 @@ def accept_gpu_result(
 
 def gpu_failed(rt: Runtime, job: Job, error: GpuError | None) -> Intake:
     """A GPU run reported failure: fal once (when allowed), or the job fails with the GPU's message."""
+    from .backends.dispatch import gpu_error_allows_fallback  # the webhook's path, not the store's
+
     message = error.message if error else "the GPU reported a failure without details"
     field = error.field if error else None  # e.g. the input the GPU could not decode
     errors: list[FieldError] = [field_error(field, f"Generation failed on Modal: {message}")]
