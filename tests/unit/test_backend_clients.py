@@ -139,3 +139,24 @@ def test_modal_status_tells_an_unknown_call_from_a_missing_app() -> None:
     with pytest.raises(BackendError) as raised:
         client.status("fc-1")
     assert raised.value.reason.startswith("status request answered HTTP 404, text/plain; is the app deployed")
+
+
+def test_modal_status_asks_again_once_after_a_5xx_blip() -> None:
+    """A status request is safe to repeat; the sweeper at a job's stop point would otherwise end a
+    job that finished fine because Modal's endpoint answered one 503."""
+    answers = [httpx.Response(503, text="upstream blip")]
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        if answers:
+            return answers.pop()
+        return httpx.Response(200, json={"call_id": "fc-1", "state": "succeeded"})
+
+    client = ModalBackend(httpx.Client(transport=httpx.MockTransport(endpoint)), MODAL, lambda: ("wk", "ws"))
+    status = client.status("fc-1")
+    assert status is not None and status.state == "succeeded"
+
+    down = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(502)))
+    always_down = ModalBackend(down, MODAL, lambda: ("wk", "ws"))
+    with pytest.raises(BackendError) as raised:
+        always_down.status("fc-1")
+    assert raised.value.kind == "transient"

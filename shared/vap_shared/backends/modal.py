@@ -168,10 +168,15 @@ class ModalBackend:
         import httpx
 
         headers = self._headers()
-        try:
-            response = self._call("GET", f"/status/{quote(call_id, safe='')}", headers)
-        except httpx.HTTPError as exc:
-            raise classify_http_error("modal", exc) from None
+        for _ in range(self._submit_attempts):
+            try:
+                response = self._call("GET", f"/status/{quote(call_id, safe='')}", headers)
+            except httpx.HTTPError as exc:
+                raise classify_http_error("modal", exc) from None
+            # A status request is safe to repeat: a 5xx blip is asked again at once (the sweeper at
+            # its stop point would otherwise end a job that finished fine).
+            if response.status_code not in TRANSIENT_STATUSES:
+                break
         if response.status_code == 404 and json_object(response) is not None:
             return None  # our API's own 404 (JSON); a stopped app answers Modal's HTML/text 404
         if response.status_code != 200:
