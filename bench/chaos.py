@@ -43,6 +43,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.common import jobs_by_sidecar_key
 from bench.load import DESCRIPTION, PROMPT
 
 log = logging.getLogger("bench.chaos")
@@ -162,23 +163,6 @@ def _sweep_until(stack: Any, stop: threading.Event, every_s: float) -> None:
             log.info("sweeper run failed: %s", exc)
 
 
-def _records(stack: Any, prefix: str) -> dict[str, list[dict[str, Any]]]:
-    ddb = stack.client("dynamodb")
-    found: dict[str, list[dict[str, Any]]] = {}
-    for page in ddb.get_paginator("scan").paginate(
-        TableName=stack.jobs_table,
-        FilterExpression="begins_with(sidecar_key, :p)",
-        ExpressionAttributeValues={":p": {"S": prefix}},
-        ProjectionExpression="job_id, sidecar_key, #s, completed_at, errors",
-        ExpressionAttributeNames={"#s": "state"},
-        ConsistentRead=True,
-    ):
-        for item in page["Items"]:
-            plain = {k: next(iter(v.values())) for k, v in item.items()}
-            found.setdefault(plain["sidecar_key"], []).append(plain)
-    return found
-
-
 def _timestamp(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
 
@@ -231,7 +215,7 @@ def run_chaos(stack: Any, jobs: int, seed: int, faults: Faults, timeout_s: float
             list(pool.map(upload, sidecars))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            records = _records(stack, prefix)
+            records = jobs_by_sidecar_key(stack, prefix, ("completed_at", "errors"))
             done = [k for k in sidecars if any(r.get("state") in TERMINAL for r in records.get(k, []))]
             if len(done) == len(sidecars):
                 break
@@ -242,7 +226,7 @@ def run_chaos(stack: Any, jobs: int, seed: int, faults: Faults, timeout_s: float
         stop.set()
         sweeper.join(timeout=60)
 
-    records = _records(stack, prefix)
+    records = jobs_by_sidecar_key(stack, prefix, ("completed_at", "errors"))
     publishes = Counter(
         n.body.get("sidecar_key")
         for n in stack.notifications.matching(lambda n: str(n.body.get("sidecar_key", "")).startswith(prefix))

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT / "shared"
@@ -120,3 +121,22 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def jobs_by_sidecar_key(stack: Any, prefix: str, fields: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Job records of sidecars under `prefix` (job id, sidecar key, state and `fields`, as plain
+    values), by sidecar key: one consistent scan of the local stack's jobs table."""
+    ddb = stack.client("dynamodb")
+    found: dict[str, list[dict[str, Any]]] = {}
+    for page in ddb.get_paginator("scan").paginate(
+        TableName=stack.jobs_table,
+        FilterExpression="begins_with(sidecar_key, :p)",
+        ExpressionAttributeValues={":p": {"S": prefix}},
+        ProjectionExpression=", ".join(("job_id", "sidecar_key", "#s", *fields)),
+        ExpressionAttributeNames={"#s": "state"},
+        ConsistentRead=True,
+    ):
+        for item in page["Items"]:
+            plain = {k: next(iter(v.values())) for k, v in item.items()}
+            found.setdefault(plain["sidecar_key"], []).append(plain)
+    return found

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from bench.common import jobs_by_sidecar_key
+
 PROMPT = "A red balloon drifts upward over a calm lake while the camera holds still."
 DESCRIPTION = "A sneaker inflates into a smooth sphere and floats out of the top of the frame."
 
@@ -134,24 +136,6 @@ def _parse(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def _jobs_by_key(stack: Any, prefix: str) -> dict[str, list[dict[str, Any]]]:
-    """Job records (plain values) of sidecars under `prefix`, by sidecar key."""
-    ddb = stack.client("dynamodb")
-    found: dict[str, list[dict[str, Any]]] = {}
-    for page in ddb.get_paginator("scan").paginate(
-        TableName=stack.jobs_table,
-        FilterExpression="begins_with(sidecar_key, :p)",
-        ExpressionAttributeValues={":p": {"S": prefix}},
-        ProjectionExpression="job_id, sidecar_key, #s, dispatched_at, notified_at",
-        ExpressionAttributeNames={"#s": "state"},
-        ConsistentRead=True,
-    ):
-        for item in page["Items"]:
-            plain = {k: next(iter(v.values())) for k, v in item.items()}
-            found.setdefault(plain["sidecar_key"], []).append(plain)
-    return found
-
-
 def run_load(
     stack: Any,
     jobs: int,
@@ -214,7 +198,7 @@ def run_load(
     counts: dict[str, int] = dict.fromkeys(keys, 0)
     for note in stack.notifications.matching(lambda n: str(n.body.get("sidecar_key", "")).startswith(prefix)):
         counts[note.body["sidecar_key"]] += 1
-    records = _jobs_by_key(stack, prefix)
+    records = jobs_by_sidecar_key(stack, prefix, ("dispatched_at", "notified_at"))
     states: dict[str, int] = {}
     delays: list[float] = []
     lost: list[str] = []

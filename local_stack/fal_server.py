@@ -46,7 +46,7 @@ _REQUIRED = ("prompt", "video_url", "image_url", "video_description")
 USER_ID = "local-fal-user"
 # Another fal account: its webhooks are signed with the same keys as ours.
 OTHER_USER_ID = "another-fal-account"
-# fal retries a failed delivery 10 times over about 2 hours (../shared/notes/fal.md); the exact
+# fal retries a failed delivery 10 times over about 2 hours (fal's webhook documentation); the exact
 # schedule is undocumented: here each wait doubles, 7 s to ~1 h, 7161 s in all.
 RETRY_DELAYS_S: tuple[float, ...] = tuple(7.0 * 2**n for n in range(10))
 WEBHOOK_TIMEOUT_S = 15.0

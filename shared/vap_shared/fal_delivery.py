@@ -1,7 +1,7 @@
 """A fal webhook delivery's body, typed: what fal reports about one request.
 
 `{"request_id", "gateway_request_id", "status": "OK"|"ERROR", "payload", "payload_error", "error"}`
-(../shared/notes/fal.md, "Webhook delivery"). The webhook parses deliveries into it; the sweeper
+(fal's webhook documentation, "Webhook delivery"). The webhook parses deliveries into it; the sweeper
 builds one from fal's status and result when a delivery never came, so both read a finished request
 the same way.
 """
